@@ -1,0 +1,155 @@
+"""The ``moderation-worker`` command line (Typer). Each subcommand is a thin shell over one module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from worker.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="moderation-worker",
+    help="Streaming content moderation with Llama Guard 3 Vision (Kafka in, verdicts out).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config file (default: $MW_CONFIG, else built-in defaults)."),
+]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command("config")
+def config_cmd(config: ConfigOption = None) -> None:
+    """Print the effective configuration (YAML), secrets masked."""
+    import yaml
+
+    typer.echo(yaml.safe_dump(_settings(config).masked(), sort_keys=False))
+
+
+@app.command("check-event")
+def check_event_cmd(
+    file: Annotated[str, typer.Argument(help="JSON object or JSON-lines file; - for stdin.")] = "-",
+    config: ConfigOption = None,
+) -> None:
+    """Validate events; print each normalized event with its task, or its reason code and message.
+
+    Exit status 0 only if every event is valid.
+    """
+    from worker.check_event import check_events
+
+    raise typer.Exit(check_events(file, _settings(config)))
+
+
+@app.command("prompt")
+def prompt_cmd(
+    file: Annotated[str, typer.Argument(help="One event (JSON); - for stdin.")] = "-",
+    policy: Annotated[Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Print the exact Llama Guard 3 Vision prompt the model would read for an event."""
+    from worker.engine.prompt import prompt_command
+
+    raise typer.Exit(prompt_command(file, _settings(config), policy_id=policy))
+
+
+@app.command("dev-services")
+def dev_services_cmd(
+    action: Annotated[str, typer.Argument(help="up | down | status")],
+    state_dir: Annotated[Path, typer.Option(help="Where ports, pids and logs are written.")] = Path(".dev-services"),
+    kafka_port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
+    redis_port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
+) -> None:
+    """Start/stop/inspect the embedded tansu broker and Redis server on 127.0.0.1."""
+    from worker.dev_services import dev_services_command
+
+    raise typer.Exit(dev_services_command(action, state_dir, kafka_port=kafka_port, redis_port=redis_port))
+
+
+@app.command("build-tiny-model")
+def build_tiny_model_cmd(
+    out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: model.path).")] = None,
+    train: Annotated[bool, typer.Option(help="Train on the toy policy after building.")] = True,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Build (offline, deterministically) and train a tiny Mllama guard checkpoint for tests and the demo."""
+    from worker.tiny_model.build import build_tiny_model_command
+
+    settings = _settings(config)
+    raise typer.Exit(build_tiny_model_command(out_dir or Path(settings.model.path), train=train, force=force))
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigOption = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run one GuardWorker actor per GPU on a Ray cluster.")] = False,
+) -> None:
+    """Moderate the configured Kafka topic until SIGTERM/SIGINT (one process, or Ray actors with --ray)."""
+    settings = _settings(config)
+    if ray or settings.ray.enabled:
+        from worker.runtime.driver import run_on_ray
+
+        raise typer.Exit(run_on_ray(settings))
+    from worker.stream.run import run_worker
+
+    raise typer.Exit(run_worker(settings))
+
+
+@app.command("serve")
+def serve_cmd(config: ConfigOption = None) -> None:
+    """Start the Ray Serve HTTP endpoint (POST /v1/moderate, GET /healthz, GET /readyz)."""
+    from worker.runtime.serve_app import serve_command
+
+    raise typer.Exit(serve_command(_settings(config)))
+
+
+@app.command("demo")
+def demo_cmd(
+    events: Annotated[int, typer.Option(help="How many sample events to stream.")] = 400,
+    ray: Annotated[bool, typer.Option(help="Run the worker as a Ray actor (the production shape).")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Embedded broker + Redis + tiny model: stream sample events through the worker, show flagged results."""
+    from worker.demo import demo_command
+
+    raise typer.Exit(demo_command(_settings(config), n_events=events, use_ray=ray))
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Argument(help="Labelled JSON lines: an event plus its expected label.")],
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON report and PNG plots go.")] = Path("eval-report"),
+    target_fpr: Annotated[float, typer.Option(help="Recommend a threshold for this false-positive rate.")] = 0.05,
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad data line instead of skipping it.")] = False,
+    policy: Annotated[Optional[str], typer.Option(help="Policy id (default: default_policy).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Precision/recall/F1/FPR per task and per-category F1 (the model card's tables) on labelled data."""
+    from worker.evaluation.run import eval_command
+
+    raise typer.Exit(
+        eval_command(data, _settings(config), out_dir=out_dir, target_fpr=target_fpr, strict=strict, policy_id=policy)
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="moderation-worker")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

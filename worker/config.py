@@ -1,0 +1,315 @@
+"""The one typed settings object every part of the worker reads.
+
+Loaded from a YAML file (``--config FILE`` or ``MW_CONFIG``) and overridden by environment variables
+``MW_<SECTION>__<KEY>`` (e.g. ``MW_KAFKA__BOOTSTRAP_SERVERS=broker:9092``, ``MW_REDIS__ENABLED=false``).
+Precedence, highest first: explicit overrides passed in code, environment, YAML file, defaults.
+Defaults run against the embedded services (``moderation-worker dev-services up``).
+
+Unknown keys and bad values fail at start with the key's dotted name (pydantic ``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
+ENV_PREFIX = "MW_"
+DEFAULT_TINY_MODEL_DIR = Path(os.environ.get("MW_CACHE_DIR", Path.home() / ".cache" / "moderation-worker")) / "tiny-guard"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(Section):
+    """Broker connection, consumer group and producer tuning (kafka-python names)."""
+
+    bootstrap_servers: list[str] = ["127.0.0.1:9092"]
+    client_id: str = "moderation-worker"
+    group_id: str = "moderation-worker"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(2000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    max_poll_records: int = Field(256, ge=1)
+    fetch_max_bytes: int = Field(52_428_800, ge=1024)
+    max_partition_fetch_bytes: int = Field(1_048_576, ge=1024)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    retry_backoff_ms: int = Field(100, ge=0)
+    # Producer
+    acks: Literal["all", "1", "0"] = "all"
+    enable_idempotence: bool = True
+    compression_type: Literal["none", "gzip", "lz4", "zstd"] = "lz4"
+    linger_ms: int = Field(5, ge=0)
+    batch_size: int = Field(65_536, ge=1024)
+    delivery_timeout_ms: int = Field(120_000, ge=1000)
+
+
+class TopicSettings(Section):
+    """Input and output topics."""
+
+    events: str = "chat.events"
+    flagged: str = "moderation.flagged"
+    verdicts: str = "moderation.verdicts"
+    dlq: str = "moderation.dlq"
+    publish_all_verdicts: bool = True
+
+
+class BatchingSettings(Section):
+    """Micro-batching and backpressure."""
+
+    max_size: int = Field(32, ge=1, le=4096)
+    max_wait_ms: int = Field(50, ge=0)
+    max_in_flight: int = Field(1024, ge=1, description="pause partitions above this many in-flight events")
+    resume_below: int | None = Field(None, ge=0, description="resume below this; default max_in_flight // 2")
+    prepare_threads: int = Field(2, ge=1, le=64, description="threads for image fetch/decode and tokenization")
+
+    @model_validator(mode="after")
+    def _resume_below_bound(self) -> BatchingSettings:
+        if self.resume_below is not None and self.resume_below >= self.max_in_flight:
+            raise ValueError("batching.resume_below must be lower than batching.max_in_flight")
+        return self
+
+
+class PolicySettings(Section):
+    """One moderation policy: which categories count, their wording, and the decision threshold."""
+
+    categories: list[str] = list(CATEGORY_CODES)
+    names: dict[str, str] = {}
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("categories")
+    @classmethod
+    def _known_codes(cls, codes: list[str]) -> list[str]:
+        unknown = [c for c in codes if c not in CATEGORY_CODES]
+        if unknown:
+            raise ValueError(f"unknown category codes {unknown}; known: S1..S13")
+        if not codes:
+            raise ValueError("a policy needs at least one category")
+        return codes
+
+    @field_validator("names")
+    @classmethod
+    def _known_name_codes(cls, names: dict[str, str]) -> dict[str, str]:
+        unknown = [c for c in names if c not in CATEGORY_CODES]
+        if unknown:
+            raise ValueError(f"names for unknown category codes {unknown}")
+        return names
+
+
+class ModelSettings(Section):
+    """Where the Llama Guard 3 Vision weights come from and how they run."""
+
+    path: str = Field(str(DEFAULT_TINY_MODEL_DIR), description="local directory or hub id for from_pretrained")
+    revision: str | None = None
+    model_id: str | None = Field(None, description="id reported in verdicts; default: the path's last component")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    mode: Literal["single_pass", "generate"] = "single_pass"
+    max_new_tokens: int = Field(10, ge=1, le=64)
+    local_files_only: bool = True
+    hf_token: SecretStr | None = None
+
+
+class RedisSettings(Section):
+    """Verdict cache."""
+
+    enabled: bool = True
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    ttl_seconds: int = Field(86_400, ge=1)
+    key_prefix: str = "mw:v1:"
+    socket_timeout_s: float = Field(0.5, gt=0)
+    reconnect_interval_s: float = Field(2.0, gt=0)
+
+
+class LimitsSettings(Section):
+    """Input limits; anything beyond them becomes a dead letter with a reason."""
+
+    max_record_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_text_chars: int = Field(32_000, ge=1, description="per text part")
+    max_total_text_chars: int = Field(128_000, ge=1)
+    max_messages: int = Field(200, ge=1)
+    max_json_depth: int = Field(32, ge=4)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    max_image_side: int = Field(20_000, ge=16)
+    multiple_images: Literal["reject", "keep_last"] = "reject"
+    merge_consecutive_roles: bool = True
+    dead_letter_original_max_bytes: int = Field(64 * 1024, ge=0)
+
+
+class ImageFetchSettings(Section):
+    """Fetching ``http(s)`` image URLs, with an SSRF guard."""
+
+    enabled: bool = True
+    allowed_schemes: list[Literal["http", "https"]] = ["https", "http"]
+    connect_timeout_s: float = Field(3.0, gt=0)
+    read_timeout_s: float = Field(5.0, gt=0)
+    max_redirects: int = Field(3, ge=0, le=10)
+    allowed_content_types: list[str] = ["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"]
+    allow_networks: list[str] = Field(
+        [], description="CIDRs exempt from the SSRF guard (e.g. an internal CDN); empty = none"
+    )
+    user_agent: str = "moderation-worker/0.1"
+
+
+class LoggingSettings(Section):
+    """Structured logs."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+    include_content: bool = Field(False, description="log message text/images (debug only; privacy)")
+
+
+class OpsSettings(Section):
+    """Metrics and health endpoints of ``moderation-worker run``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535, description="0 = no HTTP endpoint")
+
+
+class ShutdownSettings(Section):
+    """Graceful shutdown on SIGTERM/SIGINT."""
+
+    drain_timeout_s: float = Field(30.0, gt=0)
+
+
+class RaySettings(Section):
+    """Running stream workers as Ray actors (``run --ray``)."""
+
+    enabled: bool = False
+    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or a local instance")
+    num_workers: int | None = Field(None, ge=1, description="default: the cluster's GPU count (1 when none)")
+    num_gpus_per_worker: float = Field(1.0, ge=0)
+    num_cpus_per_worker: float = Field(0.0, ge=0)
+    max_restarts: int = Field(-1, ge=-1)
+    local_num_gpus: int | None = Field(None, ge=0, description="fake GPUs for a local instance (tests)")
+
+
+class ServeSettings(Section):
+    """The Ray Serve HTTP endpoint (``moderation-worker serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_events_per_request: int = Field(64, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything the worker reads. See the README's configuration reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    topics: TopicSettings = TopicSettings()
+    batching: BatchingSettings = BatchingSettings()
+    default_policy: str = "default"
+    policies: dict[str, PolicySettings] = {"default": PolicySettings()}
+    model: ModelSettings = ModelSettings()
+    redis: RedisSettings = RedisSettings()
+    limits: LimitsSettings = LimitsSettings()
+    image_fetch: ImageFetchSettings = ImageFetchSettings()
+    logging: LoggingSettings = LoggingSettings()
+    ops: OpsSettings = OpsSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    ray: RaySettings = RaySettings()
+    serve: ServeSettings = ServeSettings()
+
+    @model_validator(mode="after")
+    def _default_policy_exists(self) -> Settings:
+        if self.default_policy not in self.policies:
+            raise ValueError(f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # YAML values arrive as init kwargs (see load_settings); env must win over them, so env goes first.
+        return (env_settings, init_settings)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets replaced by ``"***"``."""
+        return self.model_dump(mode="json")  # SecretStr dumps as "**********"
+
+
+class ConfigError(Exception):
+    """A configuration file or value is wrong; the message names the key."""
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Load settings from YAML ``path`` (or ``$MW_CONFIG``), then env vars, then ``overrides``.
+
+    Raises ``ConfigError`` naming the offending key on unknown keys or bad values.
+    """
+    path = path or os.environ.get("MW_CONFIG") or None
+    data: dict[str, Any] = {}
+    origin = "defaults + environment"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded
+        origin = f"{p} + environment"
+    try:
+        settings = Settings(**data)
+        for dotted, value in overrides.items():
+            _set_dotted(settings, dotted, value)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from exc
+    return settings
+
+
+def _set_dotted(settings: Settings, dotted: str, value: Any) -> None:
+    """Apply an override like ``kafka__group_id`` or ``kafka.group_id`` (validated on assignment)."""
+    parts = dotted.replace("__", ".").split(".")
+    target: Any = settings
+    for part in parts[:-1]:
+        target = getattr(target, part)
+    if not hasattr(target, parts[-1]):
+        raise ConfigError(f"unknown configuration key: {'.'.join(parts)}")
+    setattr(target, parts[-1], value)

@@ -1,0 +1,46 @@
+"""What goes into and comes out of the guard engine (plain data; no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from worker.events import Turn
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from worker.engine.policy import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRequest:
+    """One conversation to judge under one policy; ``image`` is a decoded RGB PIL image or None."""
+
+    turns: tuple[Turn, ...]
+    policy: Policy
+    image: Image | None = None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardResult:
+    """The engine's answer for one request."""
+
+    score: float  # P(unsafe) at the answer's first word
+    unsafe: bool  # score >= policy.threshold (single_pass) or the decoded first line (generate)
+    codes: tuple[str, ...]  # violated codes, restricted to the policy's enabled categories, in code order
+    dropped_codes: tuple[str, ...] = ()  # codes the model emitted that the policy does not enable
+    raw_output: str | None = None  # decoded text, when decoding ran
+
+
+class EngineError(Exception):
+    """The model produced something we cannot parse, or failed on an item. Carries the raw text."""
+
+    def __init__(self, message: str, raw_output: str | None = None, detail: Any = None) -> None:
+        super().__init__(message)
+        self.raw_output = raw_output
+        self.detail = detail
