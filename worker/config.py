@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
 ENV_PREFIX = "MW_"
-DEFAULT_TINY_MODEL_DIR = Path(os.environ.get("MW_CACHE_DIR", Path.home() / ".cache" / "moderation-worker")) / "tiny-guard"
+DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny-model` writes by default
 
 
 class Section(BaseModel):
@@ -117,7 +117,11 @@ class PolicySettings(Section):
 class ModelSettings(Section):
     """Where the Llama Guard 3 Vision weights come from and how they run."""
 
-    path: str = Field(str(DEFAULT_TINY_MODEL_DIR), description="local directory or hub id for from_pretrained")
+    path: str = Field(
+        DEFAULT_MODEL_PATH,
+        description="local directory or hub id for from_pretrained (`~` expands); production: the real weights",
+        validate_default=True,
+    )
     revision: str | None = None
     model_id: str | None = Field(None, description="id reported in verdicts; default: the path's last component")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -126,6 +130,11 @@ class ModelSettings(Section):
     max_new_tokens: int = Field(10, ge=1, le=64)
     local_files_only: bool = True
     hf_token: SecretStr | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _expand_home(cls, path: str) -> str:
+        return os.path.expanduser(path) if path.startswith("~") else path
 
 
 class RedisSettings(Section):
@@ -163,6 +172,12 @@ class ImageFetchSettings(Section):
     allowed_schemes: list[Literal["http", "https"]] = ["https", "http"]
     connect_timeout_s: float = Field(3.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
+    total_timeout_s: float = Field(
+        10.0, gt=0, description="deadline for one image fetch: DNS-to-last-byte over all redirects"
+    )
+    ca_bundle: str | None = Field(
+        None, description="PEM file of CAs trusted for https image URLs; default: the system trust store"
+    )
     max_redirects: int = Field(3, ge=0, le=10)
     allowed_content_types: list[str] = ["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"]
     allow_networks: list[str] = Field(

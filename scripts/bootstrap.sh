@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with the given extras, once per pyproject.toml version (idempotent).
+# Usage: scripts/bootstrap.sh EXTRAS   (e.g. "embedded" or "test")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-embedded}"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $($py --version)"
+  "$py" -m venv .venv
+fi
+stamp=".venv/.installed-${extras}-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+echo "==> installing moderation-worker[${extras}] into .venv (first run only; a few minutes)"
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch first, pinned: 2.13.0 is the CPU wheel; an unpinned or newer torch pulls a multi-GB CUDA build.
+# GPU hosts install a CUDA wheel instead (see README, "GPU install").
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[${extras}]"
+touch "$stamp"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite (unit + integration against real tansu, Redis, Ray and the tiny Mllama).
+# Fails when no test ran (pytest exit code 5). Extra arguments go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh test || exit 1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+.venv/bin/python -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,79 @@
+"""Generate docs/config-reference.md from the Settings model (one source of truth for every setting)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from worker.config import ENV_PREFIX, Settings
+
+HEADER = """# Configuration reference
+
+Generated from `worker/config.py` by `python -m worker.config_reference` (a test fails when it is stale).
+Every key can be set in the YAML file (`--config FILE` or `$MW_CONFIG`) or by an environment variable
+`MW_<SECTION>__<KEY>` (lists and mappings as JSON, e.g. `MW_KAFKA__BOOTSTRAP_SERVERS='["kafka:9092"]'`).
+Environment variables win over the file. Unknown keys and bad values stop the worker at start with the key's
+name. `moderation-worker config` prints the effective configuration with secrets masked.
+"""
+
+
+def _default(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    try:
+        text = json.dumps(value, default=str)
+    except TypeError:
+        text = str(value)
+    return f"`{text}`"
+
+
+def _type(annotation: Any) -> str:
+    text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
+    text = text or str(annotation).replace("typing.", "")
+    return text.replace("pydantic.types.", "").replace("|", "\\|")
+
+
+def render() -> str:
+    """The whole reference as Markdown."""
+    lines = [HEADER]
+    top = Settings.model_fields
+    scalars = [(n, f) for n, f in top.items() if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    for name, field in top.items():
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            continue
+        lines.append(f"\n## `{name}`\n\n{(ann.__doc__ or '').strip()}\n")
+        lines.append("| key | type | default | env | description |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        for key, f in ann.model_fields.items():
+            env = f"{ENV_PREFIX}{name.upper()}__{key.upper()}"
+            lines.append(
+                f"| `{name}.{key}` | {_type(f.annotation)} | {_default(f.default)} | `{env}` | {f.description or ''} |"
+            )
+    lines.append("\n## Top-level keys\n")
+    lines.append("| key | type | default | env | description |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    for name, f in scalars:
+        desc = {
+            "default_policy": "policy id used when an event names none",
+            "policies": "policies by id; each has `categories`, `names`, `threshold` (see the `policies.<id>` table)",
+        }.get(name, f.description or "")
+        lines.append(f"| `{name}` | {_type(f.annotation)} | {_default(f.default)} | `{ENV_PREFIX}{name.upper()}` | {desc} |")
+    from worker.config import PolicySettings
+
+    lines.append("\n## `policies.<id>`\n\n" + (PolicySettings.__doc__ or "").strip() + "\n")
+    lines.append("| key | type | default | description |")
+    lines.append("| --- | --- | --- | --- |")
+    for key, f in PolicySettings.model_fields.items():
+        lines.append(f"| `{key}` | {_type(f.annotation)} | {_default(f.default)} | {f.description or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+REFERENCE_PATH = Path(__file__).resolve().parents[1] / "docs" / "config-reference.md"
+
+if __name__ == "__main__":
+    REFERENCE_PATH.write_text(render())
+    print(f"wrote {REFERENCE_PATH}")
