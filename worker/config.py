@@ -1,7 +1,8 @@
 """The one typed settings object every part of the worker reads.
 
 Loaded from a YAML file (``--config FILE`` or ``MW_CONFIG``) and overridden by environment variables
-``MW_<SECTION>__<KEY>`` (e.g. ``MW_KAFKA__BOOTSTRAP_SERVERS=broker:9092``, ``MW_REDIS__ENABLED=false``).
+``MW_<SECTION>__<KEY>`` (e.g. ``MW_REDIS__ENABLED=false``; lists and mappings as JSON:
+``MW_KAFKA__BOOTSTRAP_SERVERS='["broker:9092"]'``).
 Precedence, highest first: explicit overrides passed in code, environment, YAML file, defaults.
 Defaults run against the embedded services (``moderation-worker dev-services up``).
 
@@ -127,7 +128,14 @@ class ModelSettings(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     mode: Literal["single_pass", "generate"] = "single_pass"
-    max_new_tokens: int = Field(10, ge=1, le=64)
+    max_new_tokens: int = Field(
+        10, ge=1, le=64, description="decoding budget: whole answer (generate mode) or the codes after 'unsafe'"
+    )
+    answer_prefix: str | None = Field(
+        None,
+        description="whitespace the model emits after the assistant header before safe/unsafe (Llama Guard 3: "
+        "'\\n\\n'); None = detect it at load from the checkpoint's greedy output",
+    )
     local_files_only: bool = True
     hf_token: SecretStr | None = None
 

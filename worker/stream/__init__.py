@@ -1,0 +1,1 @@
+"""The Kafka side of the worker: clients, micro-batching, offsets and the stream pipeline."""
