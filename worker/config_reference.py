@@ -30,6 +30,10 @@ def _default(value: Any) -> str:
     return f"`{text}`"
 
 
+def _desc(text: str | None) -> str:
+    return (text or "").replace("|", "\\|").replace("\n", " ")
+
+
 def _type(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "")
@@ -51,16 +55,16 @@ def render() -> str:
         for key, f in ann.model_fields.items():
             env = f"{ENV_PREFIX}{name.upper()}__{key.upper()}"
             lines.append(
-                f"| `{name}.{key}` | {_type(f.annotation)} | {_default(f.default)} | `{env}` | {f.description or ''} |"
+                f"| `{name}.{key}` | {_type(f.annotation)} | {_default(f.default)} | `{env}` | {_desc(f.description)} |"
             )
     lines.append("\n## Top-level keys\n")
     lines.append("| key | type | default | env | description |")
     lines.append("| --- | --- | --- | --- | --- |")
     for name, f in scalars:
-        desc = {
+        desc = _desc({
             "default_policy": "policy id used when an event names none",
             "policies": "policies by id; each has `categories`, `names`, `threshold` (see the `policies.<id>` table)",
-        }.get(name, f.description or "")
+        }.get(name, f.description))
         lines.append(f"| `{name}` | {_type(f.annotation)} | {_default(f.default)} | `{ENV_PREFIX}{name.upper()}` | {desc} |")
     from worker.config import PolicySettings
 
@@ -68,7 +72,7 @@ def render() -> str:
     lines.append("| key | type | default | description |")
     lines.append("| --- | --- | --- | --- |")
     for key, f in PolicySettings.model_fields.items():
-        lines.append(f"| `{key}` | {_type(f.annotation)} | {_default(f.default)} | {f.description or ''} |")
+        lines.append(f"| `{key}` | {_type(f.annotation)} | {_default(f.default)} | {_desc(f.description)} |")
     return "\n".join(lines) + "\n"
 
 
