@@ -11,6 +11,7 @@ Unknown keys and bad values fail at start with the key's dotted name (pydantic `
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -181,7 +182,9 @@ class ImageFetchSettings(Section):
     connect_timeout_s: float = Field(3.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
     total_timeout_s: float = Field(
-        10.0, gt=0, description="deadline for one image fetch: DNS-to-last-byte over all redirects"
+        10.0,
+        gt=0,
+        description="deadline for one image fetch over all redirects; caps every connect/read timeout",
     )
     ca_bundle: str | None = Field(
         None, description="PEM file of CAs trusted for https image URLs; default: the system trust store"
@@ -192,6 +195,16 @@ class ImageFetchSettings(Section):
         [], description="CIDRs exempt from the SSRF guard (e.g. an internal CDN); empty = none"
     )
     user_agent: str = "moderation-worker/0.1"
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _valid_cidrs(cls, cidrs: list[str]) -> list[str]:
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR network ({exc})") from None
+        return cidrs
 
 
 class LoggingSettings(Section):

@@ -1,0 +1,45 @@
+"""The images stage's public entry points: an event's image reference to bytes, bytes to RGB, bytes to a hash.
+
+``image_bytes`` → ``image_content_hash`` → (cache lookup) → ``decode_image`` is the intended order:
+the cache key uses the hash of the *encoded bytes* because it is known before the costly decode, so a
+cache hit skips decoding (and tiling) entirely. The price is that the same picture re-encoded
+(another JPEG quality, stripped EXIF) gets another key — a cache miss, never a wrong verdict, since
+different bytes can decode to different pixels (EXIF orientation, first frame of an animation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from worker.config import Settings
+from worker.dead_letters import Reason, RejectedError
+from worker.events import ImageRef
+from worker.images.data_url import data_url_bytes
+from worker.images.decode import decode_image
+from worker.images.fetch import fetch_image
+from worker.images.ssrf import Resolver
+
+__all__ = ["decode_image", "image_bytes", "image_content_hash"]
+
+
+def image_bytes(ref: ImageRef, settings: Settings, *, resolver: Resolver | None = None) -> bytes:
+    """The encoded bytes of ``ref``: a ``data:`` URL decoded, an ``http(s)`` URL fetched under the SSRF guard.
+
+    Limits: ``settings.limits.max_image_bytes`` and ``settings.image_fetch`` (schemes, timeouts,
+    redirects, content types, allow-list). ``resolver`` replaces DNS (tests; default ``getaddrinfo``).
+    Raises ``RejectedError`` with a specific image reason (see ``worker.images.fetch``).
+    """
+    allowed_types = settings.image_fetch.allowed_content_types
+    max_bytes = settings.limits.max_image_bytes
+    if ref.is_data_url:
+        return data_url_bytes(ref.url, allowed_types, max_bytes)
+    scheme = ref.url.split(":", 1)[0].lower() if ":" in ref.url else ""
+    if scheme not in settings.image_fetch.allowed_schemes:
+        shown = scheme or "(none)"
+        raise RejectedError(Reason.UNSUPPORTED_URL_SCHEME, f"image URL scheme {shown!r} is not supported")
+    return fetch_image(ref.url, settings.image_fetch, max_bytes, resolver=resolver).data
+
+
+def image_content_hash(data: bytes) -> str:
+    """SHA-256 hex digest of the encoded image bytes (the image part of the verdict cache key)."""
+    return hashlib.sha256(data).hexdigest()
