@@ -1,0 +1,328 @@
+"""Prometheus metrics of the worker: one module-level object per metric, all on ``REGISTRY``.
+
+Registry choice: a dedicated ``CollectorRegistry`` (``REGISTRY``), not prometheus_client's global one.
+Why: Ray, transformers and test helpers may import prometheus_client and register their own collectors
+in the default registry of the same process; a private registry keeps ``/metrics`` to exactly the
+worker's metrics (plus process/platform/GC collectors, registered here explicitly) and lets tests read
+values without interference. Everything that serves or reads metrics uses ``REGISTRY``.
+
+Naming follows the Prometheus conventions: ``mw_`` namespace, counters end in ``_total``, time is in
+seconds (``_seconds``), one unit per metric. Label values are always from closed sets (outcomes, reason
+codes, category codes, stage names, modality) so cardinality stays bounded; ``mw_consumer_lag`` is per
+assigned ``topic``/``partition`` and is cleared with ``forget_partition`` on revocation.
+
+Known label values are pre-initialised to zero so that ``rate()`` and dashboards see a series from the
+first scrape, not only after the first increment.
+
+Scrape parsing helpers (``parse_exposition``, ``scrape_values``) turn the text format into
+``{'name{label="v",...}': value}`` for tests that check counters move while events flow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.config import CATEGORY_CODES
+from worker.dead_letters import Reason
+
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+NAMESPACE: Final = "mw"
+
+# Closed label sets (pre-initialised; the pipeline must only use these values).
+OUTCOMES: Final = ("verdict", "dead_letter", "cached")
+DECISIONS: Final = ("safe", "unsafe")
+CACHE_RESULTS: Final = ("hit", "miss", "error")
+STAGES: Final = ("decode", "cache", "prepare", "model", "publish", "commit")
+MODALITIES: Final = ("text", "image")
+NO_CATEGORY: Final = "none"  # category label of safe verdicts
+
+# Buckets. Per-stage work ranges from ~0.1 ms (decode, cache) to seconds (model on a large image batch).
+STAGE_BUCKETS_SECONDS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+# End-to-end = broker timestamp of the record → verdict published; includes queueing and batching waits.
+END_TO_END_BUCKETS_SECONDS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+# Batch sizes: powers of two up to the config maximum (batching.max_size <= 4096).
+BATCH_SIZE_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+EVENTS_CONSUMED = Counter(
+    "events_consumed_total",
+    "Records consumed from the events topic, by how they ended: a verdict from the model, a cached verdict, "
+    "or a dead letter.",
+    ["outcome"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+VERDICTS = Counter(
+    "verdicts_total",
+    "Verdicts produced (model or cache), by decision and category; a verdict with several categories counts "
+    "once per category; safe verdicts use category 'none'.",
+    ["decision", "category"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    "dead_letters_total",
+    "Dead letters published, by reason code (schemas/dead_letter.v1.json).",
+    ["reason"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+CACHE_REQUESTS = Counter(
+    "cache_requests_total",
+    "Verdict cache lookups by result: hit, miss, or error (Redis unreachable; the event runs uncached).",
+    ["result"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "batch_size",
+    "Events per model batch (forward pass), by modality.",
+    ["modality"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=BATCH_SIZE_BUCKETS,
+)
+STAGE_SECONDS = Histogram(
+    "stage_seconds",
+    "Wall time of one pipeline stage call (per batch for batched stages), by stage.",
+    ["stage"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=STAGE_BUCKETS_SECONDS,
+)
+END_TO_END_SECONDS = Histogram(
+    "end_to_end_seconds",
+    "Time from the record's broker timestamp to its verdict or dead letter being published.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=END_TO_END_BUCKETS_SECONDS,
+)
+CONSUMER_LAG = Gauge(
+    "consumer_lag",
+    "Records behind the partition's high-water mark (high-water mark minus next offset to consume), per "
+    "assigned partition. Computed from the high-water mark, not a LATEST offset lookup.",
+    ["topic", "partition"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+IN_FLIGHT_EVENTS = Gauge(
+    "in_flight_events",
+    "Events consumed but not yet completed (verdict or dead letter acknowledged).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+PAUSED_PARTITIONS = Gauge(
+    "paused_partitions",
+    "Assigned partitions currently paused by backpressure.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "model_load_seconds",
+    "Seconds the last model load took (processor + weights to device).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+REDIS_UP = Gauge(
+    "redis_up",
+    "1 when the verdict cache's Redis answered the last request, else 0.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+ENGINE_DROPPED_CODES = Counter(
+    "engine_dropped_codes_total",
+    "Category codes the model generated that the active policy does not contain (dropped from verdicts).",
+    ["code"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+DUPLICATES_SKIPPED = Counter(
+    "duplicates_skipped_total",
+    "Events skipped because an identical item in the same batch was classified once for all.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+WORKER_READY = Gauge(
+    "worker_ready",
+    "1 when this worker is ready (model loaded and partitions assigned), else 0.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+RAY_WORKERS_ALIVE = Gauge(
+    "ray_workers_alive",
+    "GuardWorker actors alive, as seen by the Ray driver.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+
+
+def _preinitialise() -> None:
+    """Create the zero-valued child of every known label value (see module docstring)."""
+    for outcome in OUTCOMES:
+        EVENTS_CONSUMED.labels(outcome=outcome)
+    VERDICTS.labels(decision="safe", category=NO_CATEGORY)
+    for code in CATEGORY_CODES:
+        VERDICTS.labels(decision="unsafe", category=code)
+    for reason in Reason:
+        DEAD_LETTERS.labels(reason=reason.value)
+    for result in CACHE_RESULTS:
+        CACHE_REQUESTS.labels(result=result)
+    for modality in MODALITIES:
+        BATCH_SIZE.labels(modality=modality)
+    for stage in STAGES:
+        STAGE_SECONDS.labels(stage=stage)
+
+
+_preinitialise()
+
+
+@contextmanager
+def observe_stage(stage: str) -> Iterator[None]:
+    """Time the ``with`` block into ``mw_stage_seconds{stage=...}`` (also when it raises).
+
+    ``stage`` must be one of ``STAGES``; an unknown name is a bug and raises ``ValueError`` at once.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    child = STAGE_SECONDS.labels(stage=stage)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        child.observe(time.perf_counter() - start)
+
+
+def record_verdict(decision: str, category_codes: tuple[str, ...] | list[str], *, cached: bool) -> None:
+    """Count one verdict: ``mw_events_consumed_total`` by outcome and ``mw_verdicts_total`` per category."""
+    EVENTS_CONSUMED.labels(outcome="cached" if cached else "verdict").inc()
+    if decision == "unsafe" and category_codes:
+        for code in category_codes:
+            VERDICTS.labels(decision="unsafe", category=code).inc()
+    else:
+        VERDICTS.labels(decision=decision, category=NO_CATEGORY).inc()
+
+
+def record_dead_letter(reason: str) -> None:
+    """Count one dead letter: ``mw_events_consumed_total{outcome="dead_letter"}`` and by reason."""
+    EVENTS_CONSUMED.labels(outcome="dead_letter").inc()
+    DEAD_LETTERS.labels(reason=str(reason)).inc()
+
+
+def set_partition_lag(topic: str, partition: int, lag: int) -> None:
+    """Set ``mw_consumer_lag`` of one assigned partition (lag = high-water mark - next offset, >= 0)."""
+    CONSUMER_LAG.labels(topic=topic, partition=str(partition)).set(max(0, lag))
+
+
+def forget_partition(topic: str, partition: int) -> None:
+    """Remove the lag series of a revoked partition so another worker's value is not shadowed."""
+    try:
+        CONSUMER_LAG.remove(topic, str(partition))
+    except KeyError:
+        pass  # never had a lag value; nothing to remove
+
+
+def exposition() -> bytes:
+    """The registry in Prometheus text format (what ``/metrics`` serves)."""
+    return generate_latest(REGISTRY)
+
+
+def sample_key(name: str, labels: Mapping[str, str] | None = None) -> str:
+    """The key ``parse_exposition`` uses for a sample: ``name{a="1",b="2"}`` with labels sorted, or ``name``."""
+    if not labels:
+        return name
+    inner = ",".join(f'{k}="{labels[k]}"' for k in sorted(labels))
+    return f"{name}{{{inner}}}"
+
+
+def parse_exposition(text: str) -> dict[str, float]:
+    """Parse a Prometheus text scrape into ``{'name{label="v",...}': value}`` (keys built by ``sample_key``).
+
+    Histogram samples keep their ``_bucket``/``_sum``/``_count`` names; counters keep ``_total``;
+    ``_created`` samples are dropped (timestamps, not values a test compares).
+    """
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            values[sample_key(sample.name, sample.labels)] = sample.value
+    return values
+
+
+def scrape(url: str, *, timeout: float = 5.0, prefix: str = "mw_") -> dict[str, float]:
+    """GET a ``/metrics`` URL (e.g. ``OpsServer.url + "/metrics"``) and parse it; samples starting with ``prefix``.
+
+    For tests that watch counters move while events flow::
+
+        before = scrape(ops.url + "/metrics")
+        ...  # produce events, wait for verdicts
+        after = scrape(ops.url + "/metrics")
+        key = sample_key("mw_events_consumed_total", {"outcome": "verdict"})
+        assert after[key] - before[key] == expected
+    """
+    import urllib.request  # only tests and tools scrape; keep the import off the worker's start path
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    return {k: v for k, v in parse_exposition(text).items() if k.startswith(prefix)}
+
+
+def scrape_values(prefix: str = "mw_") -> dict[str, float]:
+    """Parsed samples of ``REGISTRY`` whose name starts with ``prefix`` (in-process equivalent of a scrape)."""
+    return {k: v for k, v in parse_exposition(exposition().decode()).items() if k.startswith(prefix)}
+
+
+def metric_names() -> set[str]:
+    """Every sample name the worker can expose under ``mw_`` (``_total``, ``_bucket``, ``_sum``, ``_count``).
+
+    Built from the metric families, so labelled metrics without children yet (lag) are included too.
+    """
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names: set[str] = set()
+    for family in REGISTRY.collect():
+        if family.name.startswith(f"{NAMESPACE}_"):
+            names.update(family.name + suffix for suffix in suffixes[family.type])
+    return names
+
+
+def metric_labels() -> dict[str, frozenset[str]]:
+    """Label names of every exposed ``mw_*`` sample name (``_bucket`` samples also carry ``le``)."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    labels: dict[str, frozenset[str]] = {}
+    for obj in globals().values():
+        if isinstance(obj, MetricWrapperBase):
+            (family,) = obj.describe()
+            # prometheus_client keeps a parent's label names only in this attribute.
+            names = frozenset(obj._labelnames)
+            if family.type == "counter":
+                labels[f"{family.name}_total"] = names
+            elif family.type == "histogram":
+                labels[f"{family.name}_bucket"] = names | {"le"}
+                labels[f"{family.name}_sum"] = labels[f"{family.name}_count"] = names
+            else:
+                labels[family.name] = names
+    return labels
