@@ -1,0 +1,521 @@
+"""``GuardEngine``: conversations in, ``GuardResult`` out — shared by the Kafka pipeline and the HTTP endpoint.
+
+Two steps, so CPU work overlaps the model: ``prepare`` (render prompts, tokenize, tile images; CPU only,
+thread-safe) and ``run`` (forward pass + decoding of unsafe rows; serialized by a lock). A batch holds one
+modality only: transformers' Mllama does not mask the cross-attention output of image-less rows, so text-only
+rows in an image batch get wrong logits. ``classify`` groups, chunks and orders for callers that do not care.
+
+Errors are values: an item that cannot be prepared, a batch whose forward pass fails, or an answer that does
+not parse becomes an ``EngineError`` for the items concerned; the process keeps going. A batch that runs the
+device out of memory is retried in halves by ``classify``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from worker.engine import scoring
+from worker.engine.parsing import parse_answer, parse_codes_continuation
+from worker.engine.policy import Policy, load_policies, resolve_policy
+from worker.engine.prompt import Segment, judged_role, render_segments, shared_text_prefix
+from worker.engine.tokenize import PromptTokenizer, left_pad
+from worker.engine.types import EngineError, GuardRequest, GuardResult
+from worker.events import Turn
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+    from worker.engine.loading import LoadedModel
+    from worker.verdicts import ModelInfo
+
+log = logging.getLogger(__name__)
+
+# Below this mass on {safe, unsafe} at the answer position the checkpoint is not answering in format
+# (wrong answer prefix, wrong template, or an untrained model): worth a warning, not an error.
+LOW_ANSWER_MASS = 0.5
+_PROBE_TURNS = (Turn("user", ("Hello, how are you today?",)),)
+_PREFIX_KV_ENTRIES = (
+    32  # shared prompt starts kept on the device (policy x task); ~12 MB each for the 11B model
+)
+
+
+@dataclass(slots=True)
+class PreparedBatch:
+    """A batch ready for the model: CPU tensors for ``rows`` and errors for the items that failed to prepare."""
+
+    requests: list[GuardRequest]
+    has_image: bool
+    mode: str
+    rows: list[int] = field(
+        default_factory=list
+    )  # indices into ``requests`` present in the tensors, in order
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[int, EngineError] = field(default_factory=dict)
+    # Shared prompt start (text-only): per row the key of its prefix; the ids of each key. Empty = not shared.
+    prefix_keys: list[tuple[str, str]] = field(default_factory=list)
+    prefix_ids: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class GuardEngine:
+    """Llama Guard 3 Vision as a batch classifier (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, policies: dict[str, Policy], settings: Settings) -> None:
+        self._loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.policies = policies
+        self.default_policy_id = settings.default_policy
+        self.mode = settings.model.mode
+        self.max_new_tokens = settings.model.max_new_tokens
+        self.max_batch_size = settings.batching.max_size
+        self.tokens = PromptTokenizer(self.processor.tokenizer)
+        self.answer = self.tokens.answer_tokens(self.model.generation_config.eos_token_id)
+        self._run_lock = threading.Lock()
+        self.share_prefix = settings.model.share_prompt_prefix
+        self._prefix_kv: OrderedDict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor] | None]] = (
+            OrderedDict()
+        )
+        self._warned_low_mass = False
+        # The format tokens every unsafe answer starts with ("unsafe", newline, "S"): see worker.engine.scoring.
+        tail = self.tokens.plain_ids("unsafe\nS")
+        self.answer_tail: list[int] = (
+            tail if tail[: len(self.answer.unsafe_ids)] == list(self.answer.unsafe_ids) else []
+        )
+        if settings.model.answer_prefix is not None:
+            self.answer_prefix_ids: list[int] = self.tokens.plain_ids(settings.model.answer_prefix)
+        else:
+            self.answer_prefix_ids = self.detect_answer_prefix()
+        log.info(
+            "guard engine ready",
+            extra={
+                "stage": "load",
+                "mode": self.mode,
+                "answer_prefix": self.tokenizer.decode(self.answer_prefix_ids),
+            },
+        )
+
+    # -- construction and facts ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> GuardEngine:
+        """Load processor and model per ``settings.model`` and the policies per ``settings.policies``."""
+        from worker.engine.loading import load_model
+
+        policies = load_policies(settings)
+        return cls(load_model(settings.model), policies, settings)
+
+    def with_mode(self, mode: str, *, share_prefix: bool | None = None) -> GuardEngine:
+        """An engine on the same loaded model in another mode (``generate`` = the reference); no reload.
+
+        Both share the model lock, so their ``run`` calls never overlap on the device.
+        """
+        if mode not in ("single_pass", "generate"):
+            raise ValueError(f"unknown engine mode {mode!r}")
+        sibling = copy.copy(self)
+        sibling.mode = mode
+        if share_prefix is not None:
+            sibling.share_prefix = share_prefix
+        return sibling
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The processor, model and load facts this engine runs on."""
+        return self._loaded
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._loaded.info
+
+    @property
+    def device(self) -> str:
+        return str(self._loaded.device)
+
+    @property
+    def load_seconds(self) -> float:
+        return self._loaded.load_seconds
+
+    def policy_for(self, policy_id: str | None) -> Policy:
+        """The policy for an event's ``policy`` field (None = default); RejectedError(UNKNOWN_POLICY) if unknown."""
+        return resolve_policy(self.policies, policy_id, self.default_policy_id)
+
+    def detect_answer_prefix(self) -> list[int]:
+        """The whitespace tokens the checkpoint greedily emits after the assistant header, before the answer.
+
+        Llama Guard 3 emits ``\\n\\n``; a checkpoint that emits nothing gets an empty prefix. Measured on a
+        benign probe conversation (the format does not depend on the content).
+        """
+        policy = self.policy_for(None)
+        batch = self._tensors([render_segments(_PROBE_TURNS, policy, has_image=False)], prefix=[])
+        with self._run_lock, torch.inference_mode():
+            out = scoring.generate(
+                self.model,
+                scoring.to_device(batch, self._loaded.device, self._loaded.dtype),
+                self.answer,
+                self.tokens.pad_id,
+                4,
+            )
+        prefix: list[int] = []
+        for token in out.tokens[0]:
+            if self.tokenizer.decode([token]).strip() or token in self.tokens.special_ids.values():
+                break
+            prefix.append(token)
+        return prefix
+
+    # -- prepare (CPU) --------------------------------------------------------------------------------------
+
+    def prepare(self, requests: Sequence[GuardRequest]) -> PreparedBatch:
+        """Render, tokenize and tile a one-modality batch (CPU only; safe to call from a worker thread)."""
+        requests = list(requests)
+        if not requests:
+            raise ValueError("prepare() needs at least one request")
+        has_image = requests[0].has_image
+        if any(r.has_image != has_image for r in requests):
+            raise ValueError("a batch must not mix image and text-only requests (Mllama gives wrong logits)")
+        batch = PreparedBatch(requests, has_image, self.mode)
+        segments: list[list[Segment]] = []
+        for i, request in enumerate(requests):
+            try:
+                segments.append(render_segments(request.turns, request.policy, has_image=has_image))
+                batch.rows.append(i)
+            except Exception as exc:  # noqa: BLE001 — a bad item must not sink its batch
+                batch.errors[i] = EngineError(f"cannot render the prompt: {exc}", detail={"kind": "prepare"})
+        pixel_rows: list[dict[str, Any]] = []
+        if has_image:
+            kept_rows, kept_segments = [], []
+            for i, seg in zip(batch.rows, segments):
+                try:
+                    pixel_rows.append(self._image_inputs(requests[i].image))
+                    kept_rows.append(i)
+                    kept_segments.append(seg)
+                except Exception as exc:  # noqa: BLE001 — the image processor raises many types
+                    batch.errors[i] = EngineError(
+                        f"cannot preprocess the image: {exc}", detail={"kind": "prepare"}
+                    )
+            batch.rows, segments = kept_rows, kept_segments
+        if batch.rows:
+            prefix = self.answer_prefix_ids + self.answer_tail if self.mode == "single_pass" else []
+            if self.mode == "single_pass" and self.share_prefix and not has_image:
+                self._share_prompt_start(batch, segments, prefix)
+            if not batch.prefix_keys:
+                batch.inputs = self._tensors(
+                    segments, prefix=prefix, images=pixel_rows if has_image else None
+                )
+        return batch
+
+    def _share_prompt_start(
+        self, batch: PreparedBatch, segments: list[list[Segment]], suffix: list[int]
+    ) -> None:
+        """Split text-only rows into a shared prompt start (policy x task) and their own rest, when exact.
+
+        Layout per row: [pad..][shared start] then [pad..][rest of the prompt + answer prefix + tail]; the
+        attention mask hides the pads and positions count real tokens, so every row computes exactly what it
+        would alone. The shared start's keys/values come from ``_prefix_cache`` at run time.
+        """
+        keys: list[tuple[str, str]] = []
+        rests: list[list[int]] = []
+        ids_by_key: dict[tuple[str, str], list[int]] = {}
+        for i, row_ids in zip(batch.rows, self.tokens.encode_many(segments)):
+            request = batch.requests[i]
+            role = judged_role(request.turns)
+            key = (request.policy.hash, role)
+            if key not in ids_by_key:
+                ids_by_key[key] = self.tokens.encode_many([shared_text_prefix(role, request.policy)])[0]
+            start = ids_by_key[key]
+            if row_ids[: len(start)] != start:
+                return  # the start does not tokenize on its own boundary here: no sharing for this batch
+            keys.append(key)
+            rests.append(row_ids[len(start) :] + suffix)
+        start_lengths = torch.tensor([len(ids_by_key[k]) for k in keys])
+        width = int(start_lengths.max())
+        start_mask = (torch.arange(width)[None, :] >= (width - start_lengths)[:, None]).long()
+        input_ids, rest_mask, rest_positions = left_pad(rests, self.tokens.pad_id)
+        batch.inputs = {
+            "input_ids": input_ids,
+            "attention_mask": torch.cat([start_mask, rest_mask], dim=1),
+            "position_ids": rest_positions + start_lengths[:, None],
+        }
+        batch.prefix_keys = keys
+        batch.prefix_ids = ids_by_key
+
+    def _prefix_cache(self, batch: PreparedBatch, rows: Sequence[int] | None = None) -> Any:
+        """A KV cache holding each row's shared prompt start, left-padded to the batch's widest (model lock held)."""
+        from transformers.cache_utils import DynamicCache
+
+        keys = batch.prefix_keys if rows is None else [batch.prefix_keys[r] for r in rows]
+        for key in dict.fromkeys(keys):
+            if key not in self._prefix_kv:
+                ids = torch.tensor([batch.prefix_ids[key]], device=self._loaded.device)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                self._prefix_kv[key] = [
+                    (layer.keys, layer.values)
+                    if getattr(layer, "keys", None) is not None and layer.keys.numel()
+                    else None
+                    for layer in out.past_key_values.layers
+                ]
+                while len(self._prefix_kv) > _PREFIX_KV_ENTRIES:
+                    self._prefix_kv.popitem(last=False)
+            self._prefix_kv.move_to_end(key)
+        width = max(len(batch.prefix_ids[k]) for k in keys)
+        cache = DynamicCache(config=self.model.config)
+        for layer_idx, sample in enumerate(self._prefix_kv[keys[0]]):
+            if sample is None:
+                continue  # a cross-attention layer: text-only rows skip it
+            k0, v0 = sample
+            layer_keys = k0.new_zeros((len(keys), k0.shape[1], width, k0.shape[3]))
+            layer_values = v0.new_zeros((len(keys), v0.shape[1], width, v0.shape[3]))
+            for key in dict.fromkeys(keys):
+                k, v = self._prefix_kv[key][layer_idx]
+                index = torch.tensor([r for r, kk in enumerate(keys) if kk == key], device=k.device)
+                layer_keys[index, :, width - k.shape[2] :] = k
+                layer_values[index, :, width - v.shape[2] :] = v
+            cache.update(layer_keys, layer_values, layer_idx)
+        return cache
+
+    def _image_inputs(self, image: Any) -> dict[str, Any]:
+        out = self.processor.image_processor([[image]], return_tensors="pt")
+        return dict(out)
+
+    def _tensors(
+        self, segments: list[list[Segment]], *, prefix: list[int], images: list[dict[str, Any]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        from transformers.models.mllama.processing_mllama import (
+            convert_sparse_cross_attention_mask_to_dense,
+            get_cross_attention_token_mask,
+        )
+
+        ids = [row + prefix for row in self.tokens.encode_many(segments)]
+        input_ids, attention_mask, position_ids = left_pad(ids, self.tokens.pad_id)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if images is not None:
+            inputs["pixel_values"] = torch.cat([im["pixel_values"] for im in images])
+            inputs["aspect_ratio_ids"] = torch.cat([im["aspect_ratio_ids"] for im in images])
+            inputs["aspect_ratio_mask"] = torch.cat([im["aspect_ratio_mask"] for im in images])
+            num_tiles = [im["num_tiles"][0] for im in images]
+            token_masks = [
+                get_cross_attention_token_mask(row, self.tokens.image_id) for row in input_ids.tolist()
+            ]
+            inputs["cross_attention_mask"] = torch.from_numpy(
+                convert_sparse_cross_attention_mask_to_dense(
+                    token_masks,
+                    num_tiles=num_tiles,
+                    max_num_tiles=self.processor.image_processor.max_image_tiles,
+                    length=input_ids.shape[1],
+                )
+            )
+        return inputs
+
+    # -- run (model) ----------------------------------------------------------------------------------------
+
+    def run(self, batch: PreparedBatch) -> list[GuardResult | EngineError]:
+        """Forward pass (+ greedy decoding of unsafe rows) for a prepared batch; one result per request."""
+        results: list[GuardResult | EngineError | None] = [None] * len(batch.requests)
+        for i, error in batch.errors.items():
+            results[i] = error
+        if batch.rows:
+            try:
+                with self._run_lock, torch.inference_mode():
+                    inputs = scoring.to_device(batch.inputs, self._loaded.device, self._loaded.dtype)
+                    if batch.mode == "generate":
+                        row_results = self._run_generate(batch, inputs)
+                    else:
+                        row_results = self._run_single_pass(batch, inputs)
+            except torch.OutOfMemoryError as exc:
+                log.warning("model ran out of memory", extra={"stage": "model", "reason": "out_of_memory"})
+                row_results = [
+                    EngineError(f"out of memory: {exc}", detail={"kind": "out_of_memory"}) for _ in batch.rows
+                ]
+            except Exception as exc:  # keep the process alive: every item of the batch gets the error
+                log.exception("model failed on a batch", extra={"stage": "model", "reason": "engine_error"})
+                row_results = [
+                    EngineError(f"model failed: {exc!r}", detail={"kind": "model"}) for _ in batch.rows
+                ]
+            for i, result in zip(batch.rows, row_results):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def score_only(self, batch: PreparedBatch) -> list[float]:
+        """P(unsafe) of each tensor row of a single-pass batch, from the forward pass alone (no decoding).
+
+        The engine's bare batched scoring, for benchmarks that compare the pipeline against the model.
+        """
+        if batch.mode != "single_pass":
+            raise ValueError("score_only needs a batch prepared in single_pass mode")
+        with self._run_lock, torch.inference_mode():
+            inputs = scoring.to_device(batch.inputs, self._loaded.device, self._loaded.dtype)
+            shared = self._prefix_cache(batch) if batch.prefix_keys else None
+            out = scoring.score(
+                self.model, inputs, self.answer, self.answer_tail, keep_cache=False, cache=shared
+            )
+        return out.scores.tolist()
+
+    def _policy_rows(self, batch: PreparedBatch) -> list[Policy]:
+        return [batch.requests[i].policy for i in batch.rows]
+
+    def _run_single_pass(
+        self, batch: PreparedBatch, inputs: dict[str, torch.Tensor]
+    ) -> list[GuardResult | EngineError]:
+        policies = self._policy_rows(batch)
+        thresholds = torch.tensor([p.threshold for p in policies], dtype=torch.float32)
+        tail = self.answer_tail
+        # Keep the KV cache: unsafe rows continue from it instead of re-reading their prompts.
+        shared = self._prefix_cache(batch) if batch.prefix_keys else None
+        out = scoring.score(self.model, inputs, self.answer, tail, keep_cache=True, cache=shared)
+        self._check_mass(out.answer_mass)
+        unsafe = (out.scores >= thresholds).tolist()
+        finite = torch.isfinite(out.scores).tolist()
+        scores = out.scores.tolist()
+        results: list[GuardResult | EngineError] = [
+            GuardResult(score=s, unsafe=False, codes=())
+            if ok
+            # A NaN score compares False against the threshold: it must not pass as "safe".
+            else EngineError("model produced a non-finite score", detail={"kind": "non_finite"})
+            for s, ok in zip(scores, finite)
+        ]
+        unsafe_rows = [r for r, flag in enumerate(unsafe) if flag and finite[r]]
+        if not unsafe_rows:
+            return results
+        n_unsafe = len(self.answer.unsafe_ids)
+        fast = [r for r in unsafe_rows if tail and bool(out.tail_ok[r])]
+        slow = [r for r in unsafe_rows if r not in set(fast)]
+        if fast:
+            # The pass already holds "unsafe\nS" and the next token: continue from its cache.
+            first = out.next_ids[torch.as_tensor(fast, device=out.next_ids.device)]
+            tokens, ended = scoring.decode_greedy(
+                self.model,
+                inputs,
+                out.cache,
+                fast,
+                self.answer,
+                self.tokens.pad_id,
+                self.max_new_tokens - (len(tail) - n_unsafe),
+                first_ids=first,
+            )
+            for r, ids, done in zip(fast, tokens, ended):
+                raw = "unsafe" + self.tokenizer.decode(tail[n_unsafe:] + ids, skip_special_tokens=False)
+                results[r] = self._codes_result(scores[r], raw, done, policies[r])
+        if slow:
+            # The model would not write the tail itself: decode these rows exactly, from their prompts.
+            index = torch.as_tensor(slow, device=inputs["input_ids"].device)
+            prompt_inputs = scoring.drop_tail(inputs, len(tail), rows=index)
+            shared = self._prefix_cache(batch, slow) if batch.prefix_keys else None
+            fresh = scoring.score(self.model, prompt_inputs, self.answer, (), keep_cache=True, cache=shared)
+            tokens, ended = scoring.decode_greedy(
+                self.model,
+                prompt_inputs,
+                fresh.cache,
+                range(len(slow)),
+                self.answer,
+                self.tokens.pad_id,
+                self.max_new_tokens,
+                feed=self.answer.unsafe_ids,
+            )
+            for r, ids, done in zip(slow, tokens, ended):
+                raw = "unsafe" + self.tokenizer.decode(ids, skip_special_tokens=False)
+                results[r] = self._codes_result(scores[r], raw, done, policies[r])
+        return results
+
+    def _codes_result(self, score: float, raw: str, ended: bool, policy: Policy) -> GuardResult | EngineError:
+        if not ended:
+            return EngineError(
+                f"answer not finished within model.max_new_tokens={self.max_new_tokens}",
+                raw_output=raw,
+                detail={"kind": "truncated", "score": score},
+            )
+        try:
+            parsed = parse_codes_continuation(raw.removeprefix("unsafe"), policy.codes)
+        except EngineError as exc:
+            exc.detail = {"kind": "malformed", "score": score}
+            return exc
+        return GuardResult(score, True, parsed.codes, parsed.dropped_codes, raw)
+
+    def _run_generate(
+        self, batch: PreparedBatch, inputs: dict[str, torch.Tensor]
+    ) -> list[GuardResult | EngineError]:
+        policies = self._policy_rows(batch)
+        out = scoring.generate(self.model, inputs, self.answer, self.tokens.pad_id, self.max_new_tokens)
+        results: list[GuardResult | EngineError] = []
+        for b, (ids, ended, policy) in enumerate(zip(out.tokens, out.ended, policies)):
+            raw = self.tokenizer.decode(ids, skip_special_tokens=False)
+            # The answer's first word comes after the whitespace the model emits first.
+            step = 0
+            while step < len(ids) and not self.tokenizer.decode([ids[step]]).strip():
+                step += 1
+            if not ended or step >= out.step_logits.shape[0]:
+                results.append(
+                    EngineError(
+                        "answer not finished within model.max_new_tokens",
+                        raw_output=raw,
+                        detail={"kind": "truncated"},
+                    )
+                )
+                continue
+            pair = out.step_logits[step, b]
+            score = float(torch.sigmoid(pair[1] - pair[0]))
+            try:
+                parsed = parse_answer(raw, policy.codes)
+            except EngineError as exc:
+                exc.detail = {"kind": "malformed", "score": score}
+                results.append(exc)
+                continue
+            results.append(GuardResult(score, parsed.unsafe, parsed.codes, parsed.dropped_codes, raw))
+        return results
+
+    def _check_mass(self, mass: torch.Tensor) -> None:
+        low = float(mass.min()) < LOW_ANSWER_MASS
+        if low and not self._warned_low_mass:
+            self._warned_low_mass = True
+            log.warning(
+                "little probability on safe/unsafe at the answer position: is this a Llama Guard checkpoint, "
+                "and is model.answer_prefix right?",
+                extra={"stage": "model", "min_answer_mass": round(float(mass.min()), 4)},
+            )
+
+    # -- convenience ----------------------------------------------------------------------------------------
+
+    def classify(self, requests: Sequence[GuardRequest]) -> list[GuardResult | EngineError]:
+        """Classify any list: grouped by modality, chunked by ``batching.max_size``, results in input order."""
+        results: list[GuardResult | EngineError | None] = [None] * len(requests)
+        for has_image in (False, True):
+            indices = [i for i, r in enumerate(requests) if r.has_image == has_image]
+            for start in range(0, len(indices), self.max_batch_size):
+                chunk = indices[start : start + self.max_batch_size]
+                for i, result in zip(chunk, self._classify_chunk([requests[i] for i in chunk])):
+                    results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _classify_chunk(self, requests: list[GuardRequest]) -> list[GuardResult | EngineError]:
+        try:
+            batch = self.prepare(requests)
+        except Exception as exc:
+            log.exception("preparing a batch failed", extra={"stage": "prepare", "reason": "engine_error"})
+            return [
+                EngineError(f"cannot prepare the batch: {exc!r}", detail={"kind": "prepare"})
+                for _ in requests
+            ]
+        results = self.run(batch)
+        out_of_memory = all(
+            isinstance(r, EngineError)
+            and isinstance(r.detail, dict)
+            and r.detail.get("kind") == "out_of_memory"
+            for r in results
+        )
+        if out_of_memory and len(requests) > 1:
+            if self._loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(requests) // 2
+            return self._classify_chunk(requests[:half]) + self._classify_chunk(requests[half:])
+        return results

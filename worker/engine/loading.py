@@ -1,0 +1,170 @@
+"""Loading the Llama Guard 3 Vision processor and model (transformers Mllama) for inference.
+
+``model.path`` is a local directory or a hub id. The dtype follows the device unless configured (bf16 on
+CUDA, fp32 on CPU); the model is put in eval mode and used only under ``torch.inference_mode``. Every
+failure to find or recognise a checkpoint becomes a ``ModelLoadError`` whose message names ``model.path``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.verdicts import ModelInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from worker.config import ModelSettings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says which ``model.path`` and why."""
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A ready processor + model pair and what we know about it."""
+
+    processor: Any  # transformers MllamaProcessor
+    model: Any  # transformers MllamaForConditionalGeneration, eval mode
+    device: torch.device
+    dtype: torch.dtype
+    info: ModelInfo
+    load_seconds: float
+    parameters: int
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` = the first CUDA device when there is one (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"model.device {device!r} is not a torch device: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device {device!r} asks for CUDA but no CUDA device is available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bfloat16 on CUDA, float32 elsewhere (bf16 matmuls on CPU are slow and less exact)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, _DTYPES[dtype])
+
+
+def _looks_like_path(path: str) -> bool:
+    # A hub id is "name" or "org/name"; anything else is meant as a filesystem path.
+    return path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1 or Path(path).exists()
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> str:
+    """The local snapshot directory of a hub id already in the Hugging Face cache (filesystem only)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
+    except ValueError as exc:  # not a valid repo id
+        raise ModelLoadError(f"model.path {repo_id!r} is neither a directory nor a hub id: {exc}") from exc
+    if not isinstance(found, str):
+        raise ModelLoadError(
+            f"model.path {repo_id!r}: not a local directory, and the hub id is not in the local Hugging Face "
+            "cache (model.local_files_only is true: download it first or set model.path to a directory)"
+        )
+    return str(Path(found).parent)
+
+
+def local_revision(directory: Path) -> str:
+    """A fingerprint of a local checkpoint (config bytes + weight file sizes and mtimes) for cache keys.
+
+    A rebuilt or replaced checkpoint at the same path gets a new revision, so stale cached verdicts are not
+    served; cheap even for multi-GB weights (no file content is read besides config.json).
+    """
+    digest = hashlib.sha256()
+    config = directory / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for weights in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "local-" + digest.hexdigest()[:12]
+
+
+def load_model(settings: ModelSettings) -> LoadedModel:
+    """Load processor and model per ``settings`` (``worker.config.ModelSettings``)."""
+    from transformers import AutoConfig, AutoProcessor, MllamaForConditionalGeneration
+
+    started = time.perf_counter()
+    path = settings.path
+    local_dir = Path(path).expanduser()
+    is_local = local_dir.is_dir()
+    if not is_local and _looks_like_path(path):
+        what = "is not a directory" if local_dir.exists() else "no such directory"
+        raise ModelLoadError(f"model.path {path!r}: {what}")
+    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
+    source = str(local_dir) if is_local else path
+    if not is_local and settings.local_files_only:
+        # Resolve the hub id in the local cache ourselves: huggingface_hub contacts the Hub while building
+        # request headers even when local_files_only=True, and offline must mean no packet at all.
+        source = _cached_snapshot(path, settings.revision)
+    common: dict[str, Any] = {"revision": settings.revision, "local_files_only": settings.local_files_only}
+    if token is not None:
+        common["token"] = token
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if is_local else f"hub id (local_files_only={settings.local_files_only})"
+        raise ModelLoadError(f"model.path {path!r} ({where}) has no loadable model config: {exc}") from exc
+    if getattr(config, "model_type", None) != "mllama":
+        raise ModelLoadError(
+            f"model.path {path!r} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint, "
+            "not an Mllama (Llama 3.2 Vision / Llama Guard 3 Vision) one"
+        )
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    try:
+        processor = AutoProcessor.from_pretrained(source, **common)
+        # On CUDA the weights go straight to the device (no 21 GB detour through host memory for the 11B model).
+        placement = {"device_map": str(device)} if device.type == "cuda" else {}
+        model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement, **common)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"model.path {path!r}: cannot load the Mllama processor or weights: {exc}"
+        ) from exc
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise ModelLoadError(f"model.path {path!r}: the processor has no image processor and tokenizer")
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    seconds = time.perf_counter() - started
+    parameters = sum(p.numel() for p in model.parameters())
+    revision = settings.revision or getattr(config, "_commit_hash", None) or local_revision(Path(source))
+    model_id = settings.model_id or (local_dir.name if is_local else path)
+    log.info(
+        "model loaded",
+        extra={
+            "stage": "load",
+            "model_path": path,
+            "model_id": model_id,
+            "revision": revision,
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "load_seconds": round(seconds, 3),
+            "parameters": parameters,
+        },
+    )
+    return LoadedModel(processor, model, device, dtype, ModelInfo(model_id, revision), seconds, parameters)
