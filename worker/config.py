@@ -132,6 +132,11 @@ class ModelSettings(Section):
     max_new_tokens: int = Field(
         10, ge=1, le=64, description="decoding budget: whole answer (generate mode) or the codes after 'unsafe'"
     )
+    share_prompt_prefix: bool = Field(
+        True,
+        description="text-only batches: compute the instructions+categories part of the prompt once per policy "
+        "and task, and share its keys/values across rows (exact; image prompts cannot share it)",
+    )
     answer_prefix: str | None = Field(
         None,
         description="whitespace the model emits after the assistant header before safe/unsafe (Llama Guard 3: "
