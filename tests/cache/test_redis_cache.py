@@ -1,0 +1,84 @@
+"""VerdictCache against a real Redis: MGET/SET EX round trip, TTL, and riding out an outage."""
+
+import redis
+
+from worker.cache.redis_cache import VerdictCache
+from worker.ops import metrics
+
+
+def cache_errors() -> float:
+    return metrics.CACHE_REQUESTS.labels(result="error")._value.get()
+
+
+def test_set_many_then_get_many_round_trips_with_ttl(services, make_settings):
+    settings = make_settings()
+    settings.redis.ttl_seconds = 120
+    settings.redis.key_prefix = "mw:test-roundtrip:"
+    cache = VerdictCache(settings.redis)
+    try:
+        assert cache.available
+        value = {"unsafe": True, "score": 0.93, "codes": ["S9"], "dropped": []}
+        cache.set_many([("k1", value), ("k2", {"unsafe": False, "score": 0.01, "codes": [], "dropped": []})])
+        assert cache.get_many(["k1", "missing", "k2"]) == [
+            value,
+            None,
+            {"unsafe": False, "score": 0.01, "codes": [], "dropped": []},
+        ]
+        ttl = redis.Redis.from_url(services.redis_url).ttl("mw:test-roundtrip:k1")
+        assert 0 < ttl <= 120
+    finally:
+        cache.close()
+
+
+def test_a_corrupt_entry_is_a_miss(services, make_settings):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-corrupt:"
+    redis.Redis.from_url(services.redis_url).set("mw:test-corrupt:bad", b"\xff not json")
+    cache = VerdictCache(settings.redis)
+    try:
+        assert cache.get_many(["bad"]) == [None]
+    finally:
+        cache.close()
+
+
+def test_disabled_cache_never_connects_and_always_misses(make_settings):
+    settings = make_settings()
+    settings.redis.enabled = False
+    settings.redis.url = "redis://127.0.0.1:1/0"
+    cache = VerdictCache(settings.redis)
+    assert not cache.available
+    assert cache.get_many(["a", "b"]) == [None, None]
+    cache.set_many([("a", {"unsafe": False})])  # no error
+
+
+def test_outage_is_counted_logged_once_and_recovers(services, make_settings, caplog):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-outage:"
+    settings.redis.reconnect_interval_s = 0.2
+    settings.redis.socket_timeout_s = 0.5
+    now = [0.0]
+    cache = VerdictCache(settings.redis, clock=lambda: now[0])
+    try:
+        assert cache.available and metrics.REDIS_UP._value.get() == 1
+        services.stop_redis()
+        errors_before = cache_errors()
+        with caplog.at_level("WARNING", logger="worker.cache.redis_cache"):
+            assert cache.get_many(["a", "b"]) == [None, None]
+            cache.set_many([("a", {"unsafe": False})])
+            now[0] += 0.1  # within the reconnect interval: no new attempt
+            assert cache.get_many(["c"]) == [None]
+            now[0] += 1.0  # attempt again: still down
+            assert cache.get_many(["d"]) == [None]
+        assert not cache.available
+        assert metrics.REDIS_UP._value.get() == 0
+        assert cache_errors() - errors_before == 4
+        assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
+        services.start_redis()
+        now[0] += 1.0
+        cache.set_many([("back", {"unsafe": True, "score": 1.0, "codes": [], "dropped": []})])
+        assert cache.available and metrics.REDIS_UP._value.get() == 1
+        assert cache.get_many(["back"]) == [{"unsafe": True, "score": 1.0, "codes": [], "dropped": []}]
+    finally:
+        if services.redis_pid is None:
+            services.start_redis()
+        cache.close()

@@ -1,0 +1,128 @@
+"""OffsetTracker: commit only the highest contiguous completed offset per partition."""
+
+from kafka.structs import TopicPartition
+
+from worker.stream.offsets import OffsetTracker
+
+TP0 = TopicPartition("events", 0)
+TP1 = TopicPartition("events", 1)
+
+
+def offsets_of(committable):
+    return {tp: om.offset for tp, om in committable.items()}
+
+
+def test_nothing_is_committable_before_completion():
+    t = OffsetTracker()
+    for o in range(3):
+        t.register(TP0, o)
+    assert t.committable() == {}
+    assert t.in_flight() == 3
+
+
+def test_in_order_completion_commits_next_offset():
+    t = OffsetTracker()
+    for o in range(3):
+        t.register(TP0, o)
+    t.complete(TP0, 0)
+    t.complete(TP0, 1)
+    assert offsets_of(t.committable()) == {TP0: 2}
+    t.complete(TP0, 2)
+    assert offsets_of(t.committable()) == {TP0: 3}
+    assert t.in_flight() == 0
+
+
+def test_out_of_order_completion_waits_for_the_gap():
+    t = OffsetTracker()
+    for o in range(5):
+        t.register(TP0, o)
+    for o in (4, 2, 3):
+        t.complete(TP0, o)
+    assert t.committable() == {}
+    t.complete(TP0, 0)
+    assert offsets_of(t.committable()) == {TP0: 1}
+    t.complete(TP0, 1)
+    assert offsets_of(t.committable()) == {TP0: 5}
+
+
+def test_offset_number_gaps_do_not_block_progress():
+    # compacted topics / transaction markers: consumed offsets need not be consecutive numbers
+    t = OffsetTracker()
+    for o in (10, 13, 20):
+        t.register(TP0, o)
+    t.complete(TP0, 13)
+    t.complete(TP0, 10)
+    assert offsets_of(t.committable()) == {TP0: 14}
+    t.complete(TP0, 20)
+    assert offsets_of(t.committable()) == {TP0: 21}
+
+
+def test_partitions_are_independent():
+    t = OffsetTracker()
+    t.register(TP0, 0)
+    t.register(TP1, 0)
+    t.register(TP1, 1)
+    t.complete(TP1, 0)
+    t.complete(TP1, 1)
+    assert offsets_of(t.committable()) == {TP1: 2}
+    assert t.in_flight(TP0) == 1 and t.in_flight(TP1) == 0
+
+
+def test_committed_offsets_are_not_offered_again():
+    t = OffsetTracker()
+    t.register(TP0, 0)
+    t.complete(TP0, 0)
+    offered = t.committable()
+    t.mark_committed(offered)
+    assert t.committable() == {}
+    assert t.all_committed()
+    t.register(TP0, 1)
+    assert not t.all_committed()
+    t.complete(TP0, 1)
+    assert offsets_of(t.committable()) == {TP0: 2}
+
+
+def test_duplicate_registration_and_completion_are_ignored():
+    t = OffsetTracker()
+    assert t.register(TP0, 0)
+    assert not t.register(TP0, 0)
+    assert t.register(TP0, 1)
+    assert not t.register(TP0, 0)  # an older offset (re-fetch) is ignored
+    assert t.complete(TP0, 1)
+    assert not t.complete(TP0, 1)
+    assert t.complete(TP0, 0)
+    assert not t.complete(TP0, 0)  # already committable
+    assert offsets_of(t.committable()) == {TP0: 2}
+    assert not t.complete(TP0, 7)  # never consumed
+
+
+def test_revocation_drops_the_partition_and_its_late_completions():
+    t = OffsetTracker()
+    t.register(TP0, 0)
+    t.register(TP1, 0)
+    t.revoke(TP0)
+    assert not t.owns(TP0)
+    assert not t.complete(TP0, 0)
+    t.complete(TP1, 0)
+    assert offsets_of(t.committable()) == {TP1: 1}
+    assert t.in_flight() == 0
+
+
+def test_reassignment_starts_fresh_from_the_first_registered_offset():
+    t = OffsetTracker()
+    t.register(TP0, 0)
+    t.register(TP0, 1)
+    t.revoke(TP0)
+    t.assign(TP0)
+    # the new owner resumes from the committed offset, e.g. 1; offset 0 history is gone
+    assert t.register(TP0, 1)
+    t.complete(TP0, 1)
+    assert offsets_of(t.committable()) == {TP0: 2}
+
+
+def test_committable_can_be_restricted_to_some_partitions():
+    t = OffsetTracker()
+    for tp in (TP0, TP1):
+        t.register(tp, 0)
+        t.complete(tp, 0)
+    assert offsets_of(t.committable([TP1])) == {TP1: 1}

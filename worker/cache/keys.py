@@ -1,0 +1,48 @@
+"""The verdict cache key: everything that decides a verdict, and nothing else.
+
+Key = SHA-256 over an unambiguous encoding (a JSON array, via orjson) of:
+model id + revision, policy hash, task, the normalized conversation (each turn's role and its text
+parts stripped of surrounding whitespace, exactly what the prompt renders), and the image's content
+hash. The image hash is taken over the *encoded bytes* (as received / fetched), not the decoded pixels:
+hashing bytes is cheap and happens before any decoding, so a cache hit skips image decoding entirely;
+the price is that two encodings of the same picture get separate entries, which only costs a miss.
+
+Event ids, conversation ids, timestamps and tenants are left out on purpose: they do not change what
+the model sees, and leaving them out is what makes repeats hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+import orjson
+
+from worker.events import ChatEvent
+from worker.verdicts import ModelInfo
+
+if TYPE_CHECKING:
+    from worker.engine.policy import Policy
+
+KEY_VERSION = 1  # bump when the encoding below changes, so old entries are never misread
+
+
+def conversation_fingerprint(event: ChatEvent) -> list[list[object]]:
+    """The conversation as the prompt renders it: ``[[role, [stripped text parts...]], ...]``."""
+    return [[turn.role, [text.strip() for text in turn.texts]] for turn in event.turns]
+
+
+def cache_key(model: ModelInfo, policy: Policy, event: ChatEvent, image_hash: str | None) -> str:
+    """Hex SHA-256 identifying the verdict of ``event`` under ``policy`` by ``model`` (no prefix)."""
+    if (event.image is None) != (image_hash is None):
+        raise ValueError("image_hash must be given exactly when the event carries an image")
+    material = [
+        KEY_VERSION,
+        model.id,
+        model.revision,
+        policy.hash,
+        event.task.value,
+        conversation_fingerprint(event),
+        image_hash,
+    ]
+    return hashlib.sha256(orjson.dumps(material)).hexdigest()

@@ -1,0 +1,139 @@
+"""Redis verdict cache: one MGET per lookup round, pipelined SET EX for new verdicts.
+
+The cache is an optimisation, never a dependency: when Redis cannot be reached every call answers
+"miss" / does nothing, ``available`` turns False, the outage is counted
+(``mw_cache_requests_total{result="error"}``, ``mw_redis_up`` = 0) and logged once, and a reconnect is
+tried lazily at most every ``reconnect_interval_s`` — events never fail because the cache is down.
+
+Values are small orjson objects holding only what is needed to rebuild a verdict (decision, score,
+codes); the pipeline decides their content.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from worker.config import RedisSettings
+from worker.ops import metrics
+
+log = logging.getLogger(__name__)
+
+
+class VerdictCache:
+    """Verdict store keyed by ``worker.cache.keys.cache_key``; never raises on a Redis outage."""
+
+    def __init__(self, settings: RedisSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._prefix = settings.key_prefix
+        self._ttl = settings.ttl_seconds
+        self.enabled = settings.enabled
+        self._client: redis.Redis | None = None
+        self._next_attempt = 0.0
+        self._outage_logged = False
+        self.available = False
+        if self.enabled:
+            self._client = redis.Redis.from_url(
+                settings.url,
+                password=settings.password.get_secret_value() if settings.password else None,
+                socket_timeout=settings.socket_timeout_s,
+                socket_connect_timeout=settings.socket_timeout_s,
+                # No hidden retries: a down Redis must cost one timeout, not several.
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+            )
+            self._try_reconnect(force=True)
+        metrics.REDIS_UP.set(1 if self.available else 0)
+
+    def _try_reconnect(self, *, force: bool = False) -> bool:
+        """PING Redis if the reconnect interval has passed; returns whether the cache is usable now."""
+        if self._client is None:
+            return False
+        now = self._clock()
+        if not force and now < self._next_attempt:
+            return False
+        self._next_attempt = now + self._settings.reconnect_interval_s
+        try:
+            self._client.ping()
+        except (redis.RedisError, OSError) as exc:
+            self._mark_down(exc)
+            return False
+        if not self.available:
+            log.info("verdict cache reachable", extra={"stage": "cache"})
+        self.available = True
+        self._outage_logged = False
+        metrics.REDIS_UP.set(1)
+        return True
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if not self._outage_logged:  # once per outage, not once per failed call
+            log.warning(
+                "verdict cache unreachable; running uncached and retrying every %.1fs: %s",
+                self._settings.reconnect_interval_s,
+                type(exc).__name__,
+                extra={"stage": "cache", "reason": "redis_unavailable"},
+            )
+            self._outage_logged = True
+        self.available = False
+        self._next_attempt = self._clock() + self._settings.reconnect_interval_s
+        metrics.REDIS_UP.set(0)
+
+    def _usable(self) -> bool:
+        return self.enabled and (self.available or self._try_reconnect())
+
+    def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Cached values for ``keys`` (None for a miss) with one MGET; all None when Redis is down."""
+        if not keys:
+            return []
+        if not self._usable():
+            if self.enabled:
+                metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
+            return [None] * len(keys)
+        assert self._client is not None
+        try:
+            raw = self._client.mget([self._prefix + k for k in keys])
+        except (redis.RedisError, OSError) as exc:
+            self._mark_down(exc)
+            metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
+            return [None] * len(keys)
+        values: list[dict[str, Any] | None] = []
+        for blob in raw:
+            value = None
+            if blob is not None:
+                try:
+                    value = orjson.loads(blob)
+                except orjson.JSONDecodeError:
+                    value = None  # a corrupt entry is a miss; the fresh verdict overwrites it
+            values.append(value if isinstance(value, dict) else None)
+        hits = sum(v is not None for v in values)
+        if hits:
+            metrics.CACHE_REQUESTS.labels(result="hit").inc(hits)
+        if len(values) - hits:
+            metrics.CACHE_REQUESTS.labels(result="miss").inc(len(values) - hits)
+        return values
+
+    def set_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Store ``(key, value)`` pairs with the configured TTL in one pipelined round trip."""
+        if not items or not self._usable():
+            return
+        assert self._client is not None
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(self._prefix + key, orjson.dumps(value), ex=self._ttl)
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._mark_down(exc)
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        if self._client is not None:
+            self._client.close()

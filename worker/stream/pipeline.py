@@ -1,0 +1,783 @@
+"""The stream pipeline: Kafka → decode → cache → micro-batch → prepare → engine → publish → commit.
+
+One ``StreamPipeline`` is one worker (one per GPU). A single loop thread owns the consumer, the offset
+tracker, the batcher and the engine's forward pass; a small thread pool does the CPU work that can
+overlap the model — image fetching (``image_bytes``) and batch preparation (``decode_image`` +
+``engine.prepare``: tiling, tokenization) of the *next* batch while the current one runs.
+
+Delivery guarantee (at-least-once, one place): an offset is completed only when the broker has
+acknowledged its verdict or dead letter (``Publisher.drain_acks``); the committed offset per partition
+is the highest contiguous completed one (``OffsetTracker``). Outputs carry ``event_id`` so downstream
+deduplicates the replays a crash can cause.
+
+Failure handling: bad input → dead letter with its reason; a batch whose engine call raises is split
+in halves until the failing item(s) are isolated (``engine_error``) — which is also how a device
+out-of-memory turns into smaller batches; Redis down → uncached (see ``VerdictCache``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kafka import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+
+from worker.cache.keys import cache_key
+from worker.cache.redis_cache import VerdictCache
+from worker.config import Settings
+from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
+from worker.decode import decode_event, salvage_event_id
+from worker.engine.types import EngineError, GuardRequest, GuardResult
+from worker.events import ChatEvent
+from worker.ops import metrics
+from worker.stream.batcher import Batch, BatchEntry, MicroBatcher
+from worker.stream.offsets import OffsetTracker
+from worker.stream.publisher import Publisher
+from worker.verdicts import build_verdict
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from worker.engine.engine import GuardEngine
+    from worker.engine.policy import Policy
+
+log = logging.getLogger(__name__)
+
+COMMIT_INTERVAL_S = 0.2  # commit completed offsets at most this often (and always at revoke/shutdown)
+LAG_INTERVAL_S = 1.0  # refresh the per-partition lag gauge this often
+IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
+PREPARE_AHEAD = 2  # prepared batches queued for the model: the one running next and one being prepared
+ENGINE_ERROR_MESSAGE_CHARS = 400  # raw model output quoted in an engine_error dead letter, at most
+
+
+@dataclass(eq=False, slots=True)
+class WorkItem:
+    """One consumed record on its way to a verdict or a dead letter (identity = the record)."""
+
+    tp: TopicPartition
+    offset: int
+    generation: int  # assignment generation of ``tp`` when consumed; stale after a revoke
+    raw: bytes | None
+    record_key: bytes | None
+    timestamp_ms: int
+    received: float  # time.monotonic() when consumed
+    event: ChatEvent | None = None
+    policy: Policy | None = None
+    image_data: bytes | None = None
+    cache_key: str | None = None
+    output: tuple[str, dict[str, Any]] | None = None  # what was published, kept to re-publish on failure
+
+    @property
+    def source(self) -> SourceCoordinates:
+        return SourceCoordinates(self.tp.topic, self.tp.partition, self.offset)
+
+    @property
+    def event_id(self) -> str | None:
+        return self.event.event_id if self.event is not None else None
+
+
+@dataclass(slots=True)
+class PreparedWork:
+    """A batch after CPU preparation: what goes to the model, and what was rejected on the way."""
+
+    modality: str
+    entries: list[BatchEntry[WorkItem]]
+    requests: list[GuardRequest]
+    prepared: Any = None
+    error: BaseException | None = None
+    rejected: list[tuple[BatchEntry[WorkItem], Rejection]] = field(default_factory=list)
+
+
+class BatchFailedError(Exception):
+    """The engine failed a whole batch (every row got the same forward-pass error)."""
+
+    def __init__(self, message: str, *, out_of_memory: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_memory = out_of_memory
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device out-of-memory error (torch.OutOfMemoryError, a RuntimeError saying so, or the engine's report)."""
+    if isinstance(exc, BatchFailedError):
+        return exc.out_of_memory
+    return type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
+
+
+def is_batch_failure(result: GuardResult | EngineError) -> bool:
+    """Whether ``result`` is the engine's report of a failed forward pass (not a per-item answer problem)."""
+    return (
+        isinstance(result, EngineError)
+        and isinstance(result.detail, dict)
+        and result.detail.get("kind") in ("model", "out_of_memory")
+    )
+
+
+def cache_value(result: GuardResult) -> dict[str, Any]:
+    """What the cache stores for a model verdict: just enough to rebuild it."""
+    return {
+        "unsafe": result.unsafe,
+        "score": result.score,
+        "codes": list(result.codes),
+        "dropped": list(result.dropped_codes),
+    }
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Forwards kafka-python's rebalance callbacks (run inside ``poll``, on the loop thread)."""
+
+    def __init__(self, pipeline: StreamPipeline) -> None:
+        self._pipeline = pipeline
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._pipeline._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._pipeline._on_assigned(set(assigned))
+
+
+class StreamPipeline:
+    """One moderation worker on the configured topics: ``run()`` until ``request_stop()``, then drain."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: GuardEngine | None = None,
+        *,
+        worker_name: str = "worker",
+        cache: VerdictCache | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.worker_name = worker_name
+        self._cache = cache
+        self._stop = threading.Event()
+        self._running = False
+        b = settings.batching
+        self._max_in_flight = b.max_in_flight
+        self._resume_below = b.resume_below if b.resume_below is not None else b.max_in_flight // 2
+        self._tracker = OffsetTracker()
+        self._batcher: MicroBatcher[WorkItem] = MicroBatcher(b.max_size, b.max_wait_ms / 1000.0)
+        self._generation: dict[TopicPartition, int] = {}
+        self._generation_counter = 0
+        self._next_fetch: dict[TopicPartition, int] = {}
+        self._fetching: list[tuple[WorkItem, cf.Future[bytes]]] = []
+        self._key_ready: list[WorkItem] = []
+        self._prepared: deque[cf.Future[PreparedWork]] = deque()
+        self._running_entries: dict[str, BatchEntry[WorkItem]] = {}
+        self._paused: set[TopicPartition] = set()
+        self._assigned: set[TopicPartition] = set()
+        self._last_commit = 0.0
+        self._last_lag = 0.0
+        self._snapshot: dict[str, Any] = {"assigned": [], "paused": 0, "in_flight": 0, "all_committed": True}
+        self._consumer: KafkaConsumer | None = None
+        self._publisher: Publisher | None = None
+        self.counters: dict[str, int] = {
+            "consumed": 0,
+            "verdicts": 0,
+            "cached": 0,
+            "dead_letters": 0,
+            "completed": 0,
+            "dropped_revoked": 0,
+            "republished": 0,
+            "batches": 0,
+            "isolations": 0,
+        }
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def ready(self) -> bool:
+        """Model loaded and at least one partition assigned."""
+        return self.engine is not None and bool(self._snapshot["assigned"]) and self._running
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to stop fetching, drain and return (thread-safe, idempotent)."""
+        self._stop.set()
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for health endpoints and the Ray driver (safe to call from any thread).
+
+        ``all_committed``: nothing in flight and every completed offset committed (as of the last loop turn).
+        """
+        return {
+            "worker": self.worker_name,
+            "ready": self.ready,
+            "model_loaded": self.engine is not None,
+            **self._snapshot,
+            "counters": dict(self.counters),
+        }
+
+    def _take_snapshot(self) -> None:
+        """Refresh what ``status()`` reports; only the loop thread touches the live structures."""
+        self._snapshot = {
+            "assigned": sorted(f"{tp.topic}-{tp.partition}" for tp in self._assigned),
+            "paused": len(self._paused),
+            "in_flight": self._tracker.in_flight(),
+            "all_committed": self._tracker.all_committed(),
+        }
+
+    def run(self) -> None:
+        """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
+        from worker.stream.kafka_clients import make_consumer, make_producer
+
+        if self.engine is None:
+            from worker.engine.engine import GuardEngine
+
+            self.engine = GuardEngine.from_settings(self.settings)
+        metrics.MODEL_LOAD_SECONDS.set(getattr(self.engine, "load_seconds", 0.0) or 0.0)
+        if self._cache is None:
+            self._cache = VerdictCache(self.settings.redis)
+        producer: KafkaProducer = make_producer(self.settings)
+        consumer: KafkaConsumer = make_consumer(self.settings)
+        self._consumer, self._publisher = consumer, Publisher(producer, self.settings.topics)
+        pool = cf.ThreadPoolExecutor(
+            self.settings.batching.prepare_threads, thread_name_prefix=f"{self.worker_name}-prep"
+        )
+        self._pool = pool
+        self._running = True
+        try:
+            consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
+            log.info("pipeline started", extra={"stage": "start", "worker": self.worker_name})
+            while not self._stop.is_set():
+                self._step(draining=False)
+            self._drain()
+        finally:
+            self._running = False
+            metrics.WORKER_READY.set(0)
+            pool.shutdown(wait=True, cancel_futures=True)
+            try:
+                consumer.close(autocommit=False)
+            finally:
+                producer.close(timeout=5)
+                self._cache.close()
+            log.info("pipeline stopped", extra={"stage": "stop", "worker": self.worker_name, **self.counters})
+
+    # ------------------------------------------------------------------ loop
+
+    def _step(self, *, draining: bool) -> None:
+        """One turn of the loop: poll, decode, look up, batch, prepare, run, publish, complete, commit."""
+        assert self._consumer is not None
+        records = self._consumer.poll(timeout_ms=self._poll_timeout_ms(draining))
+        if records:
+            with metrics.observe_stage(
+                "decode"
+            ):  # per poll, not per record: the timer costs as much as decoding
+                for tp, batch in records.items():
+                    for record in batch:
+                        self._accept(tp, record)
+        self._collect_fetched_images()
+        self._lookup_cache()
+        self._dispatch_ready_batches(flush_all=draining)
+        self._run_next_prepared()
+        self._apply_acks()
+        self._maybe_commit()
+        if not draining:  # draining keeps every partition paused: no resume, whatever the in-flight count
+            self._apply_backpressure()
+        self._update_gauges()
+
+    def _poll_timeout_ms(self, draining: bool) -> int:
+        if draining or self._key_ready or self._prepared or self._fetching:
+            return 0
+        due = self._batcher.seconds_until_due()
+        if due is not None:
+            return min(IDLE_POLL_MS, int(due * 1000))
+        return IDLE_POLL_MS
+
+    def _has_work(self) -> bool:
+        return bool(self._fetching or self._key_ready or self._prepared or len(self._batcher)) or (
+            self._tracker.in_flight() > 0
+        )
+
+    def _drain(self) -> None:
+        """Stop fetching, finish in-flight work within the drain deadline, flush, commit."""
+        assert self._consumer is not None and self._publisher is not None
+        deadline = time.monotonic() + self.settings.shutdown.drain_timeout_s
+        assignment = self._consumer.assignment()
+        if assignment:
+            self._consumer.pause(*assignment)
+        while self._has_work() and time.monotonic() < deadline:
+            self._step(draining=True)
+            if self._tracker.in_flight() and not (self._fetching or self._key_ready or self._prepared):
+                time.sleep(0.005)  # only acks outstanding: let the producer's I/O thread answer
+        self._publisher.flush(max(0.1, deadline - time.monotonic()))
+        self._apply_acks()
+        self._maybe_commit(force=True)
+        self._take_snapshot()
+        left = self._tracker.in_flight()
+        if left:
+            log.warning(
+                "drain deadline reached with %d events unfinished; they will be consumed again",
+                left,
+                extra={"stage": "stop"},
+            )
+
+    # ------------------------------------------------------------------ stages
+
+    def _accept(self, tp: TopicPartition, record: Any) -> None:
+        """Register a consumed record and decode it into an event (or a dead letter)."""
+        if not self._tracker.register(tp, record.offset):
+            return  # re-fetched after a seek: already in flight
+        self._next_fetch[tp] = record.offset + 1
+        self.counters["consumed"] += 1
+        item = WorkItem(
+            tp=tp,
+            offset=record.offset,
+            generation=self._generation.get(tp, 0),
+            raw=record.value,
+            record_key=record.key,
+            timestamp_ms=record.timestamp,
+            received=time.monotonic(),
+        )
+        decoded = decode_event(record.value, self.settings)  # never raises: bad input is a Rejection
+        if isinstance(decoded, Rejection):
+            self._dead_letter(item, decoded)
+            return
+        item.event = decoded
+        assert self.engine is not None
+        try:
+            item.policy = self.engine.policy_for(decoded.policy)
+        except RejectedError as exc:
+            self._dead_letter(item, exc.rejection)
+            return
+        if decoded.image is not None:
+            self._fetching.append((item, self._pool.submit(self._fetch_image, decoded.image)))
+        else:
+            item.cache_key = cache_key(self.engine.model_info, item.policy, decoded, None)
+            self._key_ready.append(item)
+
+    def _fetch_image(self, ref: Any) -> bytes:
+        from worker.images.load import image_bytes
+
+        return image_bytes(ref, self.settings)
+
+    def _collect_fetched_images(self) -> None:
+        """Move items whose image bytes arrived on to the cache lookup (or to the DLQ)."""
+        if not self._fetching:
+            return
+        from worker.images.load import image_content_hash
+
+        waiting = []
+        for item, future in self._fetching:
+            if not future.done():
+                waiting.append((item, future))
+                continue
+            try:
+                data = future.result()
+            except RejectedError as exc:
+                self._dead_letter(item, exc.rejection)
+                continue
+            except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
+                log.warning(
+                    "image fetch raised %s",
+                    type(exc).__name__,
+                    extra={"event_id": item.event_id, "stage": "prepare"},
+                )
+                self._dead_letter(
+                    item,
+                    Rejection(
+                        Reason.IMAGE_FETCH_FAILED, f"the image could not be fetched ({type(exc).__name__})."
+                    ),
+                )
+                continue
+            assert item.event is not None and item.policy is not None and self.engine is not None
+            item.image_data = data
+            item.cache_key = cache_key(
+                self.engine.model_info, item.policy, item.event, image_content_hash(data)
+            )
+            self._key_ready.append(item)
+        self._fetching = waiting
+
+    def _lookup_cache(self) -> None:
+        """One MGET for every item that got its key this turn; hits are answered, misses batched."""
+        if not self._key_ready:
+            return
+        items, self._key_ready = self._key_ready, []
+        assert self._cache is not None
+        with metrics.observe_stage("cache"):
+            values = self._cache.get_many([i.cache_key for i in items])  # type: ignore[misc]
+        with metrics.observe_stage("publish"):  # hits are answered right here
+            self._answer_or_batch(items, values)
+
+    def _answer_or_batch(self, items: list[WorkItem], values: list[dict[str, Any] | None]) -> None:
+        for item, value in zip(items, values, strict=True):
+            if value is not None:
+                try:
+                    self._emit_verdict(
+                        item,
+                        bool(value["unsafe"]),
+                        float(value["score"]),
+                        tuple(value["codes"]),
+                        tuple(value.get("dropped", ())),
+                        cached=True,
+                    )
+                    continue
+                except (KeyError, TypeError, ValueError):
+                    pass  # an entry of an unexpected shape is a miss; the fresh verdict overwrites it
+            assert item.cache_key is not None
+            running = self._running_entries.get(item.cache_key)
+            if running is not None:  # the same content is already being classified: share its answer
+                running.items.append(item)
+                metrics.DUPLICATES_SKIPPED.inc()
+                continue
+            modality = "image" if item.image_data is not None else "text"
+            if not self._batcher.add(item.cache_key, modality, item):
+                metrics.DUPLICATES_SKIPPED.inc()
+
+    def _dispatch_ready_batches(self, *, flush_all: bool = False) -> None:
+        """Hand due batches to the thread pool for preparation, keeping at most PREPARE_AHEAD queued."""
+        if len(self._prepared) >= PREPARE_AHEAD:
+            return
+        for batch in self._batcher.ready(flush_all=flush_all):
+            for entry in batch.entries:
+                self._running_entries[entry.key] = entry
+            self._prepared.append(self._pool.submit(self._prepare, batch))
+
+    def _prepare(self, batch: Batch[WorkItem]) -> PreparedWork:
+        """CPU preparation of one batch (runs in the pool): decode images, then ``engine.prepare``."""
+        from worker.images.load import decode_image
+
+        assert self.engine is not None
+        work = PreparedWork(batch.modality, [], [])
+        with metrics.observe_stage("prepare"):
+            for entry in batch.entries:
+                leader = entry.leader
+                assert leader.event is not None and leader.policy is not None
+                image = None
+                if leader.image_data is not None:
+                    try:
+                        image = decode_image(leader.image_data, self.settings.limits)
+                    except RejectedError as exc:
+                        work.rejected.append((entry, exc.rejection))
+                        continue
+                    except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
+                        work.rejected.append(
+                            (
+                                entry,
+                                Rejection(
+                                    Reason.IMAGE_UNDECODABLE,
+                                    f"the image could not be decoded ({type(exc).__name__}).",
+                                ),
+                            )
+                        )
+                        continue
+                work.entries.append(entry)
+                work.requests.append(
+                    GuardRequest(turns=leader.event.turns, policy=leader.policy, image=image)
+                )
+            if work.requests:
+                try:
+                    work.prepared = self.engine.prepare(work.requests)
+                except Exception as exc:  # noqa: BLE001 — isolated item by item on the loop thread
+                    work.error = exc
+        return work
+
+    def _run_next_prepared(self) -> None:
+        """Run the model on the oldest prepared batch, once its preparation is done."""
+        if not self._prepared:
+            return
+        head = self._prepared[0]
+        if not head.done():
+            # Nothing else to do this turn: wait briefly instead of spinning on poll(0).
+            cf.wait([head], timeout=0.02)
+            if not head.done():
+                return
+        self._prepared.popleft()
+        work = head.result()
+        # Queue the next batch's preparation first, so it overlaps this forward pass.
+        self._dispatch_ready_batches()
+        for entry, rejection in work.rejected:
+            self._running_entries.pop(entry.key, None)
+            for item in entry.items:
+                self._dead_letter(item, rejection)
+        if not work.requests:
+            return
+        results: list[GuardResult | EngineError] | None = None
+        error = work.error
+        if error is None:
+            try:
+                results = self._run_batch(work.requests, work.prepared, work.modality)
+            except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
+                error = exc
+        if results is None:
+            assert error is not None
+            self.counters["isolations"] += 1
+            log.warning(
+                "engine failed on a batch of %d (%s%s); splitting it to isolate the cause",
+                len(work.requests),
+                type(error).__name__,
+                ", out of memory" if is_out_of_memory(error) else "",
+                extra={"stage": "model"},
+            )
+            results = self._isolate(work.requests, error)
+        self._finish(work.entries, results)
+
+    def _run_batch(
+        self, requests: list[GuardRequest], prepared: Any, modality: str
+    ) -> list[GuardResult | EngineError]:
+        """``engine.run`` on one prepared batch; raises ``BatchFailedError`` when the batch as a whole failed.
+
+        The engine reports a failed forward pass as the same error on every row (kind ``model`` or
+        ``out_of_memory``); with more than one row that says nothing about which item is at fault.
+        """
+        assert self.engine is not None
+        with metrics.observe_stage("model"):
+            results = self.engine.run(prepared)
+        metrics.BATCH_SIZE.labels(modality=modality).observe(len(requests))
+        self.counters["batches"] += 1
+        if len(requests) > 1:
+            failure = next((r for r in results if is_batch_failure(r)), None)
+            if failure is not None:
+                raise BatchFailedError(
+                    str(failure), out_of_memory=failure.detail.get("kind") == "out_of_memory"
+                )
+        return results
+
+    def _isolate(self, requests: list[GuardRequest], error: BaseException) -> list[GuardResult | EngineError]:
+        """Results for ``requests`` after a failed batch: bisect until the failing items stand alone.
+
+        A device out-of-memory is handled the same way — the halves are smaller batches.
+        """
+        if len(requests) == 1:
+            return [EngineError(f"the engine failed on this item ({type(error).__name__}: {error})")]
+        assert self.engine is not None
+        mid = len(requests) // 2
+        results: list[GuardResult | EngineError] = []
+        for half in (requests[:mid], requests[mid:]):
+            try:
+                results.extend(
+                    self._run_batch(half, self.engine.prepare(half), "image" if half[0].has_image else "text")
+                )
+            except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
+                results.extend(self._isolate(half, exc))
+        return results
+
+    def _finish(self, entries: list[BatchEntry[WorkItem]], results: list[GuardResult | EngineError]) -> None:
+        """Publish the model's answers for every item of every entry, and cache the good ones."""
+        if len(results) != len(entries):
+            raise RuntimeError(f"engine returned {len(results)} results for {len(entries)} requests")
+        to_cache = []
+        for entry, result in zip(entries, results, strict=True):
+            self._running_entries.pop(entry.key, None)
+            if isinstance(result, EngineError):
+                detail = str(result)
+                if result.raw_output is not None:
+                    detail += f"; raw output: {result.raw_output[:ENGINE_ERROR_MESSAGE_CHARS]!r}"
+                rejection = Rejection(Reason.ENGINE_ERROR, detail[: ENGINE_ERROR_MESSAGE_CHARS * 2])
+                for item in entry.items:
+                    self._dead_letter(item, rejection)
+                continue
+            for code in result.dropped_codes:
+                metrics.ENGINE_DROPPED_CODES.labels(code=code).inc()
+            to_cache.append((entry.key, cache_value(result)))
+            with metrics.observe_stage("publish"):
+                for item in entry.items:
+                    self._emit_verdict(
+                        item, result.unsafe, result.score, result.codes, result.dropped_codes, cached=False
+                    )
+        if to_cache:
+            assert self._cache is not None
+            with metrics.observe_stage("cache"):
+                self._cache.set_many(to_cache)
+
+    # ------------------------------------------------------------------ outputs
+
+    def _stale(self, item: WorkItem) -> bool:
+        """Whether ``item``'s partition was revoked since it was consumed (its next owner redoes it)."""
+        return self._generation.get(item.tp, 0) != item.generation or not self._tracker.owns(item.tp)
+
+    def _emit_verdict(
+        self,
+        item: WorkItem,
+        unsafe: bool,
+        score: float,
+        codes: tuple[str, ...],
+        dropped: tuple[str, ...],
+        *,
+        cached: bool,
+    ) -> None:
+        if self._stale(item):
+            self.counters["dropped_revoked"] += 1
+            return
+        assert item.event is not None and item.policy is not None and self.engine is not None
+        verdict = build_verdict(
+            item.event,
+            unsafe=unsafe,
+            score=score,
+            categories=item.policy.verdict_categories(codes),
+            threshold=item.policy.threshold,
+            policy_id=item.policy.id,
+            policy_hash=item.policy.hash,
+            model=self.engine.model_info,
+            cached=cached,
+            latency_ms=(time.monotonic() - item.received) * 1000.0,
+            source=item.source,
+            dropped_codes=list(dropped) or None,
+        )
+        metrics.record_verdict(verdict["decision"], [c["code"] for c in verdict["categories"]], cached=cached)
+        self.counters["cached" if cached else "verdicts"] += 1
+        item.output = ("verdict", verdict)
+        self._publish(item)
+
+    def _dead_letter(self, item: WorkItem, rejection: Rejection) -> None:
+        if self._stale(item):
+            self.counters["dropped_revoked"] += 1
+            return
+        dead_letter = build_dead_letter(
+            rejection,
+            item.raw,
+            item.source,
+            max_original_bytes=self.settings.limits.dead_letter_original_max_bytes,
+            event_id=item.event_id or salvage_event_id(item.raw),
+            key=item.record_key,
+        )
+        log.info(
+            "dead letter: %s",
+            rejection.reason.value,
+            extra={"event_id": item.event_id, "stage": "dead_letter", "reason": rejection.reason.value},
+        )
+        metrics.record_dead_letter(rejection.reason.value)
+        self.counters["dead_letters"] += 1
+        item.output = ("dead_letter", dead_letter)
+        self._publish(item)
+
+    def _publish(self, item: WorkItem) -> None:
+        assert self._publisher is not None and item.output is not None
+        kind, record = item.output
+        if kind == "verdict":
+            self._publisher.publish_verdict(record, item)
+        else:
+            self._publisher.publish_dead_letter(record, item.record_key, item)
+
+    def _apply_acks(self) -> None:
+        """Mark acknowledged events completed; re-publish the ones whose delivery failed."""
+        assert self._publisher is not None
+        now = time.time()
+        for item, error in self._publisher.drain_acks():
+            if self._stale(item):
+                continue
+            if error is not None:
+                self.counters["republished"] += 1
+                log.warning(
+                    "delivery failed (%s); publishing again",
+                    type(error).__name__,
+                    extra={"event_id": item.event_id, "stage": "publish"},
+                )
+                self._publish(item)
+                continue
+            if self._tracker.complete(item.tp, item.offset):
+                self.counters["completed"] += 1
+                if item.timestamp_ms and item.timestamp_ms > 0:
+                    metrics.END_TO_END_SECONDS.observe(max(0.0, now - item.timestamp_ms / 1000.0))
+
+    # ------------------------------------------------------------------ offsets, backpressure, rebalance
+
+    def _maybe_commit(self, *, force: bool = False) -> None:
+        """Commit the completed offsets (synchronously) at most every COMMIT_INTERVAL_S."""
+        now = time.monotonic()
+        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        self._last_commit = now
+        offsets = self._tracker.committable()
+        if not offsets:
+            return
+        assert self._consumer is not None
+        try:
+            with metrics.observe_stage("commit"):
+                self._consumer.commit(offsets)
+        except KafkaError as exc:  # e.g. a rebalance is under way: the next owner replays at most these
+            log.warning("commit failed: %s", type(exc).__name__, extra={"stage": "commit"})
+            return
+        self._tracker.mark_committed(offsets)
+
+    def _apply_backpressure(self) -> None:
+        """Pause every assigned partition above the in-flight bound; resume once below the low mark."""
+        assert self._consumer is not None
+        in_flight = self._tracker.in_flight()
+        if not self._paused and in_flight > self._max_in_flight:
+            self._paused = set(self._consumer.assignment())
+            if self._paused:
+                self._consumer.pause(*self._paused)
+                log.info(
+                    "paused %d partitions (%d in flight)",
+                    len(self._paused),
+                    in_flight,
+                    extra={"stage": "backpressure"},
+                )
+        elif self._paused and in_flight <= self._resume_below:
+            still_assigned = self._paused & set(self._consumer.assignment())
+            if still_assigned:
+                self._consumer.resume(*still_assigned)
+            self._paused = set()
+        metrics.PAUSED_PARTITIONS.set(len(self._paused))
+
+    def _update_gauges(self) -> None:
+        self._take_snapshot()
+        metrics.IN_FLIGHT_EVENTS.set(self._snapshot["in_flight"])
+        metrics.WORKER_READY.set(1 if self.ready else 0)
+        now = time.monotonic()
+        if now - self._last_lag < LAG_INTERVAL_S:
+            return
+        self._last_lag = now
+        assert self._consumer is not None
+        for tp in self._assigned:
+            # The high-water mark comes with fetch responses; tansu answers LATEST lookups wrongly.
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = self._next_fetch.get(tp)
+            if position is None:
+                continue  # nothing consumed yet since the assignment: position unknown without a round trip
+            metrics.set_partition_lag(tp.topic, tp.partition, highwater - position)
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Commit what is complete (async: a blocking commit raises in kafka-python 3's listener), drop the rest."""
+        if self._publisher is not None:
+            # Published-but-unacked outputs would otherwise be replayed by the next owner: wait for their acks.
+            try:
+                self._publisher.flush(5.0)
+            except KafkaError as exc:
+                log.warning("flush on revoke failed: %s", type(exc).__name__, extra={"stage": "publish"})
+            self._apply_acks()
+        offsets = self._tracker.committable([tp for tp in revoked])
+        if offsets and self._consumer is not None:
+            try:
+                self._consumer.commit_async(offsets)
+                self._tracker.mark_committed(offsets)
+            except KafkaError as exc:
+                log.warning("commit on revoke failed: %s", type(exc).__name__, extra={"stage": "commit"})
+        for tp in revoked:
+            self._tracker.revoke(tp)
+            self._generation.pop(tp, None)
+            self._next_fetch.pop(tp, None)
+            metrics.forget_partition(tp.topic, tp.partition)
+        self._assigned -= revoked
+        self._paused -= revoked
+        dropped = self._batcher.drop(lambda item: item.tp in revoked)
+        self.counters["dropped_revoked"] += len(dropped)
+        if revoked:
+            log.info(
+                "partitions revoked: %d (dropped %d waiting events)",
+                len(revoked),
+                len(dropped),
+                extra={"stage": "rebalance"},
+            )
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Track newly assigned partitions from scratch (they resume from the committed offsets)."""
+        for tp in assigned:
+            self._generation_counter += 1
+            self._generation[tp] = self._generation_counter
+            self._tracker.assign(tp)
+        self._assigned |= assigned
+        log.info(
+            "partitions assigned: %s", sorted(tp.partition for tp in assigned), extra={"stage": "rebalance"}
+        )
