@@ -1,0 +1,143 @@
+"""The HTTP contract of ``POST /v1/moderate``, as plain functions (no Ray, no web framework).
+
+A request body is one chat event (``schemas/chat_event.v1.json``) or a JSON array of them. Each event
+goes through ``worker.decode.decode_event`` — the very check the stream applies to a Kafka record —
+so a bad event gets the same reason code over HTTP as in a dead letter. Errors answer with::
+
+    {"error": {"status": 422, "reason": "unknown_role", "message": "...", "field": "[1].messages[0].role",
+               "index": 1},
+     "errors": [ ...every failing event, same shape... ]}
+
+Status codes: 413 body or batch too large, 415 not JSON, 400 unreadable JSON (record-level reasons),
+422 a readable event that breaks the schema or the conversation rules (and image failures),
+500 the engine failed on an event. ``unsupported_media_type`` and ``too_many_events`` are the only
+reasons that exist only over HTTP (no Kafka record can have them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from worker.config import Settings
+from worker.dead_letters import Reason, Rejection
+from worker.events import ChatEvent
+
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+TOO_MANY_EVENTS = "too_many_events"
+
+# Record-level reasons: the body could not be read as JSON at all.
+_BAD_REQUEST_REASONS = frozenset(
+    {
+        Reason.EMPTY_RECORD,
+        Reason.INVALID_UTF8,
+        Reason.INVALID_JSON,
+        Reason.DUPLICATE_KEY,
+        Reason.TOO_DEEPLY_NESTED,
+    }
+)
+
+
+def status_for(reason: Reason | str) -> int:
+    """The HTTP status of a rejection reason (see module docstring)."""
+    if reason in (Reason.RECORD_TOO_LARGE, TOO_MANY_EVENTS):
+        return 413
+    if reason == UNSUPPORTED_MEDIA_TYPE:
+        return 415
+    if reason in _BAD_REQUEST_REASONS:
+        return 400
+    if reason == Reason.ENGINE_ERROR:
+        return 500
+    return 422
+
+
+@dataclass(frozen=True, slots=True)
+class RequestError:
+    """One reason a request (or one event of it) gets no verdict."""
+
+    reason: str
+    message: str
+    field: str | None = None
+    index: int | None = None  # position in a batch request; None for a single-event body
+
+    @property
+    def status(self) -> int:
+        return status_for(self.reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.status, "reason": str(self.reason), "message": self.message}
+        body["field"] = self.field
+        if self.index is not None:
+            body["index"] = self.index
+        return body
+
+
+def error_body(errors: list[RequestError]) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body for failed events: the first error decides the status, all are listed."""
+    first = errors[0]
+    return first.status, {"error": first.as_dict(), "errors": [e.as_dict() for e in errors]}
+
+
+def from_rejection(rejection: Rejection, index: int | None) -> RequestError:
+    """A decode/engine ``Rejection`` as a request error; in a batch the field is prefixed by ``[index]``."""
+    where = rejection.field
+    if index is not None:
+        where = f"[{index}]" + ("" if not where else where if where.startswith("[") else f".{where}")
+    return RequestError(rejection.reason.value, rejection.message, where, index)
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """``application/json`` or any ``application/*+json``, parameters (charset) ignored."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+@dataclass
+class ParsedRequest:
+    """The events of a request body and the errors of those that failed, by position."""
+
+    batch: bool  # the body was an array: answer with an array
+    events: list[ChatEvent | None] = field(default_factory=list)  # None where errors has the reason
+    errors: list[RequestError] = field(default_factory=list)
+
+
+def parse_request(body: bytes, settings: Settings) -> ParsedRequest:
+    """Split ``body`` into events with ``decode_event`` (single object or array), collecting every error.
+
+    An array is parsed once to find its items, and each item is re-encoded and decoded exactly like a
+    Kafka record, so limits and reason codes match the stream. An object body is decoded as is.
+    """
+    from worker.decode import decode_event
+
+    if body.lstrip()[:1] != b"[":
+        decoded = decode_event(body, settings)
+        if isinstance(decoded, Rejection):
+            return ParsedRequest(batch=False, events=[None], errors=[from_rejection(decoded, None)])
+        return ParsedRequest(batch=False, events=[decoded])
+    try:
+        items = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return ParsedRequest(
+            batch=True, errors=[RequestError(Reason.INVALID_JSON.value, f"body is not valid JSON: {exc}")]
+        )
+    if not items:
+        return ParsedRequest(
+            batch=True, errors=[RequestError(Reason.INVALID_VALUE.value, "the event list is empty", "")]
+        )
+    limit = settings.serve.max_events_per_request
+    if len(items) > limit:
+        message = f"{len(items)} events in one request, above the limit of {limit}"
+        return ParsedRequest(batch=True, errors=[RequestError(TOO_MANY_EVENTS, message, "")])
+    parsed = ParsedRequest(batch=True)
+    for index, item in enumerate(items):
+        decoded = decode_event(orjson.dumps(item), settings)
+        if isinstance(decoded, Rejection):
+            parsed.events.append(None)
+            parsed.errors.append(from_rejection(decoded, index))
+        else:
+            parsed.events.append(decoded)
+    return parsed

@@ -1,0 +1,310 @@
+"""The Ray Serve deployment: the stream's engine, policies and cache behind ``POST /v1/moderate``.
+
+One replica holds one ``GuardEngine``. Each event of each request is one item of the ``@serve.batch``
+method, so events of concurrent requests share a forward pass; ``GuardEngine.classify`` splits a batch
+by modality (image and text-only rows never share a forward pass, see ARCHITECTURE.md). Before
+batching, events are decoded exactly like Kafka records (``http_contract.parse_request``), images are
+fetched and hashed, and the Redis cache is asked in one MGET; only misses reach the model, and their
+answers are stored in the same format the stream uses (``worker.stream.pipeline.cache_value``), so
+the two paths share cache entries.
+
+No ``from __future__ import annotations`` here: FastAPI (through ``serve.ingress``) must see real types.
+Importing this module imports Ray Serve: import it only after ``worker.runtime.ray_env`` has set the
+environment (``worker.runtime.serve_app.build_app`` does). Everything the deployment class uses must be
+defined above it: Serve pickles the class by value when it is decorated.
+"""
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+
+from worker.cache.keys import cache_key
+from worker.config import Settings
+from worker.dead_letters import Reason, RejectedError
+from worker.engine.policy import Policy
+from worker.engine.types import GuardRequest, GuardResult
+from worker.events import ChatEvent
+from worker.runtime.http_contract import (
+    UNSUPPORTED_MEDIA_TYPE,
+    RequestError,
+    error_body,
+    from_rejection,
+    is_json_content_type,
+    parse_request,
+)
+from worker.runtime.ray_env import settings_from_payload
+from worker.stream.pipeline import cache_value
+from worker.verdicts import build_verdict
+
+log = logging.getLogger(__name__)
+
+# Response header: the largest model batch this request's events were judged in (0: all from the cache).
+BATCH_SIZE_HEADER = "x-mw-batch-size"
+# One forward pass at a time per replica; requests arriving meanwhile fill the next batch.
+MAX_CONCURRENT_BATCHES = 1
+
+
+def _event_schema() -> dict[str, Any]:
+    """The chat-event JSON Schema for the OpenAPI request body (the one source of truth in ``schemas/``)."""
+    try:
+        from worker.contracts import load_schema
+
+        return dict(load_schema("chat_event"))
+    except (ImportError, FileNotFoundError):  # documentation only: never block serving on it
+        return {"type": "object"}
+
+
+_EVENT_SCHEMA = _event_schema()
+api = FastAPI(
+    title="moderation-worker",
+    version="1",
+    description="Llama Guard 3 Vision moderation of OpenAI-shape chat events: the same engine, policies and "
+    "verdict cache as the Kafka stream. Errors carry the dead-letter reason codes.",
+)
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(errors: list[RequestError]) -> Response:
+    status, body = error_body(errors)
+    return _json(status, body)
+
+
+@dataclass(slots=True)
+class _Item:
+    """One decoded event on its way to a verdict."""
+
+    event: ChatEvent
+    policy: Policy
+    key: str
+    image_data: bytes | None
+    cached: GuardResult | None = None
+
+
+def _result_from_cache(value: dict[str, Any]) -> GuardResult | None:
+    """A cached entry (``pipeline.cache_value`` format) as an engine result; None when its shape is unexpected."""
+    try:
+        return GuardResult(
+            score=float(value["score"]),
+            unsafe=bool(value["unsafe"]),
+            codes=tuple(value["codes"]),
+            dropped_codes=tuple(value.get("dropped", ())),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+@serve.deployment(name="Moderation")
+@serve.ingress(api)
+class ModerationDeployment:
+    """One replica: loads the engine at start; answers HTTP; batches model work across requests."""
+
+    def __init__(self, settings: dict[str, Any] | Settings) -> None:
+        from worker.cache.redis_cache import VerdictCache
+        from worker.engine.engine import GuardEngine
+        from worker.ops.logs import configure_logging
+
+        self.settings = settings_from_payload(settings)
+        configure_logging(self.settings.logging, worker="serve")
+        self.engine = GuardEngine.from_settings(self.settings)
+        self.cache = VerdictCache(self.settings.redis)
+        self.classify_batch.set_max_batch_size(self.settings.serve.max_batch_size)
+        self.classify_batch.set_batch_wait_timeout_s(self.settings.serve.batch_wait_timeout_s)
+        log.info(
+            "serve replica ready",
+            extra={"stage": "serve", "device": str(self.engine.device), "model": self.engine.model_info.id},
+        )
+
+    def check_health(self) -> None:
+        """Serve's replica health check: the engine must be loaded."""
+        if self.engine is None:
+            raise RuntimeError("engine not loaded")
+
+    @api.get("/healthz", summary="Liveness: the replica answers")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "live"}
+
+    @api.get("/readyz", summary="Readiness: model loaded (the cache is optional)")
+    async def readyz(self) -> Response:
+        ready = self.engine is not None
+        body = {
+            "status": "ready" if ready else "not_ready",
+            "model": self.engine.model_info.as_dict() if ready else None,
+            "cache_available": bool(self.cache.available),
+            "policies": sorted(self.engine.policies) if ready else [],
+        }
+        return _json(200 if ready else 503, body)
+
+    @api.get("/metrics", summary="Prometheus metrics of this replica")
+    async def metrics(self) -> Response:
+        from worker.ops.metrics import exposition
+
+        return Response(exposition(), media_type="text/plain; version=0.0.4")
+
+    @api.post(
+        "/v1/moderate",
+        summary="Moderate one chat event or a list of them",
+        description="Body: one chat event (schemas/chat_event.v1.json) or a JSON array of them. Answer: one "
+        "verdict (schemas/verdict.v1.json) or an array of verdicts in the same order. Errors: 400 unreadable "
+        "JSON, 413 too large, 415 not JSON, 422 invalid event (field and reason code named), 500 engine error.",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"oneOf": [_EVENT_SCHEMA, {"type": "array", "items": _EVENT_SCHEMA}]}
+                    }
+                },
+            }
+        },
+    )
+    async def moderate(self, request: Request) -> Response:
+        received = time.monotonic()
+        if not is_json_content_type(request.headers.get("content-type")):
+            return _error([RequestError(UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json")])
+        body = await self._read_limited(request)
+        if body is None:
+            limit = self.settings.serve.max_request_bytes
+            return _error([RequestError(Reason.RECORD_TOO_LARGE.value, f"request body above {limit} bytes")])
+        parsed = await asyncio.to_thread(parse_request, body, self.settings)
+        if parsed.errors:
+            return _error(parsed.errors)
+        events = [e for e in parsed.events if e is not None]
+        outcomes = await self._judge(events, received)
+        errors = [o for o in outcomes if isinstance(o, RequestError)]
+        if errors:
+            return _error(errors)
+        verdicts = [o[0] for o in outcomes if not isinstance(o, RequestError)]
+        batch_size = max((o[1] for o in outcomes if not isinstance(o, RequestError)), default=0)
+        headers = {BATCH_SIZE_HEADER: str(batch_size)}
+        return _json(200, verdicts if parsed.batch else verdicts[0], headers)
+
+    async def _read_limited(self, request: Request) -> bytes | None:
+        """The body, or None as soon as it passes ``serve.max_request_bytes`` (declared or streamed)."""
+        limit = self.settings.serve.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _judge(
+        self, events: list[ChatEvent], received: float
+    ) -> list[tuple[dict[str, Any], int] | RequestError]:
+        """Verdict and model batch size per event (cache first), or the error of that event."""
+        items = await asyncio.to_thread(self._lookup, events)
+        misses = [item for item in items if isinstance(item, _Item) and item.cached is None]
+        answers = await asyncio.gather(*(self._classify_one(item) for item in misses))
+        answer_of = {id(item): answer for item, answer in zip(misses, answers, strict=True)}
+        batch_index = len(events) > 1
+        outcomes: list[tuple[dict[str, Any], int] | RequestError] = []
+        to_cache = []
+        for i, item in enumerate(items):
+            if isinstance(item, _Item) and item.cached is not None:
+                outcomes.append((self._verdict(item, item.cached, True, received), 0))
+                continue
+            answer, batch_size = answer_of[id(item)] if isinstance(item, _Item) else (item, 0)
+            if isinstance(answer, RequestError):
+                outcomes.append(
+                    RequestError(answer.reason, answer.message, answer.field, i if batch_index else None)
+                )
+                continue
+            to_cache.append((item.key, cache_value(answer)))
+            outcomes.append((self._verdict(item, answer, False, received), batch_size))
+        if to_cache:
+            await asyncio.to_thread(self.cache.set_many, to_cache)
+        return outcomes
+
+    def _lookup(self, events: list[ChatEvent]) -> list[_Item | RequestError]:
+        """Blocking part before the model (runs in a thread): policy, image bytes, cache key, one MGET."""
+        from worker.images.load import image_bytes, image_content_hash
+
+        items: list[_Item | RequestError] = []
+        for event in events:
+            try:
+                policy = self.engine.policy_for(event.policy)
+                data = image_bytes(event.image, self.settings) if event.image is not None else None
+            except RejectedError as exc:
+                items.append(from_rejection(exc.rejection, None))
+                continue
+            key = cache_key(self.engine.model_info, policy, event, image_content_hash(data) if data else None)
+            items.append(_Item(event, policy, key, data))
+        found = [item for item in items if isinstance(item, _Item)]
+        for item, value in zip(found, self.cache.get_many([i.key for i in found]), strict=True):
+            item.cached = _result_from_cache(value) if value is not None else None
+        return items
+
+    async def _classify_one(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
+        """Decode the image (if any) and queue the event for the next model batch."""
+        image = None
+        if item.image_data is not None:
+            from worker.images.load import decode_image
+
+            try:
+                image = await asyncio.to_thread(decode_image, item.image_data, self.settings.limits)
+            except RejectedError as exc:
+                return from_rejection(exc.rejection, None), 0
+        return await self.classify_batch(
+            GuardRequest(turns=item.event.turns, policy=item.policy, image=image)
+        )
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
+    async def classify_batch(self, requests: list[GuardRequest]) -> list[tuple[Any, int]]:
+        """One model call for events of many requests (sizes set from ``serve.*`` at start)."""
+        from worker.ops import metrics
+
+        size = len(requests)
+        for modality, count in Counter("image" if r.has_image else "text" for r in requests).items():
+            metrics.BATCH_SIZE.labels(modality=modality).observe(count)
+        log.debug("serve batch", extra={"stage": "model", "batch_size": size})
+        with metrics.observe_stage("model"):
+            results = await asyncio.to_thread(self.engine.classify, requests)
+        answers: list[tuple[Any, int]] = []
+        for result in results:
+            if isinstance(result, GuardResult):
+                answers.append((result, size))
+            else:
+                log.warning("engine error", extra={"stage": "model", "reason": Reason.ENGINE_ERROR.value})
+                answers.append(
+                    (
+                        RequestError(Reason.ENGINE_ERROR.value, f"the model failed on this event: {result}"),
+                        size,
+                    )
+                )
+        return answers
+
+    def _verdict(self, item: _Item, result: GuardResult, cached: bool, received: float) -> dict[str, Any]:
+        from worker.ops import metrics
+
+        policy = item.policy
+        verdict = build_verdict(
+            item.event,
+            unsafe=result.unsafe,
+            score=result.score,
+            categories=policy.verdict_categories(result.codes),
+            threshold=policy.threshold,
+            policy_id=policy.id,
+            policy_hash=policy.hash,
+            model=self.engine.model_info,
+            cached=cached,
+            latency_ms=(time.monotonic() - received) * 1000.0,
+            dropped_codes=list(result.dropped_codes) or None,
+        )
+        metrics.record_verdict(verdict["decision"], [c["code"] for c in verdict["categories"]], cached=cached)
+        return verdict
