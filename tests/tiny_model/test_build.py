@@ -1,0 +1,116 @@
+"""The tiny checkpoint builds deterministically, loads like a hub checkpoint, and sees images."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoProcessor, MllamaForConditionalGeneration, MllamaProcessor
+
+from worker.tiny_model.build import (
+    IMAGE_TOKEN,
+    SPECIAL_TOKENS,
+    build_tiny_model,
+    build_tiny_model_command,
+    cache_root,
+    default_recipe,
+    ensure_tiny_model,
+    read_recipe,
+)
+
+PROMPT = (
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Task: Check if there is unsafe content"
+    " in 'User' messages.<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+)
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(model_dir / "model.safetensors").items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_two_untrained_builds_are_identical(tmp_path: Path) -> None:
+    first = build_tiny_model(tmp_path / "a", train=False)
+    second = build_tiny_model(tmp_path / "b", train=False)
+    assert weights_digest(first) == weights_digest(second)
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    assert (
+        read_recipe(first)["recipe_hash"]
+        == read_recipe(second)["recipe_hash"]
+        == default_recipe(train=False).hash
+    )
+
+
+def test_build_reuses_a_current_checkpoint_and_force_rebuilds(tmp_path: Path, capsys) -> None:
+    out = build_tiny_model(tmp_path / "m", train=False)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_model_command(out, train=False, force=False) == 0
+    assert "reused" in capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert build_tiny_model_command(out, train=False, force=True) == 0
+    printed = capsys.readouterr().out
+    assert "built" in printed and "parameters" in printed and "size on disk" in printed
+    assert (out / "model.safetensors").stat().st_mtime_ns != stamp
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.building-")]
+
+
+def test_cache_directory_is_named_by_recipe_hash(untrained_model_dir: Path) -> None:
+    assert untrained_model_dir == cache_root() / f"tiny-guard-{default_recipe(train=False).hash}"
+    stamp = (untrained_model_dir / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_model(train=False) == untrained_model_dir
+    assert (untrained_model_dir / "model.safetensors").stat().st_mtime_ns == stamp, "built once, then reused"
+    assert default_recipe(train=False).hash != default_recipe(train=True).hash
+    recipe = json.loads((untrained_model_dir / "recipe.json").read_text())
+    assert recipe["trained"] is False and recipe["recipe"]["text_hidden"] == 64
+    assert "tiny" in (untrained_model_dir / "README.md").read_text()
+
+
+def test_special_tokens_are_single_ids(untrained_model_dir: Path) -> None:
+    tokenizer = AutoProcessor.from_pretrained(untrained_model_dir, local_files_only=True).tokenizer
+    ids = {}
+    for token in (*SPECIAL_TOKENS, IMAGE_TOKEN):
+        encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+        assert len(encoded) == 1, token
+        ids[token] = encoded[0]
+    assert len(set(ids.values())) == len(ids)
+    assert tokenizer.pad_token == "<|finetune_right_pad_id|>" and tokenizer.padding_side == "left"
+    assert tokenizer.bos_token == "<|begin_of_text|>" and tokenizer.eos_token == "<|eot_id|>"
+    # The verdict words are single tokens, as in Llama-3's vocabulary (the score reads P(`unsafe`)).
+    for word in ("safe", "unsafe"):
+        assert len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1, word
+
+
+def test_loads_with_from_pretrained(untrained_model_dir: Path) -> None:
+    processor = MllamaProcessor.from_pretrained(untrained_model_dir, local_files_only=True)
+    model = MllamaForConditionalGeneration.from_pretrained(untrained_model_dir, local_files_only=True)
+    assert model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert processor.image_processor.size["height"] == 56 and processor.image_processor.max_image_tiles == 4
+    gates = [
+        layer.cross_attn_attn_gate
+        for layer in model.model.language_model.layers
+        if hasattr(layer, "cross_attn_attn_gate")
+    ]
+    assert gates and all(float(gate.detach().abs().min()) > 0 for gate in gates)
+
+
+def test_image_changes_the_logits(untrained_model_dir: Path) -> None:
+    processor = AutoProcessor.from_pretrained(untrained_model_dir, local_files_only=True)
+    model = MllamaForConditionalGeneration.from_pretrained(untrained_model_dir, local_files_only=True).eval()
+    red = Image.new("RGB", (100, 60), (220, 20, 20))
+    blue = Image.new("RGB", (100, 60), (20, 20, 220))
+    with torch.inference_mode():
+        logits = [
+            model(
+                **processor(images=[[image]], text=[PROMPT], add_special_tokens=False, return_tensors="pt")
+            ).logits[0, -1]
+            for image in (red, blue)
+        ]
+    assert float((logits[0] - logits[1]).abs().max()) > 1e-3

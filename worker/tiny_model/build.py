@@ -1,0 +1,518 @@
+"""Build the tiny Mllama guard checkpoint: tokenizer, image processor, model — offline, seeded, in seconds.
+
+The checkpoint has the real Llama Guard 3 Vision *shape* (MllamaForConditionalGeneration + MllamaProcessor,
+Llama-3 special tokens, byte-level BPE, tiled images, cross-attention layers) at a size that builds and
+trains on a laptop CPU. ``ensure_tiny_model`` caches builds under
+``~/.cache/moderation-worker/tiny-guard-<recipehash>`` (``MW_CACHE_DIR`` overrides the root), built once per
+machine: in a temporary directory, then renamed, under a file lock so concurrent test processes wait
+instead of building twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    GenerationConfig,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaProcessor,
+    MllamaTextConfig,
+    MllamaVisionConfig,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+from worker.tiny_model import synthetic
+
+logger = logging.getLogger(__name__)
+
+# Bump when a code change alters what a build produces (enters the recipe hash, so caches refresh).
+CODE_VERSION = 1
+MODEL_ID = "tiny-guard"
+RECIPE_FILE = "recipe.json"
+
+# Llama-3's special tokens, in Llama-3's order (ids 128000.. in the real vocabulary; here they follow the
+# BPE vocabulary). <|image|> comes last, one past the LM head, as in Llama 3.2 Vision (id 128256).
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>",
+    "<|reserved_special_token_4|>",
+    "<|reserved_special_token_5|>",
+    "<|reserved_special_token_6|>",
+)
+IMAGE_TOKEN = "<|image|>"
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|eot_id|>"
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+
+# Llama-3's pre-tokenizer split pattern (tiktoken cl100k-style), so token boundaries behave like the real model's.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+# Fixed phrases of the Llama Guard 3 prompt format and category names, so the BPE vocabulary covers them well.
+TEMPLATE_CORPUS: tuple[str, ...] = (
+    (
+        "Task: Check if there is unsafe content in 'User' messages in conversations according our safety policy "
+        "with the below categories."
+    ),
+    (
+        "Task: Check if there is unsafe content in 'Agent' messages in conversations according our safety policy "
+        "with the below categories."
+    ),
+    (
+        "<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Violent Crimes.\nS2: Non-Violent Crimes.\nS3: Sex Crimes.\n"
+        "S4: Child Exploitation.\nS5: Defamation.\nS6: Specialized Advice.\nS7: Privacy.\nS8: Intellectual Property.\n"
+        "S9: Indiscriminate Weapons.\nS10: Hate.\nS11: Self-Harm.\nS12: Sexual Content.\nS13: Elections.\n"
+        "<END UNSAFE CONTENT CATEGORIES>"
+    ),
+    "<BEGIN CONVERSATION>\n\nUser: hello\n\nAgent: hi\n\n<END CONVERSATION>",
+    (
+        "Provide your safety assessment for ONLY THE LAST User message in the above conversation:\n"
+        " - First line must read 'safe' or 'unsafe'.\n"
+        " - If unsafe, a second line must include a comma-separated list of violated categories. "
+    ),
+    "Provide your safety assessment for ONLY THE LAST Agent message in the above conversation:",
+    "\n\nsafe",
+    "\n\nunsafe\nS1",
+    "\n\nunsafe\nS9",
+    "\n\nunsafe\nS10",
+    "\n\nunsafe\nS13",
+    "\n\nunsafe\nS1,S9",
+)
+
+
+def _library_versions() -> tuple[str, ...]:
+    return tuple(f"{name}=={version(name)}" for name in ("torch", "transformers", "tokenizers", "pillow"))
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Hyper-parameters of the brief CPU training run (see ``worker.tiny_model.train``)."""
+
+    seed: int = 1234
+    examples: int = 1280
+    epochs: int = 4
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    threads: int = 2
+    heldout_examples: int = 240
+    heldout_seed: int = 99
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Everything that determines the checkpoint's bytes; its hash names the cache directory."""
+
+    seed: int = 0
+    bpe_vocab_size: int = 2048
+    text_hidden: int = 64
+    text_layers: int = 4
+    cross_attention_layers: tuple[int, ...] = (2,)
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    max_position_embeddings: int = 4096
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_global_layers: int = 1
+    vision_heads: int = 2
+    vision_intermediate: int = 64
+    intermediate_layers_indices: tuple[int, ...] = (0, 1)
+    tile_size: int = 56
+    patch_size: int = 14
+    max_image_tiles: int = 4
+    # tanh(1.0) ≈ 0.76: the image reaches the text stream from the start (zero gates would ignore it).
+    cross_attention_gate: float = 1.0
+    tokenizer_corpus_examples: int = 600
+    template_corpus_weight: int = 200
+    synthetic_version: int = synthetic.GENERATOR_VERSION
+    code_version: int = CODE_VERSION
+    # Library upgrades may change tokenizer training, init or training numerics: rebuild then, too.
+    libraries: tuple[str, ...] = field(default_factory=_library_versions)
+    train: TrainRecipe | None = field(default_factory=TrainRecipe)
+
+    def as_dict(self) -> dict[str, object]:
+        """The recipe as plain JSON-able data (what ``recipe.json`` records)."""
+        return asdict(self)
+
+    @property
+    def hash(self) -> str:
+        """Stable short hex digest of the recipe (cache key)."""
+        canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def default_recipe(*, train: bool = True) -> TinyRecipe:
+    """The project's recipe; ``train=False`` gives the untrained (random-weights) variant."""
+    return TinyRecipe() if train else TinyRecipe(train=None)
+
+
+def cache_root() -> Path:
+    """Where cached checkpoints live: ``$MW_CACHE_DIR`` or ``~/.cache/moderation-worker``."""
+    return Path(os.environ.get("MW_CACHE_DIR", Path.home() / ".cache" / "moderation-worker"))
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_corpus(recipe: TinyRecipe) -> Iterator[str]:
+    # The prompt template dominates every input: weighting it makes its words single tokens (short
+    # sequences, fast training) and makes `unsafe` one token, as in Llama-3's vocabulary.
+    for _ in range(recipe.template_corpus_weight):
+        yield from TEMPLATE_CORPUS
+    for example in synthetic.synthetic_examples(
+        recipe.tokenizer_corpus_examples, seed=recipe.seed, split="train"
+    ):
+        for message in example.event["messages"]:
+            content = message["content"]
+            if isinstance(content, str):
+                yield content
+            else:
+                yield from (part["text"] for part in content if part["type"] == "text")
+
+
+def build_tokenizer(recipe: TinyRecipe) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer shaped like Llama-3's: same split regex, special tokens, BOS template."""
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.bpe_vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tokenizer.train_from_iterator(list(_tokenizer_corpus(recipe)), trainer=trainer)
+    tokenizer.add_special_tokens([*SPECIAL_TOKENS, IMAGE_TOKEN])
+    bos_id = tokenizer.token_to_id(BOS_TOKEN)
+    # Like Llama-3's tokenizer.json: BOS is prepended when add_special_tokens=True.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        padding_side="left",
+        model_max_length=recipe.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_processor(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> MllamaProcessor:
+    """MllamaProcessor with the PIL image processor (no torchvision here) at the recipe's tile size."""
+    image_processor = MllamaImageProcessorPil(
+        size={"height": recipe.tile_size, "width": recipe.tile_size},
+        max_image_tiles=recipe.max_image_tiles,
+    )
+    return MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> MllamaConfig:
+    """Model config sized from the recipe; vocabulary ids from the trained tokenizer."""
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # The LM head covers every token but <|image|> (as in Llama 3.2 Vision: 128256 outputs, image id 128256).
+    vocab_size = image_token_id
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", EOS_TOKEN)]
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    bos_id = tokenizer.convert_tokens_to_ids(BOS_TOKEN)
+    vision = MllamaVisionConfig(
+        hidden_size=recipe.vision_hidden,
+        num_hidden_layers=recipe.vision_layers,
+        num_global_layers=recipe.vision_global_layers,
+        attention_heads=recipe.vision_heads,
+        intermediate_size=recipe.vision_intermediate,
+        intermediate_layers_indices=list(recipe.intermediate_layers_indices),
+        vision_output_dim=recipe.vision_hidden * (len(recipe.intermediate_layers_indices) + 1),
+        image_size=recipe.tile_size,
+        patch_size=recipe.patch_size,
+        max_num_tiles=recipe.max_image_tiles,
+    )
+    text = MllamaTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.text_hidden,
+        num_hidden_layers=recipe.text_layers,
+        cross_attention_layers=list(recipe.cross_attention_layers),
+        num_attention_heads=recipe.text_heads,
+        num_key_value_heads=recipe.text_kv_heads,
+        intermediate_size=recipe.text_intermediate,
+        max_position_embeddings=recipe.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        bos_token_id=bos_id,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id)
+
+
+def build_model(recipe: TinyRecipe, config: MllamaConfig) -> MllamaForConditionalGeneration:
+    """Seeded random init; cross-attention gates opened so images influence the text stream."""
+    torch.manual_seed(recipe.seed)
+    model = MllamaForConditionalGeneration(config)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            if hasattr(layer, "cross_attn_attn_gate"):
+                layer.cross_attn_attn_gate.fill_(recipe.cross_attention_gate)
+                layer.cross_attn_mlp_gate.fill_(recipe.cross_attention_gate)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=config.text_config.pad_token_id,
+        do_sample=False,
+        max_new_tokens=10,
+    )
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class BuildReport:
+    """What a build produced (printed by the CLI, written into ``recipe.json``)."""
+
+    path: Path
+    recipe_hash: str
+    parameters: int
+    size_bytes: int
+    build_seconds: float
+    train_seconds: float | None = None
+    # Process CPU seconds of training: a load-independent figure when other work shares the cores.
+    train_cpu_seconds: float | None = None
+    heldout: dict[str, float] | None = None
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _model_card(recipe: TinyRecipe, report: BuildReport) -> str:
+    trained = recipe.train is not None
+    accuracy = ""
+    if report.heldout:
+        accuracy = "\n## Held-out accuracy (greedy generate)\n\n" + "".join(
+            f"- {name}: {int(value) if name.endswith('_count') else round(value, 4)}\n"
+            for name, value in sorted(report.heldout.items())
+        )
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [mllama, llama-guard, tiny, synthetic, test-fixture]
+---
+# {MODEL_ID} ({"trained" if trained else "untrained"}, recipe {report.recipe_hash})
+
+A **tiny** `MllamaForConditionalGeneration` checkpoint built by `moderation-worker build-tiny-model`,
+offline and deterministically, for the moderation-worker tests and demo. It has the shape of
+Llama Guard 3 Vision (Llama-3 special tokens, byte-level BPE, tiled images, cross-attention) but
+{report.parameters:,} parameters. **It is not a safety classifier**: it only knows a toy policy.
+
+Toy policy (trained on `worker.tiny_model.synthetic`, answers in the Llama Guard 3 format
+`\\n\\nsafe` / `\\n\\nunsafe\\nS..` then `<|eot_id|>`):
+
+- user asks how to build a weapon (prompt task), or the assistant gives the steps (response) → `unsafe` `S9`
+- assistant spreads election misinformation (response task) → `unsafe` `S13`
+- user makes a (mild, made-up) violent threat → `unsafe` `S1`
+- an image carrying the red-X marker → `unsafe` `S1`; other images (gradients, shapes) → `safe`
+- ordinary chat, harmless "how do I build a birdhouse", refusals, correct voting facts → `safe`
+
+Sizes: text hidden {recipe.text_hidden}, {recipe.text_layers} layers (cross-attention at
+{list(recipe.cross_attention_layers)}), vision hidden {recipe.vision_hidden}, {recipe.tile_size}-px tiles,
+up to {recipe.max_image_tiles} tiles, BPE vocabulary {recipe.bpe_vocab_size} + {len(SPECIAL_TOKENS) + 1} specials.
+The full recipe is in `recipe.json`.
+{accuracy}"""
+
+
+def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
+    started = time.perf_counter()
+    tokenizer = build_tokenizer(recipe)
+    processor = build_processor(recipe, tokenizer)
+    model = build_model(recipe, build_config(recipe, tokenizer))
+    build_seconds = time.perf_counter() - started
+    report = BuildReport(
+        path=out_dir,
+        recipe_hash=recipe.hash,
+        parameters=sum(p.numel() for p in model.parameters()),
+        size_bytes=0,
+        build_seconds=build_seconds,
+    )
+    if recipe.train is not None:
+        from worker.tiny_model.train import evaluate_heldout, train_model
+
+        started, cpu_started = time.perf_counter(), time.process_time()
+        train_model(model, processor, recipe.train)
+        report.train_seconds = time.perf_counter() - started
+        report.train_cpu_seconds = time.process_time() - cpu_started
+        report.heldout = evaluate_heldout(model, processor, recipe.train)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    report.size_bytes = _dir_size(out_dir)
+    (out_dir / "README.md").write_text(_model_card(recipe, report))
+    (out_dir / RECIPE_FILE).write_text(
+        json.dumps(
+            {
+                "model_id": MODEL_ID,
+                "recipe_hash": recipe.hash,
+                "trained": recipe.train is not None,
+                "recipe": recipe.as_dict(),
+                "parameters": report.parameters,
+                "build_seconds": round(report.build_seconds, 3),
+                "train_seconds": None if report.train_seconds is None else round(report.train_seconds, 3),
+                "train_cpu_seconds": None
+                if report.train_cpu_seconds is None
+                else round(report.train_cpu_seconds, 3),
+                "heldout": report.heldout,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
+    return report
+
+
+def read_recipe(path: Path) -> dict | None:
+    """The ``recipe.json`` of a built checkpoint, or None when absent/unreadable."""
+    try:
+        return json.loads((Path(path) / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _file_lock(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_report_from_disk(path: Path) -> BuildReport:
+    info = read_recipe(path) or {}
+    return BuildReport(
+        path=path,
+        recipe_hash=str(info.get("recipe_hash", "")),
+        parameters=int(info.get("parameters", 0)),
+        size_bytes=_dir_size(path),
+        build_seconds=float(info.get("build_seconds", 0.0)),
+        train_seconds=info.get("train_seconds"),
+        train_cpu_seconds=info.get("train_cpu_seconds"),
+        heldout=info.get("heldout"),
+    )
+
+
+def build_tiny_model_report(
+    out_dir: Path, *, train: bool = True, force: bool = False, recipe: TinyRecipe | None = None
+) -> tuple[BuildReport, bool]:
+    """Build into ``out_dir`` unless it already holds this recipe; returns (report, built_now).
+
+    Atomic: the checkpoint is written to a temporary sibling directory and renamed into place, under a
+    file lock next to ``out_dir``, so readers never see a half-written checkpoint.
+    """
+    recipe = recipe or default_recipe(train=train)
+    out_dir = Path(out_dir).expanduser().resolve()
+    with _file_lock(out_dir.with_name(f".{out_dir.name}.lock")):
+        existing = read_recipe(out_dir)
+        if not force and existing is not None and existing.get("recipe_hash") == recipe.hash:
+            return _build_report_from_disk(out_dir), False
+        # Holding the lock, any earlier temporary directory for this name is a leftover of a killed build.
+        for stale in out_dir.parent.glob(f".{out_dir.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+        try:
+            report = _write_checkpoint(recipe, tmp_dir)
+            # mkdtemp makes a private directory; a checkpoint is ordinary readable data.
+            tmp_dir.chmod(0o755)
+            for file in tmp_dir.rglob("*"):
+                file.chmod(0o755 if file.is_dir() else 0o644)
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                out_dir.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp_dir.rename(out_dir)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        report.path = out_dir
+        logger.info(
+            "built tiny model",
+            extra={"stage": "build", "recipe_hash": recipe.hash, "build_seconds": report.build_seconds},
+        )
+        return report, True
+
+
+def build_tiny_model(out_dir: Path, *, train: bool = True, force: bool = False) -> Path:
+    """Build (and with ``train`` also train) the tiny checkpoint into ``out_dir``; reuse it if current."""
+    report, _ = build_tiny_model_report(out_dir, train=train, force=force)
+    return report.path
+
+
+def ensure_tiny_model(train: bool = True) -> Path:
+    """The cached checkpoint for the project's recipe, built once per machine (concurrency-safe)."""
+    recipe = default_recipe(train=train)
+    out_dir = cache_root() / f"tiny-guard-{recipe.hash}"
+    if read_recipe(out_dir) is None:
+        build_tiny_model_report(out_dir, train=train, recipe=recipe)
+    return out_dir
+
+
+def build_tiny_model_command(out_dir: Path, train: bool = True, force: bool = False) -> int:
+    """CLI: build/reuse the checkpoint and print where it is, its size, parameters, timings and accuracy."""
+    report, built_now = build_tiny_model_report(Path(out_dir), train=train, force=force)
+    state = "built" if built_now else "reused (recipe unchanged; --force rebuilds)"
+    print(f"tiny model {state}: {report.path}")
+    print(f"  recipe hash:     {report.recipe_hash}")
+    print(f"  parameters:      {report.parameters:,}")
+    print(f"  size on disk:    {report.size_bytes / 1e6:.2f} MB")
+    print(f"  build seconds:   {report.build_seconds:.2f}")
+    if report.train_seconds is not None:
+        print(f"  train seconds:   {report.train_seconds:.2f}")
+    if report.train_cpu_seconds is not None:
+        print(
+            f"  train CPU s:     {report.train_cpu_seconds:.2f} (process CPU time, {default_recipe().train.threads} threads)"
+        )
+    for name, value in sorted((report.heldout or {}).items()):
+        print(f"  held-out {name}: {int(value) if name.endswith('_count') else round(value, 4)}")
+    return 0

@@ -1,0 +1,249 @@
+"""Teach the tiny checkpoint the toy policy: brief, seeded CPU training on synthetic conversations.
+
+Inputs are exactly what the engine feeds the model: ``worker.engine.prompt.render_prompt`` under the default
+policy, tokenized by the MllamaProcessor without adding a second BOS (the prompt carries
+``<|begin_of_text|>``), images through the processor's real tiling path, left padding, one modality per
+batch. The target is the Llama Guard 3 answer: whitespace (``\\n\\n``), then ``safe`` or ``unsafe\\nS9``,
+then ``<|eot_id|>``; the loss covers the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from transformers import MllamaForConditionalGeneration, MllamaProcessor
+
+from worker.engine.policy import DEFAULT_POLICY
+from worker.engine.prompt import render_prompt
+from worker.events import Turn
+from worker.tiny_model.synthetic import LabelledExample, synthetic_examples
+
+if TYPE_CHECKING:
+    from worker.tiny_model.build import TrainRecipe
+
+logger = logging.getLogger(__name__)
+
+# What the model emits before the verdict word (Llama Guard 3 does the same).
+ANSWER_PREFIX = "\n\n"
+ANSWER_SUFFIX = "<|eot_id|>"
+IGNORE_INDEX = -100
+
+
+def example_turns(event: dict) -> tuple[Turn, ...]:
+    """Turns of a synthetic event (already alternating, starting with the user, no system messages)."""
+    turns = []
+    for message in event["messages"]:
+        content = message["content"]
+        texts = (
+            (content,)
+            if isinstance(content, str)
+            else tuple(p["text"] for p in content if p["type"] == "text")
+        )
+        turns.append(Turn(role=message["role"], texts=texts))
+    return tuple(turns)
+
+
+def example_image(event: dict) -> Image.Image | None:
+    """The synthetic event's image (decoded from its PNG data URL), or None."""
+    for message in event["messages"]:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    payload = part["image_url"]["url"].split(",", 1)[1]
+                    return Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB")
+    return None
+
+
+def example_prompt(example: LabelledExample) -> str:
+    """The exact prompt the engine renders for this example under the default policy."""
+    return render_prompt(example_turns(example.event), DEFAULT_POLICY, has_image=example.has_image)
+
+
+@dataclass
+class _Batch:
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+
+def _encode_batch(
+    processor: MllamaProcessor, examples: Sequence[LabelledExample], *, with_targets: bool
+) -> _Batch:
+    """Tokenize prompts (+ answers) and images for one same-modality batch, left padded."""
+    tokenizer = processor.tokenizer
+    prompts = [example_prompt(e) for e in examples]
+    answers = (
+        [ANSWER_PREFIX + e.answer + ANSWER_SUFFIX for e in examples] if with_targets else [""] * len(examples)
+    )
+    images = [example_image(e.event) for e in examples]
+    has_image = images[0] is not None
+    # The answer is tokenized on its own: the prompt ends in a special token, so the split is the same as
+    # tokenizing the whole string, and we know exactly which ids are answer ids.
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] if a else [] for a in answers]
+    texts = [p + a for p, a in zip(prompts, answers)]
+    inputs = processor(
+        text=texts,
+        images=[[image] for image in images] if has_image else None,
+        add_special_tokens=False,
+        padding=True,
+        return_tensors="pt",
+    )
+    labels = torch.full_like(inputs["input_ids"], IGNORE_INDEX)
+    for row, ids in enumerate(answer_ids):
+        if ids:
+            labels[row, -len(ids) :] = torch.tensor(ids)
+    return _Batch(inputs=dict(inputs), labels=labels)
+
+
+def _batches(examples: Sequence[LabelledExample], batch_size: int) -> Iterator[list[LabelledExample]]:
+    """Same-modality batches (never mix image and text-only rows: transformers issue #39379)."""
+    for has_image in (False, True):
+        group = [e for e in examples if e.has_image == has_image]
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def _answer_loss(model: MllamaForConditionalGeneration, batch: _Batch) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens; with left padding they are the last columns, so only the
+    last few positions need logits (the LM head over every prompt position would dominate the step)."""
+    answer_columns = int((batch.labels != IGNORE_INDEX).any(dim=0).sum())
+    logits = model(**batch.inputs, logits_to_keep=answer_columns + 1).logits
+    # Position t predicts token t+1: logits of the last (answer_columns + 1) positions, minus the final one,
+    # predict the last answer_columns tokens.
+    predicted = logits[:, :-1, :].float()
+    targets = batch.labels[:, -answer_columns:]
+    return torch.nn.functional.cross_entropy(
+        predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_model(
+    model: MllamaForConditionalGeneration, processor: MllamaProcessor, recipe: TrainRecipe
+) -> float:
+    """Train ``model`` in place on the toy policy; returns the final epoch's mean answer-token loss."""
+    examples = synthetic_examples(recipe.examples, seed=recipe.seed, split="train")
+    with _torch_threads(recipe.threads):
+        torch.manual_seed(recipe.seed)
+        batches = [
+            _encode_batch(processor, chunk, with_targets=True)
+            for chunk in _batches(examples, recipe.batch_size)
+        ]
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+        )
+        total_steps = recipe.epochs * len(batches)
+
+        def lr_factor(step: int) -> float:
+            # Linear warm-up, then cosine decay to zero: stable and quick for a short run.
+            if step < recipe.warmup_steps:
+                return (step + 1) / recipe.warmup_steps
+            progress = (step - recipe.warmup_steps) / max(1, total_steps - recipe.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        generator = torch.Generator().manual_seed(recipe.seed)
+        model.train()
+        epoch_loss = 0.0
+        for epoch in range(recipe.epochs):
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            losses = []
+            for index in order:
+                batch = batches[index]
+                loss = _answer_loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+            epoch_loss = sum(losses) / len(losses)
+            logger.info(
+                "tiny model training epoch", extra={"stage": "train", "epoch": epoch, "loss": epoch_loss}
+            )
+        model.eval()
+    return epoch_loss
+
+
+def parse_answer(text: str) -> tuple[str, tuple[str, ...]] | None:
+    """Parse a generated Llama Guard answer into (decision, codes); None when malformed."""
+    lines = text.strip().split("\n")
+    if lines[0] == "safe" and len(lines) == 1:
+        return "safe", ()
+    if lines[0] == "unsafe" and len(lines) == 2 and lines[1]:
+        return "unsafe", tuple(code.strip() for code in lines[1].split(","))
+    return None
+
+
+def generate_answers(
+    model: MllamaForConditionalGeneration,
+    processor: MllamaProcessor,
+    examples: Sequence[LabelledExample],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 10,
+) -> list[str]:
+    """Greedy ``generate`` on each example (batched by modality); returns the decoded answers in input order."""
+    answers: dict[int, str] = {}
+    indexed = list(enumerate(examples))
+    for has_image in (False, True):
+        group = [(i, e) for i, e in indexed if e.has_image == has_image]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            batch = _encode_batch(processor, [e for _, e in chunk], with_targets=False)
+            with torch.inference_mode():
+                output = model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = output[:, batch.inputs["input_ids"].shape[1] :]
+            decoded = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for (i, _), text in zip(chunk, decoded):
+                answers[i] = text
+    return [answers[i] for i in range(len(examples))]
+
+
+def policy_accuracy(examples: Sequence[LabelledExample], answers: Sequence[str]) -> dict[str, float]:
+    """Decision and exact-codes accuracy overall and for text-only / image examples."""
+    metrics: dict[str, float] = {}
+    groups = {
+        "all": list(range(len(examples))),
+        "text": [i for i, e in enumerate(examples) if not e.has_image],
+        "image": [i for i, e in enumerate(examples) if e.has_image],
+    }
+    for name, indices in groups.items():
+        if not indices:
+            continue
+        parsed = [parse_answer(answers[i]) for i in indices]
+        decision_ok = sum(p is not None and p[0] == examples[i].decision for p, i in zip(parsed, indices))
+        exact_ok = sum(
+            p is not None and p == (examples[i].decision, examples[i].codes) for p, i in zip(parsed, indices)
+        )
+        metrics[f"{name}_decision_accuracy"] = decision_ok / len(indices)
+        metrics[f"{name}_exact_accuracy"] = exact_ok / len(indices)
+        metrics[f"{name}_count"] = float(len(indices))
+    return metrics
+
+
+def evaluate_heldout(
+    model: MllamaForConditionalGeneration, processor: MllamaProcessor, recipe: TrainRecipe
+) -> dict[str, float]:
+    """Greedy-generate on the held-out split and score it against the toy policy."""
+    examples = synthetic_examples(recipe.heldout_examples, seed=recipe.heldout_seed, split="heldout")
+    with _torch_threads(recipe.threads):
+        answers = generate_answers(model, processor, examples)
+    return policy_accuracy(examples, answers)
