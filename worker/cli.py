@@ -146,9 +146,23 @@ def eval_cmd(
     )
 
 
+MODEL_HINT = (
+    "build the tiny demo checkpoint there with `moderation-worker build-tiny-model`, or point model.path "
+    "(MW_MODEL__PATH) at Llama Guard 3 Vision weights"
+)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="moderation-worker")
+    """Console-script entry point. Configuration faults end with one clear line and exit status 2."""
+    try:
+        app(prog_name="moderation-worker")
+    except Exception as exc:
+        from worker.engine.loading import ModelLoadError  # imported only on failure (pulls in torch)
+
+        if isinstance(exc, ModelLoadError):
+            typer.echo(f"error: {exc}\nhint: {MODEL_HINT}", err=True)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

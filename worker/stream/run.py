@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 def run_worker(settings: Settings) -> int:
     """Run one stream pipeline until SIGTERM/SIGINT, drain it, and return the exit status (0 = clean)."""
     from worker.engine.engine import GuardEngine
+    from worker.engine.loading import ModelLoadError
     from worker.ops import metrics
     from worker.ops.health import OpsServer
     from worker.ops.logs import configure_logging
@@ -62,6 +63,9 @@ def run_worker(settings: Settings) -> int:
             thread.join(0.2)
         if failure:
             raise failure[0]
+    except ModelLoadError as exc:  # a configuration fault, not a bug: one clear line, no traceback
+        log.error("cannot load the model: %s", exc, extra={"stage": "load", "reason": "model_load_failed"})
+        return 2
     except Exception:
         log.exception("worker failed", extra={"stage": "run"})
         return 1

@@ -1,0 +1,1 @@
+from tests.stream.conftest import engine_settings_overrides, guard_engine  # noqa: F401  (shared fixtures)
