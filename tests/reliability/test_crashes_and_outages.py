@@ -1,0 +1,144 @@
+"""Crashes, cache and broker outages, shutdown under load: the worker as a real subprocess on the embedded
+broker and Redis, with the trained tiny checkpoint. In every scenario: events lost = 0.
+
+Stream sizes are knobs (MW_RELIABILITY_EVENTS, MW_STALL_SECONDS) so a laptop can run the full sizes of the
+issue; the defaults are the CI values.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.reliability.accounting import (
+    WorkerProcess,
+    account,
+    env_int,
+    report,
+    wait_until_answered,
+    write_config,
+)
+from tests.stream.streaming import build_stream, committed_offsets, end_offsets, produce
+from worker.stream.kafka_clients import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+CRASH_EVENTS = env_int("MW_RELIABILITY_EVENTS", 5000)
+STALL_SECONDS = env_int("MW_STALL_SECONDS", 20)
+
+
+def _setup(make_settings, tiny_model_dir, tmp_path, n: int, seed: int, **overrides):
+    settings = make_settings(model__path=str(tiny_model_dir), model__device="cpu", ops__port=0,
+                             shutdown__drain_timeout_s=20, **overrides)
+    stream = build_stream(n, seed=seed, repeat_ratio=0.2, image_ratio=0.05, malformed_ratio=0.02)
+    ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
+    produce(settings, stream.records)
+    config = write_config(settings, tmp_path / "worker.yaml")
+    return settings, stream, config
+
+
+def _wait_for_progress(settings, at_least: int, worker: WorkerProcess, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answered = account(settings).inputs - len(account(settings).lost)
+        if answered >= at_least:
+            return answered
+        assert worker.alive, f"worker died on its own:\n{worker.log_tail()}"
+        time.sleep(0.5)
+    raise AssertionError(f"no progress to {at_least} answered within {timeout_s}s:\n{worker.log_tail()}")
+
+
+def test_sigkill_three_times_mid_stream_loses_nothing(services, make_settings, tiny_model_dir, tmp_path,
+                                                      reliability_figures):
+    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, CRASH_EVENTS, seed=31)
+    rng = random.Random(2026)
+    # Kill points: after random amounts of progress, spread over the stream.
+    kill_after = sorted(rng.uniform(0.1, 0.75) * CRASH_EVENTS for _ in range(3))
+    worker = WorkerProcess(config, tmp_path / "worker.log").start()
+    crashes = 0
+    try:
+        for target in kill_after:
+            _wait_for_progress(settings, int(target), worker, timeout_s=600)
+            time.sleep(rng.uniform(0.0, 1.5))  # a random moment inside whatever batch is in flight
+            worker.kill()
+            crashes += 1
+            worker = WorkerProcess(config, tmp_path / "worker.log").start()
+        result = wait_until_answered(settings, CRASH_EVENTS, timeout_s=900)
+        code, _ = worker.terminate(timeout_s=60)
+    finally:
+        worker.close()
+    assert result.lost == [], f"lost {len(result.lost)} events, e.g. {result.lost[:5]}\n{worker.log_tail()}"
+    assert code == 0, worker.log_tail()
+    report(reliability_figures, f"SIGKILL x{crashes} during the stream: {result.line()}")
+
+
+def test_redis_killed_and_restarted_mid_stream(services, make_settings, tiny_model_dir, tmp_path,
+                                               reliability_figures):
+    n = max(400, CRASH_EVENTS // 5)
+    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=32,
+                                      redis__reconnect_interval_s=0.5)
+    worker = WorkerProcess(config, tmp_path / "worker.log").start()
+    try:
+        _wait_for_progress(settings, n // 5, worker, timeout_s=600)
+        services.stop_redis()
+        _wait_for_progress(settings, n // 2, worker, timeout_s=600)
+        services.start_redis()
+        result = wait_until_answered(settings, n, timeout_s=600)
+        code, _ = worker.terminate(timeout_s=60)
+    finally:
+        if services.redis_pid is None:
+            services.start_redis()
+        worker.close()
+    assert result.lost == [], worker.log_tail()
+    assert code == 0, worker.log_tail()
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert "Traceback" not in log, worker.log_tail(80)
+    report(reliability_figures, f"Redis killed and restarted mid-stream: {result.line()}")
+
+
+def test_broker_stall_is_ridden_out(services, make_settings, tiny_model_dir, tmp_path, reliability_figures):
+    n = max(400, CRASH_EVENTS // 5)
+    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=33)
+    worker = WorkerProcess(config, tmp_path / "worker.log").start()
+    try:
+        _wait_for_progress(settings, n // 4, worker, timeout_s=600)
+        services.pause_broker()
+        try:
+            time.sleep(STALL_SECONDS)
+            assert worker.alive, worker.log_tail()
+        finally:
+            services.resume_broker()
+        result = wait_until_answered(settings, n, timeout_s=600)
+        code, _ = worker.terminate(timeout_s=60)
+    finally:
+        worker.close()
+    assert result.lost == [], worker.log_tail()
+    assert code == 0, worker.log_tail()
+    report(reliability_figures, f"broker paused (SIGSTOP) {STALL_SECONDS}s mid-stream: {result.line()}")
+
+
+def test_sigterm_under_load_drains_commits_and_exits_zero(services, make_settings, tiny_model_dir, tmp_path,
+                                                         reliability_figures):
+    n = max(400, CRASH_EVENTS // 5)
+    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=34)
+    worker = WorkerProcess(config, tmp_path / "worker.log").start()
+    try:
+        _wait_for_progress(settings, n // 3, worker, timeout_s=600)
+        code, seconds = worker.terminate(timeout_s=settings.shutdown.drain_timeout_s + 30)
+    finally:
+        worker.close()
+    assert code == 0, worker.log_tail()
+    # Everything below each committed offset has its answer: committed offsets match published output.
+    committed = committed_offsets(settings, settings.topics.events)
+    snapshot = account(settings)
+    lost = set(snapshot.lost)
+    for partition, offset in committed.items():
+        assert offset is not None
+        assert not [o for (p, o) in lost if p == partition and o < offset], (partition, offset)
+    marks = end_offsets(settings, settings.topics.events)
+    report(reliability_figures,
+           f"SIGTERM under load: exit 0 after {seconds:.1f}s drain (deadline {settings.shutdown.drain_timeout_s:.0f}s); "
+           f"committed {sum(v or 0 for v in committed.values())}/{sum(marks.values())} offsets, "
+           f"none committed without an answer")
