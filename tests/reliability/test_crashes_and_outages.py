@@ -8,6 +8,7 @@ issue; the defaults are the CI values.
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -121,24 +122,55 @@ def test_broker_stall_is_ridden_out(services, make_settings, tiny_model_dir, tmp
 
 def test_sigterm_under_load_drains_commits_and_exits_zero(services, make_settings, tiny_model_dir, tmp_path,
                                                          reliability_figures):
-    n = max(400, CRASH_EVENTS // 5)
-    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=34)
+    n = max(1000, CRASH_EVENTS // 2)
+    settings = make_settings(model__path=str(tiny_model_dir), model__device="cpu", ops__port=0,
+                             shutdown__drain_timeout_s=20)
+    stream = build_stream(n, seed=34, repeat_ratio=0.2, image_ratio=0.05, malformed_ratio=0.02)
+    ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
+    ensure_topics(settings, [settings.topics.events], partitions=4)
+    config = write_config(settings, tmp_path / "worker.yaml")
+    # Events keep arriving while the signal lands: a producer trickles the stream in the background.
+    first, rest = stream.records[: n // 5], stream.records[n // 5 :]
+    produce(settings, first)
+    stop_producing = threading.Event()
+
+    def trickle() -> None:
+        for i in range(0, len(rest), 25):
+            if stop_producing.is_set():
+                return
+            produce(settings, rest[i : i + 25])
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=trickle, daemon=True)
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     try:
-        _wait_for_progress(settings, n // 3, worker, timeout_s=600)
+        _wait_for_progress(settings, n // 10, worker, timeout_s=600)
+        producer.start()
+        time.sleep(1.0)
+        still_flowing = producer.is_alive()
         code, seconds = worker.terminate(timeout_s=settings.shutdown.drain_timeout_s + 30)
     finally:
         worker.close()
+    producer.join(timeout=120)
+    assert still_flowing, "the stream had ended before SIGTERM; the test would not test shutdown under load"
     assert code == 0, worker.log_tail()
-    # Everything below each committed offset has its answer: committed offsets match published output.
+    assert seconds <= settings.shutdown.drain_timeout_s + 10, seconds
+    # Nothing is committed without its answer: every offset below each committed offset has one.
     committed = committed_offsets(settings, settings.topics.events)
-    snapshot = account(settings)
-    lost = set(snapshot.lost)
+    lost = set(account(settings).lost)
     for partition, offset in committed.items():
         assert offset is not None
         assert not [o for (p, o) in lost if p == partition and o < offset], (partition, offset)
-    marks = end_offsets(settings, settings.topics.events)
+    done_at_stop = sum(v or 0 for v in committed.values())
+    # A second worker takes over from the committed offsets and finishes the stream: still nothing lost.
+    successor = WorkerProcess(config, tmp_path / "worker2.log").start()
+    try:
+        result = wait_until_answered(settings, n, timeout_s=600)
+        successor.terminate(timeout_s=60)
+    finally:
+        successor.close()
+    assert result.lost == [], successor.log_tail()
     report(reliability_figures,
-           f"SIGTERM under load: exit 0 after {seconds:.1f}s drain (deadline {settings.shutdown.drain_timeout_s:.0f}s); "
-           f"committed {sum(v or 0 for v in committed.values())}/{sum(marks.values())} offsets, "
-           f"none committed without an answer")
+           f"SIGTERM while events flow: exit 0 after {seconds:.1f}s drain (deadline "
+           f"{settings.shutdown.drain_timeout_s:.0f}s), {done_at_stop}/{n} offsets committed at stop, none "
+           f"without an answer; a successor finished the stream: {result.line()}")
