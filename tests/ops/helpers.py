@@ -10,8 +10,7 @@ from pydantic import BaseModel
 from worker.config import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
-DEPLOY_SCHEMAS = SHARED / "deploy-schemas"
+DEPLOY_SCHEMAS = Path(__file__).resolve().parent / "deploy-schemas"  # vendored copies (see its README)
 CHART_DIR = REPO / "helm" / "moderation-worker"
 DASHBOARD = CHART_DIR / "dashboards" / "moderation-worker.json"
 

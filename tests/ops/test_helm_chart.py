@@ -1,7 +1,7 @@
 """The Helm chart loads, lints and renders with Helm's own engine, and what it renders is valid.
 
 Helm runs in-process through the helm-python-sdk wheel (Helm's Go SDK behind a C ABI): no ``helm`` binary,
-no cluster. The rendered RayService is validated against KubeRay's CRD schema from ../shared/deploy-schemas.
+no cluster. The rendered RayService is validated against KubeRay's CRD schema from tests/ops/deploy-schemas (vendored).
 """
 
 from __future__ import annotations
