@@ -21,7 +21,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 COMMIT_INTERVAL_S = 0.2  # commit completed offsets at most this often (and always at revoke/shutdown)
 LAG_INTERVAL_S = 1.0  # refresh the per-partition lag gauge this often
 IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
+# Poll timeout while published outputs await the broker's acks: acks do not wake poll(), and an ack is
+# what lets offsets complete and paused partitions resume (≈ linger_ms + one round trip away).
+ACK_POLL_MS = 5
 PREPARE_AHEAD = 2  # prepared batches queued for the model: the one running next and one being prepared
 ENGINE_ERROR_MESSAGE_CHARS = 400  # raw model output quoted in an engine_error dead letter, at most
 
@@ -180,6 +183,9 @@ class StreamPipeline:
         self._snapshot: dict[str, Any] = {"assigned": [], "paused": 0, "in_flight": 0, "all_committed": True}
         self._consumer: KafkaConsumer | None = None
         self._publisher: Publisher | None = None
+        # Verdicts counted this loop turn, added to the Prometheus counters once per turn (``_flush_metrics``):
+        # one ``inc(n)`` per label set instead of several label lookups per event on the hot path.
+        self._verdict_tally: Counter[tuple[str, tuple[str, ...], bool]] = Counter()
         self.counters: dict[str, int] = {
             "consumed": 0,
             "verdicts": 0,
@@ -244,6 +250,12 @@ class StreamPipeline:
         )
         self._pool = pool
         self._running = True
+        threading.Thread(
+            target=self._learn_output_partitions,
+            args=(producer,),
+            name=f"{self.worker_name}-metadata",
+            daemon=True,  # never holds up shutdown: at worst it waits out max_block_ms on a closed producer
+        ).start()
         try:
             consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
             log.info("pipeline started", extra={"stage": "start", "worker": self.worker_name})
@@ -261,10 +273,38 @@ class StreamPipeline:
                 self._cache.close()
             log.info("pipeline stopped", extra={"stage": "stop", "worker": self.worker_name, **self.counters})
 
+    def _learn_output_partitions(self, producer: KafkaProducer) -> None:
+        """Fetch the output topics' metadata while the consumer joins its group.
+
+        Otherwise the first ``send`` to each output topic blocks the loop on a metadata round trip
+        (≈100 ms per topic on tansu, which backs metadata refreshes off by ``retry_backoff_ms``).
+        ``send`` stays correct either way: it waits for whatever this has not fetched yet.
+        """
+        topics = self.settings.topics
+        outputs = ([topics.verdicts] if topics.publish_all_verdicts else []) + [topics.flagged, topics.dlq]
+        for topic in outputs:
+            try:
+                producer.partitions_for(topic)
+            except Exception as exc:  # noqa: BLE001 — only a head start: the sends report real failures
+                log.debug("no metadata for %s yet: %s", topic, type(exc).__name__, extra={"stage": "publish"})
+                return
+
     # ------------------------------------------------------------------ loop
 
     def _step(self, *, draining: bool) -> None:
         """One turn of the loop: poll, decode, look up, batch, prepare, run, publish, complete, commit."""
+        try:
+            self._turn(draining=draining)
+        finally:
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        """Add the verdicts tallied this turn to the Prometheus counters."""
+        if self._verdict_tally:
+            metrics.record_verdicts(self._verdict_tally)
+            self._verdict_tally.clear()
+
+    def _turn(self, *, draining: bool) -> None:
         assert self._consumer is not None
         records = self._consumer.poll(timeout_ms=self._poll_timeout_ms(draining))
         if records:
@@ -287,10 +327,13 @@ class StreamPipeline:
     def _poll_timeout_ms(self, draining: bool) -> int:
         if draining or self._key_ready or self._prepared or self._fetching:
             return 0
+        timeout = IDLE_POLL_MS
+        if self._publisher is not None and self._publisher.awaiting_acks:
+            timeout = ACK_POLL_MS
         due = self._batcher.seconds_until_due()
         if due is not None:
-            return min(IDLE_POLL_MS, int(due * 1000))
-        return IDLE_POLL_MS
+            return min(timeout, int(due * 1000))
+        return timeout
 
     def _has_work(self) -> bool:
         return bool(self._fetching or self._key_ready or self._prepared or len(self._batcher)) or (
@@ -622,7 +665,9 @@ class StreamPipeline:
             source=item.source,
             dropped_codes=list(dropped) or None,
         )
-        metrics.record_verdict(verdict["decision"], [c["code"] for c in verdict["categories"]], cached=cached)
+        self._verdict_tally[
+            (verdict["decision"], tuple(c["code"] for c in verdict["categories"]), cached)
+        ] += 1
         self.counters["cached" if cached else "verdicts"] += 1
         item.output = ("verdict", verdict)
         self._publish(item)
