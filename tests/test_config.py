@@ -75,3 +75,10 @@ def test_config_command_masks_secrets_and_rejects_bad_keys(tmp_path):
 
 def test_config_reference_is_up_to_date():
     assert REFERENCE_PATH.read_text() == render(), "run: python -m worker.config_reference"
+
+
+def test_a_bad_override_names_the_full_key():
+    with pytest.raises(ConfigError, match=r"serve\.max_batch_size"):
+        load_settings(None, serve__max_batch_size=0)
+    with pytest.raises(ConfigError, match=r"unknown configuration key: kafka\.nope"):
+        load_settings(None, kafka__nope=1)

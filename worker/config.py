@@ -338,10 +338,10 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         origin = f"{p} + environment"
     try:
         settings = Settings(**data)
-        for dotted, value in overrides.items():
-            _set_dotted(settings, dotted, value)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin)) from exc
+    for dotted, value in overrides.items():
+        _set_dotted(settings, dotted, value)
     return settings
 
 
@@ -351,6 +351,11 @@ def _set_dotted(settings: Settings, dotted: str, value: Any) -> None:
     target: Any = settings
     for part in parts[:-1]:
         target = getattr(target, part)
+    key = ".".join(parts)
     if not hasattr(target, parts[-1]):
-        raise ConfigError(f"unknown configuration key: {'.'.join(parts)}")
-    setattr(target, parts[-1], value)
+        raise ConfigError(f"unknown configuration key: {key}")
+    try:
+        setattr(target, parts[-1], value)
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"] for e in exc.errors())
+        raise ConfigError(f"invalid configuration (override):\n  {key}: {reasons}") from exc

@@ -18,7 +18,8 @@ import orjson
 
 import worker
 
-SCHEMAS_DIR: Path = Path(worker.__file__).resolve().parents[1] / "schemas"
+# worker/schemas is a symlink to the repository's schemas/ (the one copy); a wheel carries its files.
+SCHEMAS_DIR: Path = (Path(worker.__file__).parent / "schemas").resolve()
 
 CHAT_EVENT = "chat_event"
 VERDICT = "verdict"
