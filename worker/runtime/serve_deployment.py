@@ -5,7 +5,7 @@ method, so events of concurrent requests share a forward pass; ``GuardEngine.cla
 by modality (image and text-only rows never share a forward pass, see ARCHITECTURE.md). Before
 batching, events are decoded exactly like Kafka records (``http_contract.parse_request``), images are
 fetched and hashed, and the Redis cache is asked in one MGET; only misses reach the model, and their
-answers are stored in the same format the stream uses (``worker.stream.pipeline.cache_value``), so
+answers are stored in the same format the stream uses (``worker.cache.entries``), so
 the two paths share cache entries.
 
 No ``from __future__ import annotations`` here: FastAPI (through ``serve.ingress``) must see real types.
@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 
+from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
 from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError
@@ -41,7 +42,6 @@ from worker.runtime.http_contract import (
     parse_request,
 )
 from worker.runtime.ray_env import settings_from_payload
-from worker.stream.pipeline import cache_value
 from worker.verdicts import build_verdict
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,6 @@ class _Item:
     key: str
     image_data: bytes | None
     cached: GuardResult | None = None
-
-
-def _result_from_cache(value: dict[str, Any]) -> GuardResult | None:
-    """A cached entry (``pipeline.cache_value`` format) as an engine result; None when its shape is unexpected."""
-    try:
-        return GuardResult(
-            score=float(value["score"]),
-            unsafe=bool(value["unsafe"]),
-            codes=tuple(value["codes"]),
-            dropped_codes=tuple(value.get("dropped", ())),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 @serve.deployment(name="Moderation")
@@ -225,7 +212,7 @@ class ModerationDeployment:
                     RequestError(answer.reason, answer.message, answer.field, i if batch_index else None)
                 )
                 continue
-            to_cache.append((item.key, cache_value(answer)))
+            to_cache.append((item.key, to_entry(answer)))
             outcomes.append((self._verdict(item, answer, False, received), batch_size))
         if to_cache:
             await asyncio.to_thread(self.cache.set_many, to_cache)
@@ -247,7 +234,7 @@ class ModerationDeployment:
             items.append(_Item(event, policy, key, data))
         found = [item for item in items if isinstance(item, _Item)]
         for item, value in zip(found, self.cache.get_many([i.key for i in found]), strict=True):
-            item.cached = _result_from_cache(value) if value is not None else None
+            item.cached = from_entry(value) if value is not None else None
         return items
 
     async def _classify_one(self, item: _Item) -> tuple[GuardResult | RequestError, int]:

@@ -29,6 +29,7 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
+from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
@@ -122,16 +123,6 @@ def is_batch_failure(result: GuardResult | EngineError) -> bool:
         and isinstance(result.detail, dict)
         and result.detail.get("kind") in ("model", "out_of_memory")
     )
-
-
-def cache_value(result: GuardResult) -> dict[str, Any]:
-    """What the cache stores for a model verdict: just enough to rebuild it."""
-    return {
-        "unsafe": result.unsafe,
-        "score": result.score,
-        "codes": list(result.codes),
-        "dropped": list(result.dropped_codes),
-    }
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -452,19 +443,11 @@ class StreamPipeline:
 
     def _answer_or_batch(self, items: list[WorkItem], values: list[dict[str, Any] | None]) -> None:
         for item, value in zip(items, values, strict=True):
-            if value is not None:
-                try:
-                    self._emit_verdict(
-                        item,
-                        bool(value["unsafe"]),
-                        float(value["score"]),
-                        tuple(value["codes"]),
-                        tuple(value.get("dropped", ())),
-                        cached=True,
-                    )
-                    continue
-                except (KeyError, TypeError, ValueError):
-                    pass  # an entry of an unexpected shape is a miss; the fresh verdict overwrites it
+            # An entry of an unexpected shape is a miss; the fresh verdict overwrites it.
+            hit = from_entry(value) if value is not None else None
+            if hit is not None:
+                self._emit_verdict(item, hit.unsafe, hit.score, hit.codes, hit.dropped_codes, cached=True)
+                continue
             assert item.cache_key is not None
             running = self._running_entries.get(item.cache_key)
             if running is not None:  # the same content is already being classified: share its answer
@@ -620,7 +603,7 @@ class StreamPipeline:
                 continue
             for code in result.dropped_codes:
                 metrics.ENGINE_DROPPED_CODES.labels(code=code).inc()
-            to_cache.append((entry.key, cache_value(result)))
+            to_cache.append((entry.key, to_entry(result)))
             with metrics.observe_stage("publish"):
                 for item in entry.items:
                     self._emit_verdict(

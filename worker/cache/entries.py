@@ -1,0 +1,33 @@
+"""What the verdict cache stores for a model answer, and how it becomes an engine result again.
+
+One format for the stream and the HTTP endpoint, so either can answer from what the other classified.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.engine.types import GuardResult
+
+
+def to_entry(result: GuardResult) -> dict[str, Any]:
+    """Just enough of a model answer to rebuild its verdict."""
+    return {
+        "unsafe": result.unsafe,
+        "score": result.score,
+        "codes": list(result.codes),
+        "dropped": list(result.dropped_codes),
+    }
+
+
+def from_entry(value: dict[str, Any]) -> GuardResult | None:
+    """A cached entry as an engine result; None when its shape is unexpected (treated as a miss)."""
+    try:
+        return GuardResult(
+            score=float(value["score"]),
+            unsafe=bool(value["unsafe"]),
+            codes=tuple(value["codes"]),
+            dropped_codes=tuple(value.get("dropped", ())),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
