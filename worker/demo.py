@@ -12,10 +12,10 @@ import random
 import threading
 import time
 import uuid
-from datetime import datetime
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -98,7 +98,7 @@ class Outputs:
     done_sources: set[tuple[int, int]] = field(default_factory=set)
 
 
-def collect_outputs(settings: Settings, total: int, stop: threading.Event, on_progress: Callable[[int], None],
+def collect_outputs(settings: Settings, total: int, on_progress: Callable[[int], None],
                     timeout_s: float) -> Outputs:
     """Read the verdicts, flagged and DLQ topics until every input offset has an answer (or timeout)."""
     from worker.stream.kafka_clients import make_consumer
@@ -109,7 +109,7 @@ def collect_outputs(settings: Settings, total: int, stop: threading.Event, on_pr
     consumer.subscribe(topics)
     deadline = time.monotonic() + timeout_s
     try:
-        while len(out.done_sources) < total and not stop.is_set() and time.monotonic() < deadline:
+        while len(out.done_sources) < total and time.monotonic() < deadline:
             for tp, records in consumer.poll(timeout_ms=200).items():
                 for rec in records:
                     value = orjson.loads(rec.value)
@@ -127,7 +127,7 @@ def collect_outputs(settings: Settings, total: int, stop: threading.Event, on_pr
 
 def _decision_span_s(out: Outputs) -> float:
     """Seconds from the first to the last answer, by the workers' own timestamps (the reader joins late)."""
-    stamps = [datetime.fromisoformat(r["decided_at" if "decided_at" in r else "failed_at"].replace("Z", "+00:00"))
+    stamps = [datetime.fromisoformat(r["decided_at" if "decided_at" in r else "failed_at"])
               for r in out.verdicts + out.dead_letters]
     return (max(stamps) - min(stamps)).total_seconds() if stamps else 0.0
 
@@ -136,7 +136,7 @@ def _percentile(values: list[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s: float) -> int:
@@ -161,15 +161,15 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
     summary.add_column("what")
     summary.add_column("value")
     rows = [
-        ("events produced", f"{len(stream.records)} ({stream.images} with an image, {stream.repeats} repeats, "
-                            f"{stream.malformed} malformed)"),
+        ("events produced", (f"{len(stream.records)} ({stream.images} with an image, {stream.repeats} repeats, "
+                            f"{stream.malformed} malformed)")),
         ("verdicts", ", ".join(f"{k} {n}" for k, n in sorted(decisions.items())) or "none"),
         ("verdicts by category", ", ".join(f"{k} {n}" for k, n in sorted(categories.items())) or "none"),
         ("dead letters by reason", ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())) or "none"),
         ("cache hits", f"{cached} of {len(by_id)} verdicts"),
         ("agreement with the toy policy", f"{agree}/{len(by_id)}"),
-        ("throughput", f"{len(out.done_sources) / max(elapsed_s, 1e-6):.1f} events/s from first to last answer "
-                       f"({elapsed_s:.1f} s; includes waiting for the second wave)"),
+        ("throughput", (f"{len(out.done_sources) / max(elapsed_s, 1e-6):.1f} events/s from first to last answer "
+                       f"({elapsed_s:.1f} s; includes waiting for the second wave)")),
         ("worker latency p50 / p99", f"{_percentile(latencies, 0.5):.1f} ms / {_percentile(latencies, 0.99):.1f} ms"),
         ("records without an answer", str(lost)),
     ]
@@ -220,7 +220,6 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
                       f"{len(stream.records) - split} more once half are answered")
 
         runner = _start_runner(settings, use_ray, console)
-        stop = threading.Event()
         second_wave_sent = False
 
         def on_progress(n: int, update: Callable[[int], None]) -> None:
@@ -235,7 +234,7 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
                           TimeElapsedColumn(), console=console) as progress:
                 task = progress.add_task("moderating", total=len(stream.records))
                 out = collect_outputs(
-                    settings, len(stream.records), stop,
+                    settings, len(stream.records),
                     lambda n: on_progress(n, lambda k: progress.update(task, completed=k)), timeout_s,
                 )
         finally:

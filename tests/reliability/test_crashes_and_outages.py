@@ -21,7 +21,7 @@ from tests.reliability.accounting import (
     wait_until_answered,
     write_config,
 )
-from tests.stream.streaming import build_stream, committed_offsets, end_offsets, produce
+from tests.stream.streaming import build_stream, committed_offsets, produce
 from worker.stream.kafka_clients import ensure_topics
 
 pytestmark = pytest.mark.integration
@@ -37,13 +37,14 @@ def _setup(make_settings, tiny_model_dir, tmp_path, n: int, seed: int, **overrid
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
     produce(settings, stream.records)
     config = write_config(settings, tmp_path / "worker.yaml")
-    return settings, stream, config
+    return settings, config
 
 
 def _wait_for_progress(settings, at_least: int, worker: WorkerProcess, timeout_s: float) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        answered = account(settings).inputs - len(account(settings).lost)
+        snapshot = account(settings)
+        answered = snapshot.inputs - len(snapshot.lost)
         if answered >= at_least:
             return answered
         assert worker.alive, f"worker died on its own:\n{worker.log_tail()}"
@@ -53,7 +54,7 @@ def _wait_for_progress(settings, at_least: int, worker: WorkerProcess, timeout_s
 
 def test_sigkill_three_times_mid_stream_loses_nothing(services, make_settings, tiny_model_dir, tmp_path,
                                                       reliability_figures):
-    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, CRASH_EVENTS, seed=31)
+    settings, config = _setup(make_settings, tiny_model_dir, tmp_path, CRASH_EVENTS, seed=31)
     rng = random.Random(2026)
     # Kill points: after random amounts of progress, spread over the stream.
     kill_after = sorted(rng.uniform(0.1, 0.75) * CRASH_EVENTS for _ in range(3))
@@ -78,7 +79,7 @@ def test_sigkill_three_times_mid_stream_loses_nothing(services, make_settings, t
 def test_redis_killed_and_restarted_mid_stream(services, make_settings, tiny_model_dir, tmp_path,
                                                reliability_figures):
     n = max(400, CRASH_EVENTS // 5)
-    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=32,
+    settings, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=32,
                                       redis__reconnect_interval_s=0.5)
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     try:
@@ -101,7 +102,7 @@ def test_redis_killed_and_restarted_mid_stream(services, make_settings, tiny_mod
 
 def test_broker_stall_is_ridden_out(services, make_settings, tiny_model_dir, tmp_path, reliability_figures):
     n = max(400, CRASH_EVENTS // 5)
-    settings, stream, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=33)
+    settings, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=33)
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     try:
         _wait_for_progress(settings, n // 4, worker, timeout_s=600)
