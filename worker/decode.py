@@ -403,10 +403,10 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
                 )
             url = part["image_url"]["url"]
             url_field = f"{where}.image_url.url"
-            bad_url = _check_image_url(url, url_field, settings)
-            if bad_url is not None:
-                return bad_url
-            images.append((len(roles) - 1, url, url_field))
+            checked = _check_image_url(url, url_field, settings)
+            if isinstance(checked, Rejection):
+                return checked
+            images.append((len(roles) - 1, url, url_field, checked))
     if not roles:
         return Rejection(
             Reason.EMPTY_CONVERSATION,
@@ -437,8 +437,8 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
                 "(limits.multiple_images = keep_last keeps the most recent one)",
                 images[1][2],
             )
-        turn_index, url, _ = images[-1]
-        image = ImageRef(url=url, turn_index=turn_index)
+        turn_index, url, _, data = images[-1]
+        image = ImageRef(url=url, turn_index=turn_index, data=data)
         dropped_images = len(images) - 1
     policy = obj.get("policy")
     if policy is not None and policy not in settings.policies:
@@ -468,8 +468,11 @@ def _text_too_long(field: str, chars: int, limit: int) -> Rejection:
     )
 
 
-def _check_image_url(url: str, field: str, settings: Settings) -> Rejection | None:
-    """Scheme and syntax of an image URL; fetching (and the SSRF guard) happens later, in worker.images."""
+def _check_image_url(url: str, field: str, settings: Settings) -> Rejection | bytes | None:
+    """Scheme and syntax of an image URL; fetching (and the SSRF guard) happens later, in worker.images.
+
+    A valid data: URL gives its decoded bytes (validating them meant decoding them; they travel on the ImageRef).
+    """
     scheme_match = _URL_SCHEME.match(url)
     if scheme_match is None:
         return Rejection(
@@ -508,7 +511,7 @@ def _check_image_url(url: str, field: str, settings: Settings) -> Rejection | No
     return None
 
 
-def _check_data_url(url: str, field: str, settings: Settings) -> Rejection | None:
+def _check_data_url(url: str, field: str, settings: Settings) -> Rejection | bytes:
     prefix = _DATA_URL_PREFIX.match(url)
     if prefix is None:
         return Rejection(
@@ -525,10 +528,9 @@ def _check_data_url(url: str, field: str, settings: Settings) -> Rejection | Non
             field,
         )
     try:
-        binascii.a2b_base64(payload, strict_mode=True)
+        return binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         return Rejection(Reason.BAD_DATA_URL, f"{field} is not valid base64 ({_base64_fault(exc)})", field)
-    return None
 
 
 def _base64_fault(exc: Exception) -> str:

@@ -25,6 +25,8 @@ class ImageRef:
 
     url: str
     turn_index: int  # index into ChatEvent.turns
+    # The bytes of a data: URL, when decoding the record already base64-decoded them (saves a second pass).
+    data: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_data_url(self) -> bool:

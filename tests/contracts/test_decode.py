@@ -3,6 +3,7 @@ schemas/README.md documents."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -162,6 +163,7 @@ def test_keep_last_keeps_the_most_recent_user_image_and_counts_the_others() -> N
     )
     ev = decoded(record, **{"limits.multiple_images": "keep_last"})
     assert ev.image == ImageRef(url=f"data:image/jpeg;base64,{PNG_1PX}", turn_index=2)
+    assert ev.image.data == base64.b64decode(PNG_1PX)  # validated by decoding: the bytes travel on
     assert ev.dropped_images == 2
     assert ev.merged_messages == 1
 

@@ -27,6 +27,20 @@ def load(url: str, settings: Settings) -> bytes:
     return image_bytes(ImageRef(url=url, turn_index=0), settings)
 
 
+def test_bytes_decoded_by_decode_event_are_used_not_decoded_again(image_settings: SettingsFactory) -> None:
+    settings = image_settings()
+    url = data_url(PNG)
+    already = b"bytes the decoder kept"
+    assert image_bytes(ImageRef(url=url, turn_index=0, data=already), settings) == already
+    # The media-type and size gates still apply to bytes decoded earlier.
+    with pytest.raises(RejectedError) as caught:
+        image_bytes(ImageRef(url=data_url(PNG, "image/svg+xml"), turn_index=0, data=PNG), settings)
+    assert caught.value.rejection.reason is Reason.IMAGE_BAD_CONTENT_TYPE
+    with pytest.raises(RejectedError) as caught:
+        image_bytes(ImageRef(url=url, turn_index=0, data=b"x" * (TEST_LIMIT_BYTES + 1)), settings)
+    assert caught.value.rejection.reason is Reason.IMAGE_TOO_LARGE
+
+
 def reason_of(url: str, settings: Settings) -> Reason:
     with pytest.raises(RejectedError) as caught:
         load(url, settings)

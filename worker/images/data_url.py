@@ -18,8 +18,11 @@ from worker.dead_letters import Reason, RejectedError
 _WHITESPACE = re.compile(r"[ \t\r\n\f]+")
 
 
-def data_url_bytes(url: str, allowed_content_types: list[str], max_bytes: int) -> bytes:
-    """The bytes carried by data URL ``url``.
+def data_url_bytes(
+    url: str, allowed_content_types: list[str], max_bytes: int, *, decoded: bytes | None = None
+) -> bytes:
+    """The bytes carried by data URL ``url``; ``decoded`` = its payload already decoded (by ``decode_event``),
+    which is then checked like a fresh decoding instead of being decoded again.
 
     Raises ``RejectedError`` with ``bad_data_url`` (syntax/base64), ``image_bad_content_type`` (media
     type not allowed) or ``image_too_large`` (checked from the payload length before decoding).
@@ -43,7 +46,10 @@ def data_url_bytes(url: str, allowed_content_types: list[str], max_bytes: int) -
         raise RejectedError(
             Reason.IMAGE_TOO_LARGE, f"data: URL image is larger than the limit of {max_bytes} bytes"
         )
-    data = _decode_base64(payload) if is_base64 else unquote_to_bytes(payload)
+    if decoded is not None:
+        data = decoded
+    else:
+        data = _decode_base64(payload) if is_base64 else unquote_to_bytes(payload)
     if len(data) > max_bytes:
         raise RejectedError(
             Reason.IMAGE_TOO_LARGE, f"data: URL image is larger than the limit of {max_bytes} bytes"

@@ -32,7 +32,7 @@ def image_bytes(ref: ImageRef, settings: Settings, *, resolver: Resolver | None 
     allowed_types = settings.image_fetch.allowed_content_types
     max_bytes = settings.limits.max_image_bytes
     if ref.is_data_url:
-        return data_url_bytes(ref.url, allowed_types, max_bytes)
+        return data_url_bytes(ref.url, allowed_types, max_bytes, decoded=ref.data)
     scheme = ref.url.split(":", 1)[0].lower() if ":" in ref.url else ""
     if scheme not in settings.image_fetch.allowed_schemes:
         shown = scheme or "(none)"
