@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,6 +29,17 @@ def _settings(config: Path | None) -> Settings:
     try:
         return load_settings(config)
     except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _preflight(check: Callable[[Settings], None], settings: Settings) -> None:
+    """Run a command's startup checks; a missing dependency ends with one line naming its key, exit 2."""
+    from worker.preflight import StartupError
+
+    try:
+        check(settings)
+    except StartupError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
 
@@ -99,7 +111,10 @@ def run_cmd(
     ray: Annotated[bool, typer.Option("--ray", help="Run one GuardWorker actor per GPU on a Ray cluster.")] = False,
 ) -> None:
     """Moderate the configured Kafka topic until SIGTERM/SIGINT (one process, or Ray actors with --ray)."""
+    from worker.preflight import check_run
+
     settings = _settings(config)
+    _preflight(check_run, settings)
     if ray or settings.ray.enabled:
         from worker.runtime.driver import run_on_ray
 
@@ -112,9 +127,12 @@ def run_cmd(
 @app.command("serve")
 def serve_cmd(config: ConfigOption = None) -> None:
     """Start the Ray Serve HTTP endpoint (POST /v1/moderate, GET /healthz, GET /readyz)."""
+    from worker.preflight import check_serve
     from worker.runtime.serve_app import serve_command
 
-    raise typer.Exit(serve_command(_settings(config)))
+    settings = _settings(config)
+    _preflight(check_serve, settings)
+    raise typer.Exit(serve_command(settings))
 
 
 @app.command("demo")

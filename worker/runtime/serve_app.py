@@ -93,8 +93,10 @@ def app_for(settings: Settings) -> Any:
 def serve_command(settings: Settings) -> int:
     """``moderation-worker serve``: run the app on ``serve.host:serve.port`` until SIGTERM/SIGINT; exit 0."""
     from worker.ops.logs import configure_logging
+    from worker.preflight import check_redis
 
     configure_logging(settings.logging, worker="serve-driver")
+    check_redis(settings)  # optional: one warning saying replicas run uncached, never a stop
     started_local = init_ray(settings)
     from ray import serve
 
