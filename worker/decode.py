@@ -437,8 +437,8 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
                 "(limits.multiple_images = keep_last keeps the most recent one)",
                 images[1][2],
             )
-        turn_index, url, _, data = images[-1]
-        image = ImageRef(url=url, turn_index=turn_index, data=data)
+        turn_index, url, url_field, data = images[-1]
+        image = ImageRef(url=url, turn_index=turn_index, data=data, field_path=url_field)
         dropped_images = len(images) - 1
     policy = obj.get("policy")
     if policy is not None and policy not in settings.policies:

@@ -11,20 +11,20 @@ import orjson
 from tests.contracts.malformed_events import CASES, raw
 from worker.contracts import SCHEMAS_DIR
 
-CLI = Path(sys.executable).with_name("moderation-worker")
+REPO = Path(__file__).resolve().parents[2]
 VALID_EXAMPLES = sorted((SCHEMAS_DIR / "examples" / "chat_event" / "valid").glob("*.json"))
 
 
 def check_event(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed console script with an empty environment config."""
+    """Run the command (this tree's code) with an empty environment config."""
     return subprocess.run(
-        [str(CLI), "check-event", *args],
+        [sys.executable, "-m", "worker", "check-event", *args],
         check=False,
         input=stdin.decode() if stdin is not None else None,
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(REPO)},
     )
 
 
@@ -93,3 +93,87 @@ def test_a_file_without_events_is_not_a_success(tmp_path: Path) -> None:
     result = check_event(str(empty))
     assert result.returncode == 1
     assert "checked 0 event(s)" in result.stdout
+
+
+def _event(event_id: str, image_url: str | None = None) -> dict:
+    content: list[dict] = [{"type": "text", "text": "what is this?"}]
+    if image_url is not None:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    return {"event_id": event_id, "conversation_id": "c", "created_at": "2026-12-01T00:00:00Z",
+            "messages": [{"role": "user", "content": content}]}
+
+
+def _jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _data_url(data: bytes, media_type: str) -> str:
+    import base64
+
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def test_images_the_worker_rejects_offline_are_rejected_with_its_reason_and_field(tmp_path: Path) -> None:
+    from worker.config import load_settings
+    from worker.dead_letters import RejectedError
+    from worker.decode import decode_event
+    from worker.images.load import decode_image, image_bytes
+
+    jpeg = _jpeg()
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"/>'
+    events = [
+        _event("truncated", _data_url(jpeg[: len(jpeg) // 2], "image/jpeg")),
+        _event("svg", _data_url(svg, "image/svg+xml")),
+        _event("metadata", "http://169.254.169.254/latest/meta-data/"),
+        _event("fine", _data_url(jpeg, "image/jpeg")),
+    ]
+    path = tmp_path / "images.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(e) for e in events) + b"\n")
+    result = check_event(str(path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout.splitlines()
+    field = "messages[0].content[1].image_url.url"
+    assert out[0].startswith(f"INVALID line 1: image_undecodable: {field}: ")
+    assert out[1].startswith(f"INVALID line 2: image_bad_content_type: {field}: ")
+    assert out[2].startswith(f"INVALID line 3: image_blocked_address: {field}: ")
+    assert out[3].startswith("OK fine ")
+    # The stream's own steps (image_bytes in the fetch pool, decode_image in prepare) give the same reasons.
+    settings = load_settings()
+    for event, expected in zip(events[:2], ["image_undecodable", "image_bad_content_type"], strict=True):
+        decoded = decode_event(orjson.dumps(event), settings)
+        try:
+            decode_image(image_bytes(decoded.image, settings), settings.limits)
+        except RejectedError as exc:
+            assert exc.rejection.reason.value == expected
+        else:
+            raise AssertionError(f"the stream accepted {event['event_id']}")
+
+
+def test_a_json_array_of_events_is_checked_item_by_item(tmp_path: Path) -> None:
+    bad = _event("bad")
+    bad["messages"][0]["role"] = "robot"
+    path = tmp_path / "batch.json"
+    path.write_bytes(orjson.dumps([_event("a"), bad, _event("c")], option=orjson.OPT_INDENT_2))
+    result = check_event(str(path))
+    assert result.returncode == 1
+    out = result.stdout.splitlines()
+    assert out[0].startswith("OK a ") and out[2].startswith("OK c ")
+    assert out[1].startswith("INVALID item 1: unknown_role: ")
+    assert out[-1].startswith("checked 3 event(s): 2 valid, 1 invalid")
+
+
+def test_several_pretty_printed_events_in_one_file_are_one_record_each(tmp_path: Path) -> None:
+    path = tmp_path / "pretty.json"
+    path.write_bytes(orjson.dumps(_event("a"), option=orjson.OPT_INDENT_2) + b"\n\n"
+                     + orjson.dumps(_event("b"), option=orjson.OPT_INDENT_2) + b"\n")
+    result = check_event(str(path))
+    assert result.returncode == 0, result.stdout
+    out = result.stdout.splitlines()
+    assert [line.split()[:2] for line in out[:2]] == [["OK", "a"], ["OK", "b"]]
+    assert out[-1] == "checked 2 event(s): 2 valid, 0 invalid"
