@@ -314,6 +314,22 @@ class ServeSettings(Section):
     max_ongoing_requests: int = Field(64, ge=1)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_events_per_request: int = Field(64, ge=1)
+    max_request_image_pixels: int = Field(
+        80_000_000,
+        ge=1024,
+        description="sum of the declared sizes (width x height) of one request's images; above it the request "
+        "is refused with 413 before any image is decoded",
+    )
+    max_decoding_pixels: int = Field(
+        80_000_000,
+        ge=1024,
+        description="pixels a replica decodes at the same time (all requests together); further images wait "
+        "their turn, so memory stays bounded and text-only requests are not queued behind them",
+    )
+    decode_threads: int = Field(1, ge=1, le=16, description="threads a replica decodes images on")
+    drain_timeout_s: float = Field(
+        20.0, gt=0, description="on SIGTERM: how long in-flight requests may take before the replica stops"
+    )
 
 
 class Settings(BaseSettings):

@@ -112,6 +112,17 @@ def _decode_image(data: bytes, limits: LimitsSettings, *, draft: bool) -> Image.
         ) from None
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width × height an image's header declares (no decoding); 0 when the header cannot be read
+    (``decode_image`` then gives the reason)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as opened:
+            width, height = opened.size
+    except Exception:  # noqa: BLE001 — hostile bytes: any failure means "unknown", decided by decode_image
+        return 0
+    return max(width, 0) * max(height, 0)
+
+
 def _check_dimensions(size: tuple[int, int], limits: LimitsSettings) -> None:
     width, height = size
     if width <= 0 or height <= 0:
