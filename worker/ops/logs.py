@@ -149,6 +149,8 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level)
+    # Library warnings (transformers' FutureWarnings and the like) become log lines, not raw stderr text.
+    logging.captureWarnings(True)
     # Client libraries log every reconnect at INFO; their warnings are what an operator needs.
     for noisy in ("kafka", "urllib3", "filelock", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.level)))
