@@ -33,6 +33,18 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from exc
 
 
+def _require_readable(file: str) -> None:
+    """An input file that cannot be read ends every command the same way: one line, exit 2."""
+    if file == "-":
+        return
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        typer.echo(f"error: cannot read {file}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 def _preflight(check: Callable[[Settings], None], settings: Settings) -> None:
     """Run a command's startup checks; a missing dependency ends with one line naming its key, exit 2."""
     from worker.preflight import StartupError
@@ -63,7 +75,9 @@ def check_event_cmd(
     """
     from worker.check_event import check_events
 
-    raise typer.Exit(check_events(file, _settings(config)))
+    settings = _settings(config)
+    _require_readable(file)
+    raise typer.Exit(check_events(file, settings))
 
 
 @app.command("prompt")
@@ -75,7 +89,9 @@ def prompt_cmd(
     """Print the exact Llama Guard 3 Vision prompt the model would read for an event."""
     from worker.engine.prompt import prompt_command
 
-    raise typer.Exit(prompt_command(file, _settings(config), policy_id=policy))
+    settings = _settings(config)
+    _require_readable(file)
+    raise typer.Exit(prompt_command(file, settings, policy_id=policy))
 
 
 @app.command("dev-services")

@@ -301,8 +301,12 @@ def _schema_rejection(errors: Iterator[Any]) -> Rejection:
             Reason.INVALID_VALUE, f"{where} is not an RFC 3339 date-time with a time zone", where
         )
     if kind in ("Enum", "Constant"):
+        options = info.get("options") if kind == "Enum" else [info.get("expected_value")]
+        supported = ", ".join(_short(o) for o in options or [])
         return Rejection(
-            Reason.INVALID_VALUE, f"{where} has an unsupported value {_short(error.instance)}", where
+            Reason.INVALID_VALUE,
+            f"{where} has an unsupported value {_short(error.instance)}; supported: {supported}",
+            where
         )
     # Remaining keywords (maxLength, ...): jsonschema-rs's message names the limit, not the content.
     detail = error.message if kind != "MaxLength" else f"is longer than {info.get('limit')} characters"
@@ -544,5 +548,6 @@ def _json_type(value: Any) -> str:
 
 def _short(value: Any, limit: int = 40) -> str:
     """A quoted, length-capped rendering of an untrusted scalar (role names, keys, schemes) for messages."""
-    text = orjson.dumps(value).decode() if isinstance(value, str) else _json_type(value)
+    scalar = isinstance(value, (str, int, float, bool)) or value is None
+    text = orjson.dumps(value).decode() if scalar else _json_type(value)
     return text if len(text) <= limit else text[: limit - 4] + '..."'

@@ -177,3 +177,39 @@ def test_several_pretty_printed_events_in_one_file_are_one_record_each(tmp_path:
     out = result.stdout.splitlines()
     assert [line.split()[:2] for line in out[:2]] == [["OK", "a"], ["OK", "b"]]
     assert out[-1] == "checked 2 event(s): 2 valid, 0 invalid"
+
+
+def test_a_missing_file_is_exit_2_with_one_line_in_check_event_and_prompt(tmp_path: Path) -> None:
+    for command in ("check-event", "prompt"):
+        result = subprocess.run(
+            [sys.executable, "-m", "worker", command, str(tmp_path / "missing.json")],
+            capture_output=True, text=True, timeout=120,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(REPO)},
+        )
+        assert result.returncode == 2, (command, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "missing.json" in result.stderr
+
+
+def test_an_unsupported_schema_version_says_which_versions_are_supported() -> None:
+    from worker.config import load_settings
+    from worker.decode import decode_event
+
+    event = _event("v2")
+    event["schema_version"] = 2
+    rejection = decode_event(orjson.dumps(event), load_settings())
+    assert rejection.reason.value == "invalid_value" and rejection.field == "schema_version"
+    assert rejection.message == "schema_version has an unsupported value 2; supported: 1"
+
+
+def test_nesting_too_deep_to_parse_is_too_deeply_nested_for_records_and_http_batches() -> None:
+    from worker.config import load_settings
+    from worker.decode import decode_event
+    from worker.runtime.http_contract import parse_request
+
+    settings = load_settings()
+    for depth in (40, 100_000):
+        nested_objects = b'{"a":' * depth + b"1" + b"}" * depth
+        assert decode_event(nested_objects, settings).reason.value == "too_deeply_nested", depth
+    deep_array = b"[" * 100_000 + b"]" * 100_000
+    (error,) = parse_request(deep_array, settings).errors
+    assert (error.reason, error.status) == ("too_deeply_nested", 400)

@@ -197,6 +197,16 @@ def test_health_readiness_and_openapi(moderation_url: str) -> None:
     assert get(moderation_url, "/docs")[0] == 200
 
 
+def test_unknown_routes_and_methods_answer_in_the_error_shape(moderation_url: str) -> None:
+    status, text = get(moderation_url, "/v1/nothing-here")
+    body = orjson.loads(text)
+    assert status == 404 and body["error"]["reason"] == "not_found" and "detail" not in body
+    status, text = get(moderation_url, "/v1/moderate")
+    body = orjson.loads(text)
+    assert status == 405 and body["error"]["reason"] == "method_not_allowed" and "detail" not in body
+    assert body["error"]["status"] == 405
+
+
 def test_concurrent_requests_share_model_batches(moderation_url: str) -> None:
     """Many single-event requests at once: the batch-size header and metric show batches above 1.
 

@@ -201,10 +201,11 @@ def parse_request(body: bytes, settings: Settings) -> ParsedRequest:
         return ParsedRequest(batch=False, events=[decoded])
     try:
         items = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return ParsedRequest(
-            batch=True, errors=[RequestError(Reason.INVALID_JSON.value, f"body is not valid JSON: {exc}")]
-        )
+    except orjson.JSONDecodeError:
+        # The record decoder names the fault as it does for a Kafka record (invalid_utf8, too_deeply_nested…).
+        decoded = decode_event(body, settings)
+        rejection = decoded if isinstance(decoded, Rejection) else Rejection(Reason.INVALID_JSON, "body is not valid JSON")
+        return ParsedRequest(batch=True, errors=[from_rejection(rejection, None)])
     if not items:
         return ParsedRequest(
             batch=True, errors=[RequestError(Reason.INVALID_VALUE.value, "the event list is empty", "")]
