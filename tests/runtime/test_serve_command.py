@@ -119,5 +119,6 @@ def test_serve_answers_readyz_during_start_up_and_exits_0_on_sigterm_after_drain
     stderr_text = stderr_path.read_text(errors="replace")
     assert exit_code == 0, stderr_text[-3000:]
     assert "Traceback" not in stderr_text and "graceful_shutdown failed" not in stderr_text, stderr_text[-3000:]
+    assert "\x1b[" not in stderr_text, "ANSI escapes (Ray's worker prefixes) in the log"
     assert in_flight and in_flight[0][0] == 200, in_flight  # the request in flight at SIGTERM was answered
     assert len(in_flight[0][1]) == 32

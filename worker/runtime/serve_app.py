@@ -70,6 +70,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         # On stop, a replica finishes its in-flight requests (checked every half second) before it goes.
         "graceful_shutdown_timeout_s": serve_settings.drain_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,
+        # Serve's own access/replica lines as JSON too (our records already are).
+        **({"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}),
         # num_cpus=0 for GPU replicas, like the stream actors: a small node must not starve (ARCHITECTURE.md).
         "ray_actor_options": {
             "num_gpus": serve_settings.num_gpus,
@@ -111,7 +113,11 @@ def serve_command(settings: Settings) -> int:
     # outlasts Serve's own 30 s controller shutdown timeout and ends in ray.kill). Read by the proxy when
     # Ray starts it, so it must be in the environment before ray.init; an operator's value wins.
     os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", str(PROXY_DRAIN_PERIOD_S))
-    started_local = init_ray(settings)
+    try:
+        started_local = init_ray(settings)
+    except Exception as exc:  # noqa: BLE001 — infrastructure fault at start: one line, not Ray's traceback
+        log.error("cannot start or join ray: %s", _first_line(exc), extra={"stage": "ray_init"})
+        return 1
     from ray import serve
 
     stop_requested = threading.Event()
@@ -122,7 +128,8 @@ def serve_command(settings: Settings) -> int:
         previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = 0
     try:
-        serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+        json_logs = {"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}
+        serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port}, **json_logs)
         status = _deploy_and_wait(settings, stop_requested)
         if status == 0:
             while not stop_requested.wait(1.0):
