@@ -88,7 +88,7 @@ def _cli(*args, env=None, timeout=60):
     import os
 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MW_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, check=False,
                           timeout=timeout, env=full_env)
 
 

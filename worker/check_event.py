@@ -20,9 +20,9 @@ events), 2 when the file cannot be read.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO

@@ -83,7 +83,9 @@ def check_event_cmd(
 @app.command("prompt")
 def prompt_cmd(
     file: Annotated[str, typer.Argument(help="One event (JSON); - for stdin.")] = "-",
-    policy: Annotated[Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")] = None,
+    policy: Annotated[
+        Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Print the exact Llama Guard 3 Vision prompt the model would read for an event."""
@@ -97,7 +99,9 @@ def prompt_cmd(
 @app.command("dev-services")
 def dev_services_cmd(
     action: Annotated[str, typer.Argument(help="up | down | status")],
-    state_dir: Annotated[Path, typer.Option(help="Where ports, pids and logs are written.")] = Path(".dev-services"),
+    state_dir: Annotated[Path, typer.Option(help="Where ports, pids and logs are written.")] = Path(
+        ".dev-services"
+    ),
     kafka_port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
     redis_port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
 ) -> None:
@@ -111,7 +115,9 @@ def dev_services_cmd(
 def build_tiny_model_cmd(
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: model.path).")] = None,
     train: Annotated[bool, typer.Option(help="Train on the toy policy after building.")] = True,
-    force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Build (offline, deterministically) and train a tiny Mllama guard checkpoint for tests and the demo."""
@@ -124,7 +130,9 @@ def build_tiny_model_cmd(
 @app.command("run")
 def run_cmd(
     config: ConfigOption = None,
-    ray: Annotated[bool, typer.Option("--ray", help="Run one GuardWorker actor per GPU on a Ray cluster.")] = False,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Run one GuardWorker actor per GPU on a Ray cluster.")
+    ] = False,
 ) -> None:
     """Moderate the configured Kafka topic until SIGTERM/SIGINT (one process, or Ray actors with --ray)."""
     from worker.preflight import check_run
@@ -166,9 +174,15 @@ def demo_cmd(
 @app.command("eval")
 def eval_cmd(
     data: Annotated[Path, typer.Argument(help="Labelled JSON lines: an event plus its expected label.")],
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON report and PNG plots go.")] = Path("eval-report"),
-    target_fpr: Annotated[float, typer.Option(help="Recommend a threshold for this false-positive rate.")] = 0.05,
-    strict: Annotated[bool, typer.Option(help="Fail on the first bad data line instead of skipping it.")] = False,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON report and PNG plots go.")] = Path(
+        "eval-report"
+    ),
+    target_fpr: Annotated[
+        float, typer.Option(help="Recommend a threshold for this false-positive rate.")
+    ] = 0.05,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on the first bad data line instead of skipping it.")
+    ] = False,
     policy: Annotated[Optional[str], typer.Option(help="Policy id (default: default_policy).")] = None,
     config: ConfigOption = None,
 ) -> None:
@@ -176,7 +190,9 @@ def eval_cmd(
     from worker.evaluation.run import eval_command
 
     raise typer.Exit(
-        eval_command(data, _settings(config), out_dir=out_dir, target_fpr=target_fpr, strict=strict, policy_id=policy)
+        eval_command(
+            data, _settings(config), out_dir=out_dir, target_fpr=target_fpr, strict=strict, policy_id=policy
+        )
     )
 
 

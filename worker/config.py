@@ -45,7 +45,9 @@ DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny
 
 MASK = "**********"  # what SecretStr dumps as; URL passwords are replaced by the same
 # ``scheme://user:password@`` (or ``scheme://:password@`` / ``scheme://token@``) inside any text.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@")
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@"
+)
 
 
 def mask_url_credentials(text: str) -> str:
@@ -71,7 +73,9 @@ def _comma_list(value: Any) -> Any:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            raise ValueError(f"not a JSON list ({exc.msg}); write a JSON list or comma-separated values") from None
+            raise ValueError(
+                f"not a JSON list ({exc.msg}); write a JSON list or comma-separated values"
+            ) from None
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
@@ -135,7 +139,9 @@ class BatchingSettings(Section):
     max_wait_ms: int = Field(50, ge=0)
     max_in_flight: int = Field(1024, ge=1, description="pause partitions above this many in-flight events")
     resume_below: int | None = Field(None, ge=0, description="resume below this; default max_in_flight // 2")
-    prepare_threads: int = Field(2, ge=1, le=64, description="threads for image fetch/decode and tokenization")
+    prepare_threads: int = Field(
+        2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
+    )
 
     @model_validator(mode="after")
     def _resume_below_bound(self) -> BatchingSettings:
@@ -179,12 +185,17 @@ class ModelSettings(Section):
         validate_default=True,
     )
     revision: str | None = None
-    model_id: str | None = Field(None, description="id reported in verdicts; default: the path's last component")
+    model_id: str | None = Field(
+        None, description="id reported in verdicts; default: the path's last component"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     mode: Literal["single_pass", "generate"] = "single_pass"
     max_new_tokens: int = Field(
-        10, ge=1, le=64, description="decoding budget: whole answer (generate mode) or the codes after 'unsafe'"
+        10,
+        ge=1,
+        le=64,
+        description="decoding budget: whole answer (generate mode) or the codes after 'unsafe'",
     )
     share_prompt_prefix: bool = Field(
         True,
@@ -294,7 +305,9 @@ class RaySettings(Section):
     """Running stream workers as Ray actors (``run --ray``)."""
 
     enabled: bool = False
-    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or a local instance")
+    address: str | None = Field(
+        None, description="Ray cluster address; default RAY_ADDRESS or a local instance"
+    )
     num_workers: int | None = Field(None, ge=1, description="default: the cluster's GPU count (1 when none)")
     num_gpus_per_worker: float = Field(1.0, ge=0)
     num_cpus_per_worker: float = Field(0.0, ge=0)
@@ -357,7 +370,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_policy_exists(self) -> Settings:
         if self.default_policy not in self.policies:
-            raise ValueError(f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}")
+            raise ValueError(
+                f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}"
+            )
         return self
 
     @classmethod
@@ -451,7 +466,9 @@ def _check_environment(environ: typing.Mapping[str, str]) -> None:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 field = annotation.model_fields.get(part)
                 if field is None:
-                    known = f"; sections: {', '.join(annotation.model_fields)}" if annotation is Settings else ""
+                    known = (
+                        f"; sections: {', '.join(annotation.model_fields)}" if annotation is Settings else ""
+                    )
                     raise ConfigError(f"unknown configuration key: {'.'.join(dotted)} (from {name}){known}")
                 annotation = field.annotation
                 if NoDecode in field.metadata:
@@ -500,7 +517,9 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin)) from exc
-    except SettingsError as exc:  # a value pydantic-settings could not parse (_check_environment catches most)
+    except (
+        SettingsError
+    ) as exc:  # a value pydantic-settings could not parse (_check_environment catches most)
         raise ConfigError(f"invalid configuration (environment): {exc}") from exc
     for dotted, value in overrides.items():
         _set_dotted(settings, dotted, value)

@@ -42,7 +42,11 @@ def render() -> str:
     """The whole reference as Markdown."""
     lines = [HEADER]
     top = Settings.model_fields
-    scalars = [(n, f) for n, f in top.items() if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    scalars = [
+        (n, f)
+        for n, f in top.items()
+        if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))
+    ]
     for name, field in top.items():
         ann = field.annotation
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
@@ -59,11 +63,15 @@ def render() -> str:
     lines.append("| key | type | default | env | description |")
     lines.append("| --- | --- | --- | --- | --- |")
     for name, f in scalars:
-        desc = _desc({
-            "default_policy": "policy id used when an event names none",
-            "policies": "policies by id; each has `categories`, `names`, `threshold` (see the `policies.<id>` table)",
-        }.get(name, f.description))
-        lines.append(f"| `{name}` | {_type(f.annotation)} | {_default(f.default)} | `{ENV_PREFIX}{name.upper()}` | {desc} |")
+        desc = _desc(
+            {
+                "default_policy": "policy id used when an event names none",
+                "policies": "policies by id; each has `categories`, `names`, `threshold` (see the `policies.<id>` table)",
+            }.get(name, f.description)
+        )
+        lines.append(
+            f"| `{name}` | {_type(f.annotation)} | {_default(f.default)} | `{ENV_PREFIX}{name.upper()}` | {desc} |"
+        )
     from worker.config import PolicySettings
 
     lines.append("\n## `policies.<id>`\n\n" + (PolicySettings.__doc__ or "").strip() + "\n")

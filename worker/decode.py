@@ -306,7 +306,7 @@ def _schema_rejection(errors: Iterator[Any]) -> Rejection:
         return Rejection(
             Reason.INVALID_VALUE,
             f"{where} has an unsupported value {_short(error.instance)}; supported: {supported}",
-            where
+            where,
         )
     # Remaining keywords (maxLength, ...): jsonschema-rs's message names the limit, not the content.
     detail = error.message if kind != "MaxLength" else f"is longer than {info.get('limit')} characters"

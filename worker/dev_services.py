@@ -593,7 +593,9 @@ def dev_services_command(
             ]
             if all(health.values()):
                 if conflicts:
-                    print(f"error: embedded services already running, but {'; '.join(conflicts)}; run 'down' first")
+                    print(
+                        f"error: embedded services already running, but {'; '.join(conflicts)}; run 'down' first"
+                    )
                     return 1
                 print("embedded services already running")
                 _print_state(state, state_dir)

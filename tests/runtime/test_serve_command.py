@@ -80,11 +80,11 @@ def test_serve_answers_readyz_during_start_up_and_exits_0_on_sigterm_after_drain
                 status, body = _get(base + "/readyz")
             except (ConnectionError, urllib.error.URLError) as exc:
                 if isinstance(getattr(exc, "reason", exc), TimeoutError) or isinstance(exc, TimeoutError):
-                    raise AssertionError("/readyz hung during start-up instead of answering") from exc
+                    pytest.fail(f"/readyz hung during start-up instead of answering ({exc})")
                 time.sleep(0.5)  # the proxy is not listening yet
                 continue
             except TimeoutError as exc:
-                raise AssertionError("/readyz hung during start-up instead of answering") from exc
+                pytest.fail(f"/readyz hung during start-up instead of answering ({exc})")
             answers.append(status)
             if "proxy" in body:  # Serve's proxy before the app's route exists: a plain-text 404/503, at once
                 assert status in (404, 503), (status, body)

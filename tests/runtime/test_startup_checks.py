@@ -35,7 +35,7 @@ def busy_port() -> Iterator[int]:
 def _worker(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MW_")}
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], capture_output=True, text=True, timeout=120, env=base | env
+        [sys.executable, "-m", "worker", *args], capture_output=True, text=True, timeout=120, env=base | env, check=False
     )
 
 

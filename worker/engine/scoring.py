@@ -126,9 +126,7 @@ def score(
     else:
         tail_ok = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     next_ids = greedy[:, -1] if len(tail) else logits[:, 0, :].argmax(-1)
-    return ScoreOutput(
-        scores.cpu(), mass.cpu(), tail_ok.cpu(), next_ids, out.cache if keep_cache else None
-    )
+    return ScoreOutput(scores.cpu(), mass.cpu(), tail_ok.cpu(), next_ids, out.cache if keep_cache else None)
 
 
 def decode_greedy(

@@ -61,8 +61,13 @@ def plot_pr_curve(
         drawable = [p for p in points if p["precision"] is not None and p["recall"] is not None]
         if not drawable:
             continue
-        (line,) = ax.plot([p["recall"] for p in drawable], [p["precision"] for p in drawable], marker=".",
-                          label=task, alpha=0.8)
+        (line,) = ax.plot(
+            [p["recall"] for p in drawable],
+            [p["precision"] for p in drawable],
+            marker=".",
+            label=task,
+            alpha=0.8,
+        )
         colours[task] = line.get_color()
     for i, mark in enumerate(pr_curve_marks(sweep, threshold, recommended or {})):
         if mark.task not in colours:
@@ -70,15 +75,36 @@ def plot_pr_curve(
         colour = colours[mark.task]
         style = _MARK_STYLE[mark.kind]
         if mark.kind == "operating":  # an unfilled marker: its colour is the face colour
-            ax.scatter([mark.recall], [mark.precision], marker=style["marker"], s=style["s"], c=[colour],
-                       linewidths=1.8, zorder=3)
+            ax.scatter(
+                [mark.recall],
+                [mark.precision],
+                marker=style["marker"],
+                s=style["s"],
+                c=[colour],
+                linewidths=1.8,
+                zorder=3,
+            )
         else:  # a hollow ring around the point, visible even when it coincides with the operating point
-            ax.scatter([mark.recall], [mark.precision], marker=style["marker"], s=style["s"], facecolors="none",
-                       edgecolors=colour, linewidths=1.8, zorder=3)
+            ax.scatter(
+                [mark.recall],
+                [mark.precision],
+                marker=style["marker"],
+                s=style["s"],
+                facecolors="none",
+                edgecolors=colour,
+                linewidths=1.8,
+                zorder=3,
+            )
         # Labels fan out (one offset per mark) so marks on the same point stay readable.
-        ax.annotate(f"{mark.task} {mark.kind} {mark.threshold:.3g}", (mark.recall, mark.precision),
-                    xytext=(8, 10 + 12 * i), textcoords="offset points", fontsize=7, color=colour,
-                    arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5})
+        ax.annotate(
+            f"{mark.task} {mark.kind} {mark.threshold:.3g}",
+            (mark.recall, mark.precision),
+            xytext=(8, 10 + 12 * i),
+            textcoords="offset points",
+            fontsize=7,
+            color=colour,
+            arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.5},
+        )
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.05)

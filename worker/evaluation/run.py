@@ -67,7 +67,11 @@ def evaluate(
                     kept.append(item)
                 except RejectedError as exc:
                     failures.append(
-                        {"line": item.line, "reason": exc.rejection.reason.value, "message": exc.rejection.message}
+                        {
+                            "line": item.line,
+                            "reason": exc.rejection.reason.value,
+                            "message": exc.rejection.message,
+                        }
                     )
             results = engine.classify(requests) if requests else []
             for item, result in zip(kept, results, strict=True):
@@ -105,9 +109,7 @@ def _by_task(scored: Sequence[Scored]) -> dict[str, list[Scored]]:
     return groups
 
 
-def build_report(
-    scored: Sequence[Scored], policy: Policy, target_fpr: float
-) -> dict[str, Any]:
+def build_report(scored: Sequence[Scored], policy: Policy, target_fpr: float) -> dict[str, Any]:
     """Tables, sweep and recommendation as plain data (the items, model and data parts are added by the caller)."""
     groups = _by_task(scored)
     table1 = {t: decision_confusion(g).as_dict() for t, g in groups.items()}
@@ -143,8 +145,13 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
         if m["total"] == 0:
             continue
         t1.add_row(
-            names[task], _rate(m["precision"]), _rate(m["recall"]), _rate(m["f1"]), _rate(m["fpr"]),
-            str(m["support"]), str(m["total"]),
+            names[task],
+            _rate(m["precision"]),
+            _rate(m["recall"]),
+            _rate(m["f1"]),
+            _rate(m["fpr"]),
+            str(m["support"]),
+            str(m["total"]),
         )
     console.print(t1)
     t2 = Table(title="Table 2: per-category F1 (all tasks; one-vs-rest per category)")
@@ -153,8 +160,13 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
     for code, m in report["table2"]["all"].items():
         if m["support"] == 0 and m["tp"] + m["fp"] == 0:
             continue
-        t2.add_row(f"{code} {m['name']}", _rate(m["f1"]), _rate(m["precision"]), _rate(m["recall"]),
-                   str(m["support"]))
+        t2.add_row(
+            f"{code} {m['name']}",
+            _rate(m["f1"]),
+            _rate(m["precision"]),
+            _rate(m["recall"]),
+            str(m["support"]),
+        )
     console.print(t2)
     rec = report["recommendation"]["by_task"]["all"]
     if rec is not None:
@@ -228,7 +240,9 @@ def eval_command(
             report["threshold_sweep"],
             policy.threshold,
             out_dir / "pr_curve.png",
-            recommended={t: (r["threshold"] if r else None) for t, r in report["recommendation"]["by_task"].items()},
+            recommended={
+                t: (r["threshold"] if r else None) for t, r in report["recommendation"]["by_task"].items()
+            },
         ),
         "category_f1": plot_category_f1(report["table2"]["all"], out_dir / "category_f1.png"),
     }

@@ -103,7 +103,9 @@ def from_rejection(rejection: Rejection, index: int | None) -> RequestError:
 def from_http_status(status: int, detail: str, method: str, path: str) -> RequestError:
     """A framework-level error (no route, wrong method…) as a request error of the same shape as the others."""
     if status == 404:
-        return RequestError(NOT_FOUND, f"no route {path}; the API is POST /v1/moderate, GET /healthz, GET /readyz")
+        return RequestError(
+            NOT_FOUND, f"no route {path}; the API is POST /v1/moderate, GET /healthz, GET /readyz"
+        )
     if status == 405:
         return RequestError(METHOD_NOT_ALLOWED, f"{method} is not allowed on {path}")
     return _StatusError(f"http_{status}", detail, status_code=status)
@@ -204,7 +206,11 @@ def parse_request(body: bytes, settings: Settings) -> ParsedRequest:
     except orjson.JSONDecodeError:
         # The record decoder names the fault as it does for a Kafka record (invalid_utf8, too_deeply_nested…).
         decoded = decode_event(body, settings)
-        rejection = decoded if isinstance(decoded, Rejection) else Rejection(Reason.INVALID_JSON, "body is not valid JSON")
+        rejection = (
+            decoded
+            if isinstance(decoded, Rejection)
+            else Rejection(Reason.INVALID_JSON, "body is not valid JSON")
+        )
         return ParsedRequest(batch=True, errors=[from_rejection(rejection, None)])
     if not items:
         return ParsedRequest(

@@ -125,7 +125,10 @@ def serve_command(settings: Settings) -> int:
     # signal means "stop in order", even during start-up.
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, lambda *_: stop_requested.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, lambda *_: stop_requested.set())
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
     status = 0
     try:
         json_logs = {"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}
@@ -179,7 +182,9 @@ def _deploy_and_wait(settings: Settings, stop_requested: threading.Event) -> int
             )
             return 0
         if state == "failed":
-            log.error("cannot load the model: %s", detail, extra={"stage": "load", "reason": "model_load_failed"})
+            log.error(
+                "cannot load the model: %s", detail, extra={"stage": "load", "reason": "model_load_failed"}
+            )
             return 1
         stop_requested.wait(READY_POLL_S)
     return 0
@@ -194,7 +199,7 @@ def _readiness(settings: Settings) -> tuple[str, str]:
     host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
     url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.serve.port}/readyz"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 — our own loopback endpoint
+        with urllib.request.urlopen(url, timeout=5) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
         body = exc.read()

@@ -97,8 +97,13 @@ def _error(errors: list[RequestError]) -> Response:
     # One line per refused request: its reason code and field, never the content.
     log.info(
         "request rejected",
-        extra={"stage": "http", "reason": str(first.reason), "status": status, "field": first.field,
-               "errors": len(errors)},
+        extra={
+            "stage": "http",
+            "reason": str(first.reason),
+            "status": status,
+            "field": first.field,
+            "errors": len(errors),
+        },
     )
     return _json(status, body)
 
@@ -146,7 +151,9 @@ class ModerationDeployment:
             engine = GuardEngine.from_settings(self.settings)
         except Exception as exc:  # noqa: BLE001 — reported by /readyz and the health check, not lost
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("cannot load the model: %s", exc, extra={"stage": "load", "reason": "model_load_failed"})
+            log.error(
+                "cannot load the model: %s", exc, extra={"stage": "load", "reason": "model_load_failed"}
+            )
             return
         self.engine = engine
         log.info(
@@ -299,12 +306,17 @@ class ModerationDeployment:
             try:
                 async with self.decode_budget.hold(item.image_data):
                     image = await loop.run_in_executor(
-                        self.decode_pool, lambda: decode_image(item.image_data, self.settings.limits, field=field)
+                        self.decode_pool,
+                        lambda: decode_image(item.image_data, self.settings.limits, field=field),
                     )
             except RejectedError as exc:
                 log.info(
                     "image rejected",
-                    extra={"event_id": item.event.event_id, "stage": "prepare", "reason": exc.rejection.reason.value},
+                    extra={
+                        "event_id": item.event.event_id,
+                        "stage": "prepare",
+                        "reason": exc.rejection.reason.value,
+                    },
                 )
                 return from_rejection(exc.rejection, None), 0
         return await self.classify_batch(
