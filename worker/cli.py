@@ -138,7 +138,7 @@ def run_cmd(
     from worker.preflight import check_run
 
     settings = _settings(config)
-    _preflight(check_run, settings)
+    _preflight(lambda s: check_run(s, on_ray=ray or s.ray.enabled), settings)
     if ray or settings.ray.enabled:
         from worker.runtime.driver import run_on_ray
 

@@ -9,7 +9,7 @@ a short timeout and fails with a ``StartupError`` whose one-line message names t
 | Kafka broker (any bootstrap server answers) | ``kafka.bootstrap_servers`` | stop, exit 2 |
 | Ray cluster, when an address is configured | ``ray.address`` | stop, exit 2 |
 | HTTP port of ``serve`` / ops port of ``run`` free | ``serve.port`` / ``ops.port`` | stop, exit 2 |
-| model weights directory exists | ``model.path`` | stop, exit 2 |
+| model weights directory exists (unless joining a Ray cluster: the nodes hold it) | ``model.path`` | stop, exit 2 |
 | Redis verdict cache | ``redis.url`` | degrade: one warning, run uncached, reconnect |
 
 Redis is optional by design (the cache only saves work), so an unreachable Redis is a warning: the worker
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -135,16 +136,24 @@ def check_redis(settings: Settings, timeout_s: float = CONNECT_TIMEOUT_S) -> str
     return message
 
 
-def check_run(settings: Settings) -> None:
+def _joins_a_cluster(settings: Settings) -> bool:
+    """The model then loads on the cluster's nodes: its path need not exist on this machine."""
+    return bool(settings.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_run(settings: Settings, *, on_ray: bool = False) -> None:
     """Everything ``moderation-worker run`` needs before it loads the model (raises ``StartupError``)."""
     check_kafka(settings)
-    check_model_path(settings)
+    if not (on_ray and _joins_a_cluster(settings)):
+        check_model_path(settings)
     check_port_free(settings.ops.host, settings.ops.port, "ops.port")
-    check_ray_address(settings)
+    if on_ray:
+        check_ray_address(settings)
 
 
 def check_serve(settings: Settings) -> None:
     """Everything ``moderation-worker serve`` needs before it starts Ray (raises ``StartupError``)."""
-    check_model_path(settings)
+    if not _joins_a_cluster(settings):
+        check_model_path(settings)
     check_port_free(settings.serve.host, settings.serve.port, "serve.port")
     check_ray_address(settings)

@@ -103,3 +103,14 @@ def test_an_unreachable_redis_is_one_warning_saying_the_worker_runs_uncached(clo
     assert [r.reason for r in caplog.records if r.name == "worker.preflight"] == ["cache_unavailable"]
     settings.redis.enabled = False
     assert check_redis(settings) is None
+
+
+def test_joining_a_ray_cluster_does_not_need_the_weights_on_this_machine(busy_port, monkeypatch):
+    from worker.preflight import check_run
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    settings = load_settings(None, kafka__bootstrap_servers=[f"127.0.0.1:{busy_port}"], model__path="/nonexistent",
+                             ray__address=f"127.0.0.1:{busy_port}", ops__port=0)
+    check_run(settings, on_ray=True)  # the cluster's nodes load the model
+    with pytest.raises(StartupError, match=r"model\.path"):
+        check_run(settings)  # a local worker loads it here
