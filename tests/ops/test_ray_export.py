@@ -54,6 +54,14 @@ def test_counters_are_copied_as_increases_since_the_last_copy(registry: Collecto
     }
 
 
+def test_a_counter_series_is_sent_at_zero_when_first_seen(registry: CollectorRegistry) -> None:
+    dropped = Counter("mw_engine_dropped_codes_total", "x", ["code"], registry=registry)
+    dropped.labels(code="S1")
+    sink = RecordingSink()
+    RayMetricsBridge(registry, sink=sink).mirror_once()
+    assert list(sink.counters.items()) == [(("mw_engine_dropped_codes", (("code", "S1"),)), 0)]
+
+
 def test_gauges_are_copied_as_current_values(registry: CollectorRegistry) -> None:
     lag = Gauge("mw_consumer_lag", "x", ["topic", "partition"], registry=registry)
     sink = RecordingSink()
