@@ -30,7 +30,9 @@ def _runtime_stage(instructions: list[dockerfile.Command]) -> list[dockerfile.Co
 
 def _global_args(instructions: list[dockerfile.Command]) -> dict[str, str]:
     first_from = next(i for i, c in enumerate(instructions) if c.cmd == "FROM")
-    return dict(c.value[0].split("=", 1) for c in instructions[:first_from] if c.cmd == "ARG" and "=" in c.value[0])
+    return dict(
+        c.value[0].split("=", 1) for c in instructions[:first_from] if c.cmd == "ARG" and "=" in c.value[0]
+    )
 
 
 def test_the_image_has_a_healthcheck_on_the_workers_liveness_endpoint(instructions) -> None:

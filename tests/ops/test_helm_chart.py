@@ -88,7 +88,9 @@ def raycluster_validator() -> Any:
 
 def pod_templates(objects: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Every pod template the objects create: ``{"<Kind>/<name>[/<group>]": PodTemplateSpec}``."""
-    templates = {f"Deployment/{d['metadata']['name']}": d["spec"]["template"] for d in objects.get("Deployment", [])}
+    templates = {
+        f"Deployment/{d['metadata']['name']}": d["spec"]["template"] for d in objects.get("Deployment", [])
+    }
     for kind, path in (("RayCluster", ("spec",)), ("RayService", ("spec", "rayClusterConfig"))):
         for obj in objects.get(kind, []):
             cluster = obj
@@ -228,12 +230,15 @@ def test_rendered_ray_objects_validate_against_the_kuberay_crds(
     for obj, validator in ((_one(rendered[which], "RayService"), rayservice_validator),
                            (_one(rendered[which], "RayCluster"), raycluster_validator)):  # fmt: skip
         errors += [
-            f"{obj['kind']} {'/'.join(map(str, e.instance_path))}: {e.message}" for e in validator.iter_errors(obj)
+            f"{obj['kind']} {'/'.join(map(str, e.instance_path))}: {e.message}"
+            for e in validator.iter_errors(obj)
         ]
     assert errors == []
 
 
-def test_crd_validation_catches_a_misspelt_field(rendered, rayservice_validator, raycluster_validator) -> None:
+def test_crd_validation_catches_a_misspelt_field(
+    rendered, rayservice_validator, raycluster_validator
+) -> None:
     rayservice = copy.deepcopy(_one(rendered["default"], "RayService"))
     _worker_group(rayservice)["replica"] = 2
     assert not rayservice_validator.is_valid(rayservice)
@@ -266,12 +271,16 @@ def test_the_pod_security_check_catches_each_restricted_rule(rendered) -> None:
     assert violations(lambda pod, sc: sc["capabilities"].update(drop=["NET_RAW"]))
     assert violations(lambda pod, sc: sc["capabilities"].update(add=["SYS_ADMIN"]))
     assert violations(lambda pod, sc: (sc.pop("runAsNonRoot"), pod["securityContext"].pop("runAsNonRoot")))
-    assert violations(lambda pod, sc: (sc.pop("seccompProfile"), pod["securityContext"].pop("seccompProfile")))
+    assert violations(
+        lambda pod, sc: (sc.pop("seccompProfile"), pod["securityContext"].pop("seccompProfile"))
+    )
     assert violations(lambda pod, sc: sc.update(privileged=True))
     assert violations(lambda pod, sc: pod["securityContext"].update(runAsUser=0))
     assert violations(lambda pod, sc: pod.update(hostNetwork=True))
     assert violations(lambda pod, sc: pod["volumes"].append({"name": "h", "hostPath": {"path": "/"}}))
-    assert violations(lambda pod, sc: pod["containers"][0]["ports"].append({"containerPort": 1, "hostPort": 1}))
+    assert violations(
+        lambda pod, sc: pod["containers"][0]["ports"].append({"containerPort": 1, "hostPort": 1})
+    )
 
 
 def test_a_hostpath_weights_volume_fails_the_restricted_profile(chart: helm.Chart) -> None:
@@ -289,7 +298,9 @@ def test_a_hostpath_weights_volume_fails_the_restricted_profile(chart: helm.Char
         ("model", "hf_token", "secrets.hfToken"),
     ],
 )
-def test_a_secret_value_under_config_is_rejected(chart: helm.Chart, section: str, key: str, route: str) -> None:
+def test_a_secret_value_under_config_is_rejected(
+    chart: helm.Chart, section: str, key: str, route: str
+) -> None:
     bad = {"config": {section: {key: "hunter2"}}}
     with pytest.raises(helm.HelmValuesError) as err:
         chart.validate_schema(chart.merge_values(bad))
@@ -386,7 +397,10 @@ def test_gpu_worker_groups_request_their_gpus_and_placement_comes_from_values(re
         assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
         assert pod["nodeSelector"] == chart_values["gpuWorkers"]["nodeSelector"]
         assert pod["tolerations"] == chart_values["gpuWorkers"]["tolerations"]
-        assert (group["replicas"], group["maxReplicas"]) == (group_values["replicas"], group_values["maxReplicas"])
+        assert (group["replicas"], group["maxReplicas"]) == (
+            group_values["replicas"],
+            group_values["maxReplicas"],
+        )
         (spread,) = pod["topologySpreadConstraints"]
         assert spread["labelSelector"]["matchLabels"] == group["template"]["metadata"]["labels"]
 
@@ -430,12 +444,16 @@ def test_serve_disabled_still_deploys_the_stream(chart: helm.Chart, tmp_path: Pa
     assert len(pod_templates(objects)) == 3
 
 
-def test_stream_only_values_deploy_the_stream_without_any_serve_object(chart: helm.Chart, tmp_path: Path) -> None:
+def test_stream_only_values_deploy_the_stream_without_any_serve_object(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
     objects = _render(chart, {"serve": {"enabled": False}, "config": {"serve": {"num_gpus": 0}}})
     _stream_is_deployed(objects, tmp_path)
     (policy,) = objects["NetworkPolicy"]
     assert all(8000 not in [p["port"] for p in rule.get("ports", [])] for rule in policy["spec"]["ingress"])
-    assert [p["metadata"]["name"] for p in objects["PodDisruptionBudget"]] == ["mw-moderation-worker-stream-gpu"]
+    assert [p["metadata"]["name"] for p in objects["PodDisruptionBudget"]] == [
+        "mw-moderation-worker-stream-gpu"
+    ]
 
 
 def test_the_stream_never_connects_through_the_rayservice(rendered, tmp_path: Path) -> None:
@@ -490,20 +508,33 @@ def test_gcs_fault_tolerance_is_an_option_on_both_clusters(chart: helm.Chart) ->
     assert "gcsFaultToleranceOptions" not in _one(_render(chart, {}), "RayCluster")["spec"]
     objects = _render(
         chart,
-        {"gcsFaultTolerance": {"enabled": True, "redisAddress": "redis:6379", "externalStorageNamespace": "mw"}},
+        {
+            "gcsFaultTolerance": {
+                "enabled": True,
+                "redisAddress": "redis:6379",
+                "externalStorageNamespace": "mw",
+            }
+        },
     )
-    for spec in (_one(objects, "RayCluster")["spec"], _one(objects, "RayService")["spec"]["rayClusterConfig"]):
+    for spec in (
+        _one(objects, "RayCluster")["spec"],
+        _one(objects, "RayService")["spec"]["rayClusterConfig"],
+    ):
         options = spec["gcsFaultToleranceOptions"]
         assert options["redisAddress"] == "redis:6379"
         assert options["redisPassword"]["valueFrom"]["secretKeyRef"]["key"] == "gcs-redis-password"
     namespaces = {
         _one(objects, "RayCluster")["spec"]["gcsFaultToleranceOptions"]["externalStorageNamespace"],
-        _one(objects, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["externalStorageNamespace"],
+        _one(objects, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"][
+            "externalStorageNamespace"
+        ],
     }
     assert len(namespaces) == 2  # two clusters never share GCS state
 
 
-def test_autoscaling_enables_the_ray_autoscaler_and_the_drivers_lag_scaling(chart: helm.Chart, tmp_path: Path) -> None:
+def test_autoscaling_enables_the_ray_autoscaler_and_the_drivers_lag_scaling(
+    chart: helm.Chart, tmp_path: Path
+) -> None:
     objects = _render(
         chart,
         {
@@ -513,7 +544,16 @@ def test_autoscaling_enables_the_ray_autoscaler_and_the_drivers_lag_scaling(char
     )
     spec = _one(objects, "RayCluster")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
-    assert restricted_violations({"containers": [{"name": "autoscaler", "securityContext": spec["autoscalerOptions"]["securityContext"]}]}) == []
+    assert (
+        restricted_violations(
+            {
+                "containers": [
+                    {"name": "autoscaler", "securityContext": spec["autoscalerOptions"]["securityContext"]}
+                ]
+            }
+        )
+        == []
+    )
     assert _worker_group(_one(objects, "RayCluster"))["maxReplicas"] == 3
     settings = _config_from_configmap(objects, tmp_path)
     assert (settings.ray.autoscale, settings.ray.min_workers, settings.ray.max_workers) == (True, 1, 3)
@@ -526,7 +566,9 @@ def test_network_policy_keeps_ray_client_dashboard_and_gcs_ports_inside_the_rele
         (policy,) = objects["NetworkPolicy"]
         ingress = policy["spec"]["ingress"]
         own_pods = [r for r in ingress if "ports" not in r]
-        assert own_pods == [{"from": [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]}]
+        assert own_pods == [
+            {"from": [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]}
+        ]
         open_ports = {p["port"] for r in ingress if "ports" in r for p in r["ports"]}
         assert open_ports == {8080, 9400, 8000}, which
         assert not open_ports & {10001, 8265, 6379}
@@ -542,7 +584,9 @@ def test_every_pod_uses_the_release_service_account_without_an_api_token(rendere
 def test_disruption_budgets_select_the_gpu_pods_of_each_cluster(rendered) -> None:
     budgets = rendered["default"]["PodDisruptionBudget"]
     assert len(budgets) == 2
-    labels = [t["metadata"]["labels"] for w, t in pod_templates(rendered["default"]).items() if w.endswith("/gpu")]
+    labels = [
+        t["metadata"]["labels"] for w, t in pod_templates(rendered["default"]).items() if w.endswith("/gpu")
+    ]
     for budget in budgets:
         selector = budget["spec"]["selector"]["matchLabels"]
         assert budget["spec"]["maxUnavailable"] == 1
@@ -588,6 +632,8 @@ def test_secrets_are_created_from_values_or_taken_from_an_existing_secret(
     env = objects["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
     refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e}
     assert refs == {"team-secrets"}
+
+
 def test_kafka_mutual_tls_mounts_the_files_the_config_points_to(chart: helm.Chart, tmp_path: Path) -> None:
     objects = _render(
         chart,

@@ -3,8 +3,9 @@ its node's metrics export port (what a KubeRay PodMonitor scrapes), and every me
 queries is in that scrape (Ray's ``ray_mw_*`` renamed to ``mw_*`` like the chart's PodMonitor does, plus the
 driver's own ``/metrics``).
 
-The cluster is Ray's ``ray.cluster_utils.Cluster`` (head without GPUs + two one-GPU nodes, each its own raylet,
-all on 127.0.0.1) in a host subprocess; the driver is ``python -m worker run --ray`` joining it.
+The cluster is ``multinode_cluster`` (tests/fixtures/multinode.py: Ray's ``ray.cluster_utils.Cluster``, a head
+without GPUs + two one-GPU nodes, each its own raylet, all on 127.0.0.1); the driver is
+``python -m worker run --ray`` joining it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.fixtures.multinode import WORKER_NODES, MultiNodeCluster
 from tests.fixtures.ray_cluster import free_port
 from tests.ops.helpers import REPO
 from tests.ops.test_dashboard import _queries, promql_references
@@ -35,62 +36,15 @@ from worker.stream.kafka_clients import ensure_topics
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 PARTITIONS = 4
-ACTORS = 2
+ACTORS = WORKER_NODES  # one actor per one-GPU node
 # Ray's agent exports what workers report every few seconds; the bridge copies every 5 s.
 EXPORT_DEADLINE_S = 120.0
-
-_HOST = """
-import json, sys
-from ray.cluster_utils import Cluster
-node = {"num_cpus": 2, "num_gpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
-cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-    "num_cpus": 1, "num_gpus": 0, "object_store_memory": 80 * 2**20, "include_dashboard": False,
-    "node_ip_address": "127.0.0.1"})
-for _ in range(int(sys.argv[1])):
-    cluster.add_node(**node)
-cluster.wait_for_nodes()
-print(json.dumps({"address": cluster.address}), flush=True)
-sys.stdin.read()  # until the test closes stdin
-cluster.shutdown()
-"""
 
 _NODE_PORTS = """
 import json, ray
 ray.init(address="auto", include_dashboard=False)
 print(json.dumps([n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]))
 """
-
-
-@pytest.fixture(scope="module")
-def cluster_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Head + ``ACTORS`` one-GPU worker nodes on loopback, in a host subprocess (the test process may hold
-    the session's single-node Ray)."""
-    log = (tmp_path_factory.mktemp("multinode") / "host.log").open("w")
-    env = {**os.environ, **LOCAL_RAY_ENV}
-    env.pop("RAY_ADDRESS", None)
-    host = subprocess.Popen(
-        [sys.executable, "-c", _HOST, str(ACTORS)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    try:
-        assert host.stdout is not None
-        line = host.stdout.readline()
-        assert line, f"cluster host exited with {host.poll()}"
-        yield json.loads(line)["address"]
-    finally:
-        if host.stdin is not None:
-            host.stdin.close()
-        try:
-            host.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            host.kill()
-            host.wait(timeout=30)
-        log.close()
 
 
 def _node_metrics_ports(address: str) -> list[int]:
@@ -119,8 +73,10 @@ def _by_worker(samples: dict[str, float], name: str) -> dict[str, float]:
 
 
 def test_live_scrape_of_a_multi_node_cluster_shows_mw_series_from_every_actor_and_feeds_every_panel(
-    cluster_address: str, make_settings: Any, tiny_model_dir: Path, tmp_path: Path
+    multinode_cluster: MultiNodeCluster, make_settings: Any, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    cluster_address = multinode_cluster.address
+    assert len(multinode_cluster.nodes) == ACTORS
     ops_port = free_port()
     settings = make_settings(
         model__path=str(tiny_model_dir),
@@ -137,7 +93,9 @@ def test_live_scrape_of_a_multi_node_cluster_shows_mw_series_from_every_actor_an
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
     config = tmp_path / "worker.yaml"
     config.write_text(yaml.safe_dump(settings.masked()))
-    stream = build_stream(80, seed=12, repeat_ratio=0.2, image_ratio=0.0, malformed_ratio=0.05, id_prefix="scrape")
+    stream = build_stream(
+        80, seed=12, repeat_ratio=0.2, image_ratio=0.0, malformed_ratio=0.05, id_prefix="scrape"
+    )
 
     log_path = tmp_path / "driver.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MW_") and k != "RAY_ADDRESS"}
@@ -168,7 +126,9 @@ def test_live_scrape_of_a_multi_node_cluster_shows_mw_series_from_every_actor_an
             deadline = time.monotonic() + EXPORT_DEADLINE_S
             while True:
                 per_node = {port: _scrape(port) for port in ports}
-                consumed_per_node = {p: _by_worker(s, "ray_mw_events_consumed_total") for p, s in per_node.items()}
+                consumed_per_node = {
+                    p: _by_worker(s, "ray_mw_events_consumed_total") for p, s in per_node.items()
+                }
                 consumed = {w: v for by_worker in consumed_per_node.values() for w, v in by_worker.items()}
                 if set(consumed) == workers and sum(consumed.values()) == len(stream.records):
                     break

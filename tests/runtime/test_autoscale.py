@@ -84,8 +84,12 @@ def test_actors_scale_out_on_lag_capped_at_partitions_and_back_in_with_a_gracefu
     )
     ensure_topics(settings, [settings.topics.events], partitions=PARTITIONS)
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
-    backlog = build_stream(300, seed=21, repeat_ratio=0.0, image_ratio=0.0, malformed_ratio=0.0, id_prefix="lag")
-    trickle = build_stream(80, seed=22, repeat_ratio=0.0, image_ratio=0.0, malformed_ratio=0.0, id_prefix="calm")
+    backlog = build_stream(
+        300, seed=21, repeat_ratio=0.0, image_ratio=0.0, malformed_ratio=0.0, id_prefix="lag"
+    )
+    trickle = build_stream(
+        80, seed=22, repeat_ratio=0.0, image_ratio=0.0, malformed_ratio=0.0, id_prefix="calm"
+    )
     produce(settings, backlog.records, partitions=PARTITIONS)
 
     history: list[tuple[int, int]] = []

@@ -247,8 +247,10 @@ def export_to_ray(worker: str, *, interval_s: float = 5.0) -> RayMetricsBridge |
     with _process_bridge_lock:
         if _process_bridge is None:
             try:
-                _process_bridge = RayMetricsBridge(constant_tags={"worker": worker}, interval_s=interval_s).start()
-            except Exception:  # noqa: BLE001 (see docstring)
+                _process_bridge = RayMetricsBridge(
+                    constant_tags={"worker": worker}, interval_s=interval_s
+                ).start()
+            except Exception:
                 logger.exception("exporting metrics to Ray failed", extra={"worker": worker})
                 return None
         return _process_bridge

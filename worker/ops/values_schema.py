@@ -213,7 +213,9 @@ def values_schema() -> dict[str, Any]:
                             "type": "array",
                             "items": {"type": "object", "required": ["name"], "properties": {"name": _STR}},
                         },
-                        "upgradeStrategy": {"enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]},
+                        "upgradeStrategy": {
+                            "enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]
+                        },
                         "gpuWorkers": _strict(_gpu_group()),
                     }
                 ),

@@ -210,7 +210,9 @@ class WorkerFleet:
             log.info("scaling out: started guard worker %d", index, extra={"stage": "ray_driver"})
         if len(self.slots) > count:
             leaving, self.slots = self.slots[count:], self.slots[:count]
-            deadline_s = self.settings.shutdown.drain_timeout_s if drain_deadline_s is None else drain_deadline_s
+            deadline_s = (
+                self.settings.shutdown.drain_timeout_s if drain_deadline_s is None else drain_deadline_s
+            )
             refs = {slot.actor.stop.remote(deadline_s): slot for slot in leaving}
             done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=deadline_s + STOP_MARGIN_S)
             for ref, slot in refs.items():
@@ -219,7 +221,9 @@ class WorkerFleet:
                     try:
                         final = ray.get(ref, timeout=1.0)
                     except (ray.exceptions.RayError, TimeoutError) as exc:
-                        log.warning("guard worker %d failed while draining: %s", slot.index, type(exc).__name__)
+                        log.warning(
+                            "guard worker %d failed while draining: %s", slot.index, type(exc).__name__
+                        )
                 ray.kill(slot.actor, no_restart=True)
                 self.drained.append(final)
                 log.info(

@@ -100,7 +100,6 @@ class ModerationDeployment:
         from worker.cache.redis_cache import VerdictCache
         from worker.engine.engine import GuardEngine
         from worker.ops.logs import configure_logging
-
         from worker.ops.ray_export import export_to_ray
 
         self.settings = settings_from_payload(settings)
