@@ -122,3 +122,9 @@ def test_start_copies_at_once_and_stop_makes_a_final_copy(registry: CollectorReg
     events.inc(4)
     bridge.stop()
     assert sink.counters == {("mw_events_consumed", ()): 4}
+
+
+def test_export_to_ray_does_nothing_outside_a_ray_actor() -> None:
+    from worker.ops.ray_export import export_to_ray
+
+    assert export_to_ray("not-an-actor") is None

@@ -235,15 +235,15 @@ _process_bridge_lock = threading.Lock()
 
 
 def export_to_ray(worker: str, *, interval_s: float = 5.0) -> RayMetricsBridge | None:
-    """Start this process's bridge into Ray's metrics, tagged ``worker=<worker>``; None outside a Ray worker.
+    """Start this process's bridge into Ray's metrics, tagged ``worker=<worker>``; None outside a Ray actor.
 
     Idempotent per process (an actor restarted by Ray is a new process and starts its own). Never raises:
     metrics must not stop the stream or the endpoint.
     """
     global _process_bridge
     ray = sys.modules.get("ray")  # never import Ray here: the plain `run` path must not load it
-    if ray is None or not ray.is_initialized():
-        return None
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None  # not an actor (a driver's registry holds no pipeline's numbers)
     with _process_bridge_lock:
         if _process_bridge is None:
             try:
