@@ -127,9 +127,11 @@ class ModerationDeployment:
     def __init__(self, settings: dict[str, Any] | Settings) -> None:
         from worker.cache.redis_cache import VerdictCache
         from worker.ops.logs import configure_logging
+        from worker.ops.ray_export import export_to_ray
 
         self.settings = settings_from_payload(settings)
         configure_logging(self.settings.logging, worker="serve")
+        export_to_ray(f"serve-{serve.get_replica_context().replica_id.unique_id}")
         self.engine: Any = None
         self.load_error: str | None = None
         self.cache = VerdictCache(self.settings.redis)
