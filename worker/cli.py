@@ -58,12 +58,19 @@ def check_event_cmd(
 def prompt_cmd(
     file: Annotated[str, typer.Argument(help="One event (JSON); - for stdin.")] = "-",
     policy: Annotated[Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")] = None,
+    family: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Llama Guard family whose prompt to print: llama-guard-3-vision | llama-guard-3-1b | "
+            "llama-guard-3-8b | llama-guard-4 (default: model.family). Loads no weights."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Print the exact Llama Guard 3 Vision prompt the model would read for an event."""
+    """Print the exact prompt a Llama Guard model would read for an event (images as the template writes them)."""
     from worker.engine.prompt import prompt_command
 
-    raise typer.Exit(prompt_command(file, _settings(config), policy_id=policy))
+    raise typer.Exit(prompt_command(file, _settings(config), policy_id=policy, family=family))
 
 
 @app.command("dev-services")

@@ -12,6 +12,7 @@ Unknown keys and bad values fail at start with the key's dotted name (pydantic `
 from __future__ import annotations
 
 import ipaddress
+import re
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
+# Every built-in code of any Llama Guard family (S14 only in Llama Guard 3 8B and Llama Guard 4).
+BUILTIN_CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 15))
+GUARD_FAMILIES: tuple[str, ...] = ("llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4")
 ENV_PREFIX = "MW_"
 DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny-model` writes by default
 
@@ -93,16 +97,30 @@ class BatchingSettings(Section):
 class PolicySettings(Section):
     """One moderation policy: which categories count, their wording, and the decision threshold."""
 
-    categories: list[str] = list(CATEGORY_CODES)
-    names: dict[str, str] = {}
+    categories: list[str] | None = Field(
+        None,
+        description="built-in codes that count; None = all of the judging model's built-ins (S1..S13 for "
+        "Llama Guard 3 1B/Vision, S1..S14 for Llama Guard 3 8B and 4)",
+    )
+    names: dict[str, str] = Field({}, description="rewording of built-in categories: code -> name")
+    custom_categories: dict[str, str] = Field(
+        {},
+        description="the policy's own categories: new code after the model's built-ins (S14, S15, ...) -> its "
+        "text; listed after the built-ins in the prompt and carried with their text in verdicts",
+    )
     threshold: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("categories")
     @classmethod
-    def _known_codes(cls, codes: list[str]) -> list[str]:
-        unknown = [c for c in codes if c not in CATEGORY_CODES]
+    def _known_codes(cls, codes: list[str] | None) -> list[str] | None:
+        if codes is None:
+            return None
+        unknown = [c for c in codes if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"unknown category codes {unknown}; known: S1..S13")
+            raise ValueError(
+                f"unknown category codes {unknown}; built-in codes are S1..S14 (custom ones go under "
+                "custom_categories)"
+            )
         if not codes:
             raise ValueError("a policy needs at least one category")
         return codes
@@ -110,15 +128,28 @@ class PolicySettings(Section):
     @field_validator("names")
     @classmethod
     def _known_name_codes(cls, names: dict[str, str]) -> dict[str, str]:
-        unknown = [c for c in names if c not in CATEGORY_CODES]
+        unknown = [c for c in names if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"names for unknown category codes {unknown}")
+            raise ValueError(f"names for unknown category codes {unknown} (custom ones go under custom_categories)")
         return names
+
+    @field_validator("custom_categories")
+    @classmethod
+    def _custom_codes(cls, custom: dict[str, str]) -> dict[str, str]:
+        bad = [c for c in custom if not re.fullmatch(r"S[1-9][0-9]{0,2}", c) or int(c[1:]) < 14]
+        if bad:
+            raise ValueError(f"custom category codes {bad} must be S14 or above (S<number>, after the built-ins)")
+        return custom
 
 
 class ModelSettings(Section):
-    """Where the Llama Guard 3 Vision weights come from and how they run."""
+    """Which Llama Guard model judges, where its weights come from and how they run."""
 
+    family: Literal["llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4"] = Field(
+        "llama-guard-3-vision",
+        description="which Llama Guard model the weights are: sets the prompt format, built-in categories, "
+        "modalities and architecture (llama-guard-3-vision | llama-guard-3-1b | llama-guard-3-8b | llama-guard-4)",
+    )
     path: str = Field(
         DEFAULT_MODEL_PATH,
         description="local directory or hub id for from_pretrained (`~` expands); production: the real weights",
