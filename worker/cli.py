@@ -91,13 +91,27 @@ def build_tiny_model_cmd(
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: model.path).")] = None,
     train: Annotated[bool, typer.Option(help="Train on the toy policy after building.")] = True,
     force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")] = False,
+    family: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Which tiny guard: llama-guard-3-vision (Mllama) or llama-guard-3-1b / llama-guard-3-8b (one "
+            "LlamaForCausalLM text guard serving both); default: model.family."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Build (offline, deterministically) and train a tiny Mllama guard checkpoint for tests and the demo."""
+    """Build (offline, deterministically) and train a tiny guard checkpoint of a Llama Guard family for tests and the demo."""
     from worker.tiny_model.build import build_tiny_model_command
 
     settings = _settings(config)
-    raise typer.Exit(build_tiny_model_command(out_dir or Path(settings.model.path), train=train, force=force))
+    raise typer.Exit(
+        build_tiny_model_command(
+            out_dir or Path(settings.model.path),
+            train=train,
+            force=force,
+            family=family or settings.model.family,
+        )
+    )
 
 
 @app.command("run")

@@ -205,7 +205,14 @@ class LimitsSettings(Section):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_image_side: int = Field(20_000, ge=16)
-    multiple_images: Literal["reject", "keep_last"] = "reject"
+    multiple_images: Literal["reject", "keep_last"] = Field(
+        "reject",
+        description="a second image for a one-image model (Llama Guard 3 Vision): reject the event, or keep the "
+        "most recent image",
+    )
+    max_images_llama_guard_4: int = Field(
+        5, ge=1, le=16, description="images one event may carry when Llama Guard 4 judges it (all are read)"
+    )
     merge_consecutive_roles: bool = True
     dead_letter_original_max_bytes: int = Field(64 * 1024, ge=0)
 

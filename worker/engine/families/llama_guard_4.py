@@ -102,7 +102,7 @@ def _family():
         name=LG4,
         builtin_codes=BUILTIN_CODES,
         image_drops=IMAGE_DROPS,
-        max_images=5,
+        max_images=16,  # the engine's cap; limits.max_images_llama_guard_4 sets the working limit
         special_tokens=SPECIAL_TOKENS,
         image_token=IMAGE,
         end_of_turn=EOT,
