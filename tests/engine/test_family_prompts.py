@@ -310,3 +310,9 @@ def test_matches_the_reference_template(family: str, case: int, settings: int) -
     messages = _messages(turns, image_turns, string_content=family == LG3_8B)
     theirs = _render_template(family, messages, **_template_kwargs(family, p, POLICIES[settings], bool(image_turns)))
     assert ours == theirs
+
+
+def test_lg4_refuses_images_its_template_would_drop() -> None:
+    turns = [user(), agent("b"), user("c")]  # an image-only first message renders nothing in the template
+    with pytest.raises(ValueError, match="drops the images of a message without text"):
+        render_prompt(turns, policy(LG4), image_turns=[0], family=LG4)

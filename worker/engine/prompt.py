@@ -80,7 +80,16 @@ def render_segments(
         what = "no images" if not spec.max_images else f"at most {spec.max_images} image(s)"
         raise ValueError(f"{family} reads {what}; this conversation has {len(positions)}")
     conv = conversation(turns, positions)
-    return spec.render(conv, policy.rendered_categories(has_image=bool(positions)))
+    segments = spec.render(conv, policy.rendered_categories(has_image=bool(positions)))
+    if spec.max_images > 1:
+        placed = sum(1 for s in segments if s.special and s.text == spec.image_token)
+        if placed != len(positions):
+            # The template writes a message's images before its first text part: without text they vanish.
+            raise ValueError(
+                f"{family}'s template drops the images of a message without text ({len(positions) - placed} "
+                "image(s) would not reach the model)"
+            )
+    return segments
 
 
 def render_prompt(
