@@ -16,6 +16,7 @@ configuration is printed (``Settings.masked``) or logged (``mask_url_credentials
 from __future__ import annotations
 
 import ipaddress
+import re
 import os
 import re
 import types
@@ -39,6 +40,9 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
+# Every built-in code of any Llama Guard family (S14 only in Llama Guard 3 8B and Llama Guard 4).
+BUILTIN_CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 15))
+GUARD_FAMILIES: tuple[str, ...] = ("llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4")
 ENV_PREFIX = "MW_"
 DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny-model` writes by default
 
@@ -153,16 +157,30 @@ class BatchingSettings(Section):
 class PolicySettings(Section):
     """One moderation policy: which categories count, their wording, and the decision threshold."""
 
-    categories: StrList = list(CATEGORY_CODES)
-    names: dict[str, str] = {}
+    categories: StrList | None = Field(
+        None,
+        description="built-in codes that count; None = all of the judging model's built-ins (S1..S13 for "
+        "Llama Guard 3 1B/Vision, S1..S14 for Llama Guard 3 8B and 4)",
+    )
+    names: dict[str, str] = Field({}, description="rewording of built-in categories: code -> name")
+    custom_categories: dict[str, str] = Field(
+        {},
+        description="the policy's own categories: new code after the model's built-ins (S14, S15, ...) -> its "
+        "text; listed after the built-ins in the prompt and carried with their text in verdicts",
+    )
     threshold: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("categories")
     @classmethod
-    def _known_codes(cls, codes: list[str]) -> list[str]:
-        unknown = [c for c in codes if c not in CATEGORY_CODES]
+    def _known_codes(cls, codes: list[str] | None) -> list[str] | None:
+        if codes is None:
+            return None
+        unknown = [c for c in codes if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"unknown category codes {unknown}; known: S1..S13")
+            raise ValueError(
+                f"unknown category codes {unknown}; built-in codes are S1..S14 (custom ones go under "
+                "custom_categories)"
+            )
         if not codes:
             raise ValueError("a policy needs at least one category")
         return codes
@@ -170,15 +188,28 @@ class PolicySettings(Section):
     @field_validator("names")
     @classmethod
     def _known_name_codes(cls, names: dict[str, str]) -> dict[str, str]:
-        unknown = [c for c in names if c not in CATEGORY_CODES]
+        unknown = [c for c in names if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"names for unknown category codes {unknown}")
+            raise ValueError(f"names for unknown category codes {unknown} (custom ones go under custom_categories)")
         return names
+
+    @field_validator("custom_categories")
+    @classmethod
+    def _custom_codes(cls, custom: dict[str, str]) -> dict[str, str]:
+        bad = [c for c in custom if not re.fullmatch(r"S[1-9][0-9]{0,2}", c) or int(c[1:]) < 14]
+        if bad:
+            raise ValueError(f"custom category codes {bad} must be S14 or above (S<number>, after the built-ins)")
+        return custom
 
 
 class ModelSettings(Section):
-    """Where the Llama Guard 3 Vision weights come from and how they run."""
+    """Which Llama Guard model judges, where its weights come from and how they run."""
 
+    family: Literal["llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4"] = Field(
+        "llama-guard-3-vision",
+        description="which Llama Guard model the weights are: sets the prompt format, built-in categories, "
+        "modalities and architecture (llama-guard-3-vision | llama-guard-3-1b | llama-guard-3-8b | llama-guard-4)",
+    )
     path: str = Field(
         DEFAULT_MODEL_PATH,
         description="local directory or hub id for from_pretrained (`~` expands); production: the real weights",
@@ -239,7 +270,14 @@ class LimitsSettings(Section):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_image_side: int = Field(20_000, ge=16)
-    multiple_images: Literal["reject", "keep_last"] = "reject"
+    multiple_images: Literal["reject", "keep_last"] = Field(
+        "reject",
+        description="a second image for a one-image model (Llama Guard 3 Vision): reject the event, or keep the "
+        "most recent image",
+    )
+    max_images_llama_guard_4: int = Field(
+        5, ge=1, le=16, description="images one event may carry when Llama Guard 4 judges it (all are read)"
+    )
     merge_consecutive_roles: bool = True
     dead_letter_original_max_bytes: int = Field(64 * 1024, ge=0)
 
