@@ -49,7 +49,7 @@ class FailureGuard:
         self.settings = settings
         self._clock = clock
         self._wait = wait_exponential_jitter(
-            initial=settings.retry_initial_s, max=settings.retry_max_s, jitter=settings.retry_initial_s / 2
+            multiplier=settings.retry_initial_s, max=settings.retry_max_s, jitter=settings.retry_initial_s / 2
         )
         self.failed_batches = 0  # consecutive batches on which every item failed in the engine
         self.outages: dict[str, Outage] = {}

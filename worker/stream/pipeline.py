@@ -426,6 +426,7 @@ class StreamPipeline:
                 self._next_fetch[tp] = record.offset + 1
                 self.counters["consumed"] += 1
                 self._tracker.complete(tp, record.offset)
+                self.counters["completed"] += 1  # its answer was acknowledged, by an earlier run
                 self.counters["replays_skipped"] += 1
                 metrics.REPLAYS_SKIPPED.inc()
 
@@ -653,7 +654,7 @@ class StreamPipeline:
     def _hold(self, work: PreparedWork, results: list[GuardResult | EngineError]) -> None:
         """Keep ``work`` out of the dead-letter topic: declare an engine outage and retry it later."""
         self._held = work
-        reason = str(results[0])[:ENGINE_ERROR_MESSAGE_CHARS]
+        reason = str(results[0])[:ENGINE_ERROR_MESSAGE_CHARS] if results else "the engine failed"
         if not self._guard.down("engine"):
             self._guard.enter("engine", reason)
             self.counters["outages"] += 1
@@ -684,6 +685,11 @@ class StreamPipeline:
             self._guard.leave("engine")
             return
         work.entries, work.requests = [e for e, _ in live], [r for _, r in live]
+        # Probe first: the held batch then runs only on an engine that works again, so a failure of it
+        # after that (with the engine still answering the probe) is its own items' fault, not the outage's.
+        if not self._probe_engine():
+            self._guard.retry_failed("engine", "the probe request still fails")
+            return
         try:
             results = self._run_batch(work.requests, self.engine.prepare(work.requests), work.modality)
         except Exception as exc:  # noqa: BLE001 — still isolated: poison stays one dead letter
