@@ -28,6 +28,11 @@ AGREED_METRICS = {
     "mw_duplicates_skipped_total": ("counter", set()),
     "mw_worker_ready": ("gauge", set()),
     "mw_ray_workers_alive": ("gauge", set()),
+    # A failing dependency stops the stream (engine / delivery outage) and crash replays stay quiet.
+    "mw_outage": ("gauge", {"cause"}),
+    "mw_outages_total": ("counter", {"cause"}),
+    "mw_outage_retries_total": ("counter", {"cause"}),
+    "mw_replays_skipped_total": ("counter", set()),
 }
 
 
