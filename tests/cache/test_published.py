@@ -15,7 +15,11 @@ def test_a_marked_record_is_acknowledged_and_a_different_record_at_its_offset_is
         markers = PublishedMarkers(cache, settings)
         first, second = record_digest(b'{"event_id": "a"}'), record_digest(b'{"event_id": "b"}')
         markers.mark([(TP, 10, first), (TP, 11, second)])
-        assert markers.acknowledged([(TP, 10, first), (TP, 11, second), (TP, 12, first)]) == [True, True, False]
+        assert markers.acknowledged([(TP, 10, first), (TP, 11, second), (TP, 12, first)]) == [
+            True,
+            True,
+            False,
+        ]
         # The topic was re-created: offset 10 now holds another record; its old marker must not match.
         assert markers.acknowledged([(TP, 10, second)]) == [False]
         # Another consumer group publishes its own answers.

@@ -1,19 +1,23 @@
-"""An engine outage stops the stream instead of being judged away; a lone poison item is still one dead letter.
+"""Outages stop the stream instead of being judged away or retried in a spin; a lone poison item is still one
+dead letter.
 
 The engine is the real ``GuardEngine`` on the trained tiny checkpoint, made to fail for real: its weights
-are overwritten with NaN (every score comes out non-finite) and restored later. Broker, Redis and pipeline
-are the real ones.
+are overwritten with NaN (every score comes out non-finite) and restored later. Failed deliveries are
+injected at the real producer's ``send`` (it refuses records for a while). Broker, Redis and pipeline are
+the real ones.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
 import orjson
 import pytest
 import torch
+from kafka.errors import KafkaTimeoutError
 
 from tests.stream.streaming import (
     WorkerThread,
@@ -28,6 +32,7 @@ from worker.config import load_settings
 from worker.engine.engine import GuardEngine
 from worker.ops import metrics
 from worker.ops.health import OpsServer
+from worker.stream import kafka_clients
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -87,7 +92,9 @@ def test_an_engine_outage_pauses_the_stream_commits_nothing_and_every_held_event
     worker = WorkerThread(settings, engine).start()
     ops = OpsServer(ready=lambda: worker.pipeline.ready, status=worker.pipeline.status).start()
     try:
-        wait_for(lambda: engine_retries(worker.pipeline) >= 3, timeout_s=180, what="retries", workers=[worker])
+        wait_for(
+            lambda: engine_retries(worker.pipeline) >= 3, timeout_s=180, what="retries", workers=[worker]
+        )
         status = worker.pipeline.status()
         code, body = readyz(ops)
         assert code == 503 and body["reason"] == "engine_outage", body
@@ -95,13 +102,19 @@ def test_an_engine_outage_pauses_the_stream_commits_nothing_and_every_held_event
         assert status["paused"] == len(status["assigned"]) > 0  # stopped consuming
         assert outage_value("engine") == 1
         assert outages_declared("engine") == declared_before + 1
-        assert all(offset is None for offset in committed_offsets(settings, settings.topics.events, PARTITIONS).values())
+        assert all(
+            offset is None
+            for offset in committed_offsets(settings, settings.topics.events, PARTITIONS).values()
+        )
         assert read_json(settings, settings.topics.dlq) == []  # nothing judged away
         assert read_json(settings, settings.topics.verdicts) == []
 
         engine.model.load_state_dict(healthy)  # the device is back
         wait_for(
-            lambda: fully_committed(worker.pipeline, EVENTS), timeout_s=180, what="all judged", workers=[worker]
+            lambda: fully_committed(worker.pipeline, EVENTS),
+            timeout_s=180,
+            what="all judged",
+            workers=[worker],
         )
         wait_for(lambda: readyz(ops)[0] == 200, timeout_s=30, what="ready again", workers=[worker])
         assert worker.pipeline.status()["outage"] is None
@@ -119,7 +132,9 @@ def test_an_engine_outage_pauses_the_stream_commits_nothing_and_every_held_event
 
 def test_a_lone_poison_item_is_one_dead_letter_not_an_outage(make_settings, engine_settings_overrides):
     # Batches of one: a poison item fails its whole batch, and only the probe tells it from an outage.
-    settings = make_settings(**engine_settings_overrides, batching__max_size=1, failures__max_failed_batches=3)
+    settings = make_settings(
+        **engine_settings_overrides, batching__max_size=1, failures__max_failed_batches=3
+    )
     engine = PoisonEngine.from_settings(load_settings(None, **engine_settings_overrides))
     records = [text_event(i) for i in range(10)]
     records[3] = text_event(3, f"{POISON} one")
@@ -128,12 +143,81 @@ def test_a_lone_poison_item_is_one_dead_letter_not_an_outage(make_settings, engi
     declared_before = outages_declared("engine")
     worker = WorkerThread(settings, engine).start()
     try:
-        wait_for(lambda: fully_committed(worker.pipeline, 10), timeout_s=180, what="all done", workers=[worker])
+        wait_for(
+            lambda: fully_committed(worker.pipeline, 10), timeout_s=180, what="all done", workers=[worker]
+        )
     finally:
         worker.stop()
     dead = read_json(settings, settings.topics.dlq)
-    assert sorted((d["event_id"], d["reason"]) for d in dead) == [("o-3", "engine_error"), ("o-4", "engine_error")]
+    assert sorted((d["event_id"], d["reason"]) for d in dead) == [
+        ("o-3", "engine_error"),
+        ("o-4", "engine_error"),
+    ]
     verdicts = read_json(settings, settings.topics.verdicts)
     assert sorted(v["event_id"] for v in verdicts) == sorted(f"o-{i}" for i in range(10) if i not in (3, 4))
     assert worker.pipeline.counters["outages"] == 0
     assert outages_declared("engine") == declared_before
+
+
+class FlakyProducer:
+    """The real producer, except that ``send`` fails at once while ``failing`` is set (the broker refuses)."""
+
+    def __init__(self, producer) -> None:
+        self._producer = producer
+        self.failing = True
+        self.refused = 0
+
+    def send(self, topic, **kwargs):
+        if self.failing:
+            self.refused += 1
+            raise KafkaTimeoutError("simulated: the broker does not accept records")
+        return self._producer.send(topic, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._producer, name)
+
+
+def test_failing_deliveries_back_off_then_stop_the_stream_and_nothing_is_dropped(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    settings = make_settings(
+        **engine_settings_overrides,
+        failures__max_publish_attempts=2,
+        failures__retry_initial_s=0.1,
+        failures__retry_max_s=0.5,
+    )
+    produce(settings, [text_event(i) for i in range(12)], partitions=1)
+    flaky: list[FlakyProducer] = []
+    real_make_producer = kafka_clients.make_producer
+
+    def make_flaky_producer(s, **overrides):
+        flaky.append(FlakyProducer(real_make_producer(s, **overrides)))
+        return flaky[-1]
+
+    monkeypatch.setattr(kafka_clients, "make_producer", make_flaky_producer)
+    worker = WorkerThread(settings, guard_engine).start()
+    try:
+        wait_for(
+            lambda: "delivery" in (worker.pipeline.status()["outage"] or {}),
+            timeout_s=120,
+            what="delivery outage",
+            workers=[worker],
+        )
+        status = worker.pipeline.status()
+        assert status["ready"] is False and status["reason"] == "delivery_outage"
+        assert outage_value("delivery") == 1
+        refused_at_outage = flaky[0].refused
+        time.sleep(2.0)
+        # Backoff, not a spin: each of the 12 events is retried a handful of times in 2 s (delays up to 0.5 s).
+        assert flaky[0].refused - refused_at_outage <= 12 * 8
+        assert committed_offsets(settings, settings.topics.events, 1) == {0: None}
+        flaky[0].failing = False  # the broker accepts records again
+        wait_for(
+            lambda: fully_committed(worker.pipeline, 12), timeout_s=120, what="delivered", workers=[worker]
+        )
+        wait_for(lambda: worker.pipeline.ready, timeout_s=30, what="ready again", workers=[worker])
+        assert outage_value("delivery") == 0
+    finally:
+        worker.stop()
+    verdicts = read_json(settings, settings.topics.verdicts)
+    assert sorted(v["event_id"] for v in verdicts) == sorted(f"o-{i}" for i in range(12))  # none dropped

@@ -45,7 +45,9 @@ def rewind_group(settings, topic: str) -> None:
 def run_to_the_end(settings, engine, name: str, expected: int) -> WorkerThread:
     worker = WorkerThread(settings, engine, name=name).start()
     try:
-        wait_for(lambda: fully_committed(worker.pipeline, expected), timeout_s=180, what=name, workers=[worker])
+        wait_for(
+            lambda: fully_committed(worker.pipeline, expected), timeout_s=180, what=name, workers=[worker]
+        )
     finally:
         worker.stop()
     return worker
@@ -72,7 +74,9 @@ def test_a_replayed_record_whose_answer_was_acknowledged_is_not_published_again(
     second = run_to_the_end(settings, guard_engine, "second", len(stream.records))
 
     assert second.pipeline.counters["consumed"] == len(stream.records)  # everything was consumed again
-    assert committed_offsets(settings, settings.topics.events) == end_offsets(settings, settings.topics.events)
+    assert committed_offsets(settings, settings.topics.events) == end_offsets(
+        settings, settings.topics.events
+    )
     if markers:
         assert second.pipeline.counters["replays_skipped"] == len(stream.records)
         assert metrics.REPLAYS_SKIPPED._value.get() - skipped_before == len(stream.records)

@@ -59,4 +59,6 @@ class PublishedMarkers:
     def mark(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
         """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one pipelined round trip)."""
         if self.enabled and records:
-            self._cache.set_raw([(self._key(tp, offset), digest) for tp, offset, digest in records], self._ttl)
+            self._cache.set_raw(
+                [(self._key(tp, offset), digest) for tp, offset, digest in records], self._ttl
+            )

@@ -38,11 +38,11 @@ from kafka.structs import TopicPartition
 
 from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
+from worker.cache.published import PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
 from worker.decode import decode_event, salvage_event_id
-from worker.cache.published import PublishedMarkers, record_digest
 from worker.engine.types import EngineError, GuardRequest, GuardResult
 from worker.events import ChatEvent, Turn
 from worker.ops import metrics
@@ -417,7 +417,9 @@ class StreamPipeline:
                 for record in batch:
                     self._accept(tp, record, b"")
             return
-        polled = [(tp, record, record_digest(record.value)) for tp, batch in records.items() for record in batch]
+        polled = [
+            (tp, record, record_digest(record.value)) for tp, batch in records.items() for record in batch
+        ]
         answered = self._markers.acknowledged([(tp, record.offset, digest) for tp, record, digest in polled])
         for (tp, record, digest), done in zip(polled, answered, strict=True):
             if not done:
