@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[
-    Path | None,
+    Optional[Path],
     typer.Option("--config", "-c", help="YAML config file (default: $MW_CONFIG, else built-in defaults)."),
 ]
 
@@ -57,7 +57,7 @@ def check_event_cmd(
 @app.command("prompt")
 def prompt_cmd(
     file: Annotated[str, typer.Argument(help="One event (JSON); - for stdin.")] = "-",
-    policy: Annotated[str | None, typer.Option(help="Policy id (default: the event's, else default_policy).")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Print the exact Llama Guard 3 Vision prompt the model would read for an event."""
@@ -81,7 +81,7 @@ def dev_services_cmd(
 
 @app.command("build-tiny-model")
 def build_tiny_model_cmd(
-    out_dir: Annotated[Path | None, typer.Argument(help="Output directory (default: model.path).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: model.path).")] = None,
     train: Annotated[bool, typer.Option(help="Train on the toy policy after building.")] = True,
     force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")] = False,
     config: ConfigOption = None,
@@ -135,7 +135,7 @@ def eval_cmd(
     out_dir: Annotated[Path, typer.Option(help="Where the JSON report and PNG plots go.")] = Path("eval-report"),
     target_fpr: Annotated[float, typer.Option(help="Recommend a threshold for this false-positive rate.")] = 0.05,
     strict: Annotated[bool, typer.Option(help="Fail on the first bad data line instead of skipping it.")] = False,
-    policy: Annotated[str | None, typer.Option(help="Policy id (default: default_policy).")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="Policy id (default: default_policy).")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Precision/recall/F1/FPR per task and per-category F1 (the model card's tables) on labelled data."""

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
 def plot_pr_curve(sweep: dict[str, list[dict[str, float]]], threshold: float, path: Path) -> Path:
