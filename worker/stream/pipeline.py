@@ -286,6 +286,10 @@ class StreamPipeline:
             self.settings.batching.prepare_threads, thread_name_prefix=f"{self.worker_name}-prep"
         )
         self._pool = pool
+        # The forward pass runs here while the loop thread keeps applying acks (and writing published
+        # markers) — otherwise the acks of the previous batch wait out the whole forward pass, and a crash
+        # in that window replays answers the broker already has.
+        self._model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{self.worker_name}-model")
         self._running = True
         threading.Thread(
             target=self._learn_output_partitions,
@@ -305,6 +309,7 @@ class StreamPipeline:
             for cause in list(self._guard.outages):  # this worker no longer reports; its outage ends with it
                 self._guard.leave(cause)
             pool.shutdown(wait=True, cancel_futures=True)
+            self._model_thread.shutdown(wait=True, cancel_futures=True)
             try:
                 consumer.close(autocommit=False)
             finally:
@@ -718,7 +723,7 @@ class StreamPipeline:
         """
         assert self.engine is not None
         with metrics.observe_stage("model"):
-            results = self.engine.run(prepared)
+            results = self._forward(prepared)
         metrics.BATCH_SIZE.labels(modality=modality).observe(len(requests))
         self.counters["batches"] += 1
         if len(requests) > 1:
@@ -728,6 +733,17 @@ class StreamPipeline:
                     str(failure), out_of_memory=failure.detail.get("kind") == "out_of_memory"
                 )
         return results
+
+    def _forward(self, prepared: Any) -> list[GuardResult | EngineError]:
+        """``engine.run`` on the model thread; meanwhile this thread applies the acks that arrive."""
+        assert self.engine is not None
+        running = self._model_thread.submit(self.engine.run, prepared)
+        while True:
+            try:
+                return running.result(timeout=ACK_POLL_MS / 1000)
+            except cf.TimeoutError:
+                if self._publisher is not None and self._publisher.awaiting_acks:
+                    self._apply_acks()
 
     def _isolate(self, requests: list[GuardRequest], error: BaseException) -> list[GuardResult | EngineError]:
         """Results for ``requests`` after a failed batch: bisect until the failing items stand alone.
