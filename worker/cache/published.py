@@ -12,9 +12,9 @@ coordinates (a topic deleted and re-created) does not match and is ignored. The 
 group, since another group reading the same topic publishes its own answers.
 
 What still duplicates: a record whose outputs were acknowledged but whose marker was not written yet when
-the worker died (at most one loop turn of acks), outputs sent but not yet acknowledged at the crash, and
-everything replayed while Redis is down (markers are an optimisation, like the verdict cache: never a
-dependency).
+the worker died (the loop applies acks every few milliseconds, also during a forward pass), outputs sent but
+not yet acknowledged at the crash, and everything replayed while Redis is down or after the marker's TTL
+(markers are an optimisation, like the verdict cache: never a dependency).
 """
 
 from __future__ import annotations
