@@ -221,3 +221,46 @@ def test_failing_deliveries_back_off_then_stop_the_stream_and_nothing_is_dropped
         worker.stop()
     verdicts = read_json(settings, settings.topics.verdicts)
     assert sorted(v["event_id"] for v in verdicts) == sorted(f"o-{i}" for i in range(12))  # none dropped
+
+
+class BrokenForSomeEngine(PoisonEngine):
+    """Fails every batch holding a POISON item while ``broken`` is set, yet answers the probe (text) request."""
+
+    broken = True
+
+    def run(self, batch):
+        if self.broken:
+            return super().run(batch)
+        return GuardEngine.run(self, batch)
+
+
+def test_failed_batches_in_a_row_are_an_outage_even_when_the_probe_works(
+    make_settings, engine_settings_overrides
+):
+    # Like an image tower gone bad while text still works: the probe passes, so only the run of failed
+    # batches can tell. The first failed batch is taken for poison; the second reaches the limit.
+    settings = make_settings(
+        **engine_settings_overrides,
+        batching__max_size=2,
+        batching__max_wait_ms=200,
+        failures__max_failed_batches=2,
+        failures__retry_initial_s=0.2,
+        failures__retry_max_s=0.5,
+    )
+    engine = BrokenForSomeEngine.from_settings(load_settings(None, **engine_settings_overrides))
+    produce(settings, [text_event(i, f"{POISON} number {i}") for i in range(6)], partitions=1)
+    worker = WorkerThread(settings, engine).start()
+    try:
+        wait_for(
+            lambda: engine_retries(worker.pipeline) >= 2, timeout_s=120, what="retries", workers=[worker]
+        )
+        assert worker.pipeline.status()["reason"] == "engine_outage"
+        assert len(read_json(settings, settings.topics.dlq)) == 2  # the first batch, taken for poison
+        engine.broken = False
+        wait_for(
+            lambda: fully_committed(worker.pipeline, 6), timeout_s=120, what="all done", workers=[worker]
+        )
+    finally:
+        worker.stop()
+    assert len(read_json(settings, settings.topics.dlq)) == 2  # nothing held was judged away
+    assert len(read_json(settings, settings.topics.verdicts)) == 4

@@ -706,7 +706,12 @@ class StreamPipeline:
             results = self._run_batch(work.requests, self.engine.prepare(work.requests), work.modality)
         except Exception as exc:  # noqa: BLE001 — still isolated: poison stays one dead letter
             results = self._isolate(work.requests, exc)
-        if all(is_engine_fault(r) for r in results) and not self._probe_engine():
+        # Failed again: still down if the probe fails now, or if the run of failed batches is at the limit
+        # (the probe works but batches like this one do not, e.g. only images fail); otherwise its items
+        # are poison and become dead letters.
+        if all(is_engine_fault(r) for r in results) and (
+            not self._probe_engine() or self._guard.batch_failed()
+        ):
             self._hold(work, results)
             return
         outage = self._guard.leave("engine")
