@@ -257,6 +257,37 @@ class RedisSettings(Section):
     key_prefix: str = "mw:v1:"
     socket_timeout_s: float = Field(0.5, gt=0)
     reconnect_interval_s: float = Field(2.0, gt=0)
+    published_markers: bool = Field(
+        True,
+        description="after the broker acknowledges an event's outputs, mark its source offset in Redis; a "
+        "record replayed after a crash whose answer is marked is not published again",
+    )
+    published_marker_ttl_s: int = Field(
+        900,
+        ge=1,
+        description="how long a published marker lives; must exceed the time an answered record can wait "
+        "uncommitted behind a slow one, plus a restart",
+    )
+
+
+class FailureSettings(Section):
+    """When a failing dependency stops the stream (pause, not ready, retry with backoff) instead of
+    dead-lettering or re-publishing without end."""
+
+    max_failed_batches: int = Field(
+        3,
+        ge=1,
+        description="consecutive batches on which every item failed in the engine before the worker declares "
+        "an engine outage even though a probe request still succeeds (a probe failure declares it at once)",
+    )
+    max_publish_attempts: int = Field(
+        5,
+        ge=1,
+        description="failed deliveries of one event before the worker declares a delivery outage (it keeps "
+        "retrying with backoff; nothing is dropped)",
+    )
+    retry_initial_s: float = Field(1.0, gt=0, description="first retry delay in an outage; doubles per attempt")
+    retry_max_s: float = Field(60.0, gt=0, description="longest delay between retries in an outage")
 
 
 class LimitsSettings(Section):
@@ -412,6 +443,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
+    failures: FailureSettings = FailureSettings()
     image_fetch: ImageFetchSettings = ImageFetchSettings()
     logging: LoggingSettings = LoggingSettings()
     ops: OpsSettings = OpsSettings()
