@@ -35,6 +35,7 @@ from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
 from worker.decode import decode_event, salvage_event_id
+from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardRequest, GuardResult
 from worker.events import ChatEvent
 from worker.ops import metrics
@@ -76,6 +77,7 @@ class WorkItem:
     policy: Policy | None = None
     image_data: bytes | None = None
     cache_key: str | None = None
+    model: str | None = None  # the configured model that judges it (chosen by the router)
     output: tuple[str, dict[str, Any]] | None = None  # what was published, kept to re-publish on failure
 
     @property
@@ -91,6 +93,7 @@ class WorkItem:
 class PreparedWork:
     """A batch after CPU preparation: what goes to the model, and what was rejected on the way."""
 
+    model: str
     modality: str
     entries: list[BatchEntry[WorkItem]]
     requests: list[GuardRequest]
@@ -144,13 +147,15 @@ class StreamPipeline:
     def __init__(
         self,
         settings: Settings,
-        engine: GuardEngine | None = None,
+        engine: GuardEngine | ModelRegistry | None = None,
         *,
         worker_name: str = "worker",
         cache: VerdictCache | None = None,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        # The models this worker judges with (a single engine is the one model); ``engine`` is the first.
+        self.models: ModelRegistry | None = ModelRegistry.of(engine, settings) if engine is not None else None
+        self.engine = self.models.first if self.models is not None else None
         self.worker_name = worker_name
         self._cache = cache
         self._stop = threading.Event()
@@ -187,6 +192,7 @@ class StreamPipeline:
             "republished": 0,
             "batches": 0,
             "isolations": 0,
+            "routed_elsewhere": 0,  # completed without output: another pool's model judges them
         }
 
     # ------------------------------------------------------------------ public
@@ -226,11 +232,10 @@ class StreamPipeline:
         """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
         from worker.stream.kafka_clients import make_consumer, make_producer
 
-        if self.engine is None:
-            from worker.engine.engine import GuardEngine
-
-            self.engine = GuardEngine.from_settings(self.settings)
-        metrics.MODEL_LOAD_SECONDS.set(getattr(self.engine, "load_seconds", 0.0) or 0.0)
+        if self.models is None:
+            self.models = ModelRegistry.from_settings(self.settings)
+            self.engine = self.models.first
+        metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
         producer: KafkaProducer = make_producer(self.settings)
@@ -373,20 +378,45 @@ class StreamPipeline:
         )
         decoded = decode_event(record.value, self.settings)  # never raises: bad input is a Rejection
         if isinstance(decoded, Rejection):
-            self._dead_letter(item, decoded)
+            self._reject_unrouted(item, decoded)
             return
         item.event = decoded
-        assert self.engine is not None
+        assert self.models is not None
         try:
-            item.policy = self.engine.policy_for(decoded.policy)
+            policy = self.models.policy_for(decoded.policy)
         except RejectedError as exc:
-            self._dead_letter(item, exc.rejection)
+            self._reject_unrouted(item, exc.rejection)
             return
+        model = self.models.model_for(policy, 0 if decoded.image is None else 1)
+        if model is None:
+            self._reject_unrouted(
+                item, Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
+            )
+            return
+        if not self.models.holds(model):
+            self._complete_without_output(item)
+            return
+        item.model = model
+        item.policy = self.models.engine(model).policy_for(decoded.policy)
         if decoded.image is not None:
             self._fetching.append((item, self._pool.submit(self._fetch_image, decoded.image)))
         else:
-            item.cache_key = cache_key(self.engine.model_info, item.policy, decoded, None)
+            item.cache_key = cache_key(self.models.info(model), item.policy, decoded, None)
             self._key_ready.append(item)
+
+    def _reject_unrouted(self, item: WorkItem, rejection: Rejection) -> None:
+        """A record no model was chosen for: one pool (``worker.routing``) dead-letters it, the others skip it."""
+        assert self.models is not None
+        if self.models.owns_unrouted:
+            self._dead_letter(item, rejection)
+        else:
+            self._complete_without_output(item)
+
+    def _complete_without_output(self, item: WorkItem) -> None:
+        """Another pool answers this record: complete its offset now, publish nothing."""
+        self.counters["routed_elsewhere"] += 1
+        if self._tracker.complete(item.tp, item.offset):
+            self.counters["completed"] += 1
 
     def _fetch_image(self, ref: Any) -> bytes:
         from worker.images.load import image_bytes
@@ -422,10 +452,11 @@ class StreamPipeline:
                     ),
                 )
                 continue
-            assert item.event is not None and item.policy is not None and self.engine is not None
+            assert item.event is not None and item.policy is not None and item.model is not None
+            assert self.models is not None
             item.image_data = data
             item.cache_key = cache_key(
-                self.engine.model_info, item.policy, item.event, image_content_hash(data)
+                self.models.info(item.model), item.policy, item.event, image_content_hash(data)
             )
             self._key_ready.append(item)
         self._fetching = waiting
@@ -455,7 +486,8 @@ class StreamPipeline:
                 metrics.DUPLICATES_SKIPPED.inc()
                 continue
             modality = "image" if item.image_data is not None else "text"
-            if not self._batcher.add(item.cache_key, modality, item):
+            assert item.model is not None
+            if not self._batcher.add(item.cache_key, modality, item, model=item.model):
                 metrics.DUPLICATES_SKIPPED.inc()
 
     def _dispatch_ready_batches(self, *, flush_all: bool = False) -> None:
@@ -471,8 +503,9 @@ class StreamPipeline:
         """CPU preparation of one batch (runs in the pool): decode images, then ``engine.prepare``."""
         from worker.images.load import decode_image
 
-        assert self.engine is not None
-        work = PreparedWork(batch.modality, [], [])
+        assert self.models is not None
+        engine = self.models.engine(batch.model)
+        work = PreparedWork(batch.model, batch.modality, [], [])
         with metrics.observe_stage("prepare"):
             for entry in batch.entries:
                 leader = entry.leader
@@ -501,7 +534,7 @@ class StreamPipeline:
                 )
             if work.requests:
                 try:
-                    work.prepared = self.engine.prepare(work.requests)
+                    work.prepared = engine.prepare(work.requests)
                 except Exception as exc:  # noqa: BLE001 — isolated item by item on the loop thread
                     work.error = exc
         return work
@@ -530,7 +563,7 @@ class StreamPipeline:
         error = work.error
         if error is None:
             try:
-                results = self._run_batch(work.requests, work.prepared, work.modality)
+                results = self._run_batch(work.requests, work.prepared, work.modality, work.model)
             except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
                 error = exc
         if results is None:
@@ -543,20 +576,20 @@ class StreamPipeline:
                 ", out of memory" if is_out_of_memory(error) else "",
                 extra={"stage": "model"},
             )
-            results = self._isolate(work.requests, error)
+            results = self._isolate(work.requests, error, work.model)
         self._finish(work.entries, results)
 
     def _run_batch(
-        self, requests: list[GuardRequest], prepared: Any, modality: str
+        self, requests: list[GuardRequest], prepared: Any, modality: str, model: str
     ) -> list[GuardResult | EngineError]:
         """``engine.run`` on one prepared batch; raises ``BatchFailedError`` when the batch as a whole failed.
 
         The engine reports a failed forward pass as the same error on every row (kind ``model`` or
         ``out_of_memory``); with more than one row that says nothing about which item is at fault.
         """
-        assert self.engine is not None
+        assert self.models is not None
         with metrics.observe_stage("model"):
-            results = self.engine.run(prepared)
+            results = self.models.engine(model).run(prepared)
         metrics.BATCH_SIZE.labels(modality=modality).observe(len(requests))
         self.counters["batches"] += 1
         if len(requests) > 1:
@@ -567,23 +600,26 @@ class StreamPipeline:
                 )
         return results
 
-    def _isolate(self, requests: list[GuardRequest], error: BaseException) -> list[GuardResult | EngineError]:
+    def _isolate(
+        self, requests: list[GuardRequest], error: BaseException, model: str
+    ) -> list[GuardResult | EngineError]:
         """Results for ``requests`` after a failed batch: bisect until the failing items stand alone.
 
         A device out-of-memory is handled the same way — the halves are smaller batches.
         """
         if len(requests) == 1:
             return [EngineError(f"the engine failed on this item ({type(error).__name__}: {error})")]
-        assert self.engine is not None
+        assert self.models is not None
+        engine = self.models.engine(model)
         mid = len(requests) // 2
         results: list[GuardResult | EngineError] = []
         for half in (requests[:mid], requests[mid:]):
             try:
                 results.extend(
-                    self._run_batch(half, self.engine.prepare(half), "image" if half[0].has_image else "text")
+                    self._run_batch(half, engine.prepare(half), "image" if half[0].has_image else "text", model)
                 )
             except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
-                results.extend(self._isolate(half, exc))
+                results.extend(self._isolate(half, exc, model))
         return results
 
     def _finish(self, entries: list[BatchEntry[WorkItem]], results: list[GuardResult | EngineError]) -> None:
@@ -633,7 +669,8 @@ class StreamPipeline:
         if self._stale(item):
             self.counters["dropped_revoked"] += 1
             return
-        assert item.event is not None and item.policy is not None and self.engine is not None
+        assert item.event is not None and item.policy is not None and item.model is not None
+        assert self.models is not None
         verdict = build_verdict(
             item.event,
             unsafe=unsafe,
@@ -642,7 +679,7 @@ class StreamPipeline:
             threshold=item.policy.threshold,
             policy_id=item.policy.id,
             policy_hash=item.policy.hash,
-            model=self.engine.model_info,
+            model=self.models.info(item.model),
             cached=cached,
             latency_ms=(time.monotonic() - item.received) * 1000.0,
             source=item.source,
