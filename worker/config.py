@@ -171,9 +171,7 @@ class RouteSettings(Section):
 
 
 class RoutingSettings(RouteSettings):
-    """Routing of events to models. Default rule: text-only events go to a text guard (llama-guard-3-1b/8b)
-    when one is configured, image events to a vision model (llama-guard-3-vision, else llama-guard-4), events
-    with several images to a llama-guard-4 model; ``policies.<id>`` overrides any of these for one policy."""
+    """Which model judges which event; unset = text guard for text, Vision (else Llama Guard 4) for images."""
 
     max_images: int = Field(
         5, ge=1, le=64, description="most images an event routed to a llama-guard-4 model may carry"
@@ -200,20 +198,11 @@ class PoolSettings(Section):
 
 
 class ModelsMixin(BaseModel):
-    """The ``models`` / ``routing`` / ``pools`` / ``pool`` settings (kept together: see ``worker.routing``)."""
-
-    models: dict[str, ModelSettings] = Field(
-        {}, description="named guard models; empty = the single `model` section, named `default`"
-    )
-    routing: RoutingSettings = RoutingSettings()
-    pools: dict[str, PoolSettings] = Field(
-        {}, description="split deployment: pools of workers, each judging the events routed to its models"
-    )
-    pool: str | None = Field(None, description="the pool this worker serves (None = every configured model)")
+    """Checks and look-ups of the ``models`` / ``routing`` / ``pools`` / ``pool`` settings (see ``worker.routing``)."""
 
     def guard_models(self) -> dict[str, ModelSettings]:
         """Every configured model by name: ``models``, or the single ``model`` section as ``default``."""
-        return dict(self.models) if self.models else {DEFAULT_MODEL_NAME: self.model}  # type: ignore[attr-defined]
+        return dict(self.models) if self.models else {DEFAULT_MODEL_NAME: self.model}
 
     def _check_models(self) -> None:
         if self.models and "model" in self.model_fields_set:
@@ -365,6 +354,14 @@ class Settings(ModelsMixin, BaseSettings):
     default_policy: str = "default"
     policies: dict[str, PolicySettings] = {"default": PolicySettings()}
     model: ModelSettings = ModelSettings()
+    models: dict[str, ModelSettings] = Field(
+        {}, description="named guard models; empty = the single `model` section, named `default`"
+    )
+    routing: RoutingSettings = RoutingSettings()
+    pools: dict[str, PoolSettings] = Field(
+        {}, description="split deployment: pools of workers, each judging the events routed to its models"
+    )
+    pool: str | None = Field(None, description="the pool this worker serves (None = every configured model)")
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
     image_fetch: ImageFetchSettings = ImageFetchSettings()
