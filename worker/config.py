@@ -205,7 +205,8 @@ class ModelsMixin(BaseModel):
         return dict(self.models) if self.models else {DEFAULT_MODEL_NAME: self.model}
 
     def _check_models(self) -> None:
-        if self.models and "model" in self.model_fields_set:
+        # A dump of these settings carries the untouched default ``model`` section: only a changed one conflicts.
+        if self.models and "model" in self.model_fields_set and self.model != ModelSettings():
             raise ValueError("set either `model` (one model) or `models` (named models), not both")
         names = set(self.guard_models())
         routes = [("routing", self.routing)] + [(f"routing.policies.{p}", r) for p, r in self.routing.policies.items()]

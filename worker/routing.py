@@ -68,6 +68,9 @@ class Router:
             policy_id: self._resolve(route, self.default) for policy_id, route in settings.routing.policies.items()
         }
         for route in (self.default, *self.by_policy.values()):
+            unknown = {n for n in (route.text, route.image, route.multi_image) if n is not None} - set(self.families)
+            if unknown:
+                raise ValueError(f"routing names models {sorted(unknown)}, not among models {sorted(self.families)}")
             self._check(route)
 
     def _first(self, *families: str) -> str | None:

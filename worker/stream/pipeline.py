@@ -156,6 +156,8 @@ class StreamPipeline:
         # The models this worker judges with (a single engine is the one model); ``engine`` is the first.
         self.models: ModelRegistry | None = ModelRegistry.of(engine, settings) if engine is not None else None
         self.engine = self.models.first if self.models is not None else None
+        if self.models is not None:
+            metrics.register_models(self.models.names)
         self.worker_name = worker_name
         self._cache = cache
         self._stop = threading.Event()
@@ -181,7 +183,7 @@ class StreamPipeline:
         self._publisher: Publisher | None = None
         # Verdicts counted this loop turn, added to the Prometheus counters once per turn (``_flush_metrics``):
         # one ``inc(n)`` per label set instead of several label lookups per event on the hot path.
-        self._verdict_tally: Counter[tuple[str, tuple[str, ...], bool]] = Counter()
+        self._verdict_tally: Counter[tuple[str, tuple[str, ...], bool, str]] = Counter()
         self.counters: dict[str, int] = {
             "consumed": 0,
             "verdicts": 0,
@@ -235,6 +237,7 @@ class StreamPipeline:
         if self.models is None:
             self.models = ModelRegistry.from_settings(self.settings)
             self.engine = self.models.first
+            metrics.register_models(self.models.names)
         metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
@@ -590,7 +593,7 @@ class StreamPipeline:
         assert self.models is not None
         with metrics.observe_stage("model"):
             results = self.models.engine(model).run(prepared)
-        metrics.BATCH_SIZE.labels(modality=modality).observe(len(requests))
+        metrics.BATCH_SIZE.labels(model=model, modality=modality).observe(len(requests))
         self.counters["batches"] += 1
         if len(requests) > 1:
             failure = next((r for r in results if is_batch_failure(r)), None)
@@ -686,7 +689,7 @@ class StreamPipeline:
             dropped_codes=list(dropped) or None,
         )
         self._verdict_tally[
-            (verdict["decision"], tuple(c["code"] for c in verdict["categories"]), cached)
+            (verdict["decision"], tuple(c["code"] for c in verdict["categories"]), cached, item.model)
         ] += 1
         self.counters["cached" if cached else "verdicts"] += 1
         item.output = ("verdict", verdict)
