@@ -227,6 +227,6 @@ def test_concurrent_requests_share_model_batches(moderation_url: str) -> None:
     from worker.ops.metrics import parse_exposition
 
     samples = parse_exposition(text)
-    count = samples['mw_batch_size_count{model="text",modality="text"}']
-    total = samples['mw_batch_size_sum{model="text",modality="text"}']
+    count = samples['mw_batch_size_count{modality="text",model="text"}']
+    total = samples['mw_batch_size_sum{modality="text",model="text"}']
     assert total / count > 1  # the replica's own histogram: more events than forward passes
