@@ -188,6 +188,9 @@ class PoolSettings(Section):
     )
     num_workers: int | None = Field(None, ge=1, description="Ray actors of this pool; default ray.num_workers")
     num_gpus_per_worker: float | None = Field(None, ge=0, description="default ray.num_gpus_per_worker")
+    ray_resource: str | None = Field(
+        None, description="custom Ray resource each actor of the pool requires (one unit): pins it to its nodes"
+    )
 
     @field_validator("models")
     @classmethod

@@ -320,3 +320,26 @@ def test_monitoring_objects_and_dashboard_configmap_are_optional(rendered) -> No
     (dashboard_cm,) = [c for c in gpu["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")]
     assert dashboard_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard_cm["data"]["moderation-worker.json"]) == json.loads(DASHBOARD.read_text())
+
+
+# --- split pools ----------------------------------------------------------------------------------------------
+
+
+def test_pools_render_one_stream_driver_and_one_gpu_worker_group_each(chart, rayservice_validator, tmp_path) -> None:
+    values = yaml.safe_load((CHART_DIR / "examples" / "values-pools.yaml").read_text())
+    chart.validate_schema(chart.merge_values(values))
+    objects = _render(chart, values)
+    rayservice = _one(objects, "RayService")
+    rayservice_validator.validate(rayservice)
+    groups = {g["groupName"]: g for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert groups["gpu-text"]["replicas"] == 2 and groups["gpu-vision"]["replicas"] == 1
+    assert json.loads(groups["gpu-text"]["rayStartParams"]["resources"]) == {"pool-text": 1000}
+    drivers = {d["metadata"]["name"].rsplit("-", 1)[-1]: d for d in objects["Deployment"]}
+    assert set(drivers) == {"text", "vision"}, "no co-located driver beside the pools"
+    for pool, driver in drivers.items():
+        env = {e["name"]: e.get("value") for e in driver["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["MW_POOL"] == pool
+    settings = _config_from_configmap(objects, tmp_path)
+    assert settings.pools["text"].dead_letters and settings.pools["vision"].ray_resource == "pool-vision"
+    assert settings.pools["text"].num_workers == 2
+    assert list(settings.guard_models()) == ["text-guard", "vision"]

@@ -169,6 +169,28 @@ def values_schema() -> dict[str, Any]:
                         **_placement(),
                     }
                 ),
+                "pools": {
+                    "description": "split pools: one stream driver and one GPU worker group per pool",
+                    "type": "array",
+                    "items": _strict(
+                        {
+                            "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 30},
+                            "models": {"type": "array", "items": _STR, "minItems": 1},
+                            "deadLetters": _BOOL,
+                            "actors": {"type": "integer", "minimum": 1},
+                            "gpusPerActor": {"type": "number", "minimum": 0},
+                            "workers": _strict(
+                                {
+                                    "replicas": {"type": "integer", "minimum": 0},
+                                    "minReplicas": {"type": "integer", "minimum": 0},
+                                    "maxReplicas": {"type": "integer", "minimum": 0},
+                                    "gpusPerPod": {"type": "integer", "minimum": 0},
+                                }
+                            ),
+                        },
+                        required=["name", "models", "actors"],
+                    ),
+                },
                 "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"]}},
                 "podSecurityContext": _OBJ,
                 "metrics": _strict(

@@ -184,7 +184,11 @@ def remote_guard_worker(settings: Settings) -> Any:
     """
     import ray
 
+    pool = settings.pools.get(settings.pool) if settings.pool is not None else None
+    # A pool's actors land on the nodes that advertise its resource (the Helm chart: its own worker group).
+    resources = {pool.ray_resource: 1} if pool is not None and pool.ray_resource else None
     return ray.remote(
+        resources=resources,
         num_gpus=settings.ray.num_gpus_per_worker,
         num_cpus=settings.ray.num_cpus_per_worker,
         max_restarts=settings.ray.max_restarts,
