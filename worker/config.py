@@ -173,9 +173,6 @@ class RouteSettings(Section):
 class RoutingSettings(RouteSettings):
     """Which model judges which event; unset = text guard for text, Vision (else Llama Guard 4) for images."""
 
-    max_images: int = Field(
-        5, ge=1, le=64, description="most images an event routed to a llama-guard-4 model may carry"
-    )
     policies: dict[str, RouteSettings] = Field({}, description="per-policy routing, by policy id")
 
 

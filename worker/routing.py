@@ -7,7 +7,7 @@ stream — so a worker holds several named models and routes each event by modal
 - text-only events → a text guard (``llama-guard-3-1b`` / ``-8b``) when one is configured, else a
   ``llama-guard-4``, else the Vision model;
 - events with one image → ``llama-guard-3-vision``, else ``llama-guard-4``;
-- events with several images → ``llama-guard-4`` (at most ``routing.max_images``);
+- events with several images → ``llama-guard-4`` (the model itself bounds how many it reads);
 - ``routing.text`` / ``.image`` / ``.multi_image`` override the rule, and ``routing.policies.<id>`` overrides
   it for the events of one policy.
 
@@ -33,7 +33,7 @@ TEXT_GUARDS = ("llama-guard-3-1b", "llama-guard-3-8b")
 VISION = "llama-guard-3-vision"
 LLAMA_GUARD_4 = "llama-guard-4"
 
-# Images one prompt of each family can carry (Llama Guard 4: routing.max_images).
+# Images one prompt of each family can carry (None: several; the Llama Guard 4 engine sets the bound).
 FAMILY_MAX_IMAGES: dict[str, int | None] = {
     "llama-guard-3-1b": 0,
     "llama-guard-3-8b": 0,
@@ -62,7 +62,6 @@ class Router:
 
     def __init__(self, settings: Settings) -> None:
         self.families = {name: m.family for name, m in settings.guard_models().items()}
-        self.max_images = settings.routing.max_images
         self.default = self._resolve(settings.routing, None)
         self.by_policy = {
             policy_id: self._resolve(route, self.default) for policy_id, route in settings.routing.policies.items()
@@ -109,8 +108,6 @@ class Router:
     def model_for(self, policy_id: str, image_count: int) -> str | None:
         """The model judging an event of ``policy_id`` with ``image_count`` images; None = no configured
         model reads that many images."""
-        if image_count > 1 and image_count > self.max_images:
-            return None
         return self.route_for(policy_id).model_for(image_count)
 
     def routed_models(self) -> set[str]:

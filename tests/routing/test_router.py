@@ -30,9 +30,9 @@ def test_default_rule_sends_text_to_the_text_guard_and_images_to_vision():
     assert router.model_for("default", 2) is None, "Vision reads one image and no llama-guard-4 is configured"
 
 
-def test_several_images_go_to_llama_guard_4_up_to_its_limit():
-    router = Router(settings_with("text", "vision", "lg4", routing={"max_images": 3}))
-    assert [router.model_for("default", n) for n in (0, 1, 2, 3, 4)] == ["text", "vision", "lg4", "lg4", None]
+def test_several_images_go_to_llama_guard_4():
+    router = Router(settings_with("text", "vision", "lg4"))
+    assert [router.model_for("default", n) for n in (0, 1, 2, 5)] == ["text", "vision", "lg4", "lg4"]
 
 
 def test_llama_guard_4_alone_judges_text_and_images():
