@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from rich.console import Console
 
@@ -27,7 +29,7 @@ def test_verdicts_are_counted_per_judging_model():
 
 
 def test_the_demo_runs_two_models_and_its_summary_shows_verdicts_per_model(tiny_model_dir, monkeypatch):
-    for key in [k for k in __import__("os").environ if k.startswith("MW_")]:
+    for key in [k for k in os.environ if k.startswith("MW_")]:  # a developer shell's settings stay out
         monkeypatch.delenv(key)
     console = Console(record=True, width=240)
     assert demo_command(Settings(), n_events=120, use_ray=False, console=console, timeout_s=600) == 0
