@@ -421,7 +421,7 @@ class StreamPipeline:
     def _complete_without_output(self, item: WorkItem) -> None:
         """Another pool answers this record: complete its offset now, publish nothing."""
         self.counters["routed_elsewhere"] += 1
-        if self._tracker.complete(item.tp, item.offset):
+        if self._tracker.complete(item.tp, item.offset, item.generation):
             self.counters["completed"] += 1
 
     def _fetch_image(self, ref: Any) -> bytes:
