@@ -44,6 +44,11 @@ REGISTRY: Final = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
+# The Ray driver's own registry (what `run --ray` serves on ops.port): only what the driver knows. Serving
+# REGISTRY there would export the pipeline's gauges at their idle values (e.g. mw_redis_up 0) next to the
+# actors' real ones and pull every min()/sum() on the dashboard off.
+DRIVER_REGISTRY: Final = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=DRIVER_REGISTRY)
 
 NAMESPACE: Final = "mw"
 
@@ -81,6 +86,12 @@ VERDICTS = Counter(
     "Verdicts produced (model or cache), by judging model (configured name), decision and category; a verdict "
     "with several categories counts once per category; safe verdicts use category 'none'.",
     ["model", "decision", "category"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+FLAGGED_EVENTS = Counter(
+    "flagged_events_total",
+    "Events whose verdict is unsafe (model or cache), counted once per event whatever its categories.",
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
@@ -176,7 +187,20 @@ RAY_WORKERS_ALIVE = Gauge(
     "ray_workers_alive",
     "GuardWorker actors alive, as seen by the Ray driver.",
     namespace=NAMESPACE,
-    registry=REGISTRY,
+    registry=DRIVER_REGISTRY,
+)
+RAY_WORKERS_DESIRED = Gauge(
+    "ray_workers_desired",
+    "GuardWorker actors the Ray driver wants: ray.num_workers, or the lag autoscaler's current plan.",
+    namespace=NAMESPACE,
+    registry=DRIVER_REGISTRY,
+)
+GROUP_LAG = Gauge(
+    "group_lag",
+    "Records the consumer group has not committed on the events topic (end offsets minus committed), as the "
+    "Ray driver reads it for autoscaling.",
+    namespace=NAMESPACE,
+    registry=DRIVER_REGISTRY,
 )
 
 
@@ -186,6 +210,8 @@ def _preinitialise() -> None:
         EVENTS_CONSUMED.labels(outcome=outcome)
     for reason in Reason:
         DEAD_LETTERS.labels(reason=reason.value)
+    for code in CATEGORY_CODES:  # a policy that disables a category sees it dropped: visible from the start
+        ENGINE_DROPPED_CODES.labels(code=code)
     for result in CACHE_RESULTS:
         CACHE_REQUESTS.labels(result=result)
     for stage in STAGES:
@@ -239,6 +265,8 @@ def record_verdicts(counts: Mapping[tuple[str, tuple[str, ...], bool, str], int]
     """
     for (decision, category_codes, cached, model), count in counts.items():
         EVENTS_CONSUMED.labels(outcome="cached" if cached else "verdict").inc(count)
+        if decision == "unsafe":
+            FLAGGED_EVENTS.inc(count)
         if decision == "unsafe" and category_codes:
             for code in category_codes:
                 VERDICTS.labels(model=model, decision="unsafe", category=code).inc(count)
@@ -265,9 +293,9 @@ def forget_partition(topic: str, partition: int) -> None:
         pass  # never had a lag value; nothing to remove
 
 
-def exposition() -> bytes:
-    """The registry in Prometheus text format (what ``/metrics`` serves)."""
-    return generate_latest(REGISTRY)
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """A registry in Prometheus text format (what ``/metrics`` serves)."""
+    return generate_latest(registry)
 
 
 def sample_key(name: str, labels: Mapping[str, str] | None = None) -> str:
@@ -317,13 +345,13 @@ def scrape_values(prefix: str = "mw_") -> dict[str, float]:
 
 
 def metric_names() -> set[str]:
-    """Every sample name the worker can expose under ``mw_`` (``_total``, ``_bucket``, ``_sum``, ``_count``).
+    """Every sample name the worker or the Ray driver can expose under ``mw_`` (``_total``, ``_bucket``, ...).
 
     Built from the metric families, so labelled metrics without children yet (lag) are included too.
     """
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: set[str] = set()
-    for family in REGISTRY.collect():
+    for family in [*REGISTRY.collect(), *DRIVER_REGISTRY.collect()]:
         if family.name.startswith(f"{NAMESPACE}_"):
             names.update(family.name + suffix for suffix in suffixes[family.type])
     return names

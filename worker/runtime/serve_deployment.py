@@ -104,9 +104,11 @@ class ModerationDeployment:
         from worker.engine.registry import ModelRegistry
         from worker.ops import metrics
         from worker.ops.logs import configure_logging
+        from worker.ops.ray_export import export_to_ray
 
         self.settings = settings_from_payload(settings)
         configure_logging(self.settings.logging, worker="serve")
+        export_to_ray(f"serve-{serve.get_replica_context().replica_id.unique_id}")
         self.models = ModelRegistry.from_settings(self.settings)
         self.engine = self.models.first
         metrics.register_models(self.models.names)
