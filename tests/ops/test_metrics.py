@@ -136,14 +136,14 @@ def test_record_helpers_count_outcomes_categories_and_reasons() -> None:
     assert moved("mw_verdicts_total", model="default", decision="unsafe", category="S9") == 1
     assert moved("mw_verdicts_total", model="default", decision="safe", category="none") == 1
     assert moved("mw_verdicts_total", model="text", decision="unsafe", category="S1") == 1
-    assert moved("mw_flagged_events_total") == 1  # one unsafe event with two categories
+    assert moved("mw_flagged_events_total") == 2  # two unsafe events, one of them with two categories
     assert moved("mw_dead_letters_total", reason="invalid_json") == 1
 
 
 def test_record_verdicts_counts_flagged_events_once_per_event() -> None:
     key = metrics.sample_key("mw_flagged_events_total")
     before = metrics.scrape_values()[key]
-    metrics.record_verdicts({("unsafe", ("S1", "S2", "S3"), False): 4, ("safe", (), True): 5})
+    metrics.record_verdicts({("unsafe", ("S1", "S2", "S3"), False, "default"): 4, ("safe", (), True, "default"): 5})
     assert metrics.scrape_values()[key] - before == 4
 
 
