@@ -229,18 +229,11 @@ class GuardEngine:
             except Exception as exc:  # noqa: BLE001 — a bad item must not sink its batch
                 batch.errors[i] = EngineError(f"cannot render the prompt: {exc}", detail={"kind": "prepare"})
         pixel_rows: list[dict[str, Any]] = []
-        if has_image and self._family.model_type != "mllama" and batch.rows:
-            # Llama 4 image inputs (patch tokens per image) are not wired into the engine yet: say so per item.
-            for i in batch.rows:
-                batch.errors[i] = EngineError(
-                    f"{self.family}: image requests are not supported by this engine yet", detail={"kind": "prepare"}
-                )
-            batch.rows, segments = [], []
         if has_image:
             kept_rows, kept_segments = [], []
             for i, seg in zip(batch.rows, segments):
                 try:
-                    pixel_rows.append(self._image_inputs(requests[i].all_images[0]))
+                    pixel_rows.append(self._image_inputs(requests[i].all_images))
                     kept_rows.append(i)
                     kept_segments.append(seg)
                 except Exception as exc:  # noqa: BLE001 — the image processor raises many types
@@ -331,9 +324,28 @@ class GuardEngine:
     def _render(self, turns: Sequence[Turn], policy: Policy, image_turns: Sequence[int] = ()) -> list[Segment]:
         return render_segments(turns, policy, image_turns=tuple(image_turns), family=self.family)
 
-    def _image_inputs(self, image: Any) -> dict[str, Any]:
-        out = self.processor.image_processor([[image]], return_tensors="pt")
+    def _image_inputs(self, images: Sequence[Any]) -> dict[str, Any]:
+        if self._family.model_type == "llama4":
+            # Llama 4 tiles every image of the request; its tiles go in the order of the <|image|> tokens.
+            return dict(self.processor.image_processor(list(images), return_tensors="pt"))
+        out = self.processor.image_processor([[images[0]]], return_tensors="pt")
         return dict(out)
+
+    def _llama4_tensors(self, ids: list[list[int]], images: list[dict[str, Any]]) -> list[list[int]]:
+        """Each row's ``<|image|>`` ids expanded into its images' patch runs (``Llama4Processor``'s scheme)."""
+        from worker.engine.families.llama4_images import (
+            expand_image_ids,
+            expansion_token_ids,
+            patches_per_tile,
+        )
+
+        token_ids = expansion_token_ids(self.tokenizer)
+        out = []
+        for row, im in zip(ids, images):
+            tile = int(im["pixel_values"].shape[-1])
+            per_tile = patches_per_tile(tile, self.processor.patch_size, self.processor.downsample_ratio)
+            out.append(expand_image_ids(row, im["aspect_ratios"].tolist(), per_tile, token_ids))
+        return out
 
     def _tensors(
         self, segments: list[list[Segment]], *, prefix: list[int], images: list[dict[str, Any]] | None = None
@@ -343,10 +355,15 @@ class GuardEngine:
             get_cross_attention_token_mask,
         )
 
-        ids = [row + prefix for row in self.tokens.encode_many(segments)]
+        ids = self.tokens.encode_many(segments)
+        if images is not None and self._family.model_type == "llama4":
+            ids = self._llama4_tensors(ids, images)
+        ids = [row + prefix for row in ids]
         input_ids, attention_mask, position_ids = left_pad(ids, self.tokens.pad_id)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if images is not None:
+        if images is not None and self._family.model_type == "llama4":
+            inputs["pixel_values"] = torch.cat([im["pixel_values"] for im in images])
+        elif images is not None:
             inputs["pixel_values"] = torch.cat([im["pixel_values"] for im in images])
             inputs["aspect_ratio_ids"] = torch.cat([im["aspect_ratio_ids"] for im in images])
             inputs["aspect_ratio_mask"] = torch.cat([im["aspect_ratio_mask"] for im in images])

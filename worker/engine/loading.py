@@ -132,8 +132,27 @@ def _classes(model_type: str) -> tuple[Any, Any]:
     if model_type == "mllama":
         return transformers.AutoProcessor, transformers.MllamaForConditionalGeneration
     if model_type == "llama4":
-        return transformers.AutoProcessor, transformers.Llama4ForConditionalGeneration
+        from worker.engine.families.llama4_model import GuardLlama4ForConditionalGeneration
+
+        return transformers.AutoProcessor, GuardLlama4ForConditionalGeneration
     return transformers.AutoTokenizer, transformers.AutoModelForCausalLM
+
+
+def _load_processor(processor_class: Any, model_type: str, source: str, common: dict[str, Any]) -> Any:
+    """The checkpoint's own processor; for Llama 4 without torchvision, the project's PIL one on the same files.
+
+    transformers implements Llama 4's image processor only with torchvision. Where that is missing (CPU
+    hosts), ``Llama4PilProcessor`` reads the same ``preprocessor_config.json`` and ``processor_config.json``.
+    """
+    try:
+        return processor_class.from_pretrained(source, **common)
+    except ImportError:
+        if model_type != "llama4" or not Path(source).is_dir():
+            raise
+        from worker.engine.families.llama4_images import Llama4PilProcessor
+
+        log.info("torchvision is not installed: using the PIL Llama 4 image processor", extra={"stage": "load"})
+        return Llama4PilProcessor.from_pretrained(source, **common)
 
 
 def load_model(settings: ModelSettings) -> LoadedModel:
@@ -175,11 +194,11 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     dtype = resolve_dtype(settings.dtype, device)
     try:
         processor_class, model_class = _classes(family.model_type)
-        processor = processor_class.from_pretrained(source, **common)
+        processor = _load_processor(processor_class, family.model_type, source, common)
         # On CUDA the weights go straight to the device (no 21 GB detour through host memory for the 11B model).
         placement = {"device_map": str(device)} if device.type == "cuda" else {}
         model = model_class.from_pretrained(source, dtype=dtype, **placement, **common)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(
             f"model.path {path!r}: cannot load the {family.name} processor or weights: {exc}"
         ) from exc

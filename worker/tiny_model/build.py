@@ -34,6 +34,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
+    Llama4Config,
+    Llama4TextConfig,
+    Llama4VisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MllamaConfig,
@@ -45,7 +48,9 @@ from transformers import (
 )
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from worker.engine.families import LG3_1B, LG3_8B, VISION
+from worker.engine.families import LG3_1B, LG3_8B, LG4, VISION
+from worker.engine.families.llama4_model import GuardLlama4ForConditionalGeneration
+from worker.engine.families.llama4_images import Llama4PilImageProcessor, Llama4PilProcessor
 from worker.tiny_model import synthetic
 
 logger = logging.getLogger(__name__)
@@ -54,8 +59,8 @@ logger = logging.getLogger(__name__)
 CODE_VERSION = 1
 MODEL_ID = "tiny-guard"
 # The families each tiny checkpoint is trained to serve (prompts of all of them in its training data).
-SERVED_FAMILIES: dict[str, tuple[str, ...]] = {VISION: (VISION,), LG3_1B: (LG3_1B, LG3_8B)}
-BUILDABLE_FAMILIES: dict[str, str] = {VISION: VISION, LG3_1B: LG3_1B, LG3_8B: LG3_1B}  # family -> checkpoint
+SERVED_FAMILIES: dict[str, tuple[str, ...]] = {VISION: (VISION,), LG3_1B: (LG3_1B, LG3_8B), LG4: (LG4,)}
+BUILDABLE_FAMILIES: dict[str, str] = {VISION: VISION, LG3_1B: LG3_1B, LG3_8B: LG3_1B, LG4: LG4}  # family -> checkpoint
 RECIPE_FILE = "recipe.json"
 
 # Llama-3's special tokens, in Llama-3's order (ids 128000.. in the real vocabulary; here they follow the
@@ -79,6 +84,24 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|reserved_special_token_6|>",
 )
 IMAGE_TOKEN = "<|image|>"
+# Llama 4's special tokens that Llama Guard 4's prompt and image expansion use (ids follow the BPE vocabulary).
+LLAMA4_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eom|>",
+    "<|eot|>",
+    "<|finetune_right_pad|>",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+    "<|image|>",
+    "<|patch|>",
+)
+LLAMA4_EOS_TOKEN = "<|eot|>"
+LLAMA4_PAD_TOKEN = "<|finetune_right_pad|>"
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|eot_id|>"
 PAD_TOKEN = "<|finetune_right_pad_id|>"
@@ -123,6 +146,21 @@ TEMPLATE_CORPUS: tuple[str, ...] = (
 TEXT_TEMPLATE_CORPUS: tuple[str, ...] = (
     " <BEGIN UNSAFE CONTENT CATEGORIES>\nS13: Elections.\nS14: Code Interpreter Abuse.\n",
     "list of violated categories.",
+)
+
+
+# Llama Guard 4's wording ("according to our", S14) and its message ending (a literal backslash-n pair twice).
+LG4_TEMPLATE_CORPUS: tuple[str, ...] = (
+    (
+        "Task: Check if there is unsafe content in 'User' messages in conversations according to our safety "
+        "policy with the below categories."
+    ),
+    (
+        "Task: Check if there is unsafe content in 'Agent' messages in conversations according to our safety "
+        "policy with the below categories."
+    ),
+    "S13: Elections.\nS14: Code Interpreter Abuse.\n<END UNSAFE CONTENT CATEGORIES>\n\n<BEGIN CONVERSATION>\n",
+    "User: hello\\n\\n\n\nAgent: hi\\n\\n\n\n<END CONVERSATION>",
 )
 
 
@@ -208,6 +246,11 @@ def default_recipe(*, train: bool = True, family: str = VISION) -> TinyRecipe:
     family = checkpoint_family(family)
     if family == VISION:
         return TinyRecipe() if train else TinyRecipe(train=None)
+    if family == LG4:
+        # Short on purpose (2 shared CPU cores): text and image items, the Vision recipe's sizes.
+        lg4_training = TrainRecipe(examples=640, epochs=3, learning_rate=4e-3)
+        # vision_intermediate = 4 x vision_hidden: Llama 4's pixel-shuffle adapter reads 4x the channels.
+        return TinyRecipe(family=family, vision_intermediate=128, train=lg4_training if train else None)
     # A text guard learns the toy policy from fewer, shorter steps than the Vision one (no images to learn).
     text_training = TrainRecipe(examples=768, epochs=3, learning_rate=4e-3)
     return TinyRecipe(family=family, train=text_training if train else None)
@@ -228,6 +271,8 @@ def _tokenizer_corpus(recipe: TinyRecipe) -> Iterator[str]:
         yield from TEMPLATE_CORPUS
         if recipe.family != VISION:
             yield from TEXT_TEMPLATE_CORPUS
+        if recipe.family == LG4:
+            yield from LG4_TEMPLATE_CORPUS
     for example in synthetic.synthetic_examples(
         recipe.tokenizer_corpus_examples, seed=recipe.seed, split="train"
     ):
@@ -258,7 +303,11 @@ def build_tokenizer(recipe: TinyRecipe) -> PreTrainedTokenizerFast:
     )
     tokenizer.train_from_iterator(list(_tokenizer_corpus(recipe)), trainer=trainer)
     # The text guard's vocabulary has no <|image|>, like Llama Guard 3 1B/8B's.
-    tokenizer.add_special_tokens([*SPECIAL_TOKENS, IMAGE_TOKEN] if recipe.family == VISION else list(SPECIAL_TOKENS))
+    if recipe.family == LG4:
+        specials = list(LLAMA4_SPECIAL_TOKENS)
+    else:
+        specials = [*SPECIAL_TOKENS, IMAGE_TOKEN] if recipe.family == VISION else list(SPECIAL_TOKENS)
+    tokenizer.add_special_tokens(specials)
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     # Like Llama-3's tokenizer.json: BOS is prepended when add_special_tokens=True.
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -267,8 +316,8 @@ def build_tokenizer(recipe: TinyRecipe) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
+        eos_token=LLAMA4_EOS_TOKEN if recipe.family == LG4 else EOS_TOKEN,
+        pad_token=LLAMA4_PAD_TOKEN if recipe.family == LG4 else PAD_TOKEN,
         padding_side="left",
         model_max_length=recipe.max_position_embeddings,
         clean_up_tokenization_spaces=False,
@@ -351,6 +400,76 @@ def build_text_model(recipe: TinyRecipe, config: LlamaConfig) -> LlamaForCausalL
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         pad_token_id=config.pad_token_id,
+        do_sample=False,
+        max_new_tokens=10,
+    )
+    return model.eval()
+
+
+def build_lg4_processor(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> Llama4PilProcessor:
+    """Llama Guard 4's processor files at the recipe's tile size (read back by the same loader as real weights)."""
+    image_processor = Llama4PilImageProcessor(
+        size={"height": recipe.tile_size, "width": recipe.tile_size}, max_patches=recipe.max_image_tiles
+    )
+    return Llama4PilProcessor(image_processor, tokenizer, patch_size=recipe.patch_size, pixel_shuffle_ratio=0.5)
+
+
+def build_lg4_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> Llama4Config:
+    """A tiny Llama 4 config: dense text layers (no MoE), chunked attention set explicitly, a small ViT."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAMA4_SPECIAL_TOKENS}
+    text = Llama4TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.text_hidden,
+        intermediate_size=recipe.text_intermediate,
+        intermediate_size_mlp=recipe.text_intermediate,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.text_heads,
+        num_key_value_heads=recipe.text_kv_heads,
+        head_dim=recipe.text_hidden // recipe.text_heads,
+        max_position_embeddings=recipe.max_position_embeddings,
+        # A null chunk size crashes the chunked-attention mask: give it the context length (one chunk).
+        attention_chunk_size=recipe.max_position_embeddings,
+        num_local_experts=1,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=0,
+        moe_layers=[],
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        bos_token_id=ids[BOS_TOKEN],
+        eos_token_id=[ids["<|end_of_text|>"], ids["<|eom|>"], ids[LLAMA4_EOS_TOKEN]],
+        pad_token_id=ids[LLAMA4_PAD_TOKEN],
+        tie_word_embeddings=False,
+    )
+    vision = Llama4VisionConfig(
+        hidden_size=recipe.vision_hidden,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.vision_heads,
+        # Llama 4's adapter reads the pixel-shuffled patches (4x the channels) with the MLP's input size.
+        intermediate_size=recipe.vision_intermediate,
+        vision_output_dim=recipe.vision_hidden,
+        projector_input_dim=recipe.vision_hidden,
+        projector_output_dim=recipe.vision_hidden,
+        image_size=recipe.tile_size,
+        patch_size=recipe.patch_size,
+        pixel_shuffle_ratio=0.5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    return Llama4Config(
+        vision_config=vision,
+        text_config=text,
+        boi_token_index=ids["<|image_start|>"],
+        eoi_token_index=ids["<|image_end|>"],
+        image_token_index=ids["<|patch|>"],
+    )
+
+
+def build_lg4_model(recipe: TinyRecipe, config: Llama4Config) -> GuardLlama4ForConditionalGeneration:
+    """Seeded random init of the tiny Llama Guard 4."""
+    torch.manual_seed(recipe.seed)
+    model = GuardLlama4ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=config.text_config.pad_token_id,
         do_sample=False,
         max_new_tokens=10,
     )
@@ -455,6 +574,9 @@ def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
     if recipe.family == VISION:
         processor = build_processor(recipe, tokenizer)
         model = build_model(recipe, build_config(recipe, tokenizer))
+    elif recipe.family == LG4:
+        processor = build_lg4_processor(recipe, tokenizer)
+        model = build_lg4_model(recipe, build_lg4_config(recipe, tokenizer))
     else:
         processor = tokenizer  # a text guard has no image processor: its "processor" is the tokenizer
         model = build_text_model(recipe, build_text_config(recipe, tokenizer))
@@ -482,7 +604,7 @@ def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
     (out_dir / RECIPE_FILE).write_text(
         json.dumps(
             {
-                "model_id": MODEL_ID if recipe.family == VISION else f"{MODEL_ID}-text",
+                "model_id": {VISION: MODEL_ID, LG4: f"{MODEL_ID}-lg4"}.get(recipe.family, f"{MODEL_ID}-text"),
                 "family": recipe.family,
                 "serves": list(SERVED_FAMILIES[recipe.family]),
                 "recipe_hash": recipe.hash,
