@@ -136,3 +136,33 @@ def test_text_guard_builds_deterministically_and_loads_like_a_hub_checkpoint(tmp
 def test_build_command_names_unbuildable_families(tmp_path: Path, capsys) -> None:
     assert build_tiny_model_command(tmp_path / "x", train=False, family="llama-guard-9") == 2
     assert "buildable: llama-guard-3-vision" in capsys.readouterr().out
+
+
+def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(tmp_path: Path, untrained_lg4_dir: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer, Llama4ForConditionalGeneration
+
+    from worker.engine.families.llama4_images import Llama4PilProcessor
+    from worker.tiny_model.build import LLAMA4_SPECIAL_TOKENS
+
+    again = build_tiny_model(tmp_path / "lg4", train=False, family="llama-guard-4")
+    assert weights_digest(again) == weights_digest(untrained_lg4_dir)
+    recipe = read_recipe(again)
+    assert recipe["family"] == "llama-guard-4" and recipe["serves"] == ["llama-guard-4"]
+    config = AutoConfig.from_pretrained(again, local_files_only=True)
+    assert config.model_type == "llama4"
+    # A null chunk size breaks Llama 4's chunked-attention mask: the recipe sets it.
+    assert config.text_config.attention_chunk_size == 4096
+    assert config.image_token_id == AutoTokenizer.from_pretrained(again).convert_tokens_to_ids("<|patch|>")
+    model = Llama4ForConditionalGeneration.from_pretrained(again, local_files_only=True)
+    assert type(model).__name__ == "Llama4ForConditionalGeneration"
+    tokenizer = AutoTokenizer.from_pretrained(again, local_files_only=True)
+    for token in LLAMA4_SPECIAL_TOKENS:
+        assert tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(token)) == token
+    assert "<|eot_id|>" not in tokenizer.get_vocab()  # Llama 4's tokens, not Llama 3's
+    files = {p.name for p in again.iterdir()}
+    assert {"preprocessor_config.json", "processor_config.json", "tokenizer.json", "config.json"} <= files
+    preprocessor = json.loads((again / "preprocessor_config.json").read_text())
+    assert preprocessor["image_processor_type"] == "Llama4ImageProcessorFast"  # the real checkpoint's name
+    processor = Llama4PilProcessor.from_pretrained(again)
+    assert processor.patches_per_tile == 4  # (56 / 14)^2 / 4 after the pixel shuffle
+    assert default_recipe(family="llama-guard-4").hash not in {default_recipe().hash, default_recipe(family="llama-guard-3-1b").hash}

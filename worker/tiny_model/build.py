@@ -599,6 +599,13 @@ def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
         report.heldout = evaluate_heldout(model, processor, recipe.train, family=families[0])
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
+    if recipe.family == LG4:
+        # Named by transformers' class, as a real Llama Guard 4 checkpoint is (the project's subclass only
+        # fixes the forward pass; see worker.engine.families.llama4_model).
+        config_path = out_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config["architectures"] = ["Llama4ForConditionalGeneration"]
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     report.size_bytes = _dir_size(out_dir)
     (out_dir / "README.md").write_text(_model_card(recipe, report))
     (out_dir / RECIPE_FILE).write_text(

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 # What the model emits before the verdict word (Llama Guard 3 does the same).
 ANSWER_PREFIX = "\n\n"
 ANSWER_SUFFIX = "<|eot_id|>"
+LLAMA4_ANSWER_SUFFIX = "<|eot|>"  # Llama Guard 4's end of turn
 IGNORE_INDEX = -100
 
 
@@ -71,6 +72,47 @@ def example_prompt(example: LabelledExample, family: str = DEFAULT_FAMILY) -> st
     return render_prompt(example_turns(example.event), policy, has_image=example.has_image, family=family)
 
 
+def _is_llama4(processor: object) -> bool:
+    return hasattr(processor, "image_processor") and hasattr(processor, "downsample_ratio")
+
+
+def _encode_llama4_batch(
+    processor: object, examples: Sequence[LabelledExample], *, with_targets: bool, family: str
+) -> _Batch:
+    """Llama Guard 4 rows the way the engine builds them: rendered segments, control tokens by id, each
+    ``<|image|>`` expanded into its tiles' patch tokens; the answer ends with ``<|eot|>``."""
+    from worker.engine.families.llama4_images import expand_image_ids, expansion_token_ids, patches_per_tile
+    from worker.engine.prompt import render_segments
+    from worker.engine.tokenize import PromptTokenizer, left_pad
+
+    tokenizer = processor.tokenizer
+    tokens = PromptTokenizer(tokenizer, family)
+    policy = policy_from_settings("default", PolicySettings(), family)
+    segments = [render_segments(example_turns(e.event), policy, has_image=e.has_image, family=family) for e in examples]
+    rows = tokens.encode_many(segments)
+    inputs: dict[str, torch.Tensor] = {}
+    images = [example_image(e.event) for e in examples]
+    if images[0] is not None:
+        out = processor.image_processor(images, return_tensors="pt")
+        per_tile = patches_per_tile(int(out["pixel_values"].shape[-1]), processor.patch_size, processor.downsample_ratio)
+        ids = expansion_token_ids(tokenizer)
+        rows = [expand_image_ids(r, [ratio], per_tile, ids) for r, ratio in zip(rows, out["aspect_ratios"].tolist())]
+        inputs["pixel_values"] = out["pixel_values"].float()
+    answer_ids = [
+        tokenizer(ANSWER_PREFIX + e.answer + LLAMA4_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+        if with_targets
+        else []
+        for e in examples
+    ]
+    input_ids, attention_mask, position_ids = left_pad([r + a for r, a in zip(rows, answer_ids)], tokens.pad_id)
+    inputs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, ids_ in enumerate(answer_ids):
+        if ids_:
+            labels[row, -len(ids_) :] = torch.tensor(ids_)
+    return _Batch(inputs=inputs, labels=labels)
+
+
 def _reads_images(processor: object) -> bool:
     return hasattr(processor, "image_processor")
 
@@ -98,6 +140,8 @@ def _encode_batch(
 
     Row ``i`` uses the prompt of ``families[(offset + i) % len(families)]``.
     """
+    if _is_llama4(processor):
+        return _encode_llama4_batch(processor, examples, with_targets=with_targets, family=families[0])
     tokenizer = getattr(processor, "tokenizer", processor)
     prompts = [example_prompt(e, families[(offset + i) % len(families)]) for i, e in enumerate(examples)]
     answers = (
@@ -238,8 +282,10 @@ def generate_answers(
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             batch = _encode_batch(processor, [e for _, e in chunk], with_targets=False, families=(family,))
+            # generate derives positions from the attention mask itself.
+            kwargs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
             with torch.inference_mode():
-                output = model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                output = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = output[:, batch.inputs["input_ids"].shape[1] :]
             tokenizer = getattr(processor, "tokenizer", processor)
             decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
