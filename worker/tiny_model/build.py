@@ -248,7 +248,7 @@ def default_recipe(*, train: bool = True, family: str = VISION) -> TinyRecipe:
         return TinyRecipe() if train else TinyRecipe(train=None)
     if family == LG4:
         # Short on purpose (2 shared CPU cores): text and image items, the Vision recipe's sizes.
-        lg4_training = TrainRecipe(examples=640, epochs=3, learning_rate=4e-3)
+        lg4_training = TrainRecipe(examples=768, epochs=6, learning_rate=4e-3)
         # vision_intermediate = 4 x vision_hidden: Llama 4's pixel-shuffle adapter reads 4x the channels.
         return TinyRecipe(family=family, vision_intermediate=128, train=lg4_training if train else None)
     # A text guard learns the toy policy from fewer, shorter steps than the Vision one (no images to learn).
@@ -525,6 +525,22 @@ def _model_card(recipe: TinyRecipe, report: BuildReport) -> str:
             f"- {name}: {int(value) if name.endswith('_count') else round(value, 4)}\n"
             for name, value in sorted(report.heldout.items())
         )
+    if recipe.family == LG4:
+        return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [llama4, llama-guard, tiny, synthetic, test-fixture]
+---
+# {MODEL_ID}-lg4 ({"trained" if trained else "untrained"}, recipe {report.recipe_hash})
+
+A **tiny** `Llama4ForConditionalGeneration` guard built by `moderation-worker build-tiny-model --family
+llama-guard-4`, offline and deterministically, for the moderation-worker tests. It has the shape of Llama Guard 4
+(Llama 4 special tokens `<|header_start|>`/`<|eot|>`/`<|image|>`/`<|patch|>`/tile separators, tiled images with a
+global view, a pixel-shuffled vision tower) but {report.parameters:,} parameters, {recipe.tile_size}-px tiles and
+at most {recipe.max_image_tiles} tiles per image. **It is not a safety classifier**: it only knows the toy policy of
+`worker.tiny_model.synthetic` (text, and images with the red-X marker), answering `\\n\\nsafe` /
+`\\n\\nunsafe\\nS..` then `<|eot|>`. The full recipe is in `recipe.json`.
+{accuracy}"""
     if recipe.family != VISION:
         return f"""---
 library_name: transformers
