@@ -126,8 +126,9 @@ def build_tiny_model_cmd(
     family: Annotated[
         Optional[str],
         typer.Option(
-            help="Which tiny guard: llama-guard-3-vision (Mllama) or llama-guard-3-1b / llama-guard-3-8b (one "
-            "LlamaForCausalLM text guard serving both); default: model.family."
+            help="Which tiny guard: llama-guard-3-vision (Mllama), llama-guard-3-1b / llama-guard-3-8b (one "
+            "LlamaForCausalLM text guard serving both) or llama-guard-4 (Llama4ForConditionalGeneration); "
+            "default: model.family."
         ),
     ] = None,
     config: ConfigOption = None,
