@@ -100,24 +100,22 @@ class RebalanceProbe:
             "completed": p.counters["completed"],
         }
 
-    def wait_held_everywhere(self, timeout_s: float) -> None:
-        """Wait until A is paused with offsets in flight on all but at most one partition it holds.
+    def wait_held(self, timeout_s: float, with_work: int) -> None:
+        """Wait until A is paused with offsets in flight on at least ``with_work`` of its partitions.
 
-        (All of them at once is rare: fetches drain partition by partition.) Whichever half A keeps when
-        a second worker joins, at least one kept partition then has work in flight; when B leaves, A
-        keeps both of its partitions.
+        (Work on all of them at once is rare: fetches drain partition by partition.)
         """
         deadline = time.monotonic() + timeout_s
         seen: Counter[tuple[int, int, int]] = Counter()  # (partitions held, paused, holding work)
         while time.monotonic() < deadline:
             state = self.state()
             holding = sum(1 for n in state["in_flight"].values() if n)
-            if state["assigned"] and state["paused"] == state["assigned"] and holding >= len(state["assigned"]) - 1:
+            if state["assigned"] and state["paused"] == state["assigned"] and holding >= with_work:
                 return
             seen[(len(state["assigned"]), len(state["paused"]), sum(1 for n in state["in_flight"].values() if n))] += 1
             time.sleep(0.05)
         raise AssertionError(
-            f"A never held work on every partition while paused; (held, paused, with work) seen: {seen}; "
+            f"A never held work on enough partitions while paused; (held, paused, with work) seen: {seen}; "
             f"last: {state}"
         )
 
@@ -207,7 +205,7 @@ def _assert_all_answered_and_committed(settings: Any, a: WorkerThread, what: str
     return result
 
 
-def test_a_second_worker_joins_while_the_first_holds_work_on_every_partition(
+def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
     make_settings, guard_engine, tiny_model_dir, tmp_path, reliability_figures
 ):
     settings, a_settings, config, rest = _setup(
@@ -221,7 +219,7 @@ def test_a_second_worker_joins_while_the_first_holds_work_on_every_partition(
     try:
         wait_for(lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS, timeout_s=60, what="A owns all",
                  workers=[a])
-        probe.wait_held_everywhere(120)
+        probe.wait_held(120, with_work=2)
         b = WorkerProcess(config, tmp_path / "worker-b.log").start()
         wait_for(lambda: len(a.pipeline.status()["assigned"]) < PARTITIONS, timeout_s=180,
                  what="B joined and took partitions", workers=[a])
@@ -240,7 +238,7 @@ def test_a_second_worker_joins_while_the_first_holds_work_on_every_partition(
     # in-flight work and drops only the unanswered work of partitions it hands over (B starts there).
     assert result.duplicates == 0, result.line()
     assert b_code == 0, b.log_tail() if b is not None else ""
-    report(reliability_figures, f"rebalance: a worker joins while the other is paused with work on every "
+    report(reliability_figures, f"rebalance: a worker joins while the other is paused with work in flight "
                                 f"partition: {result.line()}; at the revocation A held {sum(first['in_flight'].values())} offsets in flight on "
                                 f"{sum(1 for n in first['in_flight'].values() if n)} partitions, "
                                 f"{len(first['paused'])} paused")
@@ -263,7 +261,7 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
                  what="A and B split the partitions", workers=[a])
         joined_revocations = len(probe.revocations)
         produce_interleaved(settings, backlog)  # more than slow A answers: A is paused with work in flight
-        probe.wait_held_everywhere(120)
+        probe.wait_held(120, with_work=1)
         produce_interleaved(settings, tail)  # B has fresh work in flight when it leaves
         if how == "SIGKILL":
             b.kill()
