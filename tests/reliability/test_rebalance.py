@@ -233,15 +233,18 @@ def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
         a.stop()
     assert probe.revocations, "A saw no rebalance"
     first = probe.revocations[0]
-    assert first["kept_with_work"], first  # A kept a partition with work in flight
+    assert sum(first["in_flight"].values()) > 0, first  # the rebalance landed with work in flight
+    # Which half A keeps is the assignor's choice, so whether a *kept* partition had work in flight is
+    # reported, not required here; the leave tests (A keeps all it holds) require it.
     # A graceful join redoes nothing: A commits what is answered at the revocation, keeps its kept partitions'
     # in-flight work and drops only the unanswered work of partitions it hands over (B starts there).
     assert result.duplicates == 0, result.line()
     assert b_code == 0, b.log_tail() if b is not None else ""
-    report(reliability_figures, f"rebalance: a worker joins while the other is paused with work in flight "
-                                f"partition: {result.line()}; at the revocation A held {sum(first['in_flight'].values())} offsets in flight on "
+    held = sum(first["in_flight"].values())
+    report(reliability_figures, f"rebalance: a worker joins while the other has work in flight: {result.line()}; "
+                                f"at the revocation A held {held} offsets in flight on "
                                 f"{sum(1 for n in first['in_flight'].values() if n)} partitions, "
-                                f"{len(first['paused'])} paused")
+                                f"{len(first['paused'])} paused, kept with work: {first.get('kept_with_work')}")
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
