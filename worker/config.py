@@ -16,6 +16,7 @@ configuration is printed (``Settings.masked``) or logged (``mask_url_credentials
 from __future__ import annotations
 
 import ipaddress
+import re
 import os
 import re
 import types
@@ -39,6 +40,9 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
+# Every built-in code of any Llama Guard family (S14 only in Llama Guard 3 8B and Llama Guard 4).
+BUILTIN_CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 15))
+GUARD_FAMILIES: tuple[str, ...] = ("llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4")
 ENV_PREFIX = "MW_"
 DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny-model` writes by default
 
@@ -153,16 +157,30 @@ class BatchingSettings(Section):
 class PolicySettings(Section):
     """One moderation policy: which categories count, their wording, and the decision threshold."""
 
-    categories: StrList = list(CATEGORY_CODES)
-    names: dict[str, str] = {}
+    categories: StrList | None = Field(
+        None,
+        description="built-in codes that count; None = all of the judging model's built-ins (S1..S13 for "
+        "Llama Guard 3 1B/Vision, S1..S14 for Llama Guard 3 8B and 4)",
+    )
+    names: dict[str, str] = Field({}, description="rewording of built-in categories: code -> name")
+    custom_categories: dict[str, str] = Field(
+        {},
+        description="the policy's own categories: new code after the model's built-ins (S14, S15, ...) -> its "
+        "text; listed after the built-ins in the prompt and carried with their text in verdicts",
+    )
     threshold: float = Field(0.5, ge=0.0, le=1.0)
 
     @field_validator("categories")
     @classmethod
-    def _known_codes(cls, codes: list[str]) -> list[str]:
-        unknown = [c for c in codes if c not in CATEGORY_CODES]
+    def _known_codes(cls, codes: list[str] | None) -> list[str] | None:
+        if codes is None:
+            return None
+        unknown = [c for c in codes if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"unknown category codes {unknown}; known: S1..S13")
+            raise ValueError(
+                f"unknown category codes {unknown}; built-in codes are S1..S14 (custom ones go under "
+                "custom_categories)"
+            )
         if not codes:
             raise ValueError("a policy needs at least one category")
         return codes
@@ -170,15 +188,28 @@ class PolicySettings(Section):
     @field_validator("names")
     @classmethod
     def _known_name_codes(cls, names: dict[str, str]) -> dict[str, str]:
-        unknown = [c for c in names if c not in CATEGORY_CODES]
+        unknown = [c for c in names if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"names for unknown category codes {unknown}")
+            raise ValueError(f"names for unknown category codes {unknown} (custom ones go under custom_categories)")
         return names
+
+    @field_validator("custom_categories")
+    @classmethod
+    def _custom_codes(cls, custom: dict[str, str]) -> dict[str, str]:
+        bad = [c for c in custom if not re.fullmatch(r"S[1-9][0-9]{0,2}", c) or int(c[1:]) < 14]
+        if bad:
+            raise ValueError(f"custom category codes {bad} must be S14 or above (S<number>, after the built-ins)")
+        return custom
 
 
 class ModelSettings(Section):
-    """Where the Llama Guard 3 Vision weights come from and how they run."""
+    """Where one guard model's weights come from, which Llama Guard family they are, and how they run."""
 
+    family: Literal["llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4"] = Field(
+        "llama-guard-3-vision",
+        description="which Llama Guard model the weights are: sets the prompt format, built-in categories, "
+        "modalities and architecture (llama-guard-3-vision | llama-guard-3-1b | llama-guard-3-8b | llama-guard-4)",
+    )
     path: str = Field(
         DEFAULT_MODEL_PATH,
         description="local directory or hub id for from_pretrained (`~` expands); production: the real weights",
@@ -216,6 +247,86 @@ class ModelSettings(Section):
         return os.path.expanduser(path) if path.startswith("~") else path
 
 
+# -- several guard models: the named models, which one judges which event, and pools of workers -------------
+
+MODEL_FAMILIES: tuple[str, ...] = ("llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4")
+DEFAULT_MODEL_NAME = "default"  # the name the single ``model:`` section gets
+
+
+class RouteSettings(Section):
+    """Which named model judges which kind of event (None = the default rule, see ``RoutingSettings``)."""
+
+    text: str | None = Field(None, description="model judging text-only events")
+    image: str | None = Field(None, description="model judging events with one image")
+    multi_image: str | None = Field(
+        None, description="model judging events with several images (a llama-guard-4 model)"
+    )
+
+
+class RoutingSettings(RouteSettings):
+    """Which model judges which event; unset = text guard for text, Vision (else Llama Guard 4) for images."""
+
+    policies: dict[str, RouteSettings] = Field({}, description="per-policy routing, by policy id")
+
+
+class PoolSettings(Section):
+    """One pool of workers (split deployment): its own consumer group, judging only its models' events."""
+
+    models: list[str] = Field(description="the named models this pool holds; it judges the events routed to them")
+    dead_letters: bool = Field(
+        False, description="this pool publishes the dead letters of events no model was chosen for (one pool)"
+    )
+    num_workers: int | None = Field(None, ge=1, description="Ray actors of this pool; default ray.num_workers")
+    num_gpus_per_worker: float | None = Field(None, ge=0, description="default ray.num_gpus_per_worker")
+    ray_resource: str | None = Field(
+        None, description="custom Ray resource each actor of the pool requires (one unit): pins it to its nodes"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, models: list[str]) -> list[str]:
+        if not models:
+            raise ValueError("a pool needs at least one model")
+        return models
+
+
+class ModelsMixin(BaseModel):
+    """Checks and look-ups of the ``models`` / ``routing`` / ``pools`` / ``pool`` settings (see ``worker.routing``)."""
+
+    def guard_models(self) -> dict[str, ModelSettings]:
+        """Every configured model by name: ``models``, or the single ``model`` section as ``default``."""
+        return dict(self.models) if self.models else {DEFAULT_MODEL_NAME: self.model}
+
+    def _check_models(self) -> None:
+        # A dump of these settings carries the untouched default ``model`` section: only a changed one conflicts.
+        if self.models and "model" in self.model_fields_set and self.model != ModelSettings():
+            raise ValueError("set either `model` (one model) or `models` (named models), not both")
+        names = set(self.guard_models())
+        routes = [("routing", self.routing)] + [(f"routing.policies.{p}", r) for p, r in self.routing.policies.items()]
+        for where, route in routes:
+            for kind in ("text", "image", "multi_image"):
+                name = getattr(route, kind)
+                if name is not None and name not in names:
+                    raise ValueError(f"{where}.{kind} names model {name!r}, not among models {sorted(names)}")
+        unknown_policies = sorted(set(self.routing.policies) - set(self.policies))  # type: ignore[attr-defined]
+        if unknown_policies:
+            raise ValueError(f"routing.policies names unknown policies {unknown_policies}")
+        seen: dict[str, str] = {}
+        for pool_name, pool in self.pools.items():
+            for model in pool.models:
+                if model not in names:
+                    raise ValueError(f"pools.{pool_name}.models names model {model!r}, not among {sorted(names)}")
+                if model in seen:
+                    raise ValueError(f"model {model!r} is in pools {seen[model]!r} and {pool_name!r}: one pool each")
+                seen[model] = pool_name
+        if self.pools:
+            owners = [n for n, p in self.pools.items() if p.dead_letters]
+            if len(owners) > 1:
+                raise ValueError(f"pools {owners} all set dead_letters: exactly one pool may publish them")
+        if self.pool is not None and self.pool not in self.pools:
+            raise ValueError(f"pool {self.pool!r} is not among pools {sorted(self.pools)}")
+
+
 class RedisSettings(Section):
     """Verdict cache."""
 
@@ -226,6 +337,37 @@ class RedisSettings(Section):
     key_prefix: str = "mw:v1:"
     socket_timeout_s: float = Field(0.5, gt=0)
     reconnect_interval_s: float = Field(2.0, gt=0)
+    published_markers: bool = Field(
+        True,
+        description="after the broker acknowledges an event's outputs, mark its source offset in Redis; a "
+        "record replayed after a crash whose answer is marked is not published again",
+    )
+    published_marker_ttl_s: int = Field(
+        900,
+        ge=1,
+        description="how long a published marker lives; must exceed the time an answered record can wait "
+        "uncommitted behind a slow one, plus a restart",
+    )
+
+
+class FailureSettings(Section):
+    """When a failing dependency stops the stream (pause, not ready, retry with backoff) instead of
+    dead-lettering or re-publishing without end."""
+
+    max_failed_batches: int = Field(
+        3,
+        ge=1,
+        description="consecutive batches on which every item failed in the engine before the worker declares "
+        "an engine outage even though a probe request still succeeds (a probe failure declares it at once)",
+    )
+    max_publish_attempts: int = Field(
+        5,
+        ge=1,
+        description="failed deliveries of one event before the worker declares a delivery outage (it keeps "
+        "retrying with backoff; nothing is dropped)",
+    )
+    retry_initial_s: float = Field(1.0, gt=0, description="first retry delay in an outage; doubles per attempt")
+    retry_max_s: float = Field(60.0, gt=0, description="longest delay between retries in an outage")
 
 
 class LimitsSettings(Section):
@@ -239,7 +381,14 @@ class LimitsSettings(Section):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_image_side: int = Field(20_000, ge=16)
-    multiple_images: Literal["reject", "keep_last"] = "reject"
+    multiple_images: Literal["reject", "keep_last"] = Field(
+        "reject",
+        description="a second image for a one-image model (Llama Guard 3 Vision): reject the event, or keep the "
+        "most recent image",
+    )
+    max_images_llama_guard_4: int = Field(
+        5, ge=1, le=16, description="images one event may carry when Llama Guard 4 judges it (all are read)"
+    )
     merge_consecutive_roles: bool = True
     dead_letter_original_max_bytes: int = Field(64 * 1024, ge=0)
 
@@ -359,7 +508,7 @@ class ServeSettings(Section):
     )
 
 
-class Settings(BaseSettings):
+class Settings(ModelsMixin, BaseSettings):
     """Everything the worker reads. See the README's configuration reference."""
 
     model_config = SettingsConfigDict(
@@ -372,8 +521,17 @@ class Settings(BaseSettings):
     default_policy: str = "default"
     policies: dict[str, PolicySettings] = {"default": PolicySettings()}
     model: ModelSettings = ModelSettings()
+    models: dict[str, ModelSettings] = Field(
+        {}, description="named guard models; empty = the single `model` section, named `default`"
+    )
+    routing: RoutingSettings = RoutingSettings()
+    pools: dict[str, PoolSettings] = Field(
+        {}, description="split deployment: pools of workers, each judging the events routed to its models"
+    )
+    pool: str | None = Field(None, description="the pool this worker serves (None = every configured model)")
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
+    failures: FailureSettings = FailureSettings()
     image_fetch: ImageFetchSettings = ImageFetchSettings()
     logging: LoggingSettings = LoggingSettings()
     ops: OpsSettings = OpsSettings()
@@ -387,6 +545,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _models_routing_pools_agree(self) -> Settings:
+        self._check_models()
         return self
 
     @classmethod
