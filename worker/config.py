@@ -71,6 +71,10 @@ class TopicSettings(Section):
     flagged: str = "moderation.flagged"
     verdicts: str = "moderation.verdicts"
     dlq: str = "moderation.dlq"
+    review: str = Field(
+        "moderation.review",
+        description="verdicts in a policy's human-review band (review_threshold <= score < threshold)",
+    )
     publish_all_verdicts: bool = True
 
 
@@ -90,12 +94,54 @@ class BatchingSettings(Section):
         return self
 
 
+CUSTOM_CATEGORY_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class BlocklistSettings(Section):
+    """One blocklist: exact terms and RE2 patterns, matched on case- and confusable-folded text."""
+
+    terms: list[str] = Field([], description="exact terms (substring match after normalisation)")
+    patterns: list[str] = Field([], description="RE2 regular expressions (linear time; matched after normalisation)")
+    category: str = Field(
+        ..., description="what a hit means: an S-code (S1..S13) or a custom category id (lowercase, e.g. spam)"
+    )
+    name: str | None = Field(None, description="category name shown in verdicts; default: the policy's name")
+    action: Literal["halt", "annotate"] = Field(
+        "halt", description="halt = the hit decides unsafe without a model call; annotate = only reported"
+    )
+
+    @field_validator("category")
+    @classmethod
+    def _category_code(cls, category: str) -> str:
+        import re
+
+        if category not in CATEGORY_CODES and not re.fullmatch(CUSTOM_CATEGORY_PATTERN, category):
+            raise ValueError(f"{category!r} is neither S1..S13 nor a custom id matching {CUSTOM_CATEGORY_PATTERN}")
+        return category
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> BlocklistSettings:
+        if not self.terms and not self.patterns:
+            raise ValueError("a blocklist needs terms or patterns")
+        return self
+
+
 class PolicySettings(Section):
     """One moderation policy: which categories count, their wording, and the decision threshold."""
 
     categories: list[str] = list(CATEGORY_CODES)
     names: dict[str, str] = {}
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    review_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="scores in [review_threshold, threshold) stay safe but are marked review: true and also go "
+        "to topics.review; None = no review band",
+    )
+    blocklists: dict[str, BlocklistSettings] = Field(
+        {}, description="named blocklists matched before the model (terms and RE2 patterns)"
+    )
 
     @field_validator("categories")
     @classmethod
@@ -114,6 +160,14 @@ class PolicySettings(Section):
         if unknown:
             raise ValueError(f"names for unknown category codes {unknown}")
         return names
+
+    @model_validator(mode="after")
+    def _review_below_threshold(self) -> PolicySettings:
+        if self.review_threshold is not None and self.review_threshold >= self.threshold:
+            raise ValueError(
+                f"review_threshold {self.review_threshold} must be below the decision threshold {self.threshold}"
+            )
+        return self
 
 
 class ModelSettings(Section):
@@ -144,6 +198,11 @@ class ModelSettings(Section):
     )
     local_files_only: bool = True
     hf_token: SecretStr | None = None
+    optimized_languages: list[str] = Field(
+        ["en"],
+        description="ISO 639-1 codes the model is optimized for; verdicts say whether the judged text's detected "
+        "language is among them (Llama Guard 3 Vision: English)",
+    )
 
     @field_validator("path")
     @classmethod
@@ -259,6 +318,49 @@ class ServeSettings(Section):
     max_events_per_request: int = Field(64, ge=1)
 
 
+class TenantSettings(Section):
+    """One tenant: the policy its events get, and the other policies an event (or API key) may name."""
+
+    policy: str = Field(..., description="policy applied to the tenant's events that name none")
+    allowed_policies: list[str] = Field([], description="other policies the tenant's events may name")
+
+    @property
+    def policies(self) -> list[str]:
+        """Every policy the tenant may use, its own first."""
+        return list(dict.fromkeys([self.policy, *self.allowed_policies]))
+
+
+class ApiKeySettings(Section):
+    """One bearer API key of the HTTP endpoints: where its secret comes from, its tenant and its budget."""
+
+    tenant: str = Field(..., description="the tenant the key acts for (only that tenant's policies)")
+    key: SecretStr | None = Field(None, description="the key itself (prefer key_env / key_file: a Secret)")
+    key_env: str | None = Field(None, description="environment variable holding the key")
+    key_file: str | None = Field(None, description="file holding the key (surrounding whitespace stripped)")
+    requests_per_second: float = Field(10.0, gt=0, description="token-bucket refill rate (requests/s)")
+    burst: int = Field(20, ge=1, description="token-bucket size: requests allowed at once")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeySettings:
+        given = [n for n in ("key", "key_env", "key_file") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"an API key needs exactly one of key, key_env, key_file (got {given or 'none'})")
+        return self
+
+
+class AuthSettings(Section):
+    """Bearer API keys on the HTTP endpoints (off for local development; on in the Helm chart)."""
+
+    enabled: bool = False
+    keys: dict[str, ApiKeySettings] = Field({}, description="API keys by name (the name is logged, the key never)")
+
+    @model_validator(mode="after")
+    def _keys_when_enabled(self) -> AuthSettings:
+        if self.enabled and not self.keys:
+            raise ValueError("auth.enabled needs at least one entry in auth.keys")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the worker reads. See the README's configuration reference."""
 
@@ -280,11 +382,26 @@ class Settings(BaseSettings):
     shutdown: ShutdownSettings = ShutdownSettings()
     ray: RaySettings = RaySettings()
     serve: ServeSettings = ServeSettings()
+    tenants: dict[str, TenantSettings] = Field(
+        {}, description="tenant id -> its policies; empty = events name any configured policy"
+    )
+    auth: AuthSettings = AuthSettings()
 
     @model_validator(mode="after")
     def _default_policy_exists(self) -> Settings:
         if self.default_policy not in self.policies:
             raise ValueError(f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}")
+        return self
+
+    @model_validator(mode="after")
+    def _tenants_and_keys_consistent(self) -> Settings:
+        for tenant_id, tenant in self.tenants.items():
+            unknown = [p for p in tenant.policies if p not in self.policies]
+            if unknown:
+                raise ValueError(f"tenants.{tenant_id} names unknown policies {unknown}")
+        for name, key in self.auth.keys.items():
+            if self.tenants and key.tenant not in self.tenants:
+                raise ValueError(f"auth.keys.{name}.tenant {key.tenant!r} is not among tenants {sorted(self.tenants)}")
         return self
 
     @classmethod

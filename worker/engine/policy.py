@@ -10,8 +10,15 @@ whitespace and of *one* trailing period, so ``"Guns"`` and ``"Guns."`` both rend
 prompt and appear as ``"Guns"`` in verdicts. Longer descriptions keep their inner punctuation.
 
 A policy's ``hash`` covers only what changes the model's answer or the decision — the enabled codes, their
-names and the threshold (plus the prompt-format version) — never the policy id, so two ids with the same
-content share cache entries, and editing a name invalidates them.
+names and the threshold (plus the prompt-format version), and, when set, the review threshold and the
+blocklists' content — never the policy id, so two ids with the same content share cache entries, and editing
+a name or a blocklist invalidates them.
+
+Review band: with ``review_threshold`` set, a score in ``[review_threshold, threshold)`` keeps the decision
+``safe`` and marks the verdict ``review: true`` (``Policy.in_review_band``).
+
+Tenants (``settings.tenants``): ``resolve_event_policy`` applies a tenant's own policy, lets an event name
+one of the tenant's ``allowed_policies``, and rejects anything else with ``policy_not_allowed``.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ from typing import TYPE_CHECKING
 
 from worker.config import CATEGORY_CODES, ConfigError
 from worker.dead_letters import Reason, RejectedError
+from worker.engine.blocklist import NO_BLOCKLISTS, Blocklists, compile_blocklists
 
 if TYPE_CHECKING:
-    from worker.config import PolicySettings, Settings
+    from worker.config import PolicySettings, Settings, TenantSettings
 
 # Bumped whenever prompt rendering changes in a way that changes the model's input for the same policy.
 PROMPT_FORMAT_VERSION = "llama-guard-3-vision/1"
@@ -139,6 +147,8 @@ class Policy:
     id: str
     categories: tuple[Category, ...]
     threshold: float = 0.5
+    review_threshold: float | None = None
+    blocklists: Blocklists = field(default=NO_BLOCKLISTS, compare=False, repr=False)
     hash: str = field(init=False, compare=False)
     _names: dict[str, str] = field(init=False, compare=False, repr=False)
 
@@ -153,7 +163,11 @@ class Policy:
             raise ValueError(f"policy {self.id!r} threshold {self.threshold} is outside [0, 1]")
         object.__setattr__(self, "categories", ordered)
         object.__setattr__(self, "_names", {c.code: c.name for c in ordered})
-        object.__setattr__(self, "hash", _content_hash(ordered, self.threshold))
+        if self.review_threshold is not None and not 0.0 <= self.review_threshold < self.threshold:
+            raise ValueError(f"policy {self.id!r} review_threshold must be in [0, threshold)")
+        object.__setattr__(
+            self, "hash", _content_hash(ordered, self.threshold, self.review_threshold, self.blocklists.digest)
+        )
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -164,18 +178,30 @@ class Policy:
         """The (possibly custom) name of an enabled code, without trailing period. KeyError if not enabled."""
         return self._names[code]
 
+    def in_review_band(self, score: float, unsafe: bool) -> bool:
+        """Whether a verdict stays ``safe`` but goes to human review: ``review_threshold <= score`` and not unsafe."""
+        return not unsafe and self.review_threshold is not None and score >= self.review_threshold
+
     def verdict_categories(self, codes: Iterable[str]) -> list[dict[str, str]]:
         """``[{"code": "S9", "name": "Indiscriminate Weapons"}]`` for the enabled ones among ``codes``."""
         return [{"code": code, "name": self._names[code]} for code in codes if code in self._names]
 
 
-def _content_hash(categories: tuple[Category, ...], threshold: float) -> str:
+def _content_hash(
+    categories: tuple[Category, ...], threshold: float, review_threshold: float | None, blocklists: str
+) -> str:
+    content: dict[str, object] = {
+        "format": PROMPT_FORMAT_VERSION,
+        "categories": [[c.code, c.name] for c in categories],
+        "threshold": repr(float(threshold)),
+    }
+    # Only when set, so that policies without them keep the hashes (and cache entries) they always had.
+    if review_threshold is not None:
+        content["review_threshold"] = repr(float(review_threshold))
+    if blocklists:
+        content["blocklists"] = blocklists
     canonical = json.dumps(
-        {
-            "format": PROMPT_FORMAT_VERSION,
-            "categories": [[c.code, c.name] for c in categories],
-            "threshold": repr(float(threshold)),
-        },
+        content,
         ensure_ascii=False,
         separators=(",", ":"),
     )
@@ -204,7 +230,9 @@ def policy_from_settings(policy_id: str, ps: PolicySettings) -> Policy:
                 # A newline would forge extra lines in the category block of the prompt.
                 raise ConfigError(f"policies.{policy_id}.names.{code}: a custom name must be a single line")
         categories.append(Category(code, name, base.definition))
-    return Policy(policy_id, tuple(categories), ps.threshold)
+    names = {c.code: c.name for c in categories}
+    blocklists = compile_blocklists(policy_id, ps.blocklists, names) if ps.blocklists else NO_BLOCKLISTS
+    return Policy(policy_id, tuple(categories), ps.threshold, ps.review_threshold, blocklists)
 
 
 def load_policies(settings: Settings) -> dict[str, Policy]:
@@ -223,6 +251,35 @@ def resolve_policy(policies: Mapping[str, Policy], policy_id: str | None, defaul
             f"policy {pid!r} is not configured; known policies: {sorted(policies)}",
             field="/policy",
         ) from None
+
+
+def resolve_event_policy(
+    policies: Mapping[str, Policy],
+    tenants: Mapping[str, TenantSettings],
+    tenant: str | None,
+    policy_id: str | None,
+    default_id: str,
+) -> Policy:
+    """The policy for an event's ``tenant`` and ``policy`` fields under ``settings.tenants``.
+
+    No tenants configured, or an event without tenant: ``resolve_policy`` as before. Otherwise the tenant
+    must be configured (``unknown_tenant``) and the policy must be the tenant's own or one of its
+    ``allowed_policies`` (``policy_not_allowed``); an event naming none gets the tenant's own policy.
+    """
+    if not tenants or tenant is None:
+        return resolve_policy(policies, policy_id, default_id)
+    settings = tenants.get(tenant)
+    if settings is None:
+        raise RejectedError(
+            Reason.UNKNOWN_TENANT, f"tenant {tenant!r} is not configured", field="/tenant"
+        )
+    if policy_id is not None and policy_id not in settings.policies:
+        raise RejectedError(
+            Reason.POLICY_NOT_ALLOWED,
+            f"tenant {tenant!r} may not use policy {policy_id!r}; its policies: {settings.policies}",
+            field="/policy",
+        )
+    return resolve_policy(policies, policy_id or settings.policy, default_id)
 
 
 DEFAULT_POLICY = Policy("default", DEFAULT_CATEGORIES, 0.5)

@@ -35,6 +35,9 @@ class GuardResult:
     codes: tuple[str, ...]  # violated codes, restricted to the policy's enabled categories, in code order
     dropped_codes: tuple[str, ...] = ()  # codes the model emitted that the policy does not enable
     raw_output: str | None = None  # decoded text, when decoding ran
+    # Per enabled code: P(unsafe) x P(first code | unsafe), see worker.engine.category_scores; None if unknown.
+    category_scores: dict[str, float] | None = None
+    halted: bool = False  # decided by a halting blocklist: no model call (score 1.0)
 
 
 class EngineError(Exception):
