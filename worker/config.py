@@ -21,6 +21,22 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
+# The category names of OpenAI's moderation API (worker/runtime/openai_compat.py maps the codes onto them).
+OPENAI_CATEGORY_NAMES: tuple[str, ...] = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
 ENV_PREFIX = "MW_"
 DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny-model` writes by default
 
@@ -316,6 +332,19 @@ class ServeSettings(Section):
     max_ongoing_requests: int = Field(64, ge=1)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_events_per_request: int = Field(64, ge=1)
+    openai_categories: dict[str, list[str]] = Field(
+        {},
+        description="POST /v1/moderations: extra or replaced mappings from a category code (S-code or custom "
+        "blocklist category) to OpenAI category names, e.g. {spam: [illicit]}",
+    )
+
+    @field_validator("openai_categories")
+    @classmethod
+    def _openai_names(cls, mapping: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted({n for names in mapping.values() for n in names} - set(OPENAI_CATEGORY_NAMES))
+        if unknown:
+            raise ValueError(f"unknown OpenAI category names {unknown}; known: {list(OPENAI_CATEGORY_NAMES)}")
+        return mapping
 
 
 class TenantSettings(Section):
@@ -400,7 +429,8 @@ class Settings(BaseSettings):
             if unknown:
                 raise ValueError(f"tenants.{tenant_id} names unknown policies {unknown}")
         for name, key in self.auth.keys.items():
-            if self.tenants and key.tenant not in self.tenants:
+            # A key acts for its tenant: with auth on, that tenant must exist (its policies are what it may use).
+            if (self.tenants or self.auth.enabled) and key.tenant not in self.tenants:
                 raise ValueError(f"auth.keys.{name}.tenant {key.tenant!r} is not among tenants {sorted(self.tenants)}")
         return self
 
