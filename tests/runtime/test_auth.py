@@ -22,7 +22,8 @@ class FakeClock:
 
 def keys(clock=None, **key_fields) -> ApiKeys:
     fields = {"tenant": "acme", "key": KEY, **key_fields}
-    return ApiKeys(AuthSettings(enabled=True, keys={"acme-app": fields}), **({"clock": clock} if clock else {}))
+    settings = AuthSettings(enabled=True, keys={"acme-app": fields})
+    return ApiKeys(settings, ["acme"], **({"clock": clock} if clock else {}))
 
 
 def test_auth_off_lets_every_request_through_without_a_tenant() -> None:
@@ -61,8 +62,13 @@ def test_an_unreadable_key_source_fails_at_start_naming_the_key(tmp_path: Path) 
 def test_a_key_needs_exactly_one_source_and_a_configured_tenant() -> None:
     with pytest.raises(ConfigError, match="exactly one of key, key_env, key_file"):
         load_settings(None, auth={"enabled": True, "keys": {"k": {"tenant": "acme"}}})
+    with pytest.raises(ConfigError, match="auth.keys.acme-app.tenant"):
+        ApiKeys(AuthSettings(enabled=True, keys={"acme-app": {"tenant": "acme", "key": KEY}}), ["globex"])
+    with pytest.raises(ConfigError, match="at least one entry in auth.keys"):
+        ApiKeys(AuthSettings(enabled=True), ["acme"])
     with pytest.raises(ConfigError, match="not among tenants"):
-        load_settings(None, auth={"enabled": True, "keys": {"k": {"tenant": "acme", "key": KEY}}})
+        load_settings(None, tenants={"globex": {"policy": "default"}},
+                      auth={"keys": {"k": {"tenant": "acme", "key": KEY}}})
 
 
 def test_the_key_never_appears_in_the_printed_configuration() -> None:

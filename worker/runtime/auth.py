@@ -23,6 +23,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,13 +99,24 @@ def _read_key(name: str, settings) -> str:
 class ApiKeys:
     """The configured keys (as digests), their tenants and buckets; ``check`` decides one request."""
 
-    def __init__(self, settings: AuthSettings, clock=time.monotonic) -> None:
+    def __init__(self, settings: AuthSettings, tenants: Collection[str] = (), clock=time.monotonic) -> None:
+        """Resolve every key's secret; ``ConfigError`` when auth is on without keys or a key's tenant is unknown.
+
+        ``tenants``: the configured tenant ids (``settings.tenants``); a key acts for one of them.
+        """
         self.enabled = settings.enabled
         self._keys: list[tuple[bytes, str, str]] = []  # (digest, name, tenant)
         self._buckets: dict[str, TokenBucket] = {}
         if not self.enabled:
             return
+        if not settings.keys:
+            raise ConfigError("auth.enabled needs at least one entry in auth.keys")
         for name, key in sorted(settings.keys.items()):
+            if key.tenant not in tenants:
+                raise ConfigError(
+                    f"auth.keys.{name}.tenant: {key.tenant!r} is not among tenants {sorted(tenants)} "
+                    "(a key may use only its tenant's policies)"
+                )
             self._keys.append((_digest(_read_key(name, key)), name, key.tenant))
             self._buckets[name] = TokenBucket(key.requests_per_second, key.burst, clock)
 

@@ -130,7 +130,7 @@ class ModerationDeployment:
         configure_logging(self.settings.logging, worker="serve")
         self.engine = GuardEngine.from_settings(self.settings)
         self.cache = VerdictCache(self.settings.redis)
-        self.keys = ApiKeys(self.settings.auth)
+        self.keys = ApiKeys(self.settings.auth, list(self.settings.tenants))
         from worker.language import warm_up
 
         warm_up()

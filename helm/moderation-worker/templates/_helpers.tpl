@@ -99,6 +99,11 @@ kafka TLS file paths), each only when the user did not set it.
 - name: MW_MODEL__HF_TOKEN
   valueFrom:
     secretKeyRef: {name: {{ include "mw.secretName" . }}, key: hf-token, optional: true}
+{{- range $name, $_ := .Values.apiKeys.keys }}
+- name: MODERATION_API_KEY_{{ $name | upper | replace "-" "_" }}
+  valueFrom:
+    secretKeyRef: {name: {{ include "mw.apiKeysSecretName" $ }}, key: {{ $name }}, optional: true}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -168,4 +173,9 @@ Fail early when the GPU group cannot hold the stream actors and the Serve replic
 {{- if gt $need $have -}}
 {{- fail (printf "GPU capacity: stream actors and Serve replicas need %v GPUs but gpuWorkers.replicas * gpuWorkers.gpusPerPod = %v" $need $have) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the HTTP endpoints' API keys (one key per apiKeys.keys name). */}}
+{{- define "mw.apiKeysSecretName" -}}
+{{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "mw.fullname" .)) -}}
 {{- end -}}
