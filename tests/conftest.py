@@ -33,7 +33,7 @@ from worker.dev_services import EmbeddedServices
 # Fixture modules written by other parts of the project; loaded when present.
 pytest_plugins = ["pytester"] + [
     name
-    for name in ("tests.fixtures.tiny_model", "tests.fixtures.ray_cluster")
+    for name in ("tests.fixtures.tiny_model", "tests.fixtures.ray_cluster", "tests.fixtures.multinode")
     if importlib.util.find_spec(name) is not None
 ]
 

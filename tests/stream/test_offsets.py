@@ -96,11 +96,11 @@ def test_duplicate_registration_and_completion_are_ignored():
     assert not t.complete(TP0, 7)  # never consumed
 
 
-def test_revocation_drops_the_partition_and_its_late_completions():
+def test_a_partition_that_left_is_dropped_with_its_late_completions():
     t = OffsetTracker()
     t.register(TP0, 0)
     t.register(TP1, 0)
-    t.revoke(TP0)
+    assert t.revoke([TP0], client_assignment=[TP1]) == {TP0}  # cooperative: the client already dropped it
     assert not t.owns(TP0)
     assert not t.complete(TP0, 0)
     t.complete(TP1, 0)
@@ -108,16 +108,43 @@ def test_revocation_drops_the_partition_and_its_late_completions():
     assert t.in_flight() == 0
 
 
-def test_reassignment_starts_fresh_from_the_first_registered_offset():
+def test_reassignment_after_leaving_starts_fresh_and_ignores_the_old_generation():
     t = OffsetTracker()
     t.register(TP0, 0)
     t.register(TP0, 1)
-    t.revoke(TP0)
-    t.assign(TP0)
-    # the new owner resumes from the committed offset, e.g. 1; offset 0 history is gone
+    old = t.generation(TP0)
+    t.lose([TP0])
+    t.assign([TP0])
+    assert t.generation(TP0) != old
+    # the client resumes from the committed offset, e.g. 1; offset 0 history is gone
     assert t.register(TP0, 1)
-    t.complete(TP0, 1)
+    assert not t.complete(TP0, 1, old)  # a late completion of the old generation
+    assert t.complete(TP0, 1, t.generation(TP0))
     assert offsets_of(t.committable()) == {TP0: 2}
+
+
+def test_eager_revoke_holds_partitions_until_the_assignment_says_which_are_kept():
+    t = OffsetTracker()
+    for tp in (TP0, TP1):
+        t.register(tp, 0)
+        t.register(tp, 1)
+        t.complete(tp, 0)
+    assert t.revoke([TP0, TP1], client_assignment=[TP0, TP1]) == set()  # eager: before the rejoin
+    assert t.committable() == {}  # held partitions are not offered by the periodic commit
+    assert offsets_of(t.committable([TP0, TP1])) == {TP0: 1, TP1: 1}  # the commit on revocation
+    assert t.assign([TP0]) == {TP1}
+    # TP0 is kept: its in-flight offset 1 is still pending and completes under the same generation
+    assert t.in_flight(TP0) == 1
+    assert t.complete(TP0, 1)
+    assert offsets_of(t.committable()) == {TP0: 2}
+
+
+def test_retain_drops_what_the_client_no_longer_holds():
+    t = OffsetTracker()
+    t.register(TP0, 0)
+    t.register(TP1, 0)
+    assert t.retain([TP1]) == {TP0}
+    assert t.partitions == [TP1]
 
 
 def test_committable_can_be_restricted_to_some_partitions():

@@ -1,4 +1,4 @@
-"""Which offsets may be committed: the highest contiguous completed offset per partition.
+"""Which offsets may be committed: the highest contiguous completed offset per partition, across rebalances.
 
 The rule Quix Streams and arroyo follow: an offset is committable only when it and every offset
 consumed before it on the same partition are *completed* (their verdict or dead letter was
@@ -6,12 +6,42 @@ acknowledged by the broker). Completion may arrive out of order; the commit poin
 contiguous run of completed offsets, in the order they were consumed (so gaps in the offset numbers,
 e.g. from compaction or transaction markers, never block progress).
 
-Pure bookkeeping: no Kafka calls. The pipeline registers, completes, commits and revokes.
+Rebalances: tracking state lives exactly as long as the Kafka client's own state for the partition.
+kafka-python 3 (``SubscriptionState.assign_from_subscribed``) keeps the fetch position, the paused flag
+and the fetch buffers of every partition present in both the old and the new assignment, and gives a
+partition that enters the assignment a fresh state whose position is the group's committed offset. So:
+
+- a partition the consumer *keeps* keeps its in-flight work and its commit point: its fetch position is
+  past those offsets and nothing will read them again, so dropping them would lose them for good, and
+  a later completion would move the commit point over the hole. Their results stay valid: no other
+  member owned the partition in between.
+- a partition that *leaves* the client's assignment (revoked for good, or lost) is forgotten: its next
+  owner — or this consumer, if it comes back — starts from the committed offset, which never passed
+  an unanswered offset. Late completions of its old work carry an old *generation* and are ignored.
+
+Keeping is exact under both protocols kafka-python implements, where "rewind retained partitions to
+the committed offset" is not: under the cooperative protocol (``cooperative-sticky``) a retained
+partition gets no callback at all, so there is nothing to rewind on, and under the eager protocol a
+rewind would re-read and answer twice everything in flight. What differs is *when* a partition leaves:
+
+- eager: ``on_partitions_revoked(all)`` runs *before* the rejoin, while the client still holds every
+  partition; which ones are kept is known only at ``on_partitions_assigned(full new assignment)``.
+  ``revoke`` therefore only *holds* partitions still in the client's assignment (no commits offered
+  for them), and ``assign`` drops the held ones that are not in the new assignment.
+- cooperative: ``on_partitions_revoked(lost ones)`` runs *after* the client dropped them, and
+  ``on_partitions_assigned`` names only the added ones. ``revoke`` drops what the client no longer
+  holds; retained partitions are never touched.
+- lost membership (``on_partitions_lost``): the client drops everything right after: ``lose``.
+
+``retain(client_assignment)`` drops whatever the client no longer holds, as a per-turn safety net.
+
+Pure bookkeeping: no Kafka calls. The pipeline registers, completes, commits and forwards rebalances.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -21,11 +51,13 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 class _PartitionState:
     """Offsets consumed but not yet committable, in consumption order."""
 
+    generation: int
     pending: deque[int] = field(default_factory=deque)
     completed: set[int] = field(default_factory=set)
     highest_registered: int = -1
     next_offset: int | None = None  # the offset to commit (last contiguous completed + 1)
     committed: int | None = None  # what was last committed (acknowledged by the group coordinator)
+    held: bool = False  # revoked while the client still holds it (eager): kept or dropped at the next assign
 
 
 class OffsetTracker:
@@ -33,23 +65,81 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._partitions: dict[TopicPartition, _PartitionState] = {}
+        self._generations = 0
 
-    def assign(self, tp: TopicPartition) -> None:
-        """Start tracking ``tp`` from scratch (a new assignment: old state is meaningless)."""
-        self._partitions[tp] = _PartitionState()
+    def _fresh(self, tp: TopicPartition) -> _PartitionState:
+        self._generations += 1
+        state = self._partitions[tp] = _PartitionState(self._generations)
+        return state
 
-    def revoke(self, tp: TopicPartition) -> None:
-        """Forget ``tp``: its in-flight offsets will be consumed again by its next owner."""
-        self._partitions.pop(tp, None)
+    # -- rebalance ------------------------------------------------------------------------------------
+
+    def assign(self, assigned: Iterable[TopicPartition]) -> set[TopicPartition]:
+        """``on_partitions_assigned``: track new partitions; resolve held ones. Returns the dropped ones.
+
+        A held partition in ``assigned`` is kept with its in-flight work (the client kept its position);
+        a held partition not in it is dropped; an untracked one starts fresh with a new generation.
+        """
+        assigned = set(assigned)
+        for tp in assigned:
+            state = self._partitions.get(tp)
+            if state is None:
+                self._fresh(tp)
+            else:
+                state.held = False
+        return self._drop([tp for tp, s in self._partitions.items() if s.held and tp not in assigned])
+
+    def revoke(
+        self, revoked: Iterable[TopicPartition], client_assignment: Iterable[TopicPartition]
+    ) -> set[TopicPartition]:
+        """``on_partitions_revoked``: hold what the client still holds, drop the rest. Returns the dropped ones.
+
+        ``client_assignment``: the consumer's assignment at the time of the callback (eager: still the old
+        one; cooperative: already the new one).
+        """
+        still = set(client_assignment)
+        gone = []
+        for tp in revoked:
+            state = self._partitions.get(tp)
+            if state is None:
+                continue
+            if tp in still:
+                state.held = True
+            else:
+                gone.append(tp)
+        return self._drop(gone)
+
+    def lose(self, lost: Iterable[TopicPartition]) -> set[TopicPartition]:
+        """``on_partitions_lost``: forget ``lost`` now (the client resets them). Returns the dropped ones."""
+        return self._drop(lost)
+
+    def retain(self, client_assignment: Iterable[TopicPartition]) -> set[TopicPartition]:
+        """Drop every partition the client no longer holds (its state there is gone). Returns the dropped ones."""
+        keep = set(client_assignment)
+        return self._drop([tp for tp in self._partitions if tp not in keep])
+
+    def _drop(self, tps: Iterable[TopicPartition]) -> set[TopicPartition]:
+        dropped = set()
+        for tp in tps:
+            if self._partitions.pop(tp, None) is not None:
+                dropped.add(tp)
+        return dropped
 
     def owns(self, tp: TopicPartition) -> bool:
-        """Whether ``tp`` is currently tracked (assigned and not revoked)."""
+        """Whether ``tp`` is currently tracked (assigned, possibly held during an eager rebalance)."""
         return tp in self._partitions
+
+    def generation(self, tp: TopicPartition) -> int | None:
+        """The tracking generation of ``tp`` (new each time it is tracked afresh), None when untracked."""
+        state = self._partitions.get(tp)
+        return state.generation if state is not None else None
 
     @property
     def partitions(self) -> list[TopicPartition]:
         """The tracked partitions."""
         return list(self._partitions)
+
+    # -- offsets --------------------------------------------------------------------------------------
 
     def register(self, tp: TopicPartition, offset: int) -> bool:
         """Record ``offset`` as consumed. Returns False (and ignores it) for a duplicate or an old offset.
@@ -59,17 +149,23 @@ class OffsetTracker:
         """
         state = self._partitions.get(tp)
         if state is None:
-            state = self._partitions[tp] = _PartitionState()
+            state = self._fresh(tp)
         if offset <= state.highest_registered:
             return False
         state.highest_registered = offset
         state.pending.append(offset)
         return True
 
-    def complete(self, tp: TopicPartition, offset: int) -> bool:
-        """Mark ``offset`` as done. Returns False if the partition or offset is not pending (ignored)."""
+    def complete(self, tp: TopicPartition, offset: int, generation: int | None = None) -> bool:
+        """Mark ``offset`` as done. Returns False (ignored) if it is not pending in this generation of ``tp``.
+
+        ``generation``: the one ``offset`` was registered under; a completion from an older generation
+        (the partition left and came back) must not touch the new one's offsets.
+        """
         state = self._partitions.get(tp)
-        if state is None or offset > state.highest_registered or offset in state.completed:
+        if state is None or (generation is not None and generation != state.generation):
+            return False
+        if offset > state.highest_registered or offset in state.completed:
             return False
         if not state.pending or offset < state.pending[0]:
             return False
@@ -82,13 +178,18 @@ class OffsetTracker:
         return True
 
     def committable(
-        self, partitions: list[TopicPartition] | None = None
+        self, partitions: Iterable[TopicPartition] | None = None
     ) -> dict[TopicPartition, OffsetAndMetadata]:
-        """``{tp: OffsetAndMetadata(next_offset)}`` for partitions whose commit point moved past the last commit."""
+        """``{tp: OffsetAndMetadata(next_offset)}`` for partitions whose commit point moved past the last commit.
+
+        Without ``partitions``: every tracked partition except held ones (mid-rebalance, maybe not ours
+        any more). With ``partitions``: exactly those (the commit made on revocation).
+        """
         result: dict[TopicPartition, OffsetAndMetadata] = {}
-        for tp in partitions if partitions is not None else list(self._partitions):
+        explicit = partitions is not None
+        for tp in list(partitions) if partitions is not None else list(self._partitions):
             state = self._partitions.get(tp)
-            if state is None or state.next_offset is None:
+            if state is None or state.next_offset is None or (state.held and not explicit):
                 continue
             if state.committed is None or state.next_offset > state.committed:
                 result[tp] = OffsetAndMetadata(state.next_offset, "", -1)

@@ -70,7 +70,7 @@ class WorkItem:
 
     tp: TopicPartition
     offset: int
-    generation: int  # assignment generation of ``tp`` when consumed; stale after a revoke
+    generation: int  # tracking generation of ``tp`` when consumed; stale once the partition left
     raw: bytes | None
     record_key: bytes | None
     timestamp_ms: int
@@ -142,6 +142,9 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Any) -> None:
         self._pipeline._on_assigned(set(assigned))
 
+    def on_partitions_lost(self, lost: Any) -> None:
+        self._pipeline._on_lost(set(lost))
+
 
 class StreamPipeline:
     """One moderation worker on the configured topics: ``run()`` until ``request_stop()``, then drain."""
@@ -165,8 +168,6 @@ class StreamPipeline:
         self._resume_below = b.resume_below if b.resume_below is not None else b.max_in_flight // 2
         self._tracker = OffsetTracker()
         self._batcher: MicroBatcher[WorkItem] = MicroBatcher(b.max_size, b.max_wait_ms / 1000.0)
-        self._generation: dict[TopicPartition, int] = {}
-        self._generation_counter = 0
         self._next_fetch: dict[TopicPartition, int] = {}
         self._fetching: list[tuple[WorkItem, cf.Future[bytes]]] = []
         self._key_ready: list[WorkItem] = []
@@ -370,10 +371,12 @@ class StreamPipeline:
             return  # re-fetched after a seek: already in flight
         self._next_fetch[tp] = record.offset + 1
         self.counters["consumed"] += 1
+        generation = self._tracker.generation(tp)
+        assert generation is not None  # register() tracks the partition
         item = WorkItem(
             tp=tp,
             offset=record.offset,
-            generation=self._generation.get(tp, 0),
+            generation=generation,
             raw=record.value,
             record_key=record.key,
             timestamp_ms=record.timestamp,
@@ -642,8 +645,11 @@ class StreamPipeline:
     # ------------------------------------------------------------------ outputs
 
     def _stale(self, item: WorkItem) -> bool:
-        """Whether ``item``'s partition was revoked since it was consumed (its next owner redoes it)."""
-        return self._generation.get(item.tp, 0) != item.generation or not self._tracker.owns(item.tp)
+        """Whether ``item``'s partition left this consumer since it was consumed (its next owner redoes it).
+
+        A partition kept across a rebalance keeps its generation: its in-flight items are not stale.
+        """
+        return self._tracker.generation(item.tp) != item.generation
 
     def _emit_verdict(self, item: WorkItem, result: GuardResult, *, cached: bool) -> None:
         if self._stale(item):
@@ -717,7 +723,7 @@ class StreamPipeline:
                 )
                 self._publish(item)
                 continue
-            if self._tracker.complete(item.tp, item.offset):
+            if self._tracker.complete(item.tp, item.offset, item.generation):
                 self.counters["completed"] += 1
                 if item.timestamp_ms and item.timestamp_ms > 0:
                     metrics.END_TO_END_SECONDS.observe(max(0.0, now - item.timestamp_ms / 1000.0))
@@ -747,23 +753,31 @@ class StreamPipeline:
         self._tracker.mark_committed(offsets)
 
     def _apply_backpressure(self) -> None:
-        """Pause every assigned partition above the in-flight bound; resume once below the low mark."""
+        """Pause every assigned partition above the in-flight bound; resume once below the low mark.
+
+        ``_paused`` is what this pipeline paused and the client still holds paused: kafka-python keeps
+        the paused flag of a partition kept across a rebalance and clears it for one that left, so
+        ``_forget`` removes partitions that left, and partitions assigned while paused are paused too.
+        """
         assert self._consumer is not None
+        assignment = set(self._consumer.assignment())
+        self._forget(self._tracker.retain(assignment))
+        self._paused &= assignment
         in_flight = self._tracker.in_flight()
-        if not self._paused and in_flight > self._max_in_flight:
-            self._paused = set(self._consumer.assignment())
-            if self._paused:
-                self._consumer.pause(*self._paused)
-                log.info(
-                    "paused %d partitions (%d in flight)",
-                    len(self._paused),
-                    in_flight,
-                    extra={"stage": "backpressure"},
-                )
-        elif self._paused and in_flight <= self._resume_below:
-            still_assigned = self._paused & set(self._consumer.assignment())
-            if still_assigned:
-                self._consumer.resume(*still_assigned)
+        if in_flight > self._max_in_flight or (self._paused and in_flight > self._resume_below):
+            newly = assignment - self._paused
+            if newly:
+                self._consumer.pause(*newly)
+                if not self._paused:
+                    log.info(
+                        "paused %d partitions (%d in flight)",
+                        len(newly),
+                        in_flight,
+                        extra={"stage": "backpressure"},
+                    )
+                self._paused |= newly
+        elif self._paused:
+            self._consumer.resume(*self._paused)
             self._paused = set()
         metrics.PAUSED_PARTITIONS.set(len(self._paused))
 
@@ -787,7 +801,12 @@ class StreamPipeline:
             metrics.set_partition_lag(tp.topic, tp.partition, highwater - position)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Commit what is complete (async: a blocking commit raises in kafka-python 3's listener), drop the rest."""
+        """Commit what is complete; forget the partitions the client already dropped, hold the others.
+
+        Eager protocol: every partition is revoked before the rejoin while the client still holds them;
+        the ones it keeps keep their fetch position, so their in-flight work must stay (see
+        ``worker.stream.offsets``). Cooperative: only partitions that left are revoked, already dropped.
+        """
         if self._publisher is not None:
             # Published-but-unacked outputs would otherwise be replayed by the next owner: wait for their acks.
             try:
@@ -795,37 +814,57 @@ class StreamPipeline:
             except KafkaError as exc:
                 log.warning("flush on revoke failed: %s", type(exc).__name__, extra={"stage": "publish"})
             self._apply_acks()
-        offsets = self._tracker.committable([tp for tp in revoked])
+        offsets = self._tracker.committable(revoked)
         if offsets and self._consumer is not None:
+            # Async: a blocking commit raises in kafka-python 3's listener. Not marked committed: a kept
+            # partition's next periodic commit repeats it, so a lost async commit leaves no false record.
             try:
                 self._consumer.commit_async(offsets)
-                self._tracker.mark_committed(offsets)
             except KafkaError as exc:
                 log.warning("commit on revoke failed: %s", type(exc).__name__, extra={"stage": "commit"})
-        for tp in revoked:
-            self._tracker.revoke(tp)
-            self._generation.pop(tp, None)
-            self._next_fetch.pop(tp, None)
-            metrics.forget_partition(tp.topic, tp.partition)
-        self._assigned -= revoked
-        self._paused -= revoked
-        dropped = self._batcher.drop(lambda item: item.tp in revoked)
-        self.counters["dropped_revoked"] += len(dropped)
+        client_assignment = self._consumer.assignment() if self._consumer is not None else set()
+        dropped = self._forget(self._tracker.revoke(revoked, client_assignment))
         if revoked:
             log.info(
-                "partitions revoked: %d (dropped %d waiting events)",
+                "partitions revoked: %d (%d left, dropped %d waiting events)",
                 len(revoked),
-                len(dropped),
+                len(dropped[0]),
+                dropped[1],
+                extra={"stage": "rebalance"},
+            )
+
+    def _on_lost(self, lost: set[TopicPartition]) -> None:
+        """The group evicted this member: forget everything at once (commits would be refused)."""
+        dropped = self._forget(self._tracker.lose(lost))
+        if lost:
+            log.warning(
+                "partitions lost: %d (dropped %d waiting events)",
+                len(lost),
+                dropped[1],
                 extra={"stage": "rebalance"},
             )
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Track newly assigned partitions from scratch (they resume from the committed offsets)."""
-        for tp in assigned:
-            self._generation_counter += 1
-            self._generation[tp] = self._generation_counter
-            self._tracker.assign(tp)
+        """Track new partitions (they start at the committed offset); keep the ones kept across the rebalance."""
+        dropped = self._forget(self._tracker.assign(assigned))
         self._assigned |= assigned
         log.info(
-            "partitions assigned: %s", sorted(tp.partition for tp in assigned), extra={"stage": "rebalance"}
+            "partitions assigned: %s (%d left)",
+            sorted(tp.partition for tp in assigned),
+            len(dropped[0]),
+            extra={"stage": "rebalance"},
         )
+
+    def _forget(self, gone: set[TopicPartition]) -> tuple[set[TopicPartition], int]:
+        """Drop local state of partitions that left the client's assignment; returns them and the waiting events dropped."""
+        if not gone:
+            return gone, 0
+        for tp in gone:
+            self._next_fetch.pop(tp, None)
+            metrics.forget_partition(tp.topic, tp.partition)
+        self._assigned -= gone
+        self._paused -= gone
+        # Items of a partition that left are stale; ones consumed since it came back are not.
+        waiting = self._batcher.drop(self._stale)
+        self.counters["dropped_revoked"] += len(waiting)
+        return gone, len(waiting)
