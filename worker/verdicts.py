@@ -110,7 +110,9 @@ def verdict_for(
     A halting blocklist hit names its categories (S-codes in the policy's wording, or custom ids) itself.
     """
     if result.halted:
-        categories = list({h.category: {"code": h.category, "name": h.name} for h in hits if h.action == "halt"}.values())
+        categories = list(
+            {h.category: {"code": h.category, "name": h.name} for h in hits if h.action == "halt"}.values()
+        )
     else:
         categories = policy.verdict_categories(result.codes)
     return build_verdict(
@@ -140,7 +142,7 @@ def event_lag_seconds(created_at: str | None, now: float) -> float | None:
     if not created_at:
         return None
     try:
-        created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+        created = datetime.fromisoformat(created_at)
     except ValueError:
         return None
     if created.tzinfo is None:

@@ -23,8 +23,8 @@ from worker.contracts import (
     verdict_schema_version,
 )
 from worker.dead_letters import Reason, Rejection, SourceCoordinates, build_dead_letter
-from worker.events import ChatEvent, ImageRef, Turn
 from worker.engine.blocklist import BlocklistHit
+from worker.events import ChatEvent, ImageRef, Turn
 from worker.verdicts import VERDICT_SCHEMA_VERSION, ModelInfo, build_verdict
 
 OUR_SCHEMAS = ("chat_event", "verdict", "dead_letter")
@@ -205,7 +205,15 @@ def test_build_verdict_output_validates_and_uses_every_schema_field() -> None:
 
 def test_verdicts_without_the_v1_additions_still_validate() -> None:
     """A consumer's stored verdicts from before the additive fields keep validating (schema versioning)."""
-    new_fields = ("created_at", "dropped", "category_scores", "review_threshold", "review", "blocklist", "language")
+    new_fields = (
+        "created_at",
+        "dropped",
+        "category_scores",
+        "review_threshold",
+        "review",
+        "blocklist",
+        "language",
+    )
     for verdict in verdicts():
         old_shape = {k: v for k, v in verdict.items() if k not in new_fields}
         validate_verdict(old_shape)

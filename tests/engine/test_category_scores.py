@@ -41,7 +41,9 @@ def test_top_scored_category_is_the_first_code_the_model_decodes(trained_engine:
 
 def test_safe_verdicts_carry_category_scores_too(trained_engine: GuardEngine) -> None:
     policy = trained_engine.policy_for(None)
-    results = trained_engine.classify(requests_from_examples(synthetic_examples(20, seed=5, split="heldout"), policy))
+    results = trained_engine.classify(
+        requests_from_examples(synthetic_examples(20, seed=5, split="heldout"), policy)
+    )
     safe = [r for r in results if isinstance(r, GuardResult) and not r.unsafe]
     assert safe and all(r.category_scores is not None for r in safe)
     for r in safe:
@@ -50,8 +52,12 @@ def test_safe_verdicts_carry_category_scores_too(trained_engine: GuardEngine) ->
 
 
 def test_scores_cover_only_the_policy_s_enabled_codes(trained_engine: GuardEngine) -> None:
-    narrow = Policy("narrow", tuple(c for c in trained_engine.policy_for(None).categories if c.code in ("S1", "S13")))
-    results = trained_engine.classify(requests_from_examples(synthetic_examples(8, seed=2, split="heldout"), narrow))
+    narrow = Policy(
+        "narrow", tuple(c for c in trained_engine.policy_for(None).categories if c.code in ("S1", "S13"))
+    )
+    results = trained_engine.classify(
+        requests_from_examples(synthetic_examples(8, seed=2, split="heldout"), narrow)
+    )
     for r in results:
         assert isinstance(r, GuardResult) and set(r.category_scores) == {"S1", "S13"}
 
@@ -59,5 +65,7 @@ def test_scores_cover_only_the_policy_s_enabled_codes(trained_engine: GuardEngin
 def test_generate_mode_has_no_category_scores(trained_engine: GuardEngine) -> None:
     policy = trained_engine.policy_for(None)
     reference = trained_engine.with_mode("generate")
-    result = reference.classify(requests_from_examples(synthetic_examples(2, seed=1, split="heldout"), policy))[0]
+    result = reference.classify(
+        requests_from_examples(synthetic_examples(2, seed=1, split="heldout"), policy)
+    )[0]
     assert isinstance(result, GuardResult) and result.category_scores is None

@@ -262,7 +262,11 @@ def test_secrets_are_created_from_values_or_taken_from_an_existing_secret(
     objects = _render(chart, {"secrets": {"existingSecret": "team-secrets"}})
     assert "Secret" not in objects
     env = objects["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
-    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if e["name"].startswith("MW_") and "valueFrom" in e}
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in env
+        if e["name"].startswith("MW_") and "valueFrom" in e
+    }
     assert refs == {"team-secrets"}
 
 

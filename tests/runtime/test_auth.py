@@ -35,14 +35,18 @@ def test_the_right_key_names_its_tenant() -> None:
     assert keys().check(f"bearer   {KEY}  ") == Caller("acme-app", "acme")
 
 
-@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", f"Basic {KEY}", "Bearer sk-wrong", f"Bearer {KEY}x"])
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Bearer ", f"Basic {KEY}", "Bearer sk-wrong", f"Bearer {KEY}x"]
+)
 def test_a_missing_or_wrong_key_is_401(header: str | None) -> None:
     denied = keys().check(header)
     assert isinstance(denied, Denied) and denied.status == 401 and denied.reason == "unauthorized"
     assert KEY not in denied.message
 
 
-def test_keys_come_from_a_file_or_an_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keys_come_from_a_file_or_an_environment_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     secret = tmp_path / "key"
     secret.write_text(KEY + "\n")
     assert keys(key=None, key_file=str(secret)).check(f"Bearer {KEY}") == Caller("acme-app", "acme")
@@ -67,8 +71,11 @@ def test_a_key_needs_exactly_one_source_and_a_configured_tenant() -> None:
     with pytest.raises(ConfigError, match="at least one entry in auth.keys"):
         ApiKeys(AuthSettings(enabled=True), ["acme"])
     with pytest.raises(ConfigError, match="not among tenants"):
-        load_settings(None, tenants={"globex": {"policy": "default"}},
-                      auth={"keys": {"k": {"tenant": "acme", "key": KEY}}})
+        load_settings(
+            None,
+            tenants={"globex": {"policy": "default"}},
+            auth={"keys": {"k": {"tenant": "acme", "key": KEY}}},
+        )
 
 
 def test_the_key_never_appears_in_the_printed_configuration() -> None:
@@ -86,7 +93,11 @@ def test_an_exhausted_budget_is_429_with_retry_after() -> None:
     assert isinstance(api.check(f"Bearer {KEY}"), Caller)
     assert isinstance(api.check(f"Bearer {KEY}"), Caller)
     denied = api.check(f"Bearer {KEY}")
-    assert isinstance(denied, Denied) and (denied.status, denied.reason, denied.retry_after_s) == (429, "rate_limited", 2)
+    assert isinstance(denied, Denied) and (denied.status, denied.reason, denied.retry_after_s) == (
+        429,
+        "rate_limited",
+        2,
+    )
     clock.now += 2.0
     assert isinstance(api.check(f"Bearer {KEY}"), Caller)
 

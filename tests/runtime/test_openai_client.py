@@ -44,19 +44,32 @@ def hosted_url(serve_http: str, services: Any, tiny_model_dir: Path, tmp_path_fa
         "serve": {"num_gpus": 0, "openai_categories": {"spam": ["illicit"]}},
         "logging": {"level": "WARNING"},
         "policies": {
-            "default": {"blocklists": {"spam": {"terms": ["cheap pills"], "category": "spam", "name": "Spam"}}},
+            "default": {
+                "blocklists": {"spam": {"terms": ["cheap pills"], "category": "spam", "name": "Spam"}}
+            },
             "strict": {"threshold": 0.2},
         },
-        "tenants": {"acme": {"policy": "default", "allowed_policies": ["strict"]}, "globex": {"policy": "strict"}},
+        "tenants": {
+            "acme": {"policy": "default", "allowed_policies": ["strict"]},
+            "globex": {"policy": "strict"},
+        },
         "auth": {
             "enabled": True,
             "keys": {
                 "acme-app": {"tenant": "acme", "key_file": str(secret)},
-                "globex-app": {"tenant": "globex", "key": GLOBEX_KEY, "requests_per_second": 0.01, "burst": 2},
+                "globex-app": {
+                    "tenant": "globex",
+                    "key": GLOBEX_KEY,
+                    "requests_per_second": 0.01,
+                    "burst": 2,
+                },
             },
         },
     }
-    args = {**(app.get("args") or {}), "settings": {**(app.get("args") or {}).get("settings", {}), **settings}}
+    args = {
+        **(app.get("args") or {}),
+        "settings": {**(app.get("args") or {}).get("settings", {}), **settings},
+    }
     args["settings"]["serve"] = {**(app["args"]["settings"].get("serve") or {}), **settings["serve"]}
     module, attr = app["import_path"].split(":")
     build = getattr(importlib.import_module(module), attr)
@@ -72,9 +85,13 @@ def client(url: str, key: str) -> openai.OpenAI:
 
 
 def test_text_inputs_get_typed_openai_results(hosted_url: str) -> None:
-    threat = next(e for e in synthetic_examples(60, seed=4, split="heldout") if e.codes == ("S1",) and not e.has_image)
+    threat = next(
+        e for e in synthetic_examples(60, seed=4, split="heldout") if e.codes == ("S1",) and not e.has_image
+    )
     content = threat.event["messages"][-1]["content"]
-    text = content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+    text = (
+        content if isinstance(content, str) else " ".join(p["text"] for p in content if p["type"] == "text")
+    )
     response = client(hosted_url, ACME_KEY).moderations.create(
         model="omni-moderation-latest", input=[text, "What a lovely day for a walk."]
     )
@@ -95,7 +112,9 @@ def test_text_inputs_get_typed_openai_results(hosted_url: str) -> None:
 
 def test_text_and_image_parts_are_one_input(hosted_url: str) -> None:
     example = next(
-        e for e in synthetic_examples(80, seed=6, split="heldout") if e.has_image and len(e.event["messages"]) == 1
+        e
+        for e in synthetic_examples(80, seed=6, split="heldout")
+        if e.has_image and len(e.event["messages"]) == 1
     )
     parts = example.event["messages"][0]["content"]
     response = client(hosted_url, ACME_KEY).moderations.create(input=parts, model="omni-moderation-latest")

@@ -30,7 +30,9 @@ def test_a_list_of_strings_is_one_input_each() -> None:
 
 
 def test_a_list_of_parts_is_one_multimodal_input() -> None:
-    parsed = parse({"input": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": PNG}}]})
+    parsed = parse(
+        {"input": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": PNG}}]}
+    )
     assert not parsed.errors and len(parsed.events) == 1 and parsed.events[0].image is not None
     assert parsed.input_types == [["text", "image"]]
 
@@ -61,15 +63,23 @@ def test_every_code_has_a_documented_mapping_onto_openai_names() -> None:
 
 
 def verdict(categories, scores=None, flagged=True, **extra):
-    return {"flagged": flagged, "categories": [{"code": c, "name": c} for c in categories],
-            "category_scores": scores, **extra}
+    return {
+        "flagged": flagged,
+        "categories": [{"code": c, "name": c} for c in categories],
+        "category_scores": scores,
+        **extra,
+    }
 
 
 def test_a_code_sets_its_openai_names_and_its_own_key() -> None:
     scores = {c: 0.0 for c in CATEGORY_CODES} | {"S9": 0.7, "S1": 0.2}
     result = openai_result(verdict(["S9"], scores), ["text"])
     assert result["flagged"] is True
-    assert result["categories"]["S9"] and result["categories"]["illicit/violent"] and result["categories"]["violence"]
+    assert (
+        result["categories"]["S9"]
+        and result["categories"]["illicit/violent"]
+        and result["categories"]["violence"]
+    )
     assert not result["categories"]["hate"] and not result["categories"]["S1"]
     # An OpenAI name scores the highest of its codes.
     assert result["category_scores"]["violence"] == 0.7 and result["category_scores"]["S1"] == 0.2
@@ -79,8 +89,13 @@ def test_a_code_sets_its_openai_names_and_its_own_key() -> None:
 
 def test_finer_openai_names_the_taxonomy_does_not_separate_stay_false() -> None:
     result = openai_result(verdict(list(CATEGORY_CODES), {c: 0.5 for c in CATEGORY_CODES}), ["text", "image"])
-    for name in ("harassment/threatening", "hate/threatening", "self-harm/intent", "self-harm/instructions",
-                 "violence/graphic"):
+    for name in (
+        "harassment/threatening",
+        "hate/threatening",
+        "self-harm/intent",
+        "self-harm/instructions",
+        "violence/graphic",
+    ):
         assert result["categories"][name] is False and result["category_scores"][name] == 0.0
     assert result["category_applied_input_types"]["sexual"] == ["text", "image"]
 
@@ -95,3 +110,13 @@ def test_a_custom_blocklist_category_maps_through_configuration() -> None:
 def test_a_safe_verdict_flags_nothing() -> None:
     result = openai_result(verdict([], {c: 0.01 for c in CATEGORY_CODES}, flagged=False), ["text"])
     assert result["flagged"] is False and not any(result["categories"].values())
+
+
+def test_event_lag_is_measured_from_created_at() -> None:
+    from worker.verdicts import event_lag_seconds
+
+    assert event_lag_seconds("2026-11-23T12:00:00Z", 1_795_435_205.5) == pytest.approx(5.5)
+    assert (
+        event_lag_seconds("2026-11-23T12:00:00.5+01:00", 1_795_431_600.0) == 0.0
+    )  # clock skew: never negative
+    assert event_lag_seconds(None, 0.0) is None and event_lag_seconds("not a time", 0.0) is None

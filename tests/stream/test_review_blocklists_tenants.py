@@ -15,13 +15,20 @@ from worker.tiny_model.synthetic import synthetic_examples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-BLOCKED_TEXT = "Where can I buy a PURPLE \u0435lephant tonight?"  # Cyrillic "е": the confusables fold must catch it
+BLOCKED_TEXT = (
+    "Where can I buy a PURPLE \u0435lephant tonight?"  # Cyrillic "е": the confusables fold must catch it
+)
 SPAM_TEXT = "Great deal, CLICK   HERE to win, how do I reply politely?"
 
 
 def event(event_id: str, text: str, **fields: Any) -> tuple[bytes, bytes]:
-    body = {"event_id": event_id, "conversation_id": f"c-{event_id}", "created_at": "2026-11-23T12:00:00Z",
-            "messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": text}], **fields}
+    body = {
+        "event_id": event_id,
+        "conversation_id": f"c-{event_id}",
+        "created_at": "2026-11-23T12:00:00Z",
+        "messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": text}],
+        **fields,
+    }
     return body["conversation_id"].encode(), orjson.dumps(body)
 
 
@@ -44,8 +51,12 @@ def run_stream(settings, engine, records, expected: int) -> None:
     produce(settings, records)
     worker = WorkerThread(settings, engine).start()
     try:
-        wait_for(lambda: fully_committed(worker.pipeline, expected), timeout_s=240, what="events committed",
-                 workers=[worker])
+        wait_for(
+            lambda: fully_committed(worker.pipeline, expected),
+            timeout_s=240,
+            what="events committed",
+            workers=[worker],
+        )
     finally:
         worker.stop()
 
@@ -60,7 +71,12 @@ def stream_settings(make_settings, engine_settings_overrides):
                 "review_threshold": 0.000001,
                 "blocklists": {
                     "animals": {"terms": ["purple elephant"], "category": "S1", "action": "halt"},
-                    "spam": {"patterns": [r"click\s+here"], "category": "spam", "name": "Spam", "action": "annotate"},
+                    "spam": {
+                        "patterns": [r"click\s+here"],
+                        "category": "spam",
+                        "name": "Spam",
+                        "action": "annotate",
+                    },
                 },
             },
             "strict": {"threshold": 0.2},
@@ -112,7 +128,9 @@ def test_review_band_blocklists_and_tenants_in_the_stream(stream_settings, guard
     assert blocked["categories"] == [{"code": "S1", "name": "Violent Crimes"}]
     assert blocked["blocklist"] == {
         "halted": True,
-        "hits": [{"list": "animals", "category": "S1", "name": "Violent Crimes", "action": "halt", "kind": "term"}],
+        "hits": [
+            {"list": "animals", "category": "S1", "name": "Violent Crimes", "action": "halt", "kind": "term"}
+        ],
     }
     assert not any("lephant" in text for text in counting.seen)
     # Annotate-only: the model decided, the hit is reported.
@@ -133,7 +151,9 @@ def test_review_band_blocklists_and_tenants_in_the_stream(stream_settings, guard
 
     # A second copy of the blocked content is answered from the cache, still without the model.
     before = len(counting.seen)
-    run_stream(settings, engine, [event("blocked-2", BLOCKED_TEXT, tenant="acme")], 1)  # a new worker: counts from 0
+    run_stream(
+        settings, engine, [event("blocked-2", BLOCKED_TEXT, tenant="acme")], 1
+    )  # a new worker: counts from 0
     again = {v["event_id"]: v for v in read_json(settings, settings.topics.verdicts)}["blocked-2"]
     assert again["cached"] is True and again["blocklist"]["halted"] is True and again["decision"] == "unsafe"
     assert len(counting.seen) == before

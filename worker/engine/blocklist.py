@@ -134,7 +134,10 @@ def compile_blocklists(
         name = ls.name or category_names.get(ls.category, ls.category)
         compiled.append(_CompiledList(list_name, ls.category, name, ls.action, automaton, patterns))
     canonical = json.dumps(
-        {n: [ls.category, ls.name, ls.action, sorted(ls.terms), list(ls.patterns)] for n, ls in lists.items()},
+        {
+            n: [ls.category, ls.name, ls.action, sorted(ls.terms), list(ls.patterns)]
+            for n, ls in lists.items()
+        },
         sort_keys=True,
         ensure_ascii=False,
     )

@@ -166,7 +166,9 @@ class Policy:
         if self.review_threshold is not None and not 0.0 <= self.review_threshold < self.threshold:
             raise ValueError(f"policy {self.id!r} review_threshold must be in [0, threshold)")
         object.__setattr__(
-            self, "hash", _content_hash(ordered, self.threshold, self.review_threshold, self.blocklists.digest)
+            self,
+            "hash",
+            _content_hash(ordered, self.threshold, self.review_threshold, self.blocklists.digest),
         )
 
     @property
@@ -270,9 +272,7 @@ def resolve_event_policy(
         return resolve_policy(policies, policy_id, default_id)
     settings = tenants.get(tenant)
     if settings is None:
-        raise RejectedError(
-            Reason.UNKNOWN_TENANT, f"tenant {tenant!r} is not configured", field="/tenant"
-        )
+        raise RejectedError(Reason.UNKNOWN_TENANT, f"tenant {tenant!r} is not configured", field="/tenant")
     if policy_id is not None and policy_id not in settings.policies:
         raise RejectedError(
             Reason.POLICY_NOT_ALLOWED,

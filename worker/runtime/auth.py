@@ -90,7 +90,9 @@ def _read_key(name: str, settings) -> str:
         try:
             value = Path(settings.key_file).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"auth.keys.{name}.key_file: cannot read {settings.key_file} ({exc.strerror})") from None
+            raise ConfigError(
+                f"auth.keys.{name}.key_file: cannot read {settings.key_file} ({exc.strerror})"
+            ) from None
     if len(value) < 16:
         raise ConfigError(f"auth.keys.{name}: a key must have at least 16 characters")
     return value

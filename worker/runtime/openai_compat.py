@@ -44,7 +44,6 @@ from worker.dead_letters import Reason, Rejection
 from worker.events import ChatEvent
 from worker.runtime.http_contract import TOO_MANY_EVENTS, RequestError, from_rejection
 
-
 # MLCommons hazard code -> the OpenAI categories it counts for (see the module docstring for the reasons).
 OPENAI_CATEGORIES: dict[str, tuple[str, ...]] = {
     "S1": ("violence", "illicit/violent"),  # Violent Crimes
@@ -86,8 +85,11 @@ def parse_moderation_request(body: bytes, settings: Settings, tenant: str | None
         return _error("the body must be a JSON object with an 'input' field", "", Reason.NOT_AN_OBJECT)
     unknown = set(obj) - {"input", "model", "policy", "tenant"}
     if unknown:
-        return _error(f"unknown fields {sorted(unknown)}; known: input, model, policy, tenant", sorted(unknown)[0],
-                      Reason.UNKNOWN_FIELD)
+        return _error(
+            f"unknown fields {sorted(unknown)}; known: input, model, policy, tenant",
+            min(unknown),
+            Reason.UNKNOWN_FIELD,
+        )
     if "input" not in obj:
         return _error("'input' is required", "input", Reason.MISSING_FIELD)
     if obj.get("model") is not None and not isinstance(obj["model"], str):
@@ -107,7 +109,9 @@ def parse_moderation_request(body: bytes, settings: Settings, tenant: str | None
         )
     limit = settings.serve.max_events_per_request
     if len(inputs) > limit:
-        return _error(f"{len(inputs)} inputs in one request, above the limit of {limit}", "input", TOO_MANY_EVENTS)
+        return _error(
+            f"{len(inputs)} inputs in one request, above the limit of {limit}", "input", TOO_MANY_EVENTS
+        )
     request_id = uuid.uuid4().hex
     parsed = ModerationRequest()
     for index, content in enumerate(inputs):
@@ -127,8 +131,11 @@ def parse_moderation_request(body: bytes, settings: Settings, tenant: str | None
         if isinstance(decoded, Rejection):
             error = from_rejection(decoded, index if len(inputs) > 1 else None)
             where = (error.field or "").replace("messages[0].content", "input")
-            parsed.errors.append(RequestError(error.reason, error.message.replace("messages[0].content", "input"),
-                                              where, error.index))
+            parsed.errors.append(
+                RequestError(
+                    error.reason, error.message.replace("messages[0].content", "input"), where, error.index
+                )
+            )
             continue
         parsed.events.append(decoded)
         parsed.input_types.append(["text", "image"] if decoded.image is not None else ["text"])

@@ -98,7 +98,9 @@ def _bind_tenant(events: list[ChatEvent], caller: Caller) -> list[ChatEvent] | R
     bound = []
     for event in events:
         if event.tenant is not None and event.tenant != caller.tenant:
-            return RequestError(FORBIDDEN, f"API key {caller.key_name!r} may not act for another tenant", "tenant")
+            return RequestError(
+                FORBIDDEN, f"API key {caller.key_name!r} may not act for another tenant", "tenant"
+            )
         bound.append(replace(event, tenant=caller.tenant))
     return bound
 
@@ -296,7 +298,11 @@ class ModerationDeployment:
         for event in events:
             try:
                 policy = resolve_event_policy(
-                    engine.policies, self.settings.tenants, event.tenant, event.policy, engine.default_policy_id
+                    engine.policies,
+                    self.settings.tenants,
+                    event.tenant,
+                    event.policy,
+                    engine.default_policy_id,
                 )
                 data = image_bytes(event.image, self.settings) if event.image is not None else None
             except RejectedError as exc:

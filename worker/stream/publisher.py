@@ -35,7 +35,11 @@ DEAD_LETTER_SCHEMA = b"dead_letter.v1"
 
 def output_topics(topics: TopicSettings) -> list[str]:
     """Every topic the publisher may write to, in the order a worker should learn their metadata."""
-    return ([topics.verdicts] if topics.publish_all_verdicts else []) + [topics.flagged, topics.review, topics.dlq]
+    return ([topics.verdicts] if topics.publish_all_verdicts else []) + [
+        topics.flagged,
+        topics.review,
+        topics.dlq,
+    ]
 
 
 class Publisher:
