@@ -19,6 +19,8 @@ from typing import Any
 MIN_CONFIDENCE = 0.5
 UNDETERMINED = "und"
 _MEMO_SIZE = 8192
+# The language shows in the first few hundred characters; the detector's cost grows with the text.
+MAX_CHARS = 512
 _lock = threading.Lock()
 _identifier: Any = None
 
@@ -50,7 +52,7 @@ def detect_language(texts: Iterable[str], optimized: Iterable[str]) -> dict[str,
     ``code`` is ISO 639-1, or ``und`` when the detector is below ``MIN_CONFIDENCE``; ``model_optimized`` says
     whether ``code`` is among ``optimized`` (``model.optimized_languages``). ``und`` counts as not optimized.
     """
-    text = "\n".join(texts).strip()
+    text = "\n".join(texts).strip()[:MAX_CHARS]
     code, confidence = _detect(text) if text else (UNDETERMINED, 0.0)
     if confidence < MIN_CONFIDENCE:
         code = UNDETERMINED
