@@ -25,9 +25,27 @@ from worker.decode import decode_event
 from worker.engine.blocklist import compile_blocklists
 from worker.language import _detect, detect_language, warm_up
 
-WORDS = (
-    ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "what", "does", "it", "mean", "when", "my", "friend", "keeps", "calling", "at", "night"]
-)
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "what",
+    "does",
+    "it",
+    "mean",
+    "when",
+    "my",
+    "friend",
+    "keeps",
+    "calling",
+    "at",
+    "night",
+]
 
 
 def texts(n: int, seed: int) -> list[str]:
