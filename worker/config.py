@@ -318,6 +318,20 @@ class RaySettings(Section):
     num_cpus_per_worker: float = Field(0.0, ge=0)
     max_restarts: int = Field(-1, ge=-1)
     local_num_gpus: int | None = Field(None, ge=0, description="fake GPUs for a local instance (tests)")
+    autoscale: bool = Field(False, description="scale actors between min_workers and max_workers on Kafka lag")
+    min_workers: int = Field(1, ge=1, description="autoscale: fewest actors")
+    max_workers: int = Field(1, ge=1, description="autoscale: most actors (never more than the topic's partitions)")
+    lag_per_worker: int = Field(1000, ge=1, description="autoscale: records of group lag one actor is sized for")
+    autoscale_interval_s: float = Field(15.0, gt=0, description="autoscale: seconds between two plans")
+    scale_in_after_s: float = Field(
+        60.0, ge=0, description="autoscale: lag must call for fewer actors this long before one is drained"
+    )
+
+    @model_validator(mode="after")
+    def _worker_bounds(self) -> RaySettings:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) exceeds max_workers ({self.max_workers})")
+        return self
 
 
 class ServeSettings(Section):

@@ -5,14 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from worker.config import ENV_PREFIX, Settings
 
 REPO = Path(__file__).resolve().parents[2]
-DEPLOY_SCHEMAS = Path(__file__).resolve().parent / "deploy-schemas"  # vendored copies (see its README)
+# Public schemas the repository does not carry (KubeRay CRDs, the Compose spec): read from a checkout of them
+# beside the repository where one exists.
+DEPLOY_SCHEMAS = REPO.parent / "shared" / "deploy-schemas"
 CHART_DIR = REPO / "helm" / "moderation-worker"
 DASHBOARD = CHART_DIR / "dashboards" / "moderation-worker.json"
+
+
+def deploy_schema(name: str) -> Path:
+    """Path of the public schema file ``name`` under ``../shared/deploy-schemas``; skips the test when absent."""
+    path = DEPLOY_SCHEMAS / name
+    if not path.is_file():
+        pytest.skip(
+            f"{name} not found in ../shared/deploy-schemas (relative to the repo root): put KubeRay's CRDs "
+            "(ray-operator/config/crd/bases) and the Compose spec's schema/compose-spec.json there to run this check"
+        )
+    return path
 
 
 def settings_field_for_env(name: str) -> tuple[str, ...]:

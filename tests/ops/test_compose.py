@@ -15,7 +15,7 @@ import jsonschema_rs
 import pytest
 import yaml
 
-from tests.ops.helpers import DEPLOY_SCHEMAS, REPO, settings_field_for_env
+from tests.ops.helpers import REPO, deploy_schema, settings_field_for_env
 from worker.config import load_settings
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -29,7 +29,7 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def compose_validator() -> Any:
-    return jsonschema_rs.validator_for(json.loads((DEPLOY_SCHEMAS / "compose-spec.json").read_text()))
+    return jsonschema_rs.validator_for(json.loads(deploy_schema("compose-spec.json").read_text()))
 
 
 def _env(service: dict[str, Any]) -> dict[str, str]:

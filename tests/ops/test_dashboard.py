@@ -83,9 +83,13 @@ def test_dashboard_has_queries_and_uses_the_datasource_variable() -> None:
             assert panel["datasource"]["uid"] == "${datasource}"
 
 
+# Labels the Ray bridge adds to every series of an actor or replica (worker/ops/ray_export.py).
+EXPORTER_LABELS = {"worker"}
+
+
 @pytest.mark.parametrize(("title", "expr"), _queries())
 def test_every_query_names_only_exported_metrics_and_their_labels(title: str, expr: str) -> None:
-    exported = metrics.metric_labels()
+    exported = {name: labels | EXPORTER_LABELS for name, labels in metrics.metric_labels().items()}
     names, labels = promql_references(expr)
     assert names, f"{title}: no metric in {expr!r}"
     unknown = names - set(exported)
@@ -98,6 +102,7 @@ def test_dashboard_covers_what_operators_watch() -> None:
     used = set().union(*(promql_references(expr)[0] for _, expr in _queries()))
     for needed in (
         "mw_events_consumed_total",  # throughput
+        "mw_flagged_events_total",  # flagged events, once per event
         "mw_verdicts_total",  # flagged rate by category
         "mw_end_to_end_seconds_bucket",  # latency percentiles
         "mw_stage_seconds_bucket",

@@ -7,6 +7,7 @@ import re
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from worker.config import CATEGORY_CODES
 from worker.dead_letters import Reason
 from worker.ops import metrics
 
@@ -32,6 +33,11 @@ AGREED_METRICS = {
     "mw_event_lag_seconds": ("histogram", set()),
     "mw_worker_ready": ("gauge", set()),
     "mw_ray_workers_alive": ("gauge", set()),
+    # Flagged events once per event (mw_verdicts_total counts an unsafe verdict once per category).
+    "mw_flagged_events_total": ("counter", set()),
+    # The Ray driver's lag autoscaler.
+    "mw_ray_workers_desired": ("gauge", set()),
+    "mw_group_lag": ("gauge", set()),
 }
 
 
@@ -84,6 +90,20 @@ def test_known_label_values_are_exposed_at_zero_before_any_event() -> None:
         assert metrics.sample_key("mw_dead_letters_total", {"reason": reason.value}) in scrape
     for stage in metrics.STAGES:
         assert metrics.sample_key("mw_stage_seconds_count", {"stage": stage}) in scrape
+    for code in CATEGORY_CODES:
+        assert metrics.sample_key("mw_engine_dropped_codes_total", {"code": code}) in scrape
+    assert "mw_flagged_events_total" in scrape
+
+
+def test_the_driver_registry_holds_only_the_drivers_metrics() -> None:
+    driver = metrics.parse_exposition(metrics.exposition(metrics.DRIVER_REGISTRY).decode())
+    assert {k for k in driver if k.startswith("mw_")} == {
+        "mw_ray_workers_alive",
+        "mw_ray_workers_desired",
+        "mw_group_lag",
+    }
+    worker = metrics.scrape_values()
+    assert "mw_redis_up" in worker and "mw_ray_workers_alive" not in worker
 
 
 def test_observe_stage_times_the_block_even_when_it_raises() -> None:
@@ -118,7 +138,15 @@ def test_record_helpers_count_outcomes_categories_and_reasons() -> None:
     assert moved("mw_verdicts_total", decision="unsafe", category="S1") == 1
     assert moved("mw_verdicts_total", decision="unsafe", category="S9") == 1
     assert moved("mw_verdicts_total", decision="safe", category="none") == 1
+    assert moved("mw_flagged_events_total") == 1  # one unsafe event with two categories
     assert moved("mw_dead_letters_total", reason="invalid_json") == 1
+
+
+def test_record_verdicts_counts_flagged_events_once_per_event() -> None:
+    key = metrics.sample_key("mw_flagged_events_total")
+    before = metrics.scrape_values()[key]
+    metrics.record_verdicts({("unsafe", ("S1", "S2", "S3"), False): 4, ("safe", (), True): 5})
+    assert metrics.scrape_values()[key] - before == 4
 
 
 def test_partition_lag_is_set_and_forgotten_on_revocation() -> None:

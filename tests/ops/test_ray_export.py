@@ -54,6 +54,14 @@ def test_counters_are_copied_as_increases_since_the_last_copy(registry: Collecto
     }
 
 
+def test_a_counter_series_is_sent_at_zero_when_first_seen(registry: CollectorRegistry) -> None:
+    dropped = Counter("mw_engine_dropped_codes_total", "x", ["code"], registry=registry)
+    dropped.labels(code="S1")
+    sink = RecordingSink()
+    RayMetricsBridge(registry, sink=sink).mirror_once()
+    assert list(sink.counters.items()) == [(("mw_engine_dropped_codes", (("code", "S1"),)), 0)]
+
+
 def test_gauges_are_copied_as_current_values(registry: CollectorRegistry) -> None:
     lag = Gauge("mw_consumer_lag", "x", ["topic", "partition"], registry=registry)
     sink = RecordingSink()
@@ -114,3 +122,9 @@ def test_start_copies_at_once_and_stop_makes_a_final_copy(registry: CollectorReg
     events.inc(4)
     bridge.stop()
     assert sink.counters == {("mw_events_consumed", ()): 4}
+
+
+def test_export_to_ray_does_nothing_outside_a_ray_actor() -> None:
+    from worker.ops.ray_export import export_to_ray
+
+    assert export_to_ray("not-an-actor") is None

@@ -44,6 +44,11 @@ REGISTRY: Final = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
+# The Ray driver's own registry (what `run --ray` serves on ops.port): only what the driver knows. Serving
+# REGISTRY there would export the pipeline's gauges at their idle values (e.g. mw_redis_up 0) next to the
+# actors' real ones and pull every min()/sum() on the dashboard off.
+DRIVER_REGISTRY: Final = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=DRIVER_REGISTRY)
 
 NAMESPACE: Final = "mw"
 
@@ -80,6 +85,12 @@ VERDICTS = Counter(
     "Verdicts produced (model or cache), by decision and category; a verdict with several categories counts "
     "once per category; safe verdicts use category 'none'.",
     ["decision", "category"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+FLAGGED_EVENTS = Counter(
+    "flagged_events_total",
+    "Events whose verdict is unsafe (model or cache), counted once per event whatever its categories.",
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
@@ -198,7 +209,20 @@ RAY_WORKERS_ALIVE = Gauge(
     "ray_workers_alive",
     "GuardWorker actors alive, as seen by the Ray driver.",
     namespace=NAMESPACE,
-    registry=REGISTRY,
+    registry=DRIVER_REGISTRY,
+)
+RAY_WORKERS_DESIRED = Gauge(
+    "ray_workers_desired",
+    "GuardWorker actors the Ray driver wants: ray.num_workers, or the lag autoscaler's current plan.",
+    namespace=NAMESPACE,
+    registry=DRIVER_REGISTRY,
+)
+GROUP_LAG = Gauge(
+    "group_lag",
+    "Records the consumer group has not committed on the events topic (end offsets minus committed), as the "
+    "Ray driver reads it for autoscaling.",
+    namespace=NAMESPACE,
+    registry=DRIVER_REGISTRY,
 )
 
 
@@ -211,6 +235,8 @@ def _preinitialise() -> None:
         VERDICTS.labels(decision="unsafe", category=code)
     for reason in Reason:
         DEAD_LETTERS.labels(reason=reason.value)
+    for code in CATEGORY_CODES:  # a policy that disables a category sees it dropped: visible from the start
+        ENGINE_DROPPED_CODES.labels(code=code)
     for result in CACHE_RESULTS:
         CACHE_REQUESTS.labels(result=result)
     for modality in MODALITIES:
@@ -241,8 +267,10 @@ def observe_stage(stage: str) -> Iterator[None]:
 
 
 def record_verdict(decision: str, category_codes: tuple[str, ...] | list[str], *, cached: bool) -> None:
-    """Count one verdict: ``mw_events_consumed_total`` by outcome and ``mw_verdicts_total`` per category."""
+    """Count one verdict: by outcome, per category (``mw_verdicts_total``) and, if unsafe, once as flagged."""
     EVENTS_CONSUMED.labels(outcome="cached" if cached else "verdict").inc()
+    if decision == "unsafe":
+        FLAGGED_EVENTS.inc()
     if decision == "unsafe" and category_codes:
         for code in category_codes:
             VERDICTS.labels(decision="unsafe", category=code).inc()
@@ -263,6 +291,8 @@ def record_verdicts(counts: Mapping[tuple[str, tuple[str, ...], bool], int]) -> 
     """
     for (decision, category_codes, cached), count in counts.items():
         EVENTS_CONSUMED.labels(outcome="cached" if cached else "verdict").inc(count)
+        if decision == "unsafe":
+            FLAGGED_EVENTS.inc(count)
         if decision == "unsafe" and category_codes:
             for code in category_codes:
                 VERDICTS.labels(decision="unsafe", category=code).inc(count)
@@ -289,9 +319,9 @@ def forget_partition(topic: str, partition: int) -> None:
         pass  # never had a lag value; nothing to remove
 
 
-def exposition() -> bytes:
-    """The registry in Prometheus text format (what ``/metrics`` serves)."""
-    return generate_latest(REGISTRY)
+def exposition(registry: CollectorRegistry = REGISTRY) -> bytes:
+    """A registry in Prometheus text format (what ``/metrics`` serves)."""
+    return generate_latest(registry)
 
 
 def sample_key(name: str, labels: Mapping[str, str] | None = None) -> str:
@@ -341,13 +371,13 @@ def scrape_values(prefix: str = "mw_") -> dict[str, float]:
 
 
 def metric_names() -> set[str]:
-    """Every sample name the worker can expose under ``mw_`` (``_total``, ``_bucket``, ``_sum``, ``_count``).
+    """Every sample name the worker or the Ray driver can expose under ``mw_`` (``_total``, ``_bucket``, ...).
 
     Built from the metric families, so labelled metrics without children yet (lag) are included too.
     """
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: set[str] = set()
-    for family in REGISTRY.collect():
+    for family in [*REGISTRY.collect(), *DRIVER_REGISTRY.collect()]:
         if family.name.startswith(f"{NAMESPACE}_"):
             names.update(family.name + suffix for suffix in suffixes[family.type])
     return names

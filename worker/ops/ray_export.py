@@ -6,7 +6,8 @@ scrapes (``--metrics-export-port``, 8080 on KubeRay pods). So each actor keeps u
 as ``moderation-worker run`` does, and a ``RayMetricsBridge`` thread copies it into ``ray.util.metrics``
 every few seconds:
 
-- counters: the increase since the last copy → ``Counter.inc`` (Ray exports ``<name>_total``);
+- counters: the increase since the last copy → ``Counter.inc`` (Ray exports ``<name>_total``); a series
+  seen for the first time is sent even at 0, so pre-initialised series are exported from the start;
 - gauges: the current value → ``Gauge.set``;
 - histograms: per-bucket count increases → ``Histogram.observe`` of the bucket's midpoint, once per new
   observation, with the same bucket boundaries. Bucket counts (so ``histogram_quantile``) and ``_count``
@@ -15,6 +16,10 @@ every few seconds:
 Ray's exporter prefixes every name with ``ray_`` and adds labels (``WorkerId``, ``NodeAddress``,
 ``SessionName``, ...). The Helm chart's PodMonitor renames ``ray_mw_(.*)`` back to ``mw_$1``
 (``metricRelabelings``), so one Grafana dashboard serves both ``run`` and ``run --ray``.
+
+``export_to_ray(worker)`` is what the GuardWorker actors and the Serve replicas call: one bridge per process,
+started only inside a Ray worker process, tagged with the worker's name (``guard-worker-0``,
+``serve-<replica>``) so every actor's series stays distinct on the node's export port.
 
 The alternative (documented in docs/deployment.md) is an ``OpsServer`` per actor on its own port; it
 needs per-actor scrape targets and is not what the chart does.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -84,8 +90,14 @@ class RaySink:
         return metric
 
     def inc(self, name: str, doc: str, labels: Mapping[str, str], value: float) -> None:
-        """Increment a Ray Counter (exported by Ray as ``ray_<name>_total``)."""
-        self._metric("counter", name, doc, labels).inc(value, tags=dict(labels))
+        """Increment a Ray Counter (exported by Ray as ``ray_<name>_total``); 0 creates the series at 0."""
+        metric = self._metric("counter", name, doc, labels)
+        if value > 0:
+            metric.inc(value, tags=dict(labels))
+        else:
+            # Counter.inc refuses 0, but a pre-initialised series must be exported from the start (rate()
+            # and dashboard panels need it before the first increment): record 0 below the public check.
+            metric._record(0.0, tags=dict(labels))
 
     def set(self, name: str, doc: str, labels: Mapping[str, str], value: float) -> None:
         """Set a Ray Gauge."""
@@ -160,10 +172,11 @@ class RayMetricsBridge:
             if not sample.name.endswith("_total"):
                 continue  # _created
             key = (family.name, _label_key(sample.labels))
+            first = key not in self._counters
             delta = sample.value - self._counters.get(key, 0.0)
             self._counters[key] = sample.value
-            if delta > 0:
-                self.sink.inc(family.name, family.documentation, sample.labels, delta)
+            if delta > 0 or first:  # first sight: send even 0, so the series exists from the start
+                self.sink.inc(family.name, family.documentation, sample.labels, max(delta, 0.0))
 
     def _mirror_histogram(self, family: Any) -> None:
         # Cumulative bucket counts per label set, in exposition order (ascending ``le``).
@@ -215,3 +228,38 @@ def _midpoint(bounds: list[float], index: int) -> float:
         return bounds[-1] * 2 if bounds else 1.0
     low = bounds[index - 1] if index > 0 else 0.0
     return (low + bounds[index]) / 2
+
+
+_process_bridge: RayMetricsBridge | None = None
+_process_bridge_lock = threading.Lock()
+
+
+def export_to_ray(worker: str, *, interval_s: float = 5.0) -> RayMetricsBridge | None:
+    """Start this process's bridge into Ray's metrics, tagged ``worker=<worker>``; None outside a Ray actor.
+
+    Idempotent per process (an actor restarted by Ray is a new process and starts its own). Never raises:
+    metrics must not stop the stream or the endpoint.
+    """
+    global _process_bridge
+    ray = sys.modules.get("ray")  # never import Ray here: the plain `run` path must not load it
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None  # not an actor (a driver's registry holds no pipeline's numbers)
+    with _process_bridge_lock:
+        if _process_bridge is None:
+            try:
+                _process_bridge = RayMetricsBridge(
+                    constant_tags={"worker": worker}, interval_s=interval_s
+                ).start()
+            except Exception:
+                logger.exception("exporting metrics to Ray failed", extra={"worker": worker})
+                return None
+        return _process_bridge
+
+
+def stop_export() -> None:
+    """Stop this process's bridge after a final copy (a drained actor's last increments reach Ray)."""
+    global _process_bridge
+    with _process_bridge_lock:
+        if _process_bridge is not None:
+            _process_bridge.stop()
+            _process_bridge = None

@@ -5,6 +5,9 @@ One source of truth: the worker's configuration keys, types and bounds are defin
 ``Settings.model_json_schema()`` (unknown keys rejected, like at start-up) — ``helm install`` then fails
 on a misspelt key instead of a crash-looping pod. The chart's own values are described here.
 
+Secrets never go through ``config`` (it becomes a ConfigMap): every ``SecretStr`` field of ``Settings`` is
+replaced by a schema that rejects any value and names the ``secrets.*`` value to use instead.
+
 Regenerate after changing either: ``python -m worker.ops.values_schema`` (a test checks it is current).
 """
 
@@ -13,7 +16,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from pydantic import BaseModel, SecretStr
 
 from worker.config import Settings
 
@@ -52,10 +57,69 @@ def _placement() -> dict[str, Any]:
     }
 
 
+# Secret config keys → the chart value that carries them (into a Secret, then an MW_* variable).
+SECRET_ROUTES: dict[tuple[str, str], str] = {
+    ("kafka", "sasl_password"): "secrets.kafkaSaslPassword",
+    ("kafka", "ssl_password"): "secrets.kafkaSslPassword",
+    ("redis", "password"): "secrets.redisPassword",
+    ("model", "hf_token"): "secrets.hfToken",
+}
+
+
+def secret_fields() -> list[tuple[str, str]]:
+    """``(section, key)`` of every ``SecretStr`` field of ``Settings`` (the keys ``config`` must not hold)."""
+    found = []
+    for section, field in Settings.model_fields.items():
+        model = field.annotation
+        if not isinstance(model, type) or not issubclass(model, BaseModel):
+            continue
+        for key, sub in model.model_fields.items():
+            if SecretStr in get_args(sub.annotation) or sub.annotation is SecretStr:
+                found.append((section, key))
+    return found
+
+
+def _gpu_group() -> dict[str, Any]:
+    return {
+        "groupName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+        "replicas": {"type": "integer", "minimum": 0},
+        "minReplicas": {"type": "integer", "minimum": 0},
+        "maxReplicas": {"type": "integer", "minimum": 1},
+        "gpusPerPod": {"type": "integer", "minimum": 0, "maximum": 16},
+        "gpuResourceName": {"type": "string", "minLength": 1},
+        "rayStartParams": _START_PARAMS,
+        "resources": _RESOURCES,
+        "shmSize": _QUANTITY,
+        "topologySpread": _strict(
+            {
+                "enabled": _BOOL,
+                "topologyKey": {"type": "string", "minLength": 1},
+                "maxSkew": {"type": "integer", "minimum": 1},
+                "whenUnsatisfiable": {"enum": ["DoNotSchedule", "ScheduleAnyway"]},
+            }
+        ),
+        **_placement(),
+    }
+
+
 def settings_schema() -> dict[str, Any]:
-    """``Settings``' JSON Schema with its ``$defs`` hoisted (the caller puts them at the document root)."""
+    """``Settings``' JSON Schema with its ``$defs`` hoisted (the caller puts them at the document root).
+
+    Secret fields accept no value at all (``"not": {}``); a secret field without a chart route is a bug.
+    """
     schema = Settings.model_json_schema()
     schema.pop("title", None)
+    defs = schema.get("$defs", {})
+    for section, key in secret_fields():
+        route = SECRET_ROUTES.get((section, key))
+        if route is None:
+            raise KeyError(f"config.{section}.{key} is a secret without a route in SECRET_ROUTES")
+        ref = schema["properties"][section]
+        def_name = ref.get("$ref", "").rsplit("/", 1)[-1] or ref["allOf"][0]["$ref"].rsplit("/", 1)[-1]
+        defs[def_name]["properties"][key] = {
+            "not": {},
+            "description": f"secret: not allowed in config (a ConfigMap); set {route} or secrets.existingSecret",
+        }
     return schema
 
 
@@ -89,8 +153,10 @@ def values_schema() -> dict[str, Any]:
                     {
                         "existingSecret": _STR,
                         "kafkaSaslPassword": _STR,
+                        "kafkaSslPassword": _STR,
                         "redisPassword": _STR,
                         "hfToken": _STR,
+                        "gcsRedisPassword": _STR,
                     }
                 ),
                 "apiKeys": _strict(
@@ -147,33 +213,37 @@ def values_schema() -> dict[str, Any]:
                     ["mountPath", "source"],
                 ),
                 "head": _strict({"rayStartParams": _START_PARAMS, "resources": _RESOURCES, **_placement()}),
-                "gpuWorkers": _strict(
-                    {
-                        "groupName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-                        "replicas": {"type": "integer", "minimum": 0},
-                        "minReplicas": {"type": "integer", "minimum": 0},
-                        "maxReplicas": {"type": "integer", "minimum": 1},
-                        "gpusPerPod": {"type": "integer", "minimum": 0, "maximum": 16},
-                        "gpuResourceName": {"type": "string", "minLength": 1},
-                        "rayStartParams": _START_PARAMS,
-                        "resources": _RESOURCES,
-                        "shmSize": _QUANTITY,
-                        **_placement(),
-                    },
-                    ["replicas", "gpusPerPod"],
-                ),
+                "gpuWorkers": _strict(_gpu_group(), ["replicas", "gpusPerPod"]),
                 "serve": _strict(
                     {
                         "enabled": _BOOL,
                         "applicationName": {"type": "string", "minLength": 1},
                         "routePrefix": {"type": "string", "pattern": "^/"},
                         "args": _OBJ,
+                        "deployments": {
+                            "type": "array",
+                            "items": {"type": "object", "required": ["name"], "properties": {"name": _STR}},
+                        },
+                        "upgradeStrategy": {
+                            "enum": ["NewCluster", "NewClusterWithIncrementalUpgrade", "None"]
+                        },
+                        "gpuWorkers": _strict(_gpu_group()),
                     }
                 ),
                 "stream": _strict(
                     {
                         "enabled": _BOOL,
                         "actors": {"type": "integer", "minimum": 1},
+                        "autoscaling": _strict(
+                            {
+                                "enabled": _BOOL,
+                                "minActors": {"type": "integer", "minimum": 1},
+                                "maxActors": {"type": "integer", "minimum": 1},
+                                "lagPerActor": {"type": "integer", "minimum": 1},
+                                "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+                            }
+                        ),
+                        "upgradeStrategy": {"enum": ["None", "Recreate"]},
                         "resources": _RESOURCES,
                         "terminationGracePeriodSeconds": {"type": "integer", "minimum": 1},
                         "podAnnotations": {"type": "object", "additionalProperties": _STR},
@@ -181,7 +251,30 @@ def values_schema() -> dict[str, Any]:
                     }
                 ),
                 "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+                "gcsFaultTolerance": _strict(
+                    {"enabled": _BOOL, "redisAddress": _STR, "externalStorageNamespace": _STR}
+                ),
+                "serviceAccount": _strict(
+                    {
+                        "create": _BOOL,
+                        "name": _STR,
+                        "annotations": {"type": "object", "additionalProperties": _STR},
+                        "automountServiceAccountToken": _BOOL,
+                    }
+                ),
                 "podSecurityContext": _OBJ,
+                "containerSecurityContext": _OBJ,
+                "rayTmp": _strict({"sizeLimit": _QUANTITY}),
+                "podDisruptionBudget": _strict(
+                    {"enabled": _BOOL, "maxUnavailable": {"anyOf": [{"type": "integer", "minimum": 0}, _STR]}}
+                ),
+                "networkPolicy": _strict(
+                    {
+                        "enabled": _BOOL,
+                        "metricsFrom": {"type": "array", "items": _OBJ},
+                        "serveFrom": {"type": "array", "items": _OBJ},
+                    }
+                ),
                 "metrics": _strict(
                     {
                         "serviceMonitor": _strict(

@@ -84,6 +84,11 @@ class GuardWorker:
         from worker.stream.pipeline import StreamPipeline
 
         self.pipeline = StreamPipeline(self.settings, worker_name=self.name)
+        if inside_ray_actor():
+            # Ray's per-node metrics export port is what Prometheus scrapes; a per-actor port is not.
+            from worker.ops.ray_export import export_to_ray
+
+            export_to_ray(self.name)
         self._ops = self._start_ops_server()
         self._thread = threading.Thread(target=self._run_pipeline, name=f"{self.name}-pipeline", daemon=True)
         self._thread.start()
@@ -99,7 +104,7 @@ class GuardWorker:
         )
 
     def _start_ops_server(self) -> Any:
-        """Per-actor /metrics, /healthz, /readyz on an ephemeral port (several actors share a node)."""
+        """Per-actor /metrics, /healthz, /readyz on an ephemeral port (local debugging; Prometheus reads Ray's)."""
         if self.settings.ops.port == 0:
             return None
         from worker.ops.health import OpsServer
@@ -150,6 +155,7 @@ class GuardWorker:
             "failed": self._failure,
             "stopped": self._stopped,
             "ops_port": self._ops.port if self._ops is not None else None,
+            "lag": _own_lag(),
         }
 
     def stop(self, deadline_s: float | None = None) -> dict[str, Any]:
@@ -167,8 +173,18 @@ class GuardWorker:
         if self._ops is not None:
             self._ops.stop()
             self._ops = None
+        from worker.ops.ray_export import stop_export
+
+        stop_export()
         self._stopped = drained
         return {**self.status(), "drained": drained}
+
+
+def _own_lag() -> int:
+    """Sum of this process's ``mw_consumer_lag`` (one actor per process: its assigned partitions' lag)."""
+    from worker.ops.metrics import CONSUMER_LAG
+
+    return int(sum(s.value for family in CONSUMER_LAG.collect() for s in family.samples))
 
 
 def remote_guard_worker(settings: Settings) -> Any:

@@ -3,6 +3,15 @@
 ``run_on_ray(settings)`` is ``moderation-worker run --ray``. ``WorkerFleet`` is the reusable part:
 start the actors, poll their status (with timeouts, never a blocking ``ray.get``), notice restarts
 (a new ``incarnation`` id) and failed pipelines (restarted through Ray), and stop them gracefully.
+
+Autoscaling on lag (``ray.autoscale``): every ``ray.autoscale_interval_s`` the driver sums the actors'
+``mw_consumer_lag`` and in-flight events (each reports its own in ``status()``) and ``LagScaler`` plans the actor
+count: out at once to ``ceil(lag / lag_per_worker)``, in one actor at a time once the lag has called for
+fewer for ``scale_in_after_s``; always within ``[min_workers, max_workers]`` and never beyond the events
+topic's partitions (an actor without a partition only holds a GPU). Scaling in drains the actor like
+SIGTERM does (in-flight batches published and committed, consumer closed) before it is killed, so its
+partitions move without a burst of duplicates. New actors wait for a GPU; on KubeRay the Ray autoscaler
+adds a GPU pod for them and removes the pod an actor left once it is idle.
 ``run_until_drained(...)`` runs the stream through local actors until a known number of new events
 has been committed by the consumer group — what the demo uses to show the production shape.
 
@@ -13,6 +22,7 @@ flow from Kafka into each actor's own consumer.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -72,13 +82,78 @@ def planned_worker_count(settings: Settings, cluster_gpus: float) -> tuple[int, 
     return max(1, int(cluster_gpus // per_worker)), per_worker
 
 
+@dataclass
+class LagScaler:
+    """Plans the actor count from the consumer group's lag (pure: no Ray, no Kafka; see the module docstring)."""
+
+    min_workers: int
+    max_workers: int
+    lag_per_worker: int
+    scale_in_after_s: float
+    _low_since: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LagScaler:
+        """The scaler ``ray.autoscale`` describes."""
+        ray_settings = settings.ray
+        return cls(
+            ray_settings.min_workers,
+            ray_settings.max_workers,
+            ray_settings.lag_per_worker,
+            ray_settings.scale_in_after_s,
+        )
+
+    def bounds(self, partitions: int) -> tuple[int, int]:
+        """(fewest, most) actors: ``[min_workers, max_workers]`` capped at ``partitions`` (when known, > 0)."""
+        upper = min(self.max_workers, partitions) if partitions > 0 else self.max_workers
+        upper = max(1, upper)
+        return min(self.min_workers, upper), upper
+
+    def plan(self, current: int, lag: int, partitions: int, now: float) -> int:
+        """The actor count to run now, given ``current`` actors, the group's ``lag`` and the topic's partitions."""
+        lower, upper = self.bounds(partitions)
+        wanted = min(max(math.ceil(max(0, lag) / self.lag_per_worker), lower), upper)
+        if current > upper:  # partitions or max_workers shrank: idle actors go at once
+            self._low_since = None
+            return upper
+        if wanted >= current:
+            self._low_since = None
+            return wanted
+        if self._low_since is None:
+            self._low_since = now
+        if now - self._low_since >= self.scale_in_after_s:
+            self._low_since = now  # the next step in needs another quiet period
+            return current - 1
+        return current
+
+
+def topic_partitions(settings: Settings) -> int:
+    """Partitions of ``topics.events`` (0 when the topic or its metadata is not there yet)."""
+    from worker.stream.kafka_clients import make_consumer
+
+    consumer = make_consumer(settings, enable_auto_commit=False)
+    try:
+        return len(consumer.partitions_for_topic(settings.topics.events) or ())
+    finally:
+        consumer.close(autocommit=False)
+
+
 class WorkerFleet:
-    """The GuardWorker actors of one driver. Call ``start()``, then ``poll()`` periodically, then ``stop()``."""
+    """The GuardWorker actors of one driver. Call ``start()``, then ``poll()`` periodically, then ``stop()``.
+
+    With ``ray.autoscale``, call ``autoscale()`` as well (``run_on_ray`` does, every
+    ``ray.autoscale_interval_s``); ``scale_to(n)`` adds actors or drains the newest ones.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings.model_copy(deep=True)
         self.slots: list[WorkerSlot] = []
         self._all_ready_logged = False
+        self._actor_class: Any = None
+        self._payload: dict[str, Any] = {}
+        self._next_index = 0
+        self.scaler = LagScaler.from_settings(self.settings) if self.settings.ray.autoscale else None
+        self.drained: list[dict[str, Any]] = []  # final statuses of actors removed by scaling in
 
     def start(self) -> None:
         """Create the actors (Ray places them on GPUs; their pipelines start loading at once)."""
@@ -86,9 +161,13 @@ class WorkerFleet:
 
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
         count, gpus_each = planned_worker_count(self.settings, cluster_gpus)
+        if self.scaler is not None:
+            lower, upper = self.scaler.bounds(0)
+            count = min(max(count, lower), upper)
         self.settings.ray.num_gpus_per_worker = gpus_each
         actor_class = remote_guard_worker(self.settings)
         payload = settings_payload(self.settings)
+        self._actor_class, self._payload = actor_class, payload
         log.info(
             "starting %d guard workers (%.2f GPU each, cluster GPUs %.0f)",
             count,
@@ -105,6 +184,78 @@ class WorkerFleet:
                 extra={"stage": "ray_driver"},
             )
         self.slots = [WorkerSlot(i, actor_class.remote(payload, i)) for i in range(count)]
+        self._next_index = count
+        self._publish_metrics()
+
+    def group_lag(self) -> int:
+        """Records the group has not finished, as the actors last reported them: their partitions'
+        ``mw_consumer_lag`` plus their in-flight events (fetched, not yet committed). Lag alone drops to 0
+        as soon as a backlog is fetched into memory, long before it is moderated."""
+        return sum(
+            int(slot.status.get("lag") or 0) + int(slot.status.get("in_flight") or 0)
+            for slot in self.slots
+            if slot.reachable
+        )
+
+    def scale_to(self, count: int, drain_deadline_s: float | None = None) -> None:
+        """Run ``count`` actors: start new ones, or drain the newest ones (gracefully, like ``stop``) and end them."""
+        import ray
+
+        count = max(1, count)
+        while len(self.slots) < count:
+            index = self._next_index
+            self._next_index += 1
+            self.slots.append(WorkerSlot(index, self._actor_class.remote(self._payload, index)))
+            self._all_ready_logged = False
+            log.info("scaling out: started guard worker %d", index, extra={"stage": "ray_driver"})
+        if len(self.slots) > count:
+            leaving, self.slots = self.slots[count:], self.slots[:count]
+            deadline_s = (
+                self.settings.shutdown.drain_timeout_s if drain_deadline_s is None else drain_deadline_s
+            )
+            refs = {slot.actor.stop.remote(deadline_s): slot for slot in leaving}
+            done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=deadline_s + STOP_MARGIN_S)
+            for ref, slot in refs.items():
+                final: dict[str, Any] = {"worker_index": slot.index, "drained": False}
+                if ref in done:
+                    try:
+                        final = ray.get(ref, timeout=1.0)
+                    except (ray.exceptions.RayError, TimeoutError) as exc:
+                        log.warning(
+                            "guard worker %d failed while draining: %s", slot.index, type(exc).__name__
+                        )
+                ray.kill(slot.actor, no_restart=True)
+                self.drained.append(final)
+                log.info(
+                    "scaling in: guard worker %d drained=%s",
+                    slot.index,
+                    final.get("drained"),
+                    extra={"stage": "ray_driver"},
+                )
+        self._publish_metrics()
+
+    def autoscale(self, now: float | None = None, partitions: int | None = None) -> int:
+        """One autoscaling step from the actors' last reported lag; returns the actor count now running."""
+        if self.scaler is None:
+            return len(self.slots)
+        from worker.ops import metrics
+
+        lag = self.group_lag()
+        metrics.GROUP_LAG.set(lag)
+        partitions = topic_partitions(self.settings) if partitions is None else partitions
+        now = time.monotonic() if now is None else now
+        wanted = self.scaler.plan(len(self.slots), lag, partitions, now)
+        if wanted != len(self.slots):
+            log.info(
+                "autoscaling %d -> %d guard workers (group lag %d, %d partitions)",
+                len(self.slots),
+                wanted,
+                lag,
+                partitions,
+                extra={"stage": "ray_driver", "reason": "autoscale"},
+            )
+            self.scale_to(wanted)
+        return len(self.slots)
 
     @property
     def restarts_seen(self) -> int:
@@ -218,6 +369,7 @@ class WorkerFleet:
         from worker.ops import metrics
 
         metrics.RAY_WORKERS_ALIVE.set(self.alive_count())
+        metrics.RAY_WORKERS_DESIRED.set(len(self.slots))
 
     def wait_ready(self, timeout_s: float, poll_interval_s: float = 0.5) -> bool:
         """Poll until every worker is ready (model loaded, partitions assigned) or ``timeout_s`` passes."""
@@ -292,8 +444,15 @@ def run_on_ray(settings: Settings) -> int:
     try:
         fleet.start()
         ops = _start_driver_ops(settings, fleet)
+        next_scale = time.monotonic() + settings.ray.autoscale_interval_s
         while not stop_requested.is_set():
             fleet.poll()
+            if fleet.scaler is not None and time.monotonic() >= next_scale:
+                try:
+                    fleet.autoscale()
+                except Exception:  # a failed plan (e.g. broker metadata timeout) must not stop the stream
+                    log.exception("autoscaling step failed", extra={"stage": "ray_driver"})
+                next_scale = time.monotonic() + settings.ray.autoscale_interval_s
             stop_requested.wait(POLL_INTERVAL_S)
         log.info("stop requested; draining guard workers", extra={"stage": "shutdown"})
     finally:
@@ -319,7 +478,15 @@ def _start_driver_ops(settings: Settings, fleet: WorkerFleet) -> Any:
         "ready": sum(s.ready for s in fleet.slots),
         "restarts_seen": fleet.restarts_seen,
     }
-    return OpsServer(settings.ops.host, settings.ops.port, ready=fleet.all_ready, status=summary).start()
+    from worker.ops.metrics import DRIVER_REGISTRY
+
+    return OpsServer(
+        settings.ops.host,
+        settings.ops.port,
+        ready=fleet.all_ready,
+        status=summary,
+        registry=DRIVER_REGISTRY,
+    ).start()
 
 
 def _install_stop_handlers(stop_requested: threading.Event) -> dict[int, Any]:

@@ -127,9 +127,11 @@ class ModerationDeployment:
         from worker.cache.redis_cache import VerdictCache
         from worker.engine.engine import GuardEngine
         from worker.ops.logs import configure_logging
+        from worker.ops.ray_export import export_to_ray
 
         self.settings = settings_from_payload(settings)
         configure_logging(self.settings.logging, worker="serve")
+        export_to_ray(f"serve-{serve.get_replica_context().replica_id.unique_id}")
         self.engine = GuardEngine.from_settings(self.settings)
         self.cache = VerdictCache(self.settings.redis)
         self.keys = ApiKeys(self.settings.auth, list(self.settings.tenants))
