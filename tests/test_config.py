@@ -82,3 +82,69 @@ def test_a_bad_override_names_the_full_key():
         load_settings(None, serve__max_batch_size=0)
     with pytest.raises(ConfigError, match=r"unknown configuration key: kafka\.nope"):
         load_settings(None, kafka__nope=1)
+
+
+def _cli(*args, env=None, timeout=60):
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MW_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, check=False,
+                          timeout=timeout, env=full_env)
+
+
+def test_config_command_masks_the_password_inside_url_settings():
+    out = _cli("config", env={"MW_REDIS__URL": "redis://user:s3cr3t@127.0.0.1:6379/0",
+                              "MW_MODEL__HF_TOKEN": "hf_abcdef"})
+    assert out.returncode == 0, out.stderr
+    assert "s3cr3t" not in out.stdout and "hf_abcdef" not in out.stdout
+    assert "redis://user:**********@127.0.0.1:6379/0" in out.stdout
+
+
+def test_url_credentials_are_masked_in_log_lines():
+    import io
+    import json
+    import logging
+
+    from worker.ops.logs import configure_logging
+
+    stream = io.StringIO()
+    handler = configure_logging(stream=stream)
+    try:
+        logging.getLogger("t").warning("cache at redis://:pw1@h:1/0 down", extra={"url": "redis://u:pw2@h:1"})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    line = json.loads(stream.getvalue().splitlines()[-1])
+    assert "pw1" not in line["msg"] and "pw2" not in line["url"]
+    assert line["url"] == "redis://u:**********@h:1"
+
+
+def test_a_comma_separated_broker_list_in_the_environment_is_accepted(monkeypatch):
+    monkeypatch.setenv("MW_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+    assert load_settings().kafka.bootstrap_servers == ["127.0.0.1:9092"]
+    monkeypatch.setenv("MW_KAFKA__BOOTSTRAP_SERVERS", "a:1, b:2")
+    assert load_settings().kafka.bootstrap_servers == ["a:1", "b:2"]
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"MW_POLICIES": "notjson"}, "policies"),
+        ({"MW_BATCHNG__MAX_SIZE": "5"}, "batchng"),
+        ({"MW_BATCHING__MAX_SZE": "5"}, "batching.max_sze"),
+        ({"MW_BATCHING__MAX_SIZE": "many"}, "batching.max_size"),
+        ({"MW_POLICIES__DEFAULT__THRESHOLD": "2"}, "policies.default.threshold"),
+        ({"MW_IMAGE_FETCH__ALLOW_NETWORKS": "not-a-cidr"}, "image_fetch.allow_networks"),
+    ],
+)
+def test_every_environment_mistake_is_one_line_naming_the_key_with_exit_2(env, key):
+    out = _cli("config", env=env)
+    assert out.returncode == 2, out.stdout[-300:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert key in lines[0] and next(iter(env)) in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_config_reference_shows_the_policies_default_as_json_not_a_python_repr():
+    row = next(line for line in render().splitlines() if line.startswith("| `policies` |"))
+    assert '{"default": {"categories": ["S1"' in row and "categories=[" not in row

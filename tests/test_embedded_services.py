@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -188,3 +189,27 @@ def test_dev_services_command_up_status_down(tmp_path: Path, capsys: pytest.Capt
         if (state_dir / "services.json").exists():
             _dev_services("down", state_dir)
     assert (state_dir / "tansu.log").exists() and (state_dir / "redis.log").exists()
+
+
+def test_dev_services_up_keeps_its_ports_after_a_stale_restart_and_refuses_other_ports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state_dir = tmp_path / "state"
+    try:
+        assert dev_services_command("up", state_dir) == 0
+        first = json.loads((state_dir / "services.json").read_text())
+        os.kill(first["pids"]["redis"], signal.SIGKILL)  # stale: one server died
+        assert _process_gone(first["pids"]["redis"])
+        capsys.readouterr()
+        assert dev_services_command("up", state_dir) == 0
+        assert "restarting on the same ports" in capsys.readouterr().out
+        second = json.loads((state_dir / "services.json").read_text())
+        assert second["ports"] == first["ports"]  # the exported env still points at the servers
+        assert redis_answers(second["redis_url"])
+
+        other = first["ports"]["kafka"] + 1
+        assert dev_services_command("up", state_dir, kafka_port=other) == 1
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 and out[0].startswith("error:") and f"not on requested {other}" in out[0]
+    finally:
+        dev_services_command("down", state_dir)

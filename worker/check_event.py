@@ -1,11 +1,18 @@
 """``moderation-worker check-event FILE|-``: run the worker's own decoder over events and say what it sees.
 
 Producers use it to test events before sending them; operators use it to see why a record was
-dead-lettered. The file holds one JSON object (possibly pretty-printed over several lines) or JSON lines
-(one event per line; blank lines are skipped). For each event it prints one line:
+dead-lettered. The file holds JSON lines (one event per line; blank lines are skipped), one or more JSON
+objects each possibly pretty-printed over several lines, or a JSON array of events (the body
+``POST /v1/moderate`` accepts). For each event it prints one line:
 
     OK <event_id> task=<prompt|response> turns=N image=yes|no <normalized event as compact JSON>
-    INVALID line N: <reason>: <message>
+    INVALID line N: <reason>: <message>        (INVALID item N: ... for the items of an array)
+
+Every event is judged by the worker's own steps, as far as they need no network: ``decode_event`` (what
+the stream does with a record and HTTP with a body), then ``check_image_offline`` — a ``data:`` image is
+decoded by the worker's image decoder (truncated JPEG, SVG, pixel bomb fail with the worker's reasons) and
+an ``http(s)`` image URL gets the fetch's first-hop checks (a literal IP in a blocked range fails as
+``image_blocked_address``). A host name is resolved and fetched only by the worker, so it is not judged here.
 
 then a summary line. Exit status: 0 when every event is valid, 1 when any is invalid (or there are no
 events), 2 when the file cannot be read.
@@ -13,6 +20,7 @@ events), 2 when the file cannot be read.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -22,12 +30,14 @@ from typing import TextIO
 import orjson
 
 from worker.config import Settings
-from worker.dead_letters import Rejection
+from worker.dead_letters import RejectedError, Rejection
 from worker.decode import decode_event, event_to_dict
+from worker.events import ChatEvent
 
 EXIT_ALL_VALID = 0
 EXIT_SOME_INVALID = 1
 EXIT_UNREADABLE = 2
+_NOT_JSON = object()
 
 
 def check_events(file: str, settings: Settings, *, out: TextIO | None = None) -> int:
@@ -43,11 +53,11 @@ def check_events(file: str, settings: Settings, *, out: TextIO | None = None) ->
         return EXIT_UNREADABLE
     valid = 0
     reasons: Counter[str] = Counter()
-    for line_no, record in split_records(data):
-        result = decode_event(record, settings)
+    for where, record in split_records(data):
+        result = judge_offline(record, settings)
         if isinstance(result, Rejection):
             reasons[result.reason.value] += 1
-            print(f"INVALID line {line_no}: {result.reason.value}: {result.message}", file=out)
+            print(f"INVALID {where}: {result.reason.value}: {result.message}", file=out)
             continue
         valid += 1
         normalized = orjson.dumps(event_to_dict(result)).decode()
@@ -67,20 +77,67 @@ def check_events(file: str, settings: Settings, *, out: TextIO | None = None) ->
     return EXIT_ALL_VALID if invalid == 0 else EXIT_SOME_INVALID
 
 
-def split_records(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """``(line number, record bytes)`` for each event: the whole input if it is one JSON value, else each
-    non-blank line (JSON lines). A single line is always one record, even an invalid one."""
-    lines = data.split(b"\n")
-    non_blank = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    if len(non_blank) <= 1:
-        yield from ((n, line.rstrip(b"\r")) for n, line in non_blank)
-        return
+def judge_offline(record: bytes, settings: Settings) -> ChatEvent | Rejection:
+    """The worker's verdict-free judgement of one record: decoding, then the offline image checks."""
+    from worker.images.load import check_image_offline
+
+    event = decode_event(record, settings)
+    if isinstance(event, Rejection) or event.image is None:
+        return event
     try:
-        orjson.loads(data)
+        check_image_offline(event.image, settings)
+    except RejectedError as exc:
+        return exc.rejection
+    return event
+
+
+def split_records(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """``(where, record bytes)`` for each event, ``where`` being ``line N`` or ``item N``.
+
+    A JSON array gives its items (re-encoded, as HTTP decodes a batch body); one or more JSON values that
+    span lines (pretty-printed objects) give one record each; anything else is JSON lines, one record per
+    non-blank line, so one broken line does not hide the others.
+    """
+    try:
+        whole = orjson.loads(data)
     except orjson.JSONDecodeError:
-        yield from ((n, line.rstrip(b"\r")) for n, line in non_blank)
+        whole = _NOT_JSON
+    if isinstance(whole, list):
+        yield from ((f"item {i}", orjson.dumps(item)) for i, item in enumerate(whole))
         return
-    yield non_blank[0][0], data
+    non_blank = [(n, line.rstrip(b"\r")) for n, line in enumerate(data.split(b"\n"), start=1) if line.strip()]
+    if whole is not _NOT_JSON:  # one JSON value, possibly pretty-printed
+        yield f"line {non_blank[0][0]}", data
+        return
+    if len(non_blank) > 1:
+        values = _json_values(data)
+        if values is not None and any(b"\n" in raw for _, raw in values):
+            yield from ((f"line {n}", raw) for n, raw in values)
+            return
+    yield from ((f"line {n}", line) for n, line in non_blank)
+
+
+def _json_values(data: bytes) -> list[tuple[int, bytes]] | None:
+    """Consecutive JSON values (``{...}\n{...}``, each possibly multi-line) with their first line, or None
+    when the text is not such a sequence."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    decoder = json.JSONDecoder()
+    values: list[tuple[int, bytes]] = []
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos == len(text):
+            return values
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        values.append((text.count("\n", 0, pos) + 1, text[pos:end].encode("utf-8")))
+        pos = end
 
 
 def _printable(event_id: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,6 +33,29 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from exc
 
 
+def _require_readable(file: str) -> None:
+    """An input file that cannot be read ends every command the same way: one line, exit 2."""
+    if file == "-":
+        return
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        typer.echo(f"error: cannot read {file}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _preflight(check: Callable[[Settings], None], settings: Settings) -> None:
+    """Run a command's startup checks; a missing dependency ends with one line naming its key, exit 2."""
+    from worker.preflight import StartupError
+
+    try:
+        check(settings)
+    except StartupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 @app.command("config")
 def config_cmd(config: ConfigOption = None) -> None:
     """Print the effective configuration (YAML), secrets masked."""
@@ -51,25 +75,33 @@ def check_event_cmd(
     """
     from worker.check_event import check_events
 
-    raise typer.Exit(check_events(file, _settings(config)))
+    settings = _settings(config)
+    _require_readable(file)
+    raise typer.Exit(check_events(file, settings))
 
 
 @app.command("prompt")
 def prompt_cmd(
     file: Annotated[str, typer.Argument(help="One event (JSON); - for stdin.")] = "-",
-    policy: Annotated[Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")] = None,
+    policy: Annotated[
+        Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Print the exact Llama Guard 3 Vision prompt the model would read for an event."""
     from worker.engine.prompt import prompt_command
 
-    raise typer.Exit(prompt_command(file, _settings(config), policy_id=policy))
+    settings = _settings(config)
+    _require_readable(file)
+    raise typer.Exit(prompt_command(file, settings, policy_id=policy))
 
 
 @app.command("dev-services")
 def dev_services_cmd(
     action: Annotated[str, typer.Argument(help="up | down | status")],
-    state_dir: Annotated[Path, typer.Option(help="Where ports, pids and logs are written.")] = Path(".dev-services"),
+    state_dir: Annotated[Path, typer.Option(help="Where ports, pids and logs are written.")] = Path(
+        ".dev-services"
+    ),
     kafka_port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
     redis_port: Annotated[int, typer.Option(help="0 = a free port.")] = 0,
 ) -> None:
@@ -83,7 +115,9 @@ def dev_services_cmd(
 def build_tiny_model_cmd(
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: model.path).")] = None,
     train: Annotated[bool, typer.Option(help="Train on the toy policy after building.")] = True,
-    force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Build (offline, deterministically) and train a tiny Mllama guard checkpoint for tests and the demo."""
@@ -96,10 +130,15 @@ def build_tiny_model_cmd(
 @app.command("run")
 def run_cmd(
     config: ConfigOption = None,
-    ray: Annotated[bool, typer.Option("--ray", help="Run one GuardWorker actor per GPU on a Ray cluster.")] = False,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Run one GuardWorker actor per GPU on a Ray cluster.")
+    ] = False,
 ) -> None:
     """Moderate the configured Kafka topic until SIGTERM/SIGINT (one process, or Ray actors with --ray)."""
+    from worker.preflight import check_run
+
     settings = _settings(config)
+    _preflight(lambda s: check_run(s, on_ray=ray or s.ray.enabled), settings)
     if ray or settings.ray.enabled:
         from worker.runtime.driver import run_on_ray
 
@@ -112,9 +151,12 @@ def run_cmd(
 @app.command("serve")
 def serve_cmd(config: ConfigOption = None) -> None:
     """Start the Ray Serve HTTP endpoint (POST /v1/moderate, GET /healthz, GET /readyz)."""
+    from worker.preflight import check_serve
     from worker.runtime.serve_app import serve_command
 
-    raise typer.Exit(serve_command(_settings(config)))
+    settings = _settings(config)
+    _preflight(check_serve, settings)
+    raise typer.Exit(serve_command(settings))
 
 
 @app.command("demo")
@@ -132,9 +174,15 @@ def demo_cmd(
 @app.command("eval")
 def eval_cmd(
     data: Annotated[Path, typer.Argument(help="Labelled JSON lines: an event plus its expected label.")],
-    out_dir: Annotated[Path, typer.Option(help="Where the JSON report and PNG plots go.")] = Path("eval-report"),
-    target_fpr: Annotated[float, typer.Option(help="Recommend a threshold for this false-positive rate.")] = 0.05,
-    strict: Annotated[bool, typer.Option(help="Fail on the first bad data line instead of skipping it.")] = False,
+    out_dir: Annotated[Path, typer.Option(help="Where the JSON report and PNG plots go.")] = Path(
+        "eval-report"
+    ),
+    target_fpr: Annotated[
+        float, typer.Option(help="Recommend a threshold for this false-positive rate.")
+    ] = 0.05,
+    strict: Annotated[
+        bool, typer.Option(help="Fail on the first bad data line instead of skipping it.")
+    ] = False,
     policy: Annotated[Optional[str], typer.Option(help="Policy id (default: default_policy).")] = None,
     config: ConfigOption = None,
 ) -> None:
@@ -142,7 +190,9 @@ def eval_cmd(
     from worker.evaluation.run import eval_command
 
     raise typer.Exit(
-        eval_command(data, _settings(config), out_dir=out_dir, target_fpr=target_fpr, strict=strict, policy_id=policy)
+        eval_command(
+            data, _settings(config), out_dir=out_dir, target_fpr=target_fpr, strict=strict, policy_id=policy
+        )
     )
 
 

@@ -1,24 +1,42 @@
 """The one typed settings object every part of the worker reads.
 
 Loaded from a YAML file (``--config FILE`` or ``MW_CONFIG``) and overridden by environment variables
-``MW_<SECTION>__<KEY>`` (e.g. ``MW_REDIS__ENABLED=false``; lists and mappings as JSON:
-``MW_KAFKA__BOOTSTRAP_SERVERS='["broker:9092"]'``).
+``MW_<SECTION>__<KEY>`` (e.g. ``MW_REDIS__ENABLED=false``; mappings as JSON, lists as JSON or
+comma-separated: ``MW_KAFKA__BOOTSTRAP_SERVERS=broker-1:9092,broker-2:9092``).
 Precedence, highest first: explicit overrides passed in code, environment, YAML file, defaults.
 Defaults run against the embedded services (``moderation-worker dev-services up``).
 
-Unknown keys and bad values fail at start with the key's dotted name (pydantic ``extra="forbid"``).
+Unknown keys and bad values fail at start with one line naming the key's dotted name (pydantic
+``extra="forbid"``); an ``MW_<SECTION>__<KEY>`` variable whose section or key does not exist is such an
+unknown key too (variables without ``__`` that name no top-level key are left alone: test knobs share the
+prefix). Credentials inside URL settings (``redis://user:password@host``) are masked wherever the
+configuration is printed (``Settings.masked``) or logged (``mask_url_credentials``).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
 # The category names of OpenAI's moderation API (worker/runtime/openai_compat.py maps the codes onto them).
@@ -41,6 +59,46 @@ ENV_PREFIX = "MW_"
 DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny-model` writes by default
 
 
+MASK = "**********"  # what SecretStr dumps as; URL passwords are replaced by the same
+# ``scheme://user:password@`` (or ``scheme://:password@`` / ``scheme://token@``) inside any text.
+_URL_USERINFO = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)(?::(?P<pw>[^/@\s]*))?@"
+)
+
+
+def mask_url_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URL in it replaced by ``**********``.
+
+    A userinfo without a password (``redis://token@host``) is itself the secret and is masked whole.
+    """
+
+    def _mask(match: re.Match[str]) -> str:
+        if match.group("pw") is None:
+            return f"{match.group('scheme')}{MASK}@"
+        return f"{match.group('scheme')}{match.group('user')}:{MASK}@"
+
+    return _URL_USERINFO.sub(_mask, text) if "://" in text else text
+
+
+def _comma_list(value: Any) -> Any:
+    """A list setting written as one string: JSON (``["a:1","b:2"]``) or comma-separated (``a:1,b:2``)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(
+                f"not a JSON list ({exc.msg}); write a JSON list or comma-separated values"
+            ) from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# A list of strings that also accepts "a,b,c" (the form people write in environment variables).
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_comma_list)]
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on assignment."""
 
@@ -50,7 +108,7 @@ class Section(BaseModel):
 class KafkaSettings(Section):
     """Broker connection, consumer group and producer tuning (kafka-python names)."""
 
-    bootstrap_servers: list[str] = ["127.0.0.1:9092"]
+    bootstrap_servers: StrList = ["127.0.0.1:9092"]
     client_id: str = "moderation-worker"
     group_id: str = "moderation-worker"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -101,7 +159,9 @@ class BatchingSettings(Section):
     max_wait_ms: int = Field(50, ge=0)
     max_in_flight: int = Field(1024, ge=1, description="pause partitions above this many in-flight events")
     resume_below: int | None = Field(None, ge=0, description="resume below this; default max_in_flight // 2")
-    prepare_threads: int = Field(2, ge=1, le=64, description="threads for image fetch/decode and tokenization")
+    prepare_threads: int = Field(
+        2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
+    )
 
     @model_validator(mode="after")
     def _resume_below_bound(self) -> BatchingSettings:
@@ -145,7 +205,7 @@ class BlocklistSettings(Section):
 class PolicySettings(Section):
     """One moderation policy: which categories count, their wording, and the decision threshold."""
 
-    categories: list[str] = list(CATEGORY_CODES)
+    categories: StrList = list(CATEGORY_CODES)
     names: dict[str, str] = {}
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     review_threshold: float | None = Field(
@@ -195,12 +255,17 @@ class ModelSettings(Section):
         validate_default=True,
     )
     revision: str | None = None
-    model_id: str | None = Field(None, description="id reported in verdicts; default: the path's last component")
+    model_id: str | None = Field(
+        None, description="id reported in verdicts; default: the path's last component"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     mode: Literal["single_pass", "generate"] = "single_pass"
     max_new_tokens: int = Field(
-        10, ge=1, le=64, description="decoding budget: whole answer (generate mode) or the codes after 'unsafe'"
+        10,
+        ge=1,
+        le=64,
+        description="decoding budget: whole answer (generate mode) or the codes after 'unsafe'",
     )
     share_prompt_prefix: bool = Field(
         True,
@@ -258,7 +323,10 @@ class ImageFetchSettings(Section):
     """Fetching ``http(s)`` image URLs, with an SSRF guard."""
 
     enabled: bool = True
-    allowed_schemes: list[Literal["http", "https"]] = ["https", "http"]
+    allowed_schemes: Annotated[list[Literal["http", "https"]], NoDecode, BeforeValidator(_comma_list)] = [
+        "https",
+        "http",
+    ]
     connect_timeout_s: float = Field(3.0, gt=0)
     read_timeout_s: float = Field(5.0, gt=0)
     total_timeout_s: float = Field(
@@ -270,8 +338,8 @@ class ImageFetchSettings(Section):
         None, description="PEM file of CAs trusted for https image URLs; default: the system trust store"
     )
     max_redirects: int = Field(3, ge=0, le=10)
-    allowed_content_types: list[str] = ["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"]
-    allow_networks: list[str] = Field(
+    allowed_content_types: StrList = ["image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"]
+    allow_networks: StrList = Field(
         [], description="CIDRs exempt from the SSRF guard (e.g. an internal CDN); empty = none"
     )
     user_agent: str = "moderation-worker/0.1"
@@ -312,7 +380,9 @@ class RaySettings(Section):
     """Running stream workers as Ray actors (``run --ray``)."""
 
     enabled: bool = False
-    address: str | None = Field(None, description="Ray cluster address; default RAY_ADDRESS or a local instance")
+    address: str | None = Field(
+        None, description="Ray cluster address; default RAY_ADDRESS or a local instance"
+    )
     num_workers: int | None = Field(None, ge=1, description="default: the cluster's GPU count (1 when none)")
     num_gpus_per_worker: float = Field(1.0, ge=0)
     num_cpus_per_worker: float = Field(0.0, ge=0)
@@ -346,6 +416,22 @@ class ServeSettings(Section):
     max_ongoing_requests: int = Field(64, ge=1)
     max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_events_per_request: int = Field(64, ge=1)
+    max_request_image_pixels: int = Field(
+        80_000_000,
+        ge=1024,
+        description="sum of the declared sizes (width x height) of one request's images; above it the request "
+        "is refused with 413 before any image is decoded",
+    )
+    max_decoding_pixels: int = Field(
+        80_000_000,
+        ge=1024,
+        description="pixels a replica decodes at the same time (all requests together); further images wait "
+        "their turn, so memory stays bounded and text-only requests are not queued behind them",
+    )
+    decode_threads: int = Field(1, ge=1, le=16, description="threads a replica decodes images on")
+    drain_timeout_s: float = Field(
+        20.0, gt=0, description="on SIGTERM: how long in-flight requests may take before the replica stops"
+    )
     openai_categories: dict[str, list[str]] = Field(
         {},
         description="POST /v1/moderations: extra or replaced mappings from a category code (S-code or custom "
@@ -431,7 +517,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _default_policy_exists(self) -> Settings:
         if self.default_policy not in self.policies:
-            raise ValueError(f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}")
+            raise ValueError(
+                f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -458,8 +546,18 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     def masked(self) -> dict[str, Any]:
-        """The effective configuration as plain data, secrets replaced by ``"***"``."""
-        return self.model_dump(mode="json")  # SecretStr dumps as "**********"
+        """The effective configuration as plain data: secrets and URL passwords replaced by ``**********``."""
+        return _mask_strings(self.model_dump(mode="json"))  # SecretStr already dumps as "**********"
+
+
+def _mask_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_url_credentials(value)
+    if isinstance(value, dict):
+        return {k: _mask_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_strings(v) for v in value]
+    return value
 
 
 class ConfigError(Exception):
@@ -467,11 +565,89 @@ class ConfigError(Exception):
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid configuration ({origin}):"]
+    """One line: every failing key with its dotted name (and the env variable it came from, if any)."""
+    problems = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {key}: {e['msg']}")
-    return "\n".join(lines)
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "<root>"
+        env = _env_name_for(loc)
+        where = f" (from {env})" if env else ""
+        message = mask_url_credentials(str(e["msg"]))
+        problems.append(f"{key}: {message}{where}")
+    return f"invalid configuration ({origin}): " + "; ".join(problems)
+
+
+def _env_name_for(loc: list[str]) -> str | None:
+    """The ``MW_...`` variable that set the key at ``loc`` (or one of its parents), if one is set."""
+    for end in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(loc[:end]).upper()
+        if name in os.environ:
+            return name
+    return None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X | None`` → ``X``; ``Annotated[X, ...]`` → ``X``."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+            continue
+        if origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) == 1:
+                annotation = args[0]
+                continue
+        return annotation
+
+
+def _check_environment(environ: typing.Mapping[str, str]) -> None:
+    """Refuse ``MW_`` variables that name no key, or hold a mapping that is not JSON, with one line each.
+
+    pydantic-settings ignores variables whose *section* is unknown (``MW_BATCHNG__MAX_SIZE``) and reports a
+    mapping that is not JSON as a traceback naming only the section; both become a ``ConfigError`` naming
+    the full key and the variable.
+    """
+    top_level = {name.upper() for name in Settings.model_fields}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "MW_CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if "__" not in rest and rest not in top_level:
+            continue  # not a setting (test and tool knobs share the prefix)
+        parts = rest.lower().split("__")
+        annotation: Any = Settings
+        dotted: list[str] = []
+        for part in parts:
+            annotation = _unwrap(annotation)
+            dotted.append(part)
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                field = annotation.model_fields.get(part)
+                if field is None:
+                    known = (
+                        f"; sections: {', '.join(annotation.model_fields)}" if annotation is Settings else ""
+                    )
+                    raise ConfigError(f"unknown configuration key: {'.'.join(dotted)} (from {name}){known}")
+                annotation = field.annotation
+                if NoDecode in field.metadata:
+                    annotation = str  # validated (and split) by the field itself
+            elif typing.get_origin(annotation) is dict:
+                annotation = typing.get_args(annotation)[1]
+            else:
+                raise ConfigError(f"unknown configuration key: {'.'.join(dotted)} (from {name})")
+        target = _unwrap(annotation)
+        complex_target = typing.get_origin(target) in (dict, list) or (
+            isinstance(target, type) and issubclass(target, BaseModel)
+        )
+        if complex_target and value.strip():
+            try:
+                orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                kind = "list" if typing.get_origin(target) is list else "object"
+                raise ConfigError(
+                    f"invalid configuration (environment): {'.'.join(dotted)}: {name} is not a JSON {kind} "
+                    f"({exc.msg} at character {exc.pos})"
+                ) from None
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -494,10 +670,15 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded
         origin = f"{p} + environment"
+    _check_environment(os.environ)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin)) from exc
+    except (
+        SettingsError
+    ) as exc:  # a value pydantic-settings could not parse (_check_environment catches most)
+        raise ConfigError(f"invalid configuration (environment): {exc}") from exc
     for dotted, value in overrides.items():
         _set_dotted(settings, dotted, value)
     return settings
@@ -507,13 +688,15 @@ def _set_dotted(settings: Settings, dotted: str, value: Any) -> None:
     """Apply an override like ``kafka__group_id`` or ``kafka.group_id`` (validated on assignment)."""
     parts = dotted.replace("__", ".").split(".")
     target: Any = settings
-    for part in parts[:-1]:
-        target = getattr(target, part)
     key = ".".join(parts)
+    for part in parts[:-1]:
+        if not isinstance(target, BaseModel) or part not in type(target).model_fields:
+            raise ConfigError(f"unknown configuration key: {key}")
+        target = getattr(target, part)
     if not hasattr(target, parts[-1]):
         raise ConfigError(f"unknown configuration key: {key}")
     try:
         setattr(target, parts[-1], value)
     except ValidationError as exc:
         reasons = "; ".join(e["msg"] for e in exc.errors())
-        raise ConfigError(f"invalid configuration (override):\n  {key}: {reasons}") from exc
+        raise ConfigError(f"invalid configuration (override): {key}: {reasons}") from exc

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
 
 from worker.config import ENV_PREFIX, Settings
 
@@ -14,19 +15,16 @@ HEADER = """# Configuration reference
 
 Generated from `worker/config.py` by `python -m worker.config_reference` (a test fails when it is stale).
 Every key can be set in the YAML file (`--config FILE` or `$MW_CONFIG`) or by an environment variable
-`MW_<SECTION>__<KEY>` (lists and mappings as JSON, e.g. `MW_KAFKA__BOOTSTRAP_SERVERS='["kafka:9092"]'`).
-Environment variables win over the file. Unknown keys and bad values stop the worker at start with the key's
-name. `moderation-worker config` prints the effective configuration with secrets masked.
+`MW_<SECTION>__<KEY>` (mappings as JSON; lists as JSON or comma-separated, e.g.
+`MW_KAFKA__BOOTSTRAP_SERVERS=kafka-1:9092,kafka-2:9092`). Environment variables win over the file. Unknown keys
+(also a misspelt section in a variable name) and bad values stop the worker at start with one line naming the
+key, exit status 2. `moderation-worker config` prints the effective configuration with secrets masked.
 """
 
 
 def _default(value: Any) -> str:
-    if isinstance(value, BaseModel):
-        value = value.model_dump(mode="json")
-    try:
-        text = json.dumps(value, default=str)
-    except TypeError:
-        text = str(value)
+    """The default as JSON (models inside lists and mappings too, never a Python repr)."""
+    text = json.dumps(to_jsonable_python(value, fallback=str))
     return f"`{text}`"
 
 
@@ -44,7 +42,11 @@ def render() -> str:
     """The whole reference as Markdown."""
     lines = [HEADER]
     top = Settings.model_fields
-    scalars = [(n, f) for n, f in top.items() if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))]
+    scalars = [
+        (n, f)
+        for n, f in top.items()
+        if not (isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel))
+    ]
     for name, field in top.items():
         ann = field.annotation
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
@@ -61,11 +63,15 @@ def render() -> str:
     lines.append("| key | type | default | env | description |")
     lines.append("| --- | --- | --- | --- | --- |")
     for name, f in scalars:
-        desc = _desc({
-            "default_policy": "policy id used when an event names none",
-            "policies": "policies by id; each has `categories`, `names`, `threshold` (see the `policies.<id>` table)",
-        }.get(name, f.description))
-        lines.append(f"| `{name}` | {_type(f.annotation)} | {_default(f.default)} | `{ENV_PREFIX}{name.upper()}` | {desc} |")
+        desc = _desc(
+            {
+                "default_policy": "policy id used when an event names none",
+                "policies": "policies by id; each has `categories`, `names`, `threshold` (see the `policies.<id>` table)",
+            }.get(name, f.description)
+        )
+        lines.append(
+            f"| `{name}` | {_type(f.annotation)} | {_default(f.default)} | `{ENV_PREFIX}{name.upper()}` | {desc} |"
+        )
     from worker.config import PolicySettings
 
     lines.append("\n## `policies.<id>`\n\n" + (PolicySettings.__doc__ or "").strip() + "\n")

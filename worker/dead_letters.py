@@ -77,6 +77,12 @@ class RejectedError(Exception):
         super().__init__(message)
         self.rejection = Rejection(reason, message, field)
 
+    def with_field(self, field: str | None) -> RejectedError:
+        """This rejection naming ``field`` (e.g. an image URL's place in the event) when it names none yet."""
+        if field is None or self.rejection.field is not None:
+            return self
+        return RejectedError(self.rejection.reason, f"{field}: {self.rejection.message}", field)
+
 
 @dataclass(frozen=True, slots=True)
 class SourceCoordinates:

@@ -301,8 +301,12 @@ def _schema_rejection(errors: Iterator[Any]) -> Rejection:
             Reason.INVALID_VALUE, f"{where} is not an RFC 3339 date-time with a time zone", where
         )
     if kind in ("Enum", "Constant"):
+        options = info.get("options") if kind == "Enum" else [info.get("expected_value")]
+        supported = ", ".join(_short(o) for o in options or [])
         return Rejection(
-            Reason.INVALID_VALUE, f"{where} has an unsupported value {_short(error.instance)}", where
+            Reason.INVALID_VALUE,
+            f"{where} has an unsupported value {_short(error.instance)}; supported: {supported}",
+            where,
         )
     # Remaining keywords (maxLength, ...): jsonschema-rs's message names the limit, not the content.
     detail = error.message if kind != "MaxLength" else f"is longer than {info.get('limit')} characters"
@@ -437,8 +441,8 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
                 "(limits.multiple_images = keep_last keeps the most recent one)",
                 images[1][2],
             )
-        turn_index, url, _, data = images[-1]
-        image = ImageRef(url=url, turn_index=turn_index, data=data)
+        turn_index, url, url_field, data = images[-1]
+        image = ImageRef(url=url, turn_index=turn_index, data=data, field_path=url_field)
         dropped_images = len(images) - 1
     policy = obj.get("policy")
     if policy is not None and policy not in settings.policies:
@@ -544,5 +548,6 @@ def _json_type(value: Any) -> str:
 
 def _short(value: Any, limit: int = 40) -> str:
     """A quoted, length-capped rendering of an untrusted scalar (role names, keys, schemes) for messages."""
-    text = orjson.dumps(value).decode() if isinstance(value, str) else _json_type(value)
+    scalar = isinstance(value, (str, int, float, bool)) or value is None
+    text = orjson.dumps(value).decode() if scalar else _json_type(value)
     return text if len(text) <= limit else text[: limit - 4] + '..."'

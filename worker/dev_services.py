@@ -585,20 +585,29 @@ def dev_services_command(
     if action == "up":
         if state is not None:
             health = _state_health(state)
+            previous = state.get("ports", {})
+            conflicts = [
+                f"{key} runs on port {previous.get(key)}, not on requested {wanted}"
+                for key, wanted in (("kafka", kafka_port), ("redis", redis_port))
+                if wanted and wanted != previous.get(key)
+            ]
             if all(health.values()):
+                if conflicts:
+                    print(
+                        f"error: embedded services already running, but {'; '.join(conflicts)}; run 'down' first"
+                    )
+                    return 1
                 print("embedded services already running")
-                for key, wanted in (("kafka", kafka_port), ("redis", redis_port)):
-                    running_port = state.get("ports", {}).get(key)
-                    if wanted and wanted != running_port:
-                        print(
-                            f"note: {key} runs on port {running_port}, not on requested {wanted}; run 'down' first"
-                        )
                 _print_state(state, state_dir)
                 return 0
             print(
-                f"stale state ({', '.join(k for k, ok in health.items() if not ok)} not answering); restarting"
+                f"stale state ({', '.join(k for k, ok in health.items() if not ok)} not answering); restarting "
+                "on the same ports"
             )
             _down(state_dir, state)
+            # The env file and the user's shell already name these ports: restart there, or fail, never move.
+            kafka_port = kafka_port or int(previous.get("kafka") or 0)
+            redis_port = redis_port or int(previous.get("redis") or 0)
         services = EmbeddedServices(state_dir, kafka_port, redis_port, detached=True)
         try:
             services.start()

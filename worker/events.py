@@ -27,6 +27,8 @@ class ImageRef:
     turn_index: int  # index into ChatEvent.turns
     # The bytes of a data: URL, when decoding the record already base64-decoded them (saves a second pass).
     data: bytes | None = field(default=None, compare=False, repr=False)
+    # Where the URL sits in the event (``messages[0].content[1].image_url.url``): named by image rejections.
+    field_path: str | None = field(default=None, compare=False)
 
     @property
     def is_data_url(self) -> bool:

@@ -57,7 +57,9 @@ def test_threshold_sweep_and_recommendation():
     assert (c.tp, c.fp, c.fn, c.tn) == (2, 1, 2, 2)
     points = threshold_sweep(ITEMS)
     assert [p.threshold for p in points][:3] == [0.1, 0.2, 0.3]
-    assert points[-1].recall == 0.0 and points[-1].fpr == 0.0
+    # The sweep ends at the highest score, not at a made-up "flag nothing" point with precision 0.
+    assert points[-1].threshold == 0.9 and points[-1].precision == 1.0 and points[-1].recall == 0.25
+    assert all(p.threshold <= 1.0 and p.precision is not None for p in points)
     rec = recommend_threshold(ITEMS, target_fpr=0.0)
     assert rec is not None
     # Highest recall with no false positive: threshold 0.8 flags the two items scored 0.8 and 0.9.
@@ -66,7 +68,34 @@ def test_threshold_sweep_and_recommendation():
     assert rec_loose.threshold == 0.3 and rec_loose.recall == 1.0
 
 
-def test_empty_inputs_give_zero_rates_not_errors():
+def test_empty_inputs_give_undefined_rates_not_errors_or_zeros():
     c = decision_confusion([])
-    assert (c.precision, c.recall, c.f1, c.fpr) == (0.0, 0.0, 0.0, 0.0)
+    assert (c.precision, c.recall, c.f1, c.fpr) == (None, None, None, None)
     assert recommend_threshold([], 0.1) is None
+
+
+def test_a_category_without_examples_reports_null_not_zero():
+    s5 = category_confusion(ITEMS, "S5")  # no item expects or predicts S5
+    assert (s5.tp, s5.fp, s5.fn) == (0, 0, 0)
+    assert s5.as_dict()["precision"] is None and s5.as_dict()["recall"] is None and s5.as_dict()["f1"] is None
+    assert s5.fpr == 0.0  # defined: no negative was flagged
+    s1 = category_confusion(ITEMS, "S1")
+    assert s1.f1 == 0.0  # defined and truly zero
+
+
+def test_pr_curve_marks_the_recommended_threshold_apart_from_the_operating_point(tmp_path):
+    from worker.evaluation.plots import plot_pr_curve, pr_curve_marks
+
+    points = [
+        {"threshold": p.threshold, "precision": p.precision, "recall": p.recall, "f1": p.f1, "fpr": p.fpr}
+        for p in threshold_sweep(ITEMS)
+    ]
+    sweep = {"prompt": points, "all": points}
+    rec = recommend_threshold(ITEMS, target_fpr=0.0)
+    marks = pr_curve_marks(sweep, 0.5, {"prompt": rec.threshold, "all": rec.threshold})
+    kinds = {(m.task, m.kind) for m in marks}
+    assert kinds == {("prompt", "operating"), ("prompt", "recommended"), ("all", "operating"), ("all", "recommended")}
+    assert {m.threshold for m in marks if m.kind == "recommended"} == {0.8}
+    assert {m.threshold for m in marks if m.kind == "operating"} == {0.6}
+    png = plot_pr_curve(sweep, 0.5, tmp_path / "pr.png", recommended={"prompt": rec.threshold})
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -103,3 +103,38 @@ def test_text_format_is_one_readable_line_with_key_values(captured) -> None:
     text = stream.getvalue().strip()
     assert " WARNING x: dead letter event_id=evt-4 reason=text_too_long worker=w1" in text
     assert "\n" not in text
+
+
+def test_loading_and_running_the_engine_writes_only_json_lines_to_stderr(untrained_model_dir):
+    """No tqdm "Loading weights" bars, no raw FutureWarnings: every stderr line is a JSON log line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import warnings
+warnings.simplefilter("default")
+from worker.config import load_settings
+from worker.ops.logs import configure_logging
+from worker.engine.engine import GuardEngine
+from worker.engine.types import GuardRequest
+from worker.events import Turn
+from PIL import Image
+settings = load_settings(None, model__path={str(untrained_model_dir)!r}, model__device="cpu")
+configure_logging(settings.logging)
+engine = GuardEngine.from_settings(settings)
+policy = engine.policy_for(None)
+turns = (Turn("user", ("hello there",)),)
+engine.classify([GuardRequest(turns=turns, policy=policy, image=None)] * 2)
+engine.classify([GuardRequest(turns=turns, policy=policy, image=Image.new("RGB", (64, 64)))])
+"""
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MW_")} | {"PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert line.startswith("{") and json.loads(line)["level"], line
+        assert "deprecated" not in line, line  # the engine uses the supported cache API

@@ -25,7 +25,7 @@ from worker.tiny_model.synthetic import synthetic_examples
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 2 * 1024 * 1024  # room for a few hostile (small, highly compressed, huge) PNGs
 MAX_EVENTS = 8
 JSON = {"Content-Type": "application/json"}
 
@@ -62,6 +62,7 @@ def moderation_url(serve_http: str, services: Any, tiny_model_dir: Path) -> Iter
     build = getattr(importlib.import_module(module), attr)
     serve.run(build(args), name=app["name"], route_prefix=app["route_prefix"], blocking=False)
     try:
+        _wait_ready(serve_http)
         yield serve_http
     finally:
         serve.delete(app["name"])
@@ -77,6 +78,18 @@ def _events(n: int, *, seed: int, images: bool = False) -> list[dict[str, Any]]:
         event["event_id"] = f"http-{uuid.uuid4().hex[:10]}"
         events.append(event)
     return events
+
+
+def _wait_ready(url: str, timeout_s: float = 300.0) -> None:
+    """The replica loads its model in the background: wait until /readyz says ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, text = get(url, "/readyz")
+        if status == 200:
+            return
+        assert status == 503, (status, text)
+        time.sleep(0.5)
+    raise AssertionError("the replica did not become ready")
 
 
 async def _post(url: str, body: bytes, headers: dict[str, str] = JSON) -> tuple[int, dict[str, str], Any]:
@@ -184,6 +197,16 @@ def test_health_readiness_and_openapi(moderation_url: str) -> None:
     assert get(moderation_url, "/docs")[0] == 200
 
 
+def test_unknown_routes_and_methods_answer_in_the_error_shape(moderation_url: str) -> None:
+    status, text = get(moderation_url, "/v1/nothing-here")
+    body = orjson.loads(text)
+    assert status == 404 and body["error"]["reason"] == "not_found" and "detail" not in body
+    status, text = get(moderation_url, "/v1/moderate")
+    body = orjson.loads(text)
+    assert status == 405 and body["error"]["reason"] == "method_not_allowed" and "detail" not in body
+    assert body["error"]["status"] == 405
+
+
 def test_concurrent_requests_share_model_batches(moderation_url: str) -> None:
     """Many single-event requests at once: the batch-size header and metric show batches above 1.
 
@@ -222,3 +245,91 @@ def test_concurrent_requests_share_model_batches(moderation_url: str) -> None:
     count = samples['mw_batch_size_count{modality="text"}']
     total = samples['mw_batch_size_sum{modality="text"}']
     assert total / count > 1  # the replica's own histogram: more events than forward passes
+
+
+def _png(size: tuple[int, int]) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, "PNG")  # solid: ~120 KB for 6000x6000, 108 MB decoded
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_event(url: str) -> dict[str, Any]:
+    return {"event_id": f"img-{uuid.uuid4().hex[:8]}", "conversation_id": "c", "created_at": "2026-12-01T00:00:00Z",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                                      {"type": "image_url", "image_url": {"url": url}}]}]}
+
+
+def test_image_errors_name_the_field_the_size_and_the_limit(moderation_url: str) -> None:
+    field = "messages[0].content[1].image_url.url"
+    status, _, body = post(moderation_url, orjson.dumps(_image_event("data:image/png;base64,iVBORw0KGgoAAAA=")))
+    assert (status, body["error"]["reason"]) == (422, "image_undecodable"), body
+    assert body["error"]["field"] == field and "object at 0x" not in body["error"]["message"]
+
+    status, _, body = post(moderation_url, orjson.dumps(_image_event(_png((7000, 7000)))))
+    assert (status, body["error"]["reason"]) == (422, "image_too_many_pixels"), body
+    assert body["error"]["field"] == field
+    message = body["error"]["message"]
+    assert "7000x7000" in message and "limits.max_image_pixels" in message and "40000000" in message
+
+
+def test_a_request_of_huge_images_is_refused_at_once_and_does_not_delay_a_small_one(moderation_url: str) -> None:
+    """Eight solid 6000x6000 PNGs (1 MB of body, 288 Mpx): refused by serve.max_request_image_pixels from
+    their headers alone, while a one-line text request sent right behind is answered."""
+    hostile = orjson.dumps([_image_event(_png((6000, 6000)))] * 8)
+    small = orjson.dumps(_events(1, seed=11)[0])
+
+    async def both() -> tuple[tuple[int, Any], tuple[int, Any]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+
+            async def send(body: bytes, delay: float) -> tuple[int, Any]:
+                await asyncio.sleep(delay)
+                async with session.post(f"{moderation_url}/v1/moderate", data=body, headers=JSON) as response:
+                    return response.status, orjson.loads(await response.read())
+
+            return tuple(await asyncio.gather(send(hostile, 0), send(small, 0.05)))  # type: ignore[return-value]
+
+    (h_status, h_body), (s_status, s_body) = asyncio.run(both())
+    assert (h_status, h_body["error"]["reason"]) == (413, "too_many_pixels"), h_body
+    assert "serve.max_request_image_pixels" in h_body["error"]["message"]
+    assert s_status == 200, s_body
+
+
+# Generous for a shared 2-core machine: each hostile image costs seconds of decoding here; the small request
+# needs no decoding at all and must not queue behind them.
+SMALL_REQUEST_BOUND_S = 20.0
+
+
+def test_a_hostile_client_cannot_delay_a_small_request_behind_its_image_decoding(moderation_url: str) -> None:
+    """Three concurrent requests of one solid 6000x6000 PNG each (within every limit; each takes seconds to
+    decode here), then one text request: the text request is answered before the last hostile one, and
+    within SMALL_REQUEST_BOUND_S."""
+    hostile = [orjson.dumps(_image_event(_png((6000, 6000)))) for _ in range(3)]
+    small = orjson.dumps(_events(1, seed=12)[0])
+
+    async def run() -> tuple[list[float], float, float, int]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            started = time.monotonic()
+
+            async def send(body: bytes, delay: float) -> tuple[int, float]:
+                await asyncio.sleep(delay)
+                async with session.post(f"{moderation_url}/v1/moderate", data=body, headers=JSON) as response:
+                    await response.read()
+                    return response.status, time.monotonic()
+
+            results = await asyncio.gather(*(send(b, 0) for b in hostile), send(small, 0.3))
+            *hostile_done, (small_status, small_done) = results
+            assert all(status in (200, 422) for status, _ in hostile_done), hostile_done
+            return [t for _, t in hostile_done], small_done, started + 0.3, small_status
+
+    hostile_done, small_done, small_sent, small_status = asyncio.run(run())
+    assert small_status == 200
+    waited = small_done - small_sent
+    print(f"\nserve: small request answered in {waited:.2f} s; hostile requests done after "
+          f"{max(hostile_done) - small_sent:.2f} s")
+    assert small_done < max(hostile_done), "the small request waited for the hostile image decoding"
+    assert waited < SMALL_REQUEST_BOUND_S

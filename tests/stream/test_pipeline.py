@@ -234,3 +234,25 @@ def test_backpressure_pauses_above_the_in_flight_bound_and_resumes_below(
     assert max(s["in_flight"] for s in samples) <= 16 + 8 * EVENT_PARTITIONS
     ids = Counter(v["event_id"] for v in read_json(settings, settings.topics.verdicts))
     assert set(ids) == stream.valid_ids and max(ids.values()) == 1
+
+
+def test_a_dead_letter_log_line_names_the_event_id_and_the_source_coordinates(
+    make_settings, engine_settings_overrides, guard_engine, caplog
+):
+    import logging
+
+    import orjson
+
+    settings = make_settings(**engine_settings_overrides)
+    bad = {"event_id": "dl-log-1", "conversation_id": "c", "messages": [{"role": "wizard", "content": "hi"}]}
+    produce(settings, [(b"c", orjson.dumps(bad))], partitions=1)
+    worker = WorkerThread(settings, guard_engine).start()
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.stream.pipeline"):
+            wait_for(lambda: fully_committed(worker.pipeline, 1), timeout_s=STREAM_TIMEOUT_S,
+                     what="the record dead-lettered", workers=[worker])
+    finally:
+        worker.stop()
+    (line,) = [r for r in caplog.records if getattr(r, "stage", None) == "dead_letter"]
+    assert line.event_id == "dl-log-1" and line.reason == "unknown_role"
+    assert (line.topic, line.partition, line.offset) == (settings.topics.events, 0, 0)

@@ -267,7 +267,7 @@ class GuardEngine:
                     (layer.keys, layer.values)
                     if getattr(layer, "keys", None) is not None and layer.keys.numel()
                     else None
-                    for layer in out.past_key_values.layers
+                    for layer in out.cache.layers
                 ]
                 while len(self._prefix_kv) > _PREFIX_KV_ENTRIES:
                     self._prefix_kv.popitem(last=False)

@@ -104,9 +104,26 @@ def local_revision(directory: Path) -> str:
     return "local-" + digest.hexdigest()[:12]
 
 
+def quiet_transformers() -> None:
+    """No progress bars ("Loading weights") and no library-formatted lines on stderr: logs are JSON lines.
+
+    Uses the libraries' own switches: transformers' records go to the root logger (the worker's handler)
+    instead of transformers' own stderr handler.
+    """
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load processor and model per ``settings`` (``worker.config.ModelSettings``)."""
     from transformers import AutoConfig, AutoProcessor, MllamaForConditionalGeneration
+
+    quiet_transformers()
 
     started = time.perf_counter()
     path = settings.path

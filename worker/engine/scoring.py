@@ -117,7 +117,7 @@ def score(
     token of each category code, when the tail ends with ``S``.
     """
     kept = len(tail) + 1
-    extra = {"past_key_values": cache} if cache is not None else {}
+    extra = {"cache": cache} if cache is not None else {}  # transformers 5: `cache`, not `past_key_values`
     out = model(
         **model_kwargs(inputs), use_cache=keep_cache or cache is not None, logits_to_keep=kept, **extra
     )
@@ -140,7 +140,7 @@ def score(
         mass.cpu(),
         tail_ok.cpu(),
         next_ids,
-        out.past_key_values if keep_cache else None,
+        out.cache if keep_cache else None,
         code_probs,
     )
 
@@ -198,12 +198,12 @@ def decode_greedy(
             input_ids=step_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
             **kwargs,
         )
-        cache = out.past_key_values
+        cache = out.cache
         next_ids = out.logits[:, -1, :].argmax(-1)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
         generated.append(next_ids)

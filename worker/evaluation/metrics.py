@@ -6,6 +6,9 @@ over every item of the task: an item is a positive for category ``c`` when its e
 a predicted positive when the verdict is ``unsafe`` and lists ``c``. A multi-label item therefore counts once in
 each of its categories; a correct ``unsafe`` decision with a wrong code is a false negative for the expected
 code and a false positive for the predicted one.
+
+A rate whose denominator is zero is undefined and is ``None`` (``null`` in the report), never 0.0: precision
+with no predicted positives, recall (and so F1) of a category without examples, FPR with no negatives.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class Scored:
 
 @dataclass(frozen=True, slots=True)
 class Confusion:
-    """Binary confusion counts with the derived rates (0.0 where a rate is undefined)."""
+    """Binary confusion counts with the derived rates (None where a rate is undefined)."""
 
     tp: int
     fp: int
@@ -36,20 +39,22 @@ class Confusion:
     tn: int
 
     @property
-    def precision(self) -> float:
+    def precision(self) -> float | None:
         return _ratio(self.tp, self.tp + self.fp)
 
     @property
-    def recall(self) -> float:
+    def recall(self) -> float | None:
         return _ratio(self.tp, self.tp + self.fn)
 
     @property
-    def f1(self) -> float:
+    def f1(self) -> float | None:
         p, r = self.precision, self.recall
-        return _ratio(2 * p * r, p + r)
+        if p is None or r is None:
+            return None
+        return _ratio(2 * p * r, p + r) or 0.0
 
     @property
-    def fpr(self) -> float:
+    def fpr(self) -> float | None:
         return _ratio(self.fp, self.fp + self.tn)
 
     @property
@@ -61,7 +66,7 @@ class Confusion:
     def total(self) -> int:
         return self.tp + self.fp + self.fn + self.tn
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | None]:
         return {
             **asdict(self),
             "precision": self.precision,
@@ -73,8 +78,8 @@ class Confusion:
         }
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den else 0.0
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
 
 
 def confusion(pairs: Iterable[tuple[bool, bool]]) -> Confusion:
@@ -111,16 +116,22 @@ def at_threshold(items: Sequence[Scored], threshold: float) -> Confusion:
 
 @dataclass(frozen=True, slots=True)
 class SweepPoint:
+    """The decision rates had the threshold been ``threshold`` (None where undefined)."""
+
     threshold: float
-    precision: float
-    recall: float
-    f1: float
-    fpr: float
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    fpr: float | None
 
 
 def threshold_sweep(items: Sequence[Scored]) -> list[SweepPoint]:
-    """Every distinct operating point: one per distinct score (plus 1.0+ for 'never unsafe'), ascending."""
-    thresholds = sorted({i.score for i in items} | {1.0 + 1e-9})
+    """Every distinct operating point, one per distinct score, ascending.
+
+    Each threshold flags at least the item scored exactly there, so precision is always defined; the
+    "flag nothing" point above every score is left out (its precision is undefined, not 0).
+    """
+    thresholds = sorted({i.score for i in items})
     points = []
     for t in thresholds:
         c = at_threshold(items, t)
@@ -131,10 +142,10 @@ def threshold_sweep(items: Sequence[Scored]) -> list[SweepPoint]:
 def recommend_threshold(items: Sequence[Scored], target_fpr: float) -> SweepPoint | None:
     """The operating point with the best recall whose FPR is at most ``target_fpr`` (ties: higher threshold).
 
-    Returns None when there are no items.
+    With no negatives the FPR is undefined and every point qualifies. Returns None when there are no items
+    or when every threshold flags more negatives than the target allows.
     """
-    if not items:
+    feasible = [p for p in threshold_sweep(items) if p.fpr is None or p.fpr <= target_fpr]
+    if not feasible:
         return None
-    feasible = [p for p in threshold_sweep(items) if p.fpr <= target_fpr]
-    # The "never unsafe" point always has FPR 0, so ``feasible`` is never empty.
-    return max(feasible, key=lambda p: (p.recall, p.threshold))
+    return max(feasible, key=lambda p: (p.recall or 0.0, p.threshold))

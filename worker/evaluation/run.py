@@ -67,7 +67,11 @@ def evaluate(
                     kept.append(item)
                 except RejectedError as exc:
                     failures.append(
-                        {"line": item.line, "reason": exc.rejection.reason.value, "message": exc.rejection.message}
+                        {
+                            "line": item.line,
+                            "reason": exc.rejection.reason.value,
+                            "message": exc.rejection.message,
+                        }
                     )
             results = engine.classify(requests) if requests else []
             for item, result in zip(kept, results, strict=True):
@@ -105,9 +109,7 @@ def _by_task(scored: Sequence[Scored]) -> dict[str, list[Scored]]:
     return groups
 
 
-def build_report(
-    scored: Sequence[Scored], policy: Policy, target_fpr: float
-) -> dict[str, Any]:
+def build_report(scored: Sequence[Scored], policy: Policy, target_fpr: float) -> dict[str, Any]:
     """Tables, sweep and recommendation as plain data (the items, model and data parts are added by the caller)."""
     groups = _by_task(scored)
     table1 = {t: decision_confusion(g).as_dict() for t, g in groups.items()}
@@ -143,8 +145,13 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
         if m["total"] == 0:
             continue
         t1.add_row(
-            names[task], f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", f"{m['fpr']:.3f}",
-            str(m["support"]), str(m["total"]),
+            names[task],
+            _rate(m["precision"]),
+            _rate(m["recall"]),
+            _rate(m["f1"]),
+            _rate(m["fpr"]),
+            str(m["support"]),
+            str(m["total"]),
         )
     console.print(t1)
     t2 = Table(title="Table 2: per-category F1 (all tasks; one-vs-rest per category)")
@@ -153,16 +160,30 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
     for code, m in report["table2"]["all"].items():
         if m["support"] == 0 and m["tp"] + m["fp"] == 0:
             continue
-        t2.add_row(f"{code} {m['name']}", f"{m['f1']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}",
-                   str(m["support"]))
+        t2.add_row(
+            f"{code} {m['name']}",
+            _rate(m["f1"]),
+            _rate(m["precision"]),
+            _rate(m["recall"]),
+            str(m["support"]),
+        )
     console.print(t2)
     rec = report["recommendation"]["by_task"]["all"]
     if rec is not None:
         console.print(
             f"Recommended threshold for FPR <= {report['recommendation']['target_fpr']:.3f}: "
-            f"{rec['threshold']:.4f} (precision {rec['precision']:.3f}, recall {rec['recall']:.3f}, "
-            f"FPR {rec['fpr']:.3f})"
+            f"{rec['threshold']:.4f} (precision {_rate(rec['precision'])}, recall {_rate(rec['recall'])}, "
+            f"FPR {_rate(rec['fpr'])})"
         )
+    else:
+        console.print(
+            f"No threshold keeps FPR <= {report['recommendation']['target_fpr']:.3f} while flagging anything"
+        )
+
+
+def _rate(value: float | None) -> str:
+    """A rate for the tables; "n/a" where it is undefined (e.g. no examples)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def eval_command(
@@ -215,7 +236,14 @@ def eval_command(
     report = build_report(scored, policy, target_fpr)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
-        "pr_curve": plot_pr_curve(report["threshold_sweep"], policy.threshold, out_dir / "pr_curve.png"),
+        "pr_curve": plot_pr_curve(
+            report["threshold_sweep"],
+            policy.threshold,
+            out_dir / "pr_curve.png",
+            recommended={
+                t: (r["threshold"] if r else None) for t, r in report["recommendation"]["by_task"].items()
+            },
+        ),
         "category_f1": plot_category_f1(report["table2"]["all"], out_dir / "category_f1.png"),
     }
     report = {

@@ -42,6 +42,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -65,18 +66,28 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
-def decode_image(data: bytes, limits: LimitsSettings, *, draft: bool = True) -> Image.Image:
+def decode_image(
+    data: bytes, limits: LimitsSettings, *, draft: bool = True, field: str | None = None
+) -> Image.Image:
     """Decode ``data`` into an upright RGB image (first frame), enforcing ``limits``.
 
-    ``draft=False`` disables reduced-size JPEG decoding (benchmarks compare both).
+    ``draft=False`` disables reduced-size JPEG decoding (benchmarks compare both). ``field`` is the image
+    URL's place in the event, named by the rejection.
     Raises ``RejectedError`` with ``image_undecodable``, ``image_too_many_pixels`` or ``image_too_large``.
     """
+    try:
+        return _decode_image(data, limits, draft=draft)
+    except RejectedError as exc:
+        raise exc.with_field(field) from None
+
+
+def _decode_image(data: bytes, limits: LimitsSettings, *, draft: bool) -> Image.Image:
     if not data:
         raise RejectedError(Reason.IMAGE_UNDECODABLE, "image is empty (0 bytes)")
     if len(data) > limits.max_image_bytes:
         raise RejectedError(
             Reason.IMAGE_TOO_LARGE,
-            f"image has {len(data)} bytes, above the limit of {limits.max_image_bytes}",
+            f"image has {len(data)} bytes, above limits.max_image_bytes ({limits.max_image_bytes})",
         )
     try:
         with Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as opened:
@@ -91,13 +102,25 @@ def decode_image(data: bytes, limits: LimitsSettings, *, draft: bool = True) -> 
     except Image.DecompressionBombError:
         # Only reachable when limits.max_image_pixels exceeds Pillow's own global bound (2 × 89.5 Mpx).
         raise RejectedError(
-            Reason.IMAGE_TOO_MANY_PIXELS, "image declares more pixels than Pillow allows"
+            Reason.IMAGE_TOO_MANY_PIXELS,
+            f"image declares more pixels than Pillow allows (limits.max_image_pixels is {limits.max_image_pixels})",
         ) from None
     except Exception as exc:  # noqa: BLE001 — any decoder failure on hostile bytes is a dead letter, not a crash
         logger.debug("image undecodable", extra={"stage": "prepare", "reason": type(exc).__name__})
         raise RejectedError(
             Reason.IMAGE_UNDECODABLE, f"image bytes are not a decodable image ({_describe(exc)})"
         ) from None
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width × height an image's header declares (no decoding); 0 when the header cannot be read
+    (``decode_image`` then gives the reason)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as opened:
+            width, height = opened.size
+    except Exception:  # noqa: BLE001 — hostile bytes: any failure means "unknown", decided by decode_image
+        return 0
+    return max(width, 0) * max(height, 0)
 
 
 def _check_dimensions(size: tuple[int, int], limits: LimitsSettings) -> None:
@@ -107,12 +130,14 @@ def _check_dimensions(size: tuple[int, int], limits: LimitsSettings) -> None:
     if width * height > limits.max_image_pixels:
         raise RejectedError(
             Reason.IMAGE_TOO_MANY_PIXELS,
-            f"image is {width}x{height} = {width * height} pixels, above the limit of {limits.max_image_pixels}",
+            f"image is {width}x{height} = {width * height} pixels, above limits.max_image_pixels "
+            f"({limits.max_image_pixels})",
         )
     if max(width, height) > limits.max_image_side:
         raise RejectedError(
             Reason.IMAGE_TOO_MANY_PIXELS,
-            f"image is {width}x{height}; a side above {limits.max_image_side} pixels is not accepted",
+            f"image is {width}x{height}; a side above limits.max_image_side ({limits.max_image_side}) pixels "
+            "is not accepted",
         )
 
 
@@ -175,6 +200,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P without transparency, CMYK, YCbCr, LAB, HSV
 
 
+# Pillow names the file object it read from ("cannot identify image file <_io.BytesIO object at 0x7f…>"):
+# an internal address, meaningless to the sender; dropped from messages.
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    text = _OBJECT_REPR.sub("", str(exc).splitlines()[0])[:120] if str(exc) else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -40,7 +40,7 @@ from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from worker.config import ImageFetchSettings
 from worker.dead_letters import Reason, RejectedError
-from worker.images.ssrf import AddressPolicy, IPAddress, Resolver, resolve_and_vet
+from worker.images.ssrf import AddressPolicy, IPAddress, Resolver, parse_ip_literal, resolve_and_vet
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,21 @@ def fetch_image(
     raise RejectedError(
         Reason.IMAGE_TOO_MANY_REDIRECTS, f"image URL redirected more than {fetch.max_redirects} times"
     )
+
+
+def vet_url_offline(url: str, fetch: ImageFetchSettings) -> None:
+    """The checks of ``fetch_image``'s first hop that need no network: URL syntax, scheme, credentials, and
+    the SSRF policy for a literal IP host (``http://169.254.169.254/``). A host name needs DNS and passes.
+
+    Raises ``RejectedError`` exactly as ``fetch_image`` would for the same URL (same functions, same reasons).
+    """
+    if not fetch.enabled:
+        raise RejectedError(
+            Reason.IMAGE_FETCH_DISABLED, "image URL fetching is disabled (image_fetch.enabled)"
+        )
+    target = _parse_target(url, fetch.allowed_schemes)
+    if parse_ip_literal(target.bare_host) is not None:
+        resolve_and_vet(target.bare_host, target.port, AddressPolicy.from_cidrs(fetch.allow_networks))
 
 
 def _parse_target(url: str, allowed_schemes: list[str]) -> _Target:

@@ -16,10 +16,10 @@ from worker.dead_letters import Reason, RejectedError
 from worker.events import ImageRef
 from worker.images.data_url import data_url_bytes
 from worker.images.decode import decode_image
-from worker.images.fetch import fetch_image
+from worker.images.fetch import fetch_image, vet_url_offline
 from worker.images.ssrf import Resolver
 
-__all__ = ["decode_image", "image_bytes", "image_content_hash"]
+__all__ = ["check_image_offline", "decode_image", "image_bytes", "image_content_hash"]
 
 
 def image_bytes(ref: ImageRef, settings: Settings, *, resolver: Resolver | None = None) -> bytes:
@@ -27,8 +27,16 @@ def image_bytes(ref: ImageRef, settings: Settings, *, resolver: Resolver | None 
 
     Limits: ``settings.limits.max_image_bytes`` and ``settings.image_fetch`` (schemes, timeouts,
     redirects, content types, allow-list). ``resolver`` replaces DNS (tests; default ``getaddrinfo``).
-    Raises ``RejectedError`` with a specific image reason (see ``worker.images.fetch``).
+    Raises ``RejectedError`` with a specific image reason (see ``worker.images.fetch``), naming the image
+    URL's field (``ref.field_path``).
     """
+    try:
+        return _image_bytes(ref, settings, resolver)
+    except RejectedError as exc:
+        raise exc.with_field(ref.field_path) from None
+
+
+def _image_bytes(ref: ImageRef, settings: Settings, resolver: Resolver | None) -> bytes:
     allowed_types = settings.image_fetch.allowed_content_types
     max_bytes = settings.limits.max_image_bytes
     if ref.is_data_url:
@@ -38,6 +46,23 @@ def image_bytes(ref: ImageRef, settings: Settings, *, resolver: Resolver | None 
         shown = scheme or "(none)"
         raise RejectedError(Reason.UNSUPPORTED_URL_SCHEME, f"image URL scheme {shown!r} is not supported")
     return fetch_image(ref.url, settings.image_fetch, max_bytes, resolver=resolver).data
+
+
+def check_image_offline(ref: ImageRef, settings: Settings) -> None:
+    """Everything about ``ref`` that can be decided without the network, decided as the worker decides it.
+
+    A ``data:`` URL goes through ``image_bytes`` and ``decode_image`` — the stream's and HTTP's own steps —
+    so a truncated JPEG, an SVG or a pixel bomb fails here with their reason. An ``http(s)`` URL gets the
+    first-hop checks of the fetch (``vet_url_offline``: scheme, syntax, a literal IP in a blocked range);
+    a host name is only judged when the worker resolves and fetches it. Raises ``RejectedError``.
+    """
+    if ref.is_data_url:
+        decode_image(image_bytes(ref, settings), settings.limits, field=ref.field_path)
+        return
+    try:
+        vet_url_offline(ref.url, settings.image_fetch)
+    except RejectedError as exc:
+        raise exc.with_field(ref.field_path) from None
 
 
 def image_content_hash(data: bytes) -> str:

@@ -5,7 +5,8 @@ Every line has ``ts`` (RFC 3339, UTC, milliseconds), ``level``, ``logger`` and `
 ``partition``, ``offset`` and the like. Privacy rule: message text and image bytes never reach a log line.
 Keys that carry content (``CONTENT_KEYS``: ``text``, ``content``, ``messages``, ``prompt``, ``image``, …)
 are dropped unless ``logging.include_content`` is on (a debug option), and extras that are not plain
-scalars are dropped too, so a whole event dict passed by mistake cannot leak.
+scalars are dropped too, so a whole event dict passed by mistake cannot leak. Passwords inside URLs
+(``redis://user:password@host``) are masked in every message, field and traceback.
 
 Usage::
 
@@ -23,7 +24,7 @@ from typing import Any, Final, TextIO
 
 import orjson
 
-from worker.config import LoggingSettings
+from worker.config import LoggingSettings, mask_url_credentials
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRS: Final = frozenset(
@@ -55,7 +56,7 @@ def _extra_fields(record: logging.LogRecord, include_content: bool) -> dict[str,
             if not include_content:
                 continue
             value = repr(value)
-        fields[key] = value
+        fields[key] = mask_url_credentials(value) if isinstance(value, str) else value
     return fields
 
 
@@ -72,7 +73,7 @@ class JsonLineFormatter(logging.Formatter):
             "ts": _utc_timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": mask_url_credentials(record.getMessage()),
         }
         extras = _extra_fields(record, self.include_content)
         for key in ORDERED_FIELDS:
@@ -81,7 +82,7 @@ class JsonLineFormatter(logging.Formatter):
         line.update(extras)
         if record.exc_info:
             line["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = mask_url_credentials(self.formatException(record.exc_info))
         return orjson.dumps(line, default=str).decode()
 
 
@@ -97,11 +98,12 @@ class TextFormatter(logging.Formatter):
         extras = _extra_fields(record, self.include_content)
         ordered = [k for k in ORDERED_FIELDS if k in extras] + [k for k in extras if k not in ORDERED_FIELDS]
         tail = " ".join(f"{k}={extras[k]}" for k in ordered)
-        text = f"{_utc_timestamp(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        message = mask_url_credentials(record.getMessage())
+        text = f"{_utc_timestamp(record.created)} {record.levelname:<7} {record.name}: {message}"
         if tail:
             text = f"{text} {tail}"
         if record.exc_info:
-            text = f"{text}\n{self.formatException(record.exc_info)}"
+            text = f"{text}\n{mask_url_credentials(self.formatException(record.exc_info))}"
         return text
 
 
@@ -147,6 +149,8 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level)
+    # Library warnings (transformers' FutureWarnings and the like) become log lines, not raw stderr text.
+    logging.captureWarnings(True)
     # Client libraries log every reconnect at INFO; their warnings are what an operator needs.
     for noisy in ("kafka", "urllib3", "filelock", "transformers"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(settings.level)))

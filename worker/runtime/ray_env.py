@@ -96,11 +96,15 @@ def init_ray(settings: Settings) -> bool:
         log.info("ray already initialised in this process; reusing it")
         return False
     address = cluster_address(settings)
+    kwargs: dict[str, Any] = {}
+    if settings.logging.format == "json":
+        # A job logging config makes Ray forward worker lines without its "(Actor pid=…)" ANSI prefix, which
+        # would otherwise wrap each JSON line; Ray's own lines are JSON too.
+        kwargs["logging_config"] = ray.LoggingConfig(encoding="JSON", log_level=settings.logging.level)
     if address is not None:
         log.info("connecting to ray cluster", extra={"stage": "ray_init"})
-        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=True)
+        ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=True, **kwargs)
         return False
-    kwargs: dict[str, Any] = {}
     if settings.ray.local_num_gpus is not None:
         kwargs["num_gpus"] = settings.ray.local_num_gpus
     log.info("starting a local ray instance on 127.0.0.1", extra={"stage": "ray_init"})

@@ -16,8 +16,10 @@ defined above it: Serve pickles the class by value when it is decorated.
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +27,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
@@ -36,12 +39,16 @@ from worker.engine.types import GuardRequest, GuardResult, halt_result
 from worker.events import ChatEvent
 from worker.runtime.auth import FORBIDDEN, ApiKeys, Caller, Denied
 from worker.runtime.http_contract import (
+    NOT_READY,
     UNSUPPORTED_MEDIA_TYPE,
+    PixelBudget,
     RequestError,
     error_body,
+    from_http_status,
     from_rejection,
     is_json_content_type,
     parse_request,
+    request_pixels_error,
 )
 from worker.runtime.openai_compat import openai_response, openai_result, parse_moderation_request
 from worker.runtime.ray_env import settings_from_payload
@@ -74,12 +81,33 @@ api = FastAPI(
 )
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """404, 405 and other framework errors in the project's error shape, not FastAPI's ``{"detail": ...}``."""
+    error = from_http_status(exc.status_code, str(exc.detail), request.method, request.url.path)
+    status, body = error_body([error])
+    headers = dict(exc.headers or {})
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def _error(errors: list[RequestError], headers: dict[str, str] | None = None) -> Response:
     status, body = error_body(errors)
+    first = errors[0]
+    # One line per refused request: its reason code and field, never the content.
+    log.info(
+        "request rejected",
+        extra={
+            "stage": "http",
+            "reason": str(first.reason),
+            "status": status,
+            "field": first.field,
+            "errors": len(errors),
+        },
+    )
     return _json(status, body, headers)
 
 
@@ -125,14 +153,14 @@ class ModerationDeployment:
 
     def __init__(self, settings: dict[str, Any] | Settings) -> None:
         from worker.cache.redis_cache import VerdictCache
-        from worker.engine.engine import GuardEngine
         from worker.ops.logs import configure_logging
         from worker.ops.ray_export import export_to_ray
 
         self.settings = settings_from_payload(settings)
         configure_logging(self.settings.logging, worker="serve")
         export_to_ray(f"serve-{serve.get_replica_context().replica_id.unique_id}")
-        self.engine = GuardEngine.from_settings(self.settings)
+        self.engine: Any = None
+        self.load_error: str | None = None
         self.cache = VerdictCache(self.settings.redis)
         self.keys = ApiKeys(self.settings.auth, list(self.settings.tenants))
         from worker.language import warm_up
@@ -140,15 +168,36 @@ class ModerationDeployment:
         warm_up()
         self.classify_batch.set_max_batch_size(self.settings.serve.max_batch_size)
         self.classify_batch.set_batch_wait_timeout_s(self.settings.serve.batch_wait_timeout_s)
+        serve_settings = self.settings.serve
+        # Image decoding runs in its own small pool, never in the loop's default executor that parses
+        # requests and asks the cache: a flood of huge images queues here, not in front of small requests.
+        self.decode_pool = ThreadPoolExecutor(serve_settings.decode_threads, thread_name_prefix="decode")
+        self.decode_budget = PixelBudget(serve_settings.max_decoding_pixels)
+        # The model loads in the background so the replica answers at once: /readyz says 503 until it is
+        # loaded instead of leaving the caller waiting (the proxy queues requests for a starting replica).
+        threading.Thread(target=self._load_engine, name="load-engine", daemon=True).start()
+
+    def _load_engine(self) -> None:
+        from worker.engine.engine import GuardEngine
+
+        try:
+            engine = GuardEngine.from_settings(self.settings)
+        except Exception as exc:  # noqa: BLE001 — reported by /readyz and the health check, not lost
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error(
+                "cannot load the model: %s", exc, extra={"stage": "load", "reason": "model_load_failed"}
+            )
+            return
+        self.engine = engine
         log.info(
             "serve replica ready",
-            extra={"stage": "serve", "device": str(self.engine.device), "model": self.engine.model_info.id},
+            extra={"stage": "serve", "device": str(engine.device), "model": engine.model_info.id},
         )
 
     def check_health(self) -> None:
-        """Serve's replica health check: the engine must be loaded."""
-        if self.engine is None:
-            raise RuntimeError("engine not loaded")
+        """Serve's replica health check: fails when the model could not be loaded (Serve replaces the replica)."""
+        if self.load_error is not None:
+            raise RuntimeError(f"model load failed: {self.load_error}")
 
     @api.get("/healthz", summary="Liveness: the replica answers")
     async def healthz(self) -> dict[str, str]:
@@ -158,10 +207,11 @@ class ModerationDeployment:
     async def readyz(self) -> Response:
         ready = self.engine is not None
         body = {
-            "status": "ready" if ready else "not_ready",
+            "status": "ready" if ready else ("failed" if self.load_error else "loading"),
             "model": self.engine.model_info.as_dict() if ready else None,
             "cache_available": bool(self.cache.available),
             "policies": sorted(self.engine.policies) if ready else [],
+            "error": self.load_error,
         }
         return _json(200 if ready else 503, body)
 
@@ -190,6 +240,9 @@ class ModerationDeployment:
     )
     async def moderate(self, request: Request) -> Response:
         received = time.monotonic()
+        if self.engine is None:
+            why = "the model failed to load" if self.load_error else "the model is still loading"
+            return _error([RequestError(NOT_READY, f"{why}; see GET /readyz")])
         caller = self.keys.check(request.headers.get("authorization"))
         if isinstance(caller, Denied):
             return _denied(caller)
@@ -222,6 +275,9 @@ class ModerationDeployment:
     )
     async def moderations(self, request: Request) -> Response:
         received = time.monotonic()
+        if self.engine is None:
+            why = "the model failed to load" if self.load_error else "the model is still loading"
+            return _error([RequestError(NOT_READY, f"{why}; see GET /readyz")])
         caller = self.keys.check(request.headers.get("authorization"))
         if isinstance(caller, Denied):
             return _denied(caller)
@@ -313,6 +369,11 @@ class ModerationDeployment:
             key = cache_key(engine.model_info, policy, event, image_content_hash(data) if data else None)
             hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
             items.append(_Item(event, policy, key, data, hits=hits))
+        pixels_error = request_pixels_error(
+            [item.image_data for item in items if isinstance(item, _Item)], self.settings.serve
+        )
+        if pixels_error is not None:
+            return [pixels_error] * len(items)
         found = [item for item in items if isinstance(item, _Item)]
         to_cache = []
         for item, value in zip(found, self.cache.get_many([i.key for i in found]), strict=True):
@@ -343,9 +404,23 @@ class ModerationDeployment:
         if item.image_data is not None:
             from worker.images.load import decode_image
 
+            field = item.event.image.field_path if item.event.image is not None else None
+            loop = asyncio.get_running_loop()
             try:
-                image = await asyncio.to_thread(decode_image, item.image_data, self.settings.limits)
+                async with self.decode_budget.hold(item.image_data):
+                    image = await loop.run_in_executor(
+                        self.decode_pool,
+                        lambda: decode_image(item.image_data, self.settings.limits, field=field),
+                    )
             except RejectedError as exc:
+                log.info(
+                    "image rejected",
+                    extra={
+                        "event_id": item.event.event_id,
+                        "stage": "prepare",
+                        "reason": exc.rejection.reason.value,
+                    },
+                )
                 return from_rejection(exc.rejection, None), 0
         return await self.classify_batch(
             GuardRequest(turns=item.event.turns, policy=item.policy, image=image)

@@ -692,7 +692,15 @@ class StreamPipeline:
         log.info(
             "dead letter: %s",
             rejection.reason.value,
-            extra={"event_id": item.event_id, "stage": "dead_letter", "reason": rejection.reason.value},
+            extra={
+                "event_id": dead_letter.get("event_id"),  # salvaged from the raw record when decoding failed
+                "stage": "dead_letter",
+                "reason": rejection.reason.value,
+                "topic": item.source.topic,
+                "partition": item.source.partition,
+                "offset": item.source.offset,
+                "field": rejection.field,
+            },
         )
         metrics.record_dead_letter(rejection.reason.value)
         self.counters["dead_letters"] += 1

@@ -19,11 +19,13 @@ def run_worker(settings: Settings) -> int:
     from worker.ops import metrics
     from worker.ops.health import OpsServer
     from worker.ops.logs import configure_logging
+    from worker.preflight import check_redis
     from worker.stream.kafka_clients import ensure_topics
     from worker.stream.pipeline import StreamPipeline
     from worker.stream.publisher import output_topics
 
     configure_logging(settings.logging, worker="worker")
+    check_redis(settings)  # optional: one warning saying the worker runs uncached, never a stop
     pipeline = StreamPipeline(settings, worker_name="worker")
     stop_requested = threading.Event()
 
