@@ -18,6 +18,7 @@ import pytest
 import urllib3
 import yaml
 
+from tests.runtime.test_serve_http import _wait_ready
 from worker.contracts import validate_verdict
 from worker.tiny_model.synthetic import synthetic_examples
 
@@ -75,6 +76,7 @@ def hosted_url(serve_http: str, services: Any, tiny_model_dir: Path, tmp_path_fa
     build = getattr(importlib.import_module(module), attr)
     serve.run(build(args), name="hosted", route_prefix=ROUTE, blocking=False)
     try:
+        _wait_ready(serve_http + ROUTE)  # the replica loads its model in the background
         yield serve_http + ROUTE
     finally:
         serve.delete("hosted")
