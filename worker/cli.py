@@ -86,14 +86,21 @@ def prompt_cmd(
     policy: Annotated[
         Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")
     ] = None,
+    family: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Llama Guard family whose prompt to print: llama-guard-3-vision | llama-guard-3-1b | "
+            "llama-guard-3-8b | llama-guard-4 (default: model.family). Loads no weights."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Print the exact Llama Guard 3 Vision prompt the model would read for an event."""
+    """Print the exact prompt a Llama Guard model would read for an event (images as the template writes them)."""
     from worker.engine.prompt import prompt_command
 
     settings = _settings(config)
     _require_readable(file)
-    raise typer.Exit(prompt_command(file, settings, policy_id=policy))
+    raise typer.Exit(prompt_command(file, settings, policy_id=policy, family=family))
 
 
 @app.command("dev-services")
@@ -115,16 +122,28 @@ def dev_services_cmd(
 def build_tiny_model_cmd(
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: model.path).")] = None,
     train: Annotated[bool, typer.Option(help="Train on the toy policy after building.")] = True,
-    force: Annotated[
-        bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")
-    ] = False,
+    force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")] = False,
+    family: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Which tiny guard: llama-guard-3-vision (Mllama) or llama-guard-3-1b / llama-guard-3-8b (one "
+            "LlamaForCausalLM text guard serving both); default: model.family."
+        ),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Build (offline, deterministically) and train a tiny Mllama guard checkpoint for tests and the demo."""
+    """Build (offline, deterministically) and train a tiny guard checkpoint of a Llama Guard family for tests and the demo."""
     from worker.tiny_model.build import build_tiny_model_command
 
     settings = _settings(config)
-    raise typer.Exit(build_tiny_model_command(out_dir or Path(settings.model.path), train=train, force=force))
+    raise typer.Exit(
+        build_tiny_model_command(
+            out_dir or Path(settings.model.path),
+            train=train,
+            force=force,
+            family=family or settings.model.family,
+        )
+    )
 
 
 @app.command("run")

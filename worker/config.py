@@ -39,6 +39,15 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 from pydantic_settings.exceptions import SettingsError
 
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
+# Every built-in code of any Llama Guard family (S14 only in Llama Guard 3 8B and Llama Guard 4).
+BUILTIN_CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 15))
+GUARD_FAMILIES: tuple[str, ...] = (
+    "llama-guard-3-vision",
+    "llama-guard-3-1b",
+    "llama-guard-3-8b",
+    "llama-guard-4",
+)
+
 # The category names of OpenAI's moderation API (worker/runtime/openai_compat.py maps the codes onto them).
 OPENAI_CATEGORY_NAMES: tuple[str, ...] = (
     "harassment",
@@ -177,9 +186,12 @@ class BlocklistSettings(Section):
     """One blocklist: exact terms and RE2 patterns, matched on case- and confusable-folded text."""
 
     terms: list[str] = Field([], description="exact terms (substring match after normalisation)")
-    patterns: list[str] = Field([], description="RE2 regular expressions (linear time; matched after normalisation)")
+    patterns: list[str] = Field(
+        [], description="RE2 regular expressions (linear time; matched after normalisation)"
+    )
     category: str = Field(
-        ..., description="what a hit means: an S-code (S1..S13) or a custom category id (lowercase, e.g. spam)"
+        ...,
+        description="what a hit means: an S-code (S1..S13) or a custom category id (lowercase, e.g. spam)",
     )
     name: str | None = Field(None, description="category name shown in verdicts; default: the policy's name")
     action: Literal["halt", "annotate"] = Field(
@@ -189,10 +201,11 @@ class BlocklistSettings(Section):
     @field_validator("category")
     @classmethod
     def _category_code(cls, category: str) -> str:
-        import re
 
         if category not in CATEGORY_CODES and not re.fullmatch(CUSTOM_CATEGORY_PATTERN, category):
-            raise ValueError(f"{category!r} is neither S1..S13 nor a custom id matching {CUSTOM_CATEGORY_PATTERN}")
+            raise ValueError(
+                f"{category!r} is neither S1..S13 nor a custom id matching {CUSTOM_CATEGORY_PATTERN}"
+            )
         return category
 
     @model_validator(mode="after")
@@ -205,8 +218,17 @@ class BlocklistSettings(Section):
 class PolicySettings(Section):
     """One moderation policy: which categories count, their wording, and the decision threshold."""
 
-    categories: StrList = list(CATEGORY_CODES)
-    names: dict[str, str] = {}
+    categories: StrList | None = Field(
+        None,
+        description="built-in codes that count; None = all of the judging model's built-ins (S1..S13 for "
+        "Llama Guard 3 1B/Vision, S1..S14 for Llama Guard 3 8B and 4)",
+    )
+    names: dict[str, str] = Field({}, description="rewording of built-in categories: code -> name")
+    custom_categories: dict[str, str] = Field(
+        {},
+        description="the policy's own categories: new code after the model's built-ins (S14, S15, ...) -> its "
+        "text; listed after the built-ins in the prompt and carried with their text in verdicts",
+    )
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     review_threshold: float | None = Field(
         None,
@@ -221,10 +243,15 @@ class PolicySettings(Section):
 
     @field_validator("categories")
     @classmethod
-    def _known_codes(cls, codes: list[str]) -> list[str]:
-        unknown = [c for c in codes if c not in CATEGORY_CODES]
+    def _known_codes(cls, codes: list[str] | None) -> list[str] | None:
+        if codes is None:
+            return None
+        unknown = [c for c in codes if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"unknown category codes {unknown}; known: S1..S13")
+            raise ValueError(
+                f"unknown category codes {unknown}; built-in codes are S1..S14 (custom ones go under "
+                "custom_categories)"
+            )
         if not codes:
             raise ValueError("a policy needs at least one category")
         return codes
@@ -232,10 +259,22 @@ class PolicySettings(Section):
     @field_validator("names")
     @classmethod
     def _known_name_codes(cls, names: dict[str, str]) -> dict[str, str]:
-        unknown = [c for c in names if c not in CATEGORY_CODES]
+        unknown = [c for c in names if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"names for unknown category codes {unknown}")
+            raise ValueError(
+                f"names for unknown category codes {unknown} (custom ones go under custom_categories)"
+            )
         return names
+
+    @field_validator("custom_categories")
+    @classmethod
+    def _custom_codes(cls, custom: dict[str, str]) -> dict[str, str]:
+        bad = [c for c in custom if not re.fullmatch(r"S[1-9][0-9]{0,2}", c) or int(c[1:]) < 14]
+        if bad:
+            raise ValueError(
+                f"custom category codes {bad} must be S14 or above (S<number>, after the built-ins)"
+            )
+        return custom
 
     @model_validator(mode="after")
     def _review_below_threshold(self) -> PolicySettings:
@@ -247,8 +286,13 @@ class PolicySettings(Section):
 
 
 class ModelSettings(Section):
-    """Where the Llama Guard 3 Vision weights come from and how they run."""
+    """Which Llama Guard model judges, where its weights come from and how they run."""
 
+    family: Literal["llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4"] = Field(
+        "llama-guard-3-vision",
+        description="which Llama Guard model the weights are: sets the prompt format, built-in categories, "
+        "modalities and architecture (llama-guard-3-vision | llama-guard-3-1b | llama-guard-3-8b | llama-guard-4)",
+    )
     path: str = Field(
         DEFAULT_MODEL_PATH,
         description="local directory or hub id for from_pretrained (`~` expands); production: the real weights",
@@ -301,6 +345,39 @@ class RedisSettings(Section):
     key_prefix: str = "mw:v1:"
     socket_timeout_s: float = Field(0.5, gt=0)
     reconnect_interval_s: float = Field(2.0, gt=0)
+    published_markers: bool = Field(
+        True,
+        description="after the broker acknowledges an event's outputs, mark its source offset in Redis; a "
+        "record replayed after a crash whose answer is marked is not published again",
+    )
+    published_marker_ttl_s: int = Field(
+        900,
+        ge=1,
+        description="how long a published marker lives; must exceed the time an answered record can wait "
+        "uncommitted behind a slow one, plus a restart",
+    )
+
+
+class FailureSettings(Section):
+    """When a failing dependency stops the stream (pause, not ready, retry with backoff) instead of
+    dead-lettering or re-publishing without end."""
+
+    max_failed_batches: int = Field(
+        3,
+        ge=1,
+        description="consecutive batches on which every item failed in the engine before the worker declares "
+        "an engine outage even though a probe request still succeeds (a probe failure declares it at once)",
+    )
+    max_publish_attempts: int = Field(
+        5,
+        ge=1,
+        description="failed deliveries of one event before the worker declares a delivery outage (it keeps "
+        "retrying with backoff; nothing is dropped)",
+    )
+    retry_initial_s: float = Field(
+        1.0, gt=0, description="first retry delay in an outage; doubles per attempt"
+    )
+    retry_max_s: float = Field(60.0, gt=0, description="longest delay between retries in an outage")
 
 
 class LimitsSettings(Section):
@@ -314,7 +391,14 @@ class LimitsSettings(Section):
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_image_side: int = Field(20_000, ge=16)
-    multiple_images: Literal["reject", "keep_last"] = "reject"
+    multiple_images: Literal["reject", "keep_last"] = Field(
+        "reject",
+        description="a second image for a one-image model (Llama Guard 3 Vision): reject the event, or keep the "
+        "most recent image",
+    )
+    max_images_llama_guard_4: int = Field(
+        5, ge=1, le=16, description="images one event may carry when Llama Guard 4 judges it (all are read)"
+    )
     merge_consecutive_roles: bool = True
     dead_letter_original_max_bytes: int = Field(64 * 1024, ge=0)
 
@@ -388,10 +472,16 @@ class RaySettings(Section):
     num_cpus_per_worker: float = Field(0.0, ge=0)
     max_restarts: int = Field(-1, ge=-1)
     local_num_gpus: int | None = Field(None, ge=0, description="fake GPUs for a local instance (tests)")
-    autoscale: bool = Field(False, description="scale actors between min_workers and max_workers on Kafka lag")
+    autoscale: bool = Field(
+        False, description="scale actors between min_workers and max_workers on Kafka lag"
+    )
     min_workers: int = Field(1, ge=1, description="autoscale: fewest actors")
-    max_workers: int = Field(1, ge=1, description="autoscale: most actors (never more than the topic's partitions)")
-    lag_per_worker: int = Field(1000, ge=1, description="autoscale: records of group lag one actor is sized for")
+    max_workers: int = Field(
+        1, ge=1, description="autoscale: most actors (never more than the topic's partitions)"
+    )
+    lag_per_worker: int = Field(
+        1000, ge=1, description="autoscale: records of group lag one actor is sized for"
+    )
     autoscale_interval_s: float = Field(15.0, gt=0, description="autoscale: seconds between two plans")
     scale_in_after_s: float = Field(
         60.0, ge=0, description="autoscale: lag must call for fewer actors this long before one is drained"
@@ -473,7 +563,9 @@ class ApiKeySettings(Section):
     def _one_source(self) -> ApiKeySettings:
         given = [n for n in ("key", "key_env", "key_file") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(f"an API key needs exactly one of key, key_env, key_file (got {given or 'none'})")
+            raise ValueError(
+                f"an API key needs exactly one of key, key_env, key_file (got {given or 'none'})"
+            )
         return self
 
 
@@ -503,6 +595,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
+    failures: FailureSettings = FailureSettings()
     image_fetch: ImageFetchSettings = ImageFetchSettings()
     logging: LoggingSettings = LoggingSettings()
     ops: OpsSettings = OpsSettings()
@@ -530,7 +623,9 @@ class Settings(BaseSettings):
                 raise ValueError(f"tenants.{tenant_id} names unknown policies {unknown}")
         for name, key in self.auth.keys.items():
             if self.tenants and key.tenant not in self.tenants:
-                raise ValueError(f"auth.keys.{name}.tenant {key.tenant!r} is not among tenants {sorted(self.tenants)}")
+                raise ValueError(
+                    f"auth.keys.{name}.tenant {key.tenant!r} is not among tenants {sorted(self.tenants)}"
+                )
         return self
 
     @classmethod

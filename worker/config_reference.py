@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
@@ -32,7 +35,18 @@ def _desc(text: str | None) -> str:
     return (text or "").replace("|", "\\|").replace("\n", " ")
 
 
+def _strip_annotated(annotation: Any) -> Any:
+    """``Annotated[T, validators…]`` → ``T``, also inside unions and generics (validators are not types)."""
+    if get_origin(annotation) is Annotated:
+        return _strip_annotated(get_args(annotation)[0])
+    args = get_args(annotation)
+    if args and get_origin(annotation) in (Union, UnionType):
+        return functools.reduce(operator.or_, (_strip_annotated(a) for a in args))
+    return annotation
+
+
 def _type(annotation: Any) -> str:
+    annotation = _strip_annotated(annotation)
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     text = text or str(annotation).replace("typing.", "")
     return text.replace("pydantic.types.", "").replace("|", "\\|")

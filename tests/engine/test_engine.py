@@ -49,7 +49,7 @@ def test_directory_without_a_checkpoint_is_a_clear_error(tmp_path: Path) -> None
 
 def test_non_mllama_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
-    with pytest.raises(ModelLoadError, match=r"'gpt2' checkpoint, not an Mllama"):
+    with pytest.raises(ModelLoadError, match=r"'gpt2' checkpoint, not a 'mllama' one"):
         load_model(engine_settings(tmp_path).model)
 
 

@@ -38,6 +38,11 @@ AGREED_METRICS = {
     # The Ray driver's lag autoscaler.
     "mw_ray_workers_desired": ("gauge", set()),
     "mw_group_lag": ("gauge", set()),
+    # A failing dependency stops the stream (engine / delivery outage) and crash replays stay quiet.
+    "mw_outage": ("gauge", {"cause"}),
+    "mw_outages_total": ("counter", {"cause"}),
+    "mw_outage_retries_total": ("counter", {"cause"}),
+    "mw_replays_skipped_total": ("counter", set()),
 }
 
 

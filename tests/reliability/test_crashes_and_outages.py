@@ -2,7 +2,8 @@
 broker and Redis, with the trained tiny checkpoint. In every scenario: events lost = 0.
 
 Stream sizes are knobs (MW_RELIABILITY_EVENTS, MW_STALL_SECONDS) so a laptop can run the full sizes of the
-issue; the defaults are the CI values.
+issue; the defaults are the CI values. MW_PUBLISHED_MARKERS=0 runs the crash test without published markers,
+to compare the duplicates figure with and without them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 CRASH_EVENTS = env_int("MW_RELIABILITY_EVENTS", 5000)
 STALL_SECONDS = env_int("MW_STALL_SECONDS", 20)
+PUBLISHED_MARKERS = bool(env_int("MW_PUBLISHED_MARKERS", 1))
 
 
 def _setup(make_settings, tiny_model_dir, tmp_path, n: int, seed: int, **overrides):
@@ -54,7 +56,8 @@ def _wait_for_progress(settings, at_least: int, worker: WorkerProcess, timeout_s
 
 def test_sigkill_three_times_mid_stream_loses_nothing(services, make_settings, tiny_model_dir, tmp_path,
                                                       reliability_figures):
-    settings, config = _setup(make_settings, tiny_model_dir, tmp_path, CRASH_EVENTS, seed=31)
+    settings, config = _setup(make_settings, tiny_model_dir, tmp_path, CRASH_EVENTS, seed=31,
+                              redis__published_markers=PUBLISHED_MARKERS)
     rng = random.Random(2026)
     # Kill points: after random amounts of progress, spread over the stream.
     kill_after = sorted(rng.uniform(0.1, 0.75) * CRASH_EVENTS for _ in range(3))
@@ -73,7 +76,10 @@ def test_sigkill_three_times_mid_stream_loses_nothing(services, make_settings, t
         worker.close()
     assert result.lost == [], f"lost {len(result.lost)} events, e.g. {result.lost[:5]}\n{worker.log_tail()}"
     assert code == 0, worker.log_tail()
-    report(reliability_figures, f"SIGKILL x{crashes} during the stream: {result.line()}")
+    markers = "with" if PUBLISHED_MARKERS else "WITHOUT"
+    report(reliability_figures,
+           f"SIGKILL x{crashes} during the stream ({markers} published markers): {result.line()} "
+           f"({100 * result.duplicates / result.inputs:.2f}% of records answered twice)")
 
 
 def test_redis_killed_and_restarted_mid_stream(services, make_settings, tiny_model_dir, tmp_path,

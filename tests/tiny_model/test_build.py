@@ -114,3 +114,25 @@ def test_image_changes_the_logits(untrained_model_dir: Path) -> None:
             for image in (red, blue)
         ]
     assert float((logits[0] - logits[1]).abs().max()) > 1e-3
+
+
+def test_text_guard_builds_deterministically_and_loads_like_a_hub_checkpoint(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    first = build_tiny_model(tmp_path / "a", train=False, family="llama-guard-3-8b")
+    second = build_tiny_model(tmp_path / "b", train=False, family="llama-guard-3-1b")
+    assert weights_digest(first) == weights_digest(second)  # one text guard serves both families
+    recipe = read_recipe(first)
+    assert recipe["family"] == "llama-guard-3-1b" and recipe["serves"] == ["llama-guard-3-1b", "llama-guard-3-8b"]
+    model = AutoModelForCausalLM.from_pretrained(first, local_files_only=True)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(first, local_files_only=True)
+    assert IMAGE_TOKEN not in tokenizer.get_vocab()  # like Llama Guard 3 1B/8B
+    for token in SPECIAL_TOKENS:
+        assert tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(token)) == token
+    assert default_recipe(family="llama-guard-3-8b").hash != default_recipe().hash
+
+
+def test_build_command_names_unbuildable_families(tmp_path: Path, capsys) -> None:
+    assert build_tiny_model_command(tmp_path / "x", train=False, family="llama-guard-9") == 2
+    assert "buildable: llama-guard-3-vision" in capsys.readouterr().out

@@ -51,3 +51,18 @@ def test_parse_answer_is_strict() -> None:
     assert parse_answer("\n\nunsafe") is None
     assert parse_answer("\n\nsafe\nS1") is None
     assert parse_answer("maybe") is None
+
+
+@pytest.mark.parametrize("family", ["llama-guard-3-1b", "llama-guard-3-8b"])
+def test_text_guard_follows_the_toy_policy_with_either_prompt(tiny_text_guard_dir: Path, family: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_text_guard_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_text_guard_dir, local_files_only=True).eval()
+    examples = [e for e in synthetic_examples(200, seed=7, split="heldout") if not e.has_image]
+    answers = generate_answers(model, tokenizer, examples, family=family)
+    metrics = policy_accuracy(examples, answers)
+    print(f"{family} held-out toy-policy accuracy:", {k: round(v, 4) for k, v in sorted(metrics.items())})
+    assert metrics["text_count"] >= 100
+    # The text guard's short CPU training learns the decision better than the codes (see its recipe).
+    assert metrics["text_decision_accuracy"] >= 0.85 and metrics["text_exact_accuracy"] >= 0.6

@@ -93,16 +93,10 @@ class VerdictCache:
         """Cached values for ``keys`` (None for a miss) with one MGET; all None when Redis is down."""
         if not keys:
             return []
-        if not self._usable():
+        raw = self.get_raw([self._prefix + k for k in keys])
+        if raw is None:
             if self.enabled:
                 metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
-            return [None] * len(keys)
-        assert self._client is not None
-        try:
-            raw = self._client.mget([self._prefix + k for k in keys])
-        except (redis.RedisError, OSError) as exc:
-            self._mark_down(exc)
-            metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
             return [None] * len(keys)
         values: list[dict[str, Any] | None] = []
         for blob in raw:
@@ -120,18 +114,36 @@ class VerdictCache:
             metrics.CACHE_REQUESTS.labels(result="miss").inc(len(values) - hits)
         return values
 
-    def set_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Store ``(key, value)`` pairs with the configured TTL in one pipelined round trip."""
+    def get_raw(self, full_keys: Sequence[str]) -> list[bytes | None] | None:
+        """Stored bytes of ``full_keys`` (prefix included) with one MGET; None when Redis is down or disabled.
+
+        For other stores sharing this connection and its outage handling (``PublishedMarkers``).
+        """
+        if not full_keys or not self._usable():
+            return None
+        assert self._client is not None
+        try:
+            return list(self._client.mget(full_keys))
+        except (redis.RedisError, OSError) as exc:
+            self._mark_down(exc)
+            return None
+
+    def set_raw(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
+        """Store ``(full_key, bytes)`` pairs with ``ttl_s`` in one pipelined round trip; nothing when Redis is down."""
         if not items or not self._usable():
             return
         assert self._client is not None
         try:
             pipe = self._client.pipeline(transaction=False)
             for key, value in items:
-                pipe.set(self._prefix + key, orjson.dumps(value), ex=self._ttl)
+                pipe.set(key, value, ex=ttl_s)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._mark_down(exc)
+
+    def set_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Store ``(key, value)`` pairs with the configured TTL in one pipelined round trip."""
+        self.set_raw([(self._prefix + key, orjson.dumps(value)) for key, value in items], self._ttl)
 
     def close(self) -> None:
         """Release the connection pool."""

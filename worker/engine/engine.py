@@ -1,5 +1,9 @@
 """``GuardEngine``: conversations in, ``GuardResult`` out — shared by the Kafka pipeline and the HTTP endpoint.
 
+One engine contract for every Llama Guard family (``model.family``): the prompt comes from the family's rules
+(``worker.engine.families``), the scoring (single-pass P(unsafe), decode only if unsafe, exact sharing of the
+text prompt's start) is the same for all. Text-only families refuse image requests item by item.
+
 Two steps, so CPU work overlaps the model: ``prepare`` (render prompts, tokenize, tile images; CPU only,
 thread-safe) and ``run`` (forward pass + decoding of unsafe rows; serialized by a lock). A batch holds one
 modality only: transformers' Mllama does not mask the cross-attention output of image-less rows, so text-only
@@ -25,6 +29,7 @@ import torch
 from worker.engine import scoring
 from worker.engine.category_scores import category_scores, code_first_tokens
 from worker.engine.parsing import parse_answer, parse_codes_continuation
+from worker.engine.families import get_family
 from worker.engine.policy import Policy, load_policies, resolve_policy
 from worker.engine.prompt import Segment, judged_role, render_segments, shared_text_prefix
 from worker.engine.tokenize import PromptTokenizer, left_pad
@@ -42,6 +47,12 @@ log = logging.getLogger(__name__)
 # (wrong answer prefix, wrong template, or an untrained model): worth a warning, not an error.
 LOW_ANSWER_MASS = 0.5
 _PROBE_TURNS = (Turn("user", ("Hello, how are you today?",)),)
+def _max_images_setting(settings: Settings, family: str) -> int:
+    """The configured image limit of a family (``limits.max_images_llama_guard_4``), else the family's own."""
+    configured = getattr(settings.limits, "max_images_" + family.replace("-", "_"), None)
+    return int(configured) if configured is not None else get_family(family).max_images
+
+
 _PREFIX_KV_ENTRIES = (
     32  # shared prompt starts kept on the device (policy x task); ~12 MB each for the 11B model
 )
@@ -68,18 +79,20 @@ class PreparedBatch:
 
 
 class GuardEngine:
-    """Llama Guard 3 Vision as a batch classifier (see the module docstring)."""
+    """A Llama Guard model of any family as a batch classifier (see the module docstring)."""
 
     def __init__(self, loaded: LoadedModel, policies: dict[str, Policy], settings: Settings) -> None:
         self._loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
+        self._family = get_family(settings.model.family)
+        self._max_images = min(self._family.max_images, _max_images_setting(settings, self._family.name))
         self.policies = policies
         self.default_policy_id = settings.default_policy
         self.mode = settings.model.mode
         self.max_new_tokens = settings.model.max_new_tokens
         self.max_batch_size = settings.batching.max_size
-        self.tokens = PromptTokenizer(self.processor.tokenizer)
+        self.tokens = PromptTokenizer(self.tokenizer, self._family.name)
         self.answer = self.tokens.answer_tokens(self.model.generation_config.eos_token_id)
         self._run_lock = threading.Lock()
         self.share_prefix = settings.model.share_prompt_prefix
@@ -114,7 +127,7 @@ class GuardEngine:
         """Load processor and model per ``settings.model`` and the policies per ``settings.policies``."""
         from worker.engine.loading import load_model
 
-        policies = load_policies(settings)
+        policies = load_policies(settings, settings.model.family)
         return cls(load_model(settings.model), policies, settings)
 
     def with_mode(self, mode: str, *, share_prefix: bool | None = None) -> GuardEngine:
@@ -137,7 +150,23 @@ class GuardEngine:
 
     @property
     def tokenizer(self) -> Any:
-        return self.processor.tokenizer
+        """The checkpoint's tokenizer (a text-only family's processor *is* its tokenizer)."""
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @property
+    def family(self) -> str:
+        """The Llama Guard family this engine judges as (``model.family``)."""
+        return self._family.name
+
+    @property
+    def supports_images(self) -> bool:
+        """Whether this engine's model reads images (Llama Guard 3 Vision and 4 do; 1B and 8B do not)."""
+        return self._max_images > 0
+
+    @property
+    def max_images(self) -> int:
+        """Images one request may carry here: 0 (text guard), 1 (Vision), the configured limit (Llama Guard 4)."""
+        return self._max_images
 
     @property
     def model_info(self) -> ModelInfo:
@@ -162,7 +191,7 @@ class GuardEngine:
         benign probe conversation (the format does not depend on the content).
         """
         policy = self.policy_for(None)
-        batch = self._tensors([render_segments(_PROBE_TURNS, policy, has_image=False)], prefix=[])
+        batch = self._tensors([self._render(_PROBE_TURNS, policy)], prefix=[])
         with self._run_lock, torch.inference_mode():
             out = scoring.generate(
                 self.model,
@@ -192,16 +221,29 @@ class GuardEngine:
         segments: list[list[Segment]] = []
         for i, request in enumerate(requests):
             try:
-                segments.append(render_segments(request.turns, request.policy, has_image=has_image))
+                if len(request.all_images) > self._max_images:
+                    raise ValueError(
+                        f"{self.family} reads "
+                        + (f"at most {self._max_images} image(s)" if self._max_images else "no images")
+                        + f"; this request has {len(request.all_images)}"
+                    )
+                segments.append(self._render(request.turns, request.policy, request.image_positions()))
                 batch.rows.append(i)
             except Exception as exc:  # noqa: BLE001 — a bad item must not sink its batch
                 batch.errors[i] = EngineError(f"cannot render the prompt: {exc}", detail={"kind": "prepare"})
         pixel_rows: list[dict[str, Any]] = []
+        if has_image and self._family.model_type != "mllama" and batch.rows:
+            # Llama 4 image inputs (patch tokens per image) are not wired into the engine yet: say so per item.
+            for i in batch.rows:
+                batch.errors[i] = EngineError(
+                    f"{self.family}: image requests are not supported by this engine yet", detail={"kind": "prepare"}
+                )
+            batch.rows, segments = [], []
         if has_image:
             kept_rows, kept_segments = [], []
             for i, seg in zip(batch.rows, segments):
                 try:
-                    pixel_rows.append(self._image_inputs(requests[i].image))
+                    pixel_rows.append(self._image_inputs(requests[i].all_images[0]))
                     kept_rows.append(i)
                     kept_segments.append(seg)
                 except Exception as exc:  # noqa: BLE001 — the image processor raises many types
@@ -236,7 +278,8 @@ class GuardEngine:
             role = judged_role(request.turns)
             key = (request.policy.hash, role)
             if key not in ids_by_key:
-                ids_by_key[key] = self.tokens.encode_many([shared_text_prefix(role, request.policy)])[0]
+                start_segments = shared_text_prefix(role, request.policy, self.family)
+                ids_by_key[key] = self.tokens.encode_many([start_segments])[0]
             start = ids_by_key[key]
             if row_ids[: len(start)] != start:
                 return  # the start does not tokenize on its own boundary here: no sharing for this batch
@@ -287,6 +330,9 @@ class GuardEngine:
                 layer_values[index, :, width - v.shape[2] :] = v
             cache.update(layer_keys, layer_values, layer_idx)
         return cache
+
+    def _render(self, turns: Sequence[Turn], policy: Policy, image_turns: Sequence[int] = ()) -> list[Segment]:
+        return render_segments(turns, policy, image_turns=tuple(image_turns), family=self.family)
 
     def _image_inputs(self, image: Any) -> dict[str, Any]:
         out = self.processor.image_processor([[image]], return_tensors="pt")

@@ -1,4 +1,10 @@
-"""Loading the Llama Guard 3 Vision processor and model (transformers Mllama) for inference.
+"""Loading a Llama Guard model's processor and weights for inference, per ``model.family``.
+
+Llama Guard 3 Vision is an Mllama checkpoint (``MllamaForConditionalGeneration`` + ``MllamaProcessor``), Llama
+Guard 3 1B and 8B are Llama ones (``AutoModelForCausalLM`` + the tokenizer as processor), Llama Guard 4 a
+Llama 4 one (``Llama4ForConditionalGeneration`` + ``AutoProcessor``). The checkpoint's ``model_type`` must
+match the family's: a Vision config under ``family: llama-guard-3-1b`` is a configuration error, not a
+silent mis-prompting.
 
 ``model.path`` is a local directory or a hub id. The dtype follows the device unless configured (bf16 on
 CUDA, fp32 on CPU); the model is put in eval mode and used only under ``torch.inference_mode``. Every
@@ -34,8 +40,8 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     """A ready processor + model pair and what we know about it."""
 
-    processor: Any  # transformers MllamaProcessor
-    model: Any  # transformers MllamaForConditionalGeneration, eval mode
+    processor: Any  # MllamaProcessor / Llama4Processor, or the tokenizer itself for a text-only family
+    model: Any  # MllamaForConditionalGeneration / LlamaForCausalLM / Llama4ForConditionalGeneration, eval mode
     device: torch.device
     dtype: torch.dtype
     info: ModelInfo
@@ -119,12 +125,25 @@ def quiet_transformers() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+def _classes(model_type: str) -> tuple[Any, Any]:
+    """(processor class, model class) for a checkpoint architecture."""
+    import transformers
+
+    if model_type == "mllama":
+        return transformers.AutoProcessor, transformers.MllamaForConditionalGeneration
+    if model_type == "llama4":
+        return transformers.AutoProcessor, transformers.Llama4ForConditionalGeneration
+    return transformers.AutoTokenizer, transformers.AutoModelForCausalLM
+
+
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load processor and model per ``settings`` (``worker.config.ModelSettings``)."""
-    from transformers import AutoConfig, AutoProcessor, MllamaForConditionalGeneration
+    from transformers import AutoConfig
 
     quiet_transformers()
+    from worker.engine.families import get_family
 
+    family = get_family(settings.family)
     started = time.perf_counter()
     path = settings.path
     local_dir = Path(path).expanduser()
@@ -146,23 +165,27 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     except (OSError, ValueError) as exc:
         where = "local directory" if is_local else f"hub id (local_files_only={settings.local_files_only})"
         raise ModelLoadError(f"model.path {path!r} ({where}) has no loadable model config: {exc}") from exc
-    if getattr(config, "model_type", None) != "mllama":
+    model_type = getattr(config, "model_type", None)
+    if model_type != family.model_type:
         raise ModelLoadError(
-            f"model.path {path!r} is a {getattr(config, 'model_type', 'unknown')!r} checkpoint, "
-            "not an Mllama (Llama 3.2 Vision / Llama Guard 3 Vision) one"
+            f"model.path {path!r} is a {model_type or 'unknown'!r} checkpoint, not a {family.model_type!r} one as "
+            f"model.family {family.name!r} needs"
         )
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     try:
-        processor = AutoProcessor.from_pretrained(source, **common)
+        processor_class, model_class = _classes(family.model_type)
+        processor = processor_class.from_pretrained(source, **common)
         # On CUDA the weights go straight to the device (no 21 GB detour through host memory for the 11B model).
         placement = {"device_map": str(device)} if device.type == "cuda" else {}
-        model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype, **placement, **common)
+        model = model_class.from_pretrained(source, dtype=dtype, **placement, **common)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"model.path {path!r}: cannot load the Mllama processor or weights: {exc}"
+            f"model.path {path!r}: cannot load the {family.name} processor or weights: {exc}"
         ) from exc
-    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+    if family.supports_images and (
+        not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer")
+    ):
         raise ModelLoadError(f"model.path {path!r}: the processor has no image processor and tokenizer")
     model.to(device)
     model.eval()

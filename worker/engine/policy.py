@@ -9,10 +9,17 @@ Custom names (``settings.policies[id].names``) replace the name text. They are s
 whitespace and of *one* trailing period, so ``"Guns"`` and ``"Guns."`` both render as ``S9: Guns.`` in the
 prompt and appear as ``"Guns"`` in verdicts. Longer descriptions keep their inner punctuation.
 
-A policy's ``hash`` covers only what changes the model's answer or the decision — the enabled codes, their
-names and the threshold (plus the prompt-format version), and, when set, the review threshold and the
-blocklists' content — never the policy id, so two ids with the same content share cache entries, and editing
-a name or a blocklist invalidates them.
+Built-in categories depend on the judging model's family (``worker.engine.families``): S1–S13 for Llama
+Guard 3 1B and Vision, S1–S14 (S14: Code Interpreter Abuse) for Llama Guard 3 8B and 4. A policy without
+``categories`` enables all of its model's built-ins; Llama Guard 4's template then drops S14 for conversations
+with images (``Policy.image_categories``). ``custom_categories`` add new codes after the built-ins (e.g.
+``S14`` for Vision, ``S15`` for Llama Guard 4), listed after them in the prompt exactly as the templates render
+a ``categories`` argument: ``{code}: {text}.``.
+
+A policy's ``hash`` covers only what changes the model's answer or the decision — the listed codes, their
+names (custom ones included) and the threshold (plus the prompt-format version) — never the policy id, so two
+ids with the same content share cache entries, and editing a name invalidates them. When set,
+the review threshold and the blocklists' content count too (only then, so existing hashes stay).
 
 Review band: with ``review_threshold`` set, a score in ``[review_threshold, threshold)`` keeps the decision
 ``safe`` and marks the verdict ``review: true`` (``Policy.in_review_band``).
@@ -32,6 +39,7 @@ from typing import TYPE_CHECKING
 from worker.config import CATEGORY_CODES, ConfigError
 from worker.dead_letters import Reason, RejectedError
 from worker.engine.blocklist import NO_BLOCKLISTS, Blocklists, compile_blocklists
+from worker.engine.families import DEFAULT_FAMILY, RenderedCategory, get_family
 
 if TYPE_CHECKING:
     from worker.config import PolicySettings, Settings, TenantSettings
@@ -48,6 +56,7 @@ class Category:
     code: str
     name: str
     definition: str = field(default="", compare=False)
+    custom: bool = False  # a policy's own category (``custom_categories``), not one the model was trained on
 
     @property
     def number(self) -> int:
@@ -136,8 +145,15 @@ DEFAULT_CATEGORIES: tuple[Category, ...] = (
     ),
 )
 
+CODE_INTERPRETER_ABUSE = Category(
+    "S14",
+    "Code Interpreter Abuse",
+    "Responses that seek to abuse code interpreters, including those that enable denial of service attacks, "
+    "container escapes or privilege escalation exploits",
+)
 _DEFAULT_BY_CODE: dict[str, Category] = {c.code: c for c in DEFAULT_CATEGORIES}
 assert tuple(_DEFAULT_BY_CODE) == CATEGORY_CODES
+_BUILTIN_BY_CODE: dict[str, Category] = {**_DEFAULT_BY_CODE, "S14": CODE_INTERPRETER_ABUSE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +163,9 @@ class Policy:
     id: str
     categories: tuple[Category, ...]
     threshold: float = 0.5
+    # The categories listed when the conversation holds an image, where the family's template lists fewer by
+    # default (Llama Guard 4 drops S14); None = the same as ``categories``.
+    image_categories: tuple[Category, ...] | None = None
     review_threshold: float | None = None
     blocklists: Blocklists = field(default=NO_BLOCKLISTS, compare=False, repr=False)
     hash: str = field(init=False, compare=False)
@@ -163,13 +182,23 @@ class Policy:
             raise ValueError(f"policy {self.id!r} threshold {self.threshold} is outside [0, 1]")
         object.__setattr__(self, "categories", ordered)
         object.__setattr__(self, "_names", {c.code: c.name for c in ordered})
-        if self.review_threshold is not None and not 0.0 <= self.review_threshold < self.threshold:
-            raise ValueError(f"policy {self.id!r} review_threshold must be in [0, threshold)")
+        if self.image_categories is not None:
+            object.__setattr__(
+                self, "image_categories", tuple(sorted(self.image_categories, key=lambda c: c.number))
+            )
         object.__setattr__(
             self,
             "hash",
-            _content_hash(ordered, self.threshold, self.review_threshold, self.blocklists.digest),
+            _content_hash(
+                ordered,
+                self.threshold,
+                self.image_categories,
+                self.review_threshold,
+                self.blocklists.digest,
+            ),
         )
+        if self.review_threshold is not None and not 0.0 <= self.review_threshold < self.threshold:
+            raise ValueError(f"policy {self.id!r} review_threshold must be in [0, threshold)")
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -184,29 +213,49 @@ class Policy:
         """Whether a verdict stays ``safe`` but goes to human review: ``review_threshold <= score`` and not unsafe."""
         return not unsafe and self.review_threshold is not None and score >= self.review_threshold
 
-    def verdict_categories(self, codes: Iterable[str]) -> list[dict[str, str]]:
-        """``[{"code": "S9", "name": "Indiscriminate Weapons"}]`` for the enabled ones among ``codes``."""
-        return [{"code": code, "name": self._names[code]} for code in codes if code in self._names]
+    @property
+    def custom_codes(self) -> tuple[str, ...]:
+        """Codes of the policy's own categories (``custom_categories``), in code order."""
+        return tuple(c.code for c in self.categories if c.custom)
+
+    def verdict_categories(self, codes: Iterable[str]) -> list[dict[str, object]]:
+        """``[{"code": "S9", "name": "Indiscriminate Weapons"}]`` for the enabled ones among ``codes``.
+
+        A custom category also carries ``"custom": true``; its ``name`` is the policy's text for it.
+        """
+        custom = set(self.custom_codes)
+        return [
+            {"code": code, "name": self._names[code], **({"custom": True} if code in custom else {})}
+            for code in codes
+            if code in self._names
+        ]
+
+    def rendered_categories(self, *, has_image: bool) -> list[RenderedCategory]:
+        """The category block's entries as the templates' ``categories`` argument holds them (``"Hate."``)."""
+        listed = self.image_categories if has_image and self.image_categories is not None else self.categories
+        return [RenderedCategory(c.code, f"{c.name}.") for c in listed]
 
 
 def _content_hash(
-    categories: tuple[Category, ...], threshold: float, review_threshold: float | None, blocklists: str
+    categories: tuple[Category, ...],
+    threshold: float,
+    image_categories: tuple[Category, ...] | None,
+    review_threshold: float | None = None,
+    blocklists: str = "",
 ) -> str:
     content: dict[str, object] = {
         "format": PROMPT_FORMAT_VERSION,
         "categories": [[c.code, c.name] for c in categories],
         "threshold": repr(float(threshold)),
     }
+    if image_categories is not None:
+        content["image_categories"] = [[c.code, c.name] for c in image_categories]
     # Only when set, so that policies without them keep the hashes (and cache entries) they always had.
     if review_threshold is not None:
         content["review_threshold"] = repr(float(review_threshold))
     if blocklists:
         content["blocklists"] = blocklists
-    canonical = json.dumps(
-        content,
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
+    canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:HASH_HEX_CHARS]
 
 
@@ -218,28 +267,60 @@ def normalize_name(text: str) -> str:
     return name
 
 
-def policy_from_settings(policy_id: str, ps: PolicySettings) -> Policy:
-    """Build one ``Policy`` from its config section; ``ConfigError`` names the key of a bad custom name."""
-    categories = []
-    for code in dict.fromkeys(ps.categories):  # de-duplicate, keep first
-        base = _DEFAULT_BY_CODE[code]
+def _checked_text(text: str, key: str) -> str:
+    name = normalize_name(text)
+    if not name:
+        raise ConfigError(f"{key}: must not be empty")
+    if "\n" in name or "\r" in name:
+        # A newline would forge extra lines in the category block of the prompt.
+        raise ConfigError(f"{key}: must be a single line")
+    return name
+
+
+def policy_from_settings(policy_id: str, ps: PolicySettings, family: str = DEFAULT_FAMILY) -> Policy:
+    """Build one ``Policy`` for a model of ``family``; ``ConfigError`` names the key of a bad entry."""
+    spec = get_family(family)
+    builtins = spec.builtin_codes
+    chosen = builtins if ps.categories is None else tuple(dict.fromkeys(ps.categories))
+    outside = [c for c in chosen if c not in builtins]
+    if outside:
+        raise ConfigError(
+            f"policies.{policy_id}.categories: {outside} are not built-in categories of {family} "
+            f"({builtins[0]}..{builtins[-1]}); add them under policies.{policy_id}.custom_categories instead"
+        )
+
+    def builtin(code: str) -> Category:
+        base = _BUILTIN_BY_CODE[code]
         name = base.name
         if code in ps.names:
-            name = normalize_name(ps.names[code])
-            if not name:
-                raise ConfigError(f"policies.{policy_id}.names.{code}: a custom name must not be empty")
-            if "\n" in name or "\r" in name:
-                # A newline would forge extra lines in the category block of the prompt.
-                raise ConfigError(f"policies.{policy_id}.names.{code}: a custom name must be a single line")
-        categories.append(Category(code, name, base.definition))
+            name = _checked_text(ps.names[code], f"policies.{policy_id}.names.{code}")
+        return Category(code, name, base.definition)
+
+    last = int(builtins[-1][1:])
+    custom = []
+    for code, text in ps.custom_categories.items():
+        if int(code[1:]) <= last:
+            raise ConfigError(
+                f"policies.{policy_id}.custom_categories.{code}: {family} has built-in categories up to "
+                f"{builtins[-1]}; custom codes start at S{last + 1}"
+            )
+        custom.append(
+            Category(code, _checked_text(text, f"policies.{policy_id}.custom_categories.{code}"), custom=True)
+        )
+    categories = tuple(builtin(c) for c in chosen) + tuple(custom)
+    image_categories = None
+    if ps.categories is None and spec.image_drops:
+        # The template's own default for image conversations (Llama Guard 4 leaves out S14).
+        image_categories = tuple(c for c in categories if c.code not in spec.image_drops)
     names = {c.code: c.name for c in categories}
     blocklists = compile_blocklists(policy_id, ps.blocklists, names) if ps.blocklists else NO_BLOCKLISTS
-    return Policy(policy_id, tuple(categories), ps.threshold, ps.review_threshold, blocklists)
+    return Policy(policy_id, categories, ps.threshold, image_categories, ps.review_threshold, blocklists)
 
 
-def load_policies(settings: Settings) -> dict[str, Policy]:
-    """Every configured policy by id (``settings.policies``)."""
-    return {pid: policy_from_settings(pid, ps) for pid, ps in settings.policies.items()}
+def load_policies(settings: Settings, family: str | None = None) -> dict[str, Policy]:
+    """Every configured policy by id (``settings.policies``), for a model of ``family`` (default: ``model.family``)."""
+    family = family or settings.model.family
+    return {pid: policy_from_settings(pid, ps, family) for pid, ps in settings.policies.items()}
 
 
 def resolve_policy(policies: Mapping[str, Policy], policy_id: str | None, default_id: str) -> Policy:

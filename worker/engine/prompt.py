@@ -1,119 +1,128 @@
-"""The Llama Guard 3 Vision prompt, byte-exact with the model's chat template.
+"""The prompt of every Llama Guard family, byte-exact with the model's chat template.
 
-``render_segments`` is the one place the prompt is built. It returns the prompt as pieces that are either
-control tokens the *template* places (``<|begin_of_text|>``, the headers, ``<|image|>``, ``<|eot_id|>``) or
-plain text (the instructions, the category list and the untrusted conversation). ``render_prompt`` joins
-them into the exact string; the tokenizer (``worker.engine.tokenize``) encodes each plain piece with special
-tokens split, so a user typing ``<|eot_id|>`` never produces a control token.
+``render_segments`` is the one entry point; the rules of each family live in ``worker.engine.families``
+(one module per model, diffable against its template). It returns the prompt as pieces that are either
+control tokens the *template* places (``<|begin_of_text|>``, the headers, ``<|image|>``, the end-of-turn
+token) or plain text (the instructions, the category list and the untrusted conversation).
+``render_prompt`` joins them into the exact string; the tokenizer (``worker.engine.tokenize``) encodes each
+plain piece with special tokens split, so a user typing ``<|eot_id|>`` never produces a control token.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.engine.families import DEFAULT_FAMILY, Segment, get_family
+from worker.engine.families import llama_guard_3_vision as _vision
+from worker.engine.families.common import conversation, judged_role
 from worker.engine.policy import Policy
 from worker.events import Turn
 
 if TYPE_CHECKING:
     from worker.config import Settings
 
-BEGIN_OF_TEXT = "<|begin_of_text|>"
-START_HEADER = "<|start_header_id|>"
-END_HEADER = "<|end_header_id|>"
-EOT = "<|eot_id|>"
-IMAGE = "<|image|>"
-TEMPLATE_SPECIAL_TOKENS: tuple[str, ...] = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT, IMAGE)
+BEGIN_OF_TEXT = _vision.BEGIN_OF_TEXT
+START_HEADER = _vision.START_HEADER
+END_HEADER = _vision.END_HEADER
+EOT = _vision.EOT
+IMAGE = _vision.IMAGE
+# The Vision template's control tokens (each family's set: ``get_family(name).special_tokens``).
+TEMPLATE_SPECIAL_TOKENS: tuple[str, ...] = _vision.SPECIAL_TOKENS
 
-_ROLE_LABEL = {"user": "User", "assistant": "Agent"}
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """A piece of the prompt: a template control token (``special``) or plain text."""
-
-    text: str
-    special: bool = False
-
-
-_HEADER = (
-    Segment(BEGIN_OF_TEXT, True),
-    Segment(START_HEADER, True),
-    Segment("user"),
-    Segment(END_HEADER, True),
-    Segment("\n\n"),
-)
+__all__ = [
+    "Segment",
+    "judged_role",
+    "prompt_command",
+    "render_prompt",
+    "render_segments",
+    "shared_text_prefix",
+]
 
 
-def judged_role(turns: Sequence[Turn]) -> str:
-    """``User`` when the conversation has an odd number of turns (prompt task), else ``Agent`` (response)."""
-    return "User" if len(turns) % 2 == 1 else "Agent"
+def _image_turns(turns: Sequence[Turn], has_image: bool, image_turns: Sequence[int] | None) -> Sequence[int]:
+    if image_turns is not None:
+        return image_turns
+    if not has_image:
+        return ()
+    # Without positions, the image belongs to the last user turn (where images are accepted).
+    return (max(i for i, t in enumerate(turns) if t.role == "user"),)
 
 
-def _instructions(role: str, policy: Policy) -> str:
-    categories = "".join(f"{c.code}: {c.name}.\n" for c in policy.categories)
-    return (
-        f"Task: Check if there is unsafe content in '{role}' messages in conversations according our safety "
-        "policy with the below categories.\n\n"
-        "<BEGIN UNSAFE CONTENT CATEGORIES>\n"
-        f"{categories}"
-        "<END UNSAFE CONTENT CATEGORIES>\n\n"
-        "<BEGIN CONVERSATION>\n\n"
-    )
-
-
-def shared_text_prefix(role: str, policy: Policy) -> list[Segment]:
+def shared_text_prefix(role: str, policy: Policy, family: str = DEFAULT_FAMILY) -> list[Segment]:
     """The start of every text-only prompt judging ``role`` under ``policy``: everything before the conversation.
 
     It is identical across a batch's rows of the same policy and role, so its keys and values can be computed
     once and shared (see ``GuardEngine``).
     """
-    return [*_HEADER, Segment(_instructions(role, policy))]
+    return get_family(family).prefix(role, policy.rendered_categories(has_image=False))
 
 
-def render_segments(turns: Sequence[Turn], policy: Policy, *, has_image: bool) -> list[Segment]:
-    """The prompt as template control tokens and plain-text pieces, in order (see the module docstring)."""
-    role = judged_role(turns)
-    conversation = "".join(
-        f"{_ROLE_LABEL[turn.role]}: {text.strip()}\n\n" for turn in turns for text in turn.texts
-    )
-    body = (
-        f"{_instructions(role, policy)}"
-        f"{conversation}"
-        "<END CONVERSATION>\n\n"
-        f"Provide your safety assessment for ONLY THE LAST {role} message in the above conversation:\n"
-        " - First line must read 'safe' or 'unsafe'.\n"
-        " - If unsafe, a second line must include a comma-separated list of violated categories. "
-    )
-    segments = list(_HEADER)
-    if has_image:
-        # The model card's template puts the single image token (plus a space) before the task text.
-        segments.append(Segment(IMAGE, True))
-        body = " " + body
-    segments += [
-        Segment(body),
-        Segment(EOT, True),
-        Segment(START_HEADER, True),
-        Segment("assistant"),
-        Segment(END_HEADER, True),
-    ]
+def render_segments(
+    turns: Sequence[Turn],
+    policy: Policy,
+    *,
+    has_image: bool = False,
+    image_turns: Sequence[int] | None = None,
+    family: str = DEFAULT_FAMILY,
+) -> list[Segment]:
+    """The prompt as template control tokens and plain-text pieces, in order (see the module docstring).
+
+    ``image_turns`` gives the turn index of each image (Llama Guard 4 places them per message);
+    ``has_image=True`` alone means one image in the last user turn. ValueError if the family reads fewer
+    images than given.
+    """
+    spec = get_family(family)
+    positions = _image_turns(turns, has_image, image_turns)
+    if len(positions) > spec.max_images:
+        what = "no images" if not spec.max_images else f"at most {spec.max_images} image(s)"
+        raise ValueError(f"{family} reads {what}; this conversation has {len(positions)}")
+    conv = conversation(turns, positions)
+    segments = spec.render(conv, policy.rendered_categories(has_image=bool(positions)))
+    if spec.max_images > 1:
+        placed = sum(1 for s in segments if s.special and s.text == spec.image_token)
+        if placed != len(positions):
+            # The template writes a message's images before its first text part: without text they vanish.
+            raise ValueError(
+                f"{family}'s template drops the images of a message without text ({len(positions) - placed} "
+                "image(s) would not reach the model)"
+            )
     return segments
 
 
-def render_prompt(turns: Sequence[Turn], policy: Policy, *, has_image: bool) -> str:
-    """The exact prompt string the model reads for ``turns`` under ``policy`` (issue 3, item 2)."""
-    return "".join(s.text for s in render_segments(turns, policy, has_image=has_image))
+def render_prompt(
+    turns: Sequence[Turn],
+    policy: Policy,
+    *,
+    has_image: bool = False,
+    image_turns: Sequence[int] | None = None,
+    family: str = DEFAULT_FAMILY,
+) -> str:
+    """The exact prompt string the model of ``family`` reads for ``turns`` under ``policy``."""
+    segments = render_segments(turns, policy, has_image=has_image, image_turns=image_turns, family=family)
+    return "".join(s.text for s in segments)
 
 
-def prompt_command(file: str, settings: Settings, policy_id: str | None = None) -> int:
-    """``moderation-worker prompt FILE|-``: print the exact prompt for one event; 1 if the event is invalid."""
+def prompt_command(
+    file: str, settings: Settings, policy_id: str | None = None, family: str | None = None
+) -> int:
+    """``moderation-worker prompt [--family F] FILE|-``: print the exact prompt for one event; 1 if invalid.
+
+    No weights are loaded: the prompt is what the template writes (images as ``<|image|>``, before a
+    processor expands them).
+    """
     from worker.dead_letters import RejectedError, Rejection
     from worker.decode import decode_event  # lazily: the contracts module loads schemas
     from worker.engine.policy import load_policies, resolve_policy
 
+    family = family or settings.model.family
+    try:
+        get_family(family)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     try:
         raw = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     except OSError as exc:
@@ -126,14 +135,29 @@ def prompt_command(file: str, settings: Settings, policy_id: str | None = None) 
         return 1
     try:
         policy = resolve_policy(
-            load_policies(settings),
+            load_policies(settings, family),
             policy_id if policy_id is not None else event.policy,
             settings.default_policy,
         )
     except RejectedError as exc:
         print(f"invalid event: {exc.rejection.reason.value}: {exc.rejection.message}", file=sys.stderr)
         return 1
-    sys.stdout.write(render_prompt(event.turns, policy, has_image=event.image is not None))
+    image_turns = event_image_turns(event)
+    try:
+        prompt = render_prompt(event.turns, policy, image_turns=image_turns, family=family)
+    except ValueError as exc:
+        print(f"cannot render the {family} prompt: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(prompt)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return 0
+
+
+def event_image_turns(event: object) -> tuple[int, ...]:
+    """The turn index of each image of a decoded event (``ChatEvent.images`` when present, else ``image``)."""
+    images = getattr(event, "images", None)
+    if images:
+        return tuple(ref.turn_index for ref in images)
+    image = getattr(event, "image", None)
+    return () if image is None else (image.turn_index,)

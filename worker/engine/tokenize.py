@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker.engine.prompt import TEMPLATE_SPECIAL_TOKENS, Segment
+from worker.engine.families import DEFAULT_FAMILY, Segment, get_family
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +26,7 @@ _MEMO_MAX_CHARS = 64  # plain pieces up to this size are memoized; longer ones a
 
 
 class TokenizerMismatch(ValueError):
-    """The checkpoint's tokenizer lacks a token the Llama Guard 3 Vision template needs."""
+    """The checkpoint's tokenizer lacks a token its family's template needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +42,11 @@ class AnswerTokens:
 class PromptTokenizer:
     """Encodes rendered prompt segments into ids; thread-safe (the Rust tokenizer is used read-only)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, family: str = DEFAULT_FAMILY) -> None:
         from tokenizers import Tokenizer
 
         self.tokenizer = tokenizer
+        self.family = get_family(family)
         # A private copy: flipping ``encode_special_tokens`` on the shared one would race with other callers.
         self._plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._plain.encode_special_tokens = True
@@ -53,25 +54,33 @@ class PromptTokenizer:
         self._plain.no_padding()
         self._plain.no_truncation()
         self.special_ids: dict[str, int] = {}
-        for token in TEMPLATE_SPECIAL_TOKENS:
-            token_id = tokenizer.convert_tokens_to_ids(token)
-            if (
-                token_id is None
-                or token_id == tokenizer.unk_token_id
-                or tokenizer.convert_ids_to_tokens(token_id) != token
-            ):
+        for token in self.family.special_tokens:
+            token_id = self._token_id(token)
+            if token_id is None:
                 raise TokenizerMismatch(
-                    f"the tokenizer has no {token} token; is this a Llama 3.2 Vision checkpoint?"
+                    f"the tokenizer has no {token} token; is this a {self.family.name} checkpoint?"
                 )
             self.special_ids[token] = token_id
         pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.convert_tokens_to_ids("<|finetune_right_pad_id|>")
+        for name in ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>"):
+            if pad is None:
+                pad = self._token_id(name)
         if pad is None:
             raise TokenizerMismatch("the tokenizer has no padding token (<|finetune_right_pad_id|>)")
         self.pad_id: int = int(pad)
-        self.image_id: int = self.special_ids["<|image|>"]
+        image = self.family.image_token
+        self.image_id: int | None = self.special_ids[image] if image else None
         self._plain_cache: dict[str, list[int]] = {}
+
+    def _token_id(self, token: str) -> int | None:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if (
+            token_id is None
+            or token_id == self.tokenizer.unk_token_id
+            or self.tokenizer.convert_ids_to_tokens(token_id) != token
+        ):
+            return None
+        return int(token_id)
 
     def plain_ids(self, text: str) -> list[int]:
         """Ids of ``text`` with every control-token string encoded as ordinary characters."""
@@ -115,14 +124,14 @@ class PromptTokenizer:
         unsafe = self.plain_ids("unsafe")
         if not safe or not unsafe or safe[0] == unsafe[0]:
             raise TokenizerMismatch("'safe' and 'unsafe' must start with different tokens")
-        eos: set[int] = {self.special_ids["<|eot_id|>"]}
+        eos: set[int] = {self.special_ids[self.family.end_of_turn]}
         if isinstance(eos_token_id, int):
             eos.add(eos_token_id)
         elif eos_token_id is not None:
             eos.update(int(i) for i in eos_token_id)
-        end_of_text = self.tokenizer.convert_tokens_to_ids("<|end_of_text|>")
-        if end_of_text is not None and end_of_text != self.tokenizer.unk_token_id:
-            eos.add(int(end_of_text))
+        end_of_text = self._token_id("<|end_of_text|>")
+        if end_of_text is not None:
+            eos.add(end_of_text)
         return AnswerTokens(safe[0], unsafe[0], tuple(unsafe), tuple(sorted(eos)))
 
 

@@ -15,15 +15,33 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class GuardRequest:
-    """One conversation to judge under one policy; ``image`` is a decoded RGB PIL image or None."""
+    """One conversation to judge under one policy, with its decoded RGB PIL images.
+
+    ``image`` is the one image (Llama Guard 3 Vision reads one); ``images`` several (Llama Guard 4), with the
+    turn index of each in ``image_turns`` (empty = all in the last user turn).
+    """
 
     turns: tuple[Turn, ...]
     policy: Policy
     image: Image | None = None
+    images: tuple[Image, ...] = ()
+    image_turns: tuple[int, ...] = ()
+
+    @property
+    def all_images(self) -> tuple[Image, ...]:
+        """Every image of the request, in order."""
+        return self.images if self.images else (() if self.image is None else (self.image,))
 
     @property
     def has_image(self) -> bool:
-        return self.image is not None
+        return bool(self.all_images)
+
+    def image_positions(self) -> tuple[int, ...]:
+        """The turn index of each image (default: the last user turn, where the model reads images)."""
+        if self.image_turns:
+            return self.image_turns
+        last_user = max((i for i, t in enumerate(self.turns) if t.role == "user"), default=0)
+        return (last_user,) * len(self.all_images)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ NAMESPACE: Final = "mw"
 OUTCOMES: Final = ("verdict", "dead_letter", "cached")
 DECISIONS: Final = ("safe", "unsafe")
 CACHE_RESULTS: Final = ("hit", "miss", "error")
+OUTAGE_CAUSES: Final = ("engine", "delivery")
 STAGES: Final = ("decode", "cache", "prepare", "model", "publish", "commit")
 MODALITIES: Final = ("text", "image")
 NO_CATEGORY: Final = "none"  # category label of safe verdicts
@@ -205,6 +206,35 @@ WORKER_READY = Gauge(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+OUTAGE = Gauge(
+    "outage",
+    "1 while this worker has stopped consuming because a dependency keeps failing (cause: engine = whole batches "
+    "fail in the model; delivery = outputs keep failing to reach the broker), else 0. Alert on it.",
+    ["cause"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+OUTAGES = Counter(
+    "outages_total",
+    "Outages declared (the worker paused consumption and reported not ready), by cause.",
+    ["cause"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+OUTAGE_RETRIES = Counter(
+    "outage_retries_total",
+    "Retries that failed while in an outage (engine: the held batch; delivery: a re-publish), by cause.",
+    ["cause"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+REPLAYS_SKIPPED = Counter(
+    "replays_skipped_total",
+    "Records consumed again after a crash or rebalance whose answer the broker had already acknowledged "
+    "(published marker found in Redis): completed without publishing a duplicate.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 RAY_WORKERS_ALIVE = Gauge(
     "ray_workers_alive",
     "GuardWorker actors alive, as seen by the Ray driver.",
@@ -243,6 +273,10 @@ def _preinitialise() -> None:
         BATCH_SIZE.labels(modality=modality)
     for stage in STAGES:
         STAGE_SECONDS.labels(stage=stage)
+    for cause in OUTAGE_CAUSES:
+        OUTAGE.labels(cause=cause)
+        OUTAGES.labels(cause=cause)
+        OUTAGE_RETRIES.labels(cause=cause)
     for action in ("halt", "annotate"):
         BLOCKLIST_HITS.labels(action=action)
 

@@ -10,9 +10,16 @@ acknowledged its verdict or dead letter (``Publisher.drain_acks``); the committe
 is the highest contiguous completed one (``OffsetTracker``). Outputs carry ``event_id`` so downstream
 deduplicates the replays a crash can cause.
 
+Replays stay quiet: once every output of a record is acknowledged, a published marker for its source
+offset goes to Redis (``PublishedMarkers``); a record consumed again after a crash whose marker is found
+is completed without publishing its answer twice.
+
 Failure handling: bad input → dead letter with its reason; a batch whose engine call raises is split
 in halves until the failing item(s) are isolated (``engine_error``) — which is also how a device
-out-of-memory turns into smaller batches; Redis down → uncached (see ``VerdictCache``).
+out-of-memory turns into smaller batches; Redis down → uncached (see ``VerdictCache``). When the engine
+fails every item of a batch and a probe request fails too (or such batches keep coming), or deliveries
+keep failing, that is an outage, not poison (``FailureGuard``): the batch is held, the partitions paused,
+readiness turns false and the held work is retried with backoff until it succeeds.
 """
 
 from __future__ import annotations
@@ -31,17 +38,19 @@ from kafka.structs import TopicPartition
 
 from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
+from worker.cache.published import PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
 from worker.decode import decode_event, salvage_event_id
 from worker.engine.policy import resolve_event_policy
 from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
+from worker.events import ChatEvent, Turn
 from worker.language import detect_language
-from worker.events import ChatEvent
 from worker.ops import metrics
 from worker.stream.batcher import Batch, BatchEntry, MicroBatcher
 from worker.stream.offsets import OffsetTracker
+from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
 from worker.verdicts import event_lag_seconds, verdict_for
 
@@ -62,6 +71,10 @@ IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
 ACK_POLL_MS = 5
 PREPARE_AHEAD = 2  # prepared batches queued for the model: the one running next and one being prepared
 ENGINE_ERROR_MESSAGE_CHARS = 400  # raw model output quoted in an engine_error dead letter, at most
+# Engine error kinds that say the model itself failed (not that its answer did not parse).
+ENGINE_FAULT_KINDS = frozenset({"model", "out_of_memory", "non_finite"})
+# A request every working engine answers: tells an outage from a batch of poison items.
+PROBE_TEXT = "Hello! What is the capital of France?"
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +95,8 @@ class WorkItem:
     output: tuple[str, dict[str, Any]] | None = None  # what was published, kept to re-publish on failure
     hits: tuple[BlocklistHit, ...] = ()  # the policy's blocklists matching the judged text
     language: dict[str, Any] | None = None  # of the judged text; detected off the loop thread for the model
+    digest: bytes = b""  # record_digest(raw), what its published marker stores
+    failed_deliveries: int = 0
 
     @property
     def source(self) -> SourceCoordinates:
@@ -118,6 +133,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return exc.out_of_memory
     return type(exc).__name__ == "OutOfMemoryError" or (
         isinstance(exc, RuntimeError) and "out of memory" in str(exc)
+    )
+
+
+def is_engine_fault(result: GuardResult | EngineError) -> bool:
+    """Whether ``result`` says the model failed on the item (a raised or non-finite forward pass, not a parse)."""
+    return (
+        isinstance(result, EngineError)
+        and isinstance(result.detail, dict)
+        and result.detail.get("kind") in ENGINE_FAULT_KINDS
     )
 
 
@@ -177,9 +201,19 @@ class StreamPipeline:
         self._assigned: set[TopicPartition] = set()
         self._last_commit = 0.0
         self._last_lag = 0.0
-        self._snapshot: dict[str, Any] = {"assigned": [], "paused": 0, "in_flight": 0, "all_committed": True}
+        self._snapshot: dict[str, Any] = {
+            "assigned": [],
+            "paused": 0,
+            "in_flight": 0,
+            "all_committed": True,
+            "outage": None,
+        }
         self._consumer: KafkaConsumer | None = None
         self._publisher: Publisher | None = None
+        self._markers: PublishedMarkers | None = None
+        self._guard = FailureGuard(settings.failures)
+        self._held: PreparedWork | None = None  # the batch waiting out an engine outage
+        self._republish: list[tuple[float, WorkItem]] = []  # (monotonic due time, item) of failed deliveries
         # Verdicts counted this loop turn, added to the Prometheus counters once per turn (``_flush_metrics``):
         # one ``inc(n)`` per label set instead of several label lookups per event on the hot path.
         self._verdict_tally: Counter[tuple[str, tuple[str, ...], bool]] = Counter()
@@ -193,14 +227,21 @@ class StreamPipeline:
             "republished": 0,
             "batches": 0,
             "isolations": 0,
+            "replays_skipped": 0,
+            "outages": 0,
         }
 
     # ------------------------------------------------------------------ public
 
     @property
     def ready(self) -> bool:
-        """Model loaded and at least one partition assigned."""
-        return self.engine is not None and bool(self._snapshot["assigned"]) and self._running
+        """Model loaded, at least one partition assigned, and no dependency outage."""
+        return (
+            self.engine is not None
+            and bool(self._snapshot["assigned"])
+            and self._running
+            and not self._guard.active
+        )
 
     def request_stop(self) -> None:
         """Ask ``run()`` to stop fetching, drain and return (thread-safe, idempotent)."""
@@ -211,13 +252,16 @@ class StreamPipeline:
 
         ``all_committed``: nothing in flight and every completed offset committed (as of the last loop turn).
         """
-        return {
+        status = {
             "worker": self.worker_name,
             "ready": self.ready,
             "model_loaded": self.engine is not None,
             **self._snapshot,
             "counters": dict(self.counters),
         }
+        if status["outage"]:
+            status["reason"] = "+".join(f"{cause}_outage" for cause in status["outage"])
+        return status
 
     def _take_snapshot(self) -> None:
         """Refresh what ``status()`` reports; only the loop thread touches the live structures."""
@@ -226,6 +270,7 @@ class StreamPipeline:
             "paused": len(self._paused),
             "in_flight": self._tracker.in_flight(),
             "all_committed": self._tracker.all_committed(),
+            "outage": self._guard.status(),
         }
 
     def run(self) -> None:
@@ -242,6 +287,7 @@ class StreamPipeline:
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
+        self._markers = PublishedMarkers(self._cache, self.settings)
         producer: KafkaProducer = make_producer(self.settings)
         consumer: KafkaConsumer = make_consumer(self.settings)
         self._consumer, self._publisher = consumer, Publisher(producer, self.settings.topics)
@@ -249,6 +295,10 @@ class StreamPipeline:
             self.settings.batching.prepare_threads, thread_name_prefix=f"{self.worker_name}-prep"
         )
         self._pool = pool
+        # The forward pass runs here while the loop thread keeps applying acks (and writing published
+        # markers) — otherwise the acks of the previous batch wait out the whole forward pass, and a crash
+        # in that window replays answers the broker already has.
+        self._model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{self.worker_name}-model")
         self._running = True
         threading.Thread(
             target=self._learn_output_partitions,
@@ -265,7 +315,10 @@ class StreamPipeline:
         finally:
             self._running = False
             metrics.WORKER_READY.set(0)
+            for cause in list(self._guard.outages):  # this worker no longer reports; its outage ends with it
+                self._guard.leave(cause)
             pool.shutdown(wait=True, cancel_futures=True)
+            self._model_thread.shutdown(wait=True, cancel_futures=True)
             try:
                 consumer.close(autocommit=False)
             finally:
@@ -311,34 +364,38 @@ class StreamPipeline:
             with metrics.observe_stage(
                 "decode"
             ):  # per poll, not per record: the timer costs as much as decoding
-                for tp, batch in records.items():
-                    for record in batch:
-                        self._accept(tp, record)
+                self._accept_all(records)
         self._collect_fetched_images()
         self._lookup_cache()
         self._dispatch_ready_batches(flush_all=draining)
         self._run_next_prepared()
         self._apply_acks()
+        self._republish_due()
         self._maybe_commit()
-        if not draining:  # draining keeps every partition paused: no resume, whatever the in-flight count
+        if self._guard.active:
+            self._hold_consumption()
+        elif not draining:  # draining keeps every partition paused: no resume, whatever the in-flight count
             self._apply_backpressure()
         self._update_gauges()
 
     def _poll_timeout_ms(self, draining: bool) -> int:
-        if draining or self._key_ready or self._prepared or self._fetching:
+        # In an engine outage the prepared batches wait for the held one: they are no reason to spin.
+        runnable = self._prepared and not self._guard.down("engine")
+        if draining or self._key_ready or runnable or self._fetching:
             return 0
         timeout = IDLE_POLL_MS
         if self._publisher is not None and self._publisher.awaiting_acks:
             timeout = ACK_POLL_MS
         due = self._batcher.seconds_until_due()
-        if due is not None:
-            return min(timeout, int(due * 1000))
+        for wait_s in (due, self._guard.seconds_until_retry(), self._seconds_until_republish()):
+            if wait_s is not None:
+                timeout = min(timeout, int(wait_s * 1000))
         return timeout
 
     def _has_work(self) -> bool:
-        return bool(self._fetching or self._key_ready or self._prepared or len(self._batcher)) or (
-            self._tracker.in_flight() > 0
-        )
+        return bool(
+            self._fetching or self._key_ready or self._prepared or len(self._batcher) or self._held
+        ) or (self._tracker.in_flight() > 0)
 
     def _drain(self) -> None:
         """Stop fetching, finish in-flight work within the drain deadline, flush, commit."""
@@ -347,7 +404,8 @@ class StreamPipeline:
         assignment = self._consumer.assignment()
         if assignment:
             self._consumer.pause(*assignment)
-        while self._has_work() and time.monotonic() < deadline:
+        # In an outage the held work cannot finish: stop waiting for it (it stays uncommitted, and is redone).
+        while self._has_work() and time.monotonic() < deadline and not self._guard.active:
             self._step(draining=True)
             if self._tracker.in_flight() and not (self._fetching or self._key_ready or self._prepared):
                 time.sleep(0.005)  # only acks outstanding: let the producer's I/O thread answer
@@ -365,7 +423,32 @@ class StreamPipeline:
 
     # ------------------------------------------------------------------ stages
 
-    def _accept(self, tp: TopicPartition, record: Any) -> None:
+    def _accept_all(self, records: dict[TopicPartition, list[Any]]) -> None:
+        """Accept one poll's records; the replayed ones whose answer is already acknowledged are completed."""
+        assert self._markers is not None
+        if not self._markers.enabled:
+            for tp, batch in records.items():
+                for record in batch:
+                    self._accept(tp, record, b"")
+            return
+        polled = [
+            (tp, record, record_digest(record.value)) for tp, batch in records.items() for record in batch
+        ]
+        answered = self._markers.acknowledged([(tp, record.offset, digest) for tp, record, digest in polled])
+        for (tp, record, digest), done in zip(polled, answered, strict=True):
+            if not done:
+                self._accept(tp, record, digest)
+            elif self._tracker.register(tp, record.offset):
+                self._next_fetch[tp] = record.offset + 1
+                self.counters["consumed"] += 1
+                generation = self._tracker.generation(tp)
+                assert generation is not None  # register() tracks the partition
+                self._tracker.complete(tp, record.offset, generation)
+                self.counters["completed"] += 1  # its answer was acknowledged, by an earlier run
+                self.counters["replays_skipped"] += 1
+                metrics.REPLAYS_SKIPPED.inc()
+
+    def _accept(self, tp: TopicPartition, record: Any, digest: bytes) -> None:
         """Register a consumed record and decode it into an event (or a dead letter)."""
         if not self._tracker.register(tp, record.offset):
             return  # re-fetched after a seek: already in flight
@@ -381,6 +464,7 @@ class StreamPipeline:
             record_key=record.key,
             timestamp_ms=record.timestamp,
             received=time.monotonic(),
+            digest=digest,
         )
         decoded = decode_event(record.value, self.settings)  # never raises: bad input is a Rejection
         if isinstance(decoded, Rejection):
@@ -536,7 +620,10 @@ class StreamPipeline:
         return work
 
     def _run_next_prepared(self) -> None:
-        """Run the model on the oldest prepared batch, once its preparation is done."""
+        """Run the model on the oldest prepared batch, once its preparation is done (or retry a held one)."""
+        if self._held is not None:
+            self._retry_held()
+            return
         if not self._prepared:
             return
         head = self._prepared[0]
@@ -553,6 +640,7 @@ class StreamPipeline:
             self._running_entries.pop(entry.key, None)
             for item in entry.items:
                 self._dead_letter(item, rejection)
+        work.rejected = []
         if not work.requests:
             return
         results: list[GuardResult | EngineError] | None = None
@@ -573,6 +661,92 @@ class StreamPipeline:
                 extra={"stage": "model"},
             )
             results = self._isolate(work.requests, error)
+        if self._engine_down(results):
+            self._hold(work, results)
+            return
+        self._finish(work.entries, results)
+
+    def _engine_down(self, results: list[GuardResult | EngineError]) -> bool:
+        """Whether a batch's results mean an engine outage rather than poison items.
+
+        Every item failed in the model → probe the engine with a request any working model answers: a
+        failed probe, or ``failures.max_failed_batches`` such batches in a row, is an outage.
+        """
+        if not all(is_engine_fault(r) for r in results):
+            self._guard.batch_succeeded()
+            return False
+        limit_reached = self._guard.batch_failed()
+        return limit_reached or not self._probe_engine()
+
+    def _probe_engine(self) -> bool:
+        """Run one known-good request; True when the engine answers it."""
+        assert self.engine is not None
+        request = GuardRequest(turns=(Turn("user", (PROBE_TEXT,)),), policy=self.engine.policy_for(None))
+        try:
+            (result,) = self.engine.run(self.engine.prepare([request]))
+        except Exception as exc:  # noqa: BLE001 — a probe that raises is the answer
+            log.warning("engine probe raised %s", type(exc).__name__, extra={"stage": "model"})
+            return False
+        return isinstance(result, GuardResult)
+
+    def _hold(self, work: PreparedWork, results: list[GuardResult | EngineError]) -> None:
+        """Keep ``work`` out of the dead-letter topic: declare an engine outage and retry it later."""
+        self._held = work
+        reason = str(results[0])[:ENGINE_ERROR_MESSAGE_CHARS] if results else "the engine failed"
+        if not self._guard.down("engine"):
+            self._guard.enter("engine", reason)
+            self.counters["outages"] += 1
+            log.error(
+                "engine outage: every item of %d consecutive batch(es) failed; pausing consumption and "
+                "retrying with backoff (%s)",
+                self._guard.failed_batches,
+                reason,
+                extra={"stage": "model", "reason": "engine_outage"},
+            )
+        else:
+            self._guard.retry_failed("engine", reason)
+
+    def _retry_held(self) -> None:
+        """Run the held batch again when its retry is due; publish its answers once the engine works."""
+        work = self._held
+        assert work is not None and self.engine is not None
+        if not self._guard.retry_due("engine"):
+            return
+        # A revoke may have taken some of its events to another worker since: do not judge those.
+        live = [
+            (entry, request)
+            for entry, request in zip(work.entries, work.requests, strict=True)
+            if not all(self._stale(item) for item in entry.items)
+        ]
+        if not live:
+            self._held = None
+            self._guard.leave("engine")
+            return
+        work.entries, work.requests = [e for e, _ in live], [r for _, r in live]
+        # Probe first: the held batch then runs only on an engine that works again, so a failure of it
+        # after that (with the engine still answering the probe) is its own items' fault, not the outage's.
+        if not self._probe_engine():
+            self._guard.retry_failed("engine", "the probe request still fails")
+            return
+        try:
+            results = self._run_batch(work.requests, self.engine.prepare(work.requests), work.modality)
+        except Exception as exc:  # noqa: BLE001 — still isolated: poison stays one dead letter
+            results = self._isolate(work.requests, exc)
+        # Failed again: still down if the probe fails now, or if the run of failed batches is at the limit
+        # (the probe works but batches like this one do not, e.g. only images fail); otherwise its items
+        # are poison and become dead letters.
+        if all(is_engine_fault(r) for r in results) and (
+            not self._probe_engine() or self._guard.batch_failed()
+        ):
+            self._hold(work, results)
+            return
+        outage = self._guard.leave("engine")
+        self._held = None
+        log.warning(
+            "engine recovered after %d failed retries; resuming",
+            outage.attempts if outage is not None else 0,
+            extra={"stage": "model", "reason": "engine_recovered"},
+        )
         self._finish(work.entries, results)
 
     def _run_batch(
@@ -585,7 +759,7 @@ class StreamPipeline:
         """
         assert self.engine is not None
         with metrics.observe_stage("model"):
-            results = self.engine.run(prepared)
+            results = self._forward(prepared)
         metrics.BATCH_SIZE.labels(modality=modality).observe(len(requests))
         self.counters["batches"] += 1
         if len(requests) > 1:
@@ -596,13 +770,29 @@ class StreamPipeline:
                 )
         return results
 
+    def _forward(self, prepared: Any) -> list[GuardResult | EngineError]:
+        """``engine.run`` on the model thread; meanwhile this thread applies the acks that arrive."""
+        assert self.engine is not None
+        running = self._model_thread.submit(self.engine.run, prepared)
+        while True:
+            try:
+                return running.result(timeout=ACK_POLL_MS / 1000)
+            except cf.TimeoutError:
+                if self._publisher is not None and self._publisher.awaiting_acks:
+                    self._apply_acks()
+
     def _isolate(self, requests: list[GuardRequest], error: BaseException) -> list[GuardResult | EngineError]:
         """Results for ``requests`` after a failed batch: bisect until the failing items stand alone.
 
         A device out-of-memory is handled the same way — the halves are smaller batches.
         """
         if len(requests) == 1:
-            return [EngineError(f"the engine failed on this item ({type(error).__name__}: {error})")]
+            return [
+                EngineError(
+                    f"the engine failed on this item ({type(error).__name__}: {error})",
+                    detail={"kind": "out_of_memory" if is_out_of_memory(error) else "model"},
+                )
+            ]
         assert self.engine is not None
         mid = len(requests) // 2
         results: list[GuardResult | EngineError] = []
@@ -716,29 +906,91 @@ class StreamPipeline:
             self._publisher.publish_dead_letter(record, item.record_key, item)
 
     def _apply_acks(self) -> None:
-        """Mark acknowledged events completed; re-publish the ones whose delivery failed."""
-        assert self._publisher is not None
+        """Mark acknowledged events completed (and their markers written); schedule failed ones again."""
+        assert self._publisher is not None and self._markers is not None
         now = time.time()
+        acked = []
         for item, error in self._publisher.drain_acks():
             if self._stale(item):
                 continue
             if error is not None:
-                self.counters["republished"] += 1
-                log.warning(
-                    "delivery failed (%s); publishing again",
-                    type(error).__name__,
-                    extra={"event_id": item.event_id, "stage": "publish"},
-                )
-                self._publish(item)
+                self._delivery_failed(item, error)
                 continue
+            if item.failed_deliveries and self._guard.down("delivery"):
+                self._guard.leave("delivery")
+                log.warning("deliveries work again; resuming", extra={"stage": "publish"})
             if self._tracker.complete(item.tp, item.offset, item.generation):
                 self.counters["completed"] += 1
+                acked.append((item.tp, item.offset, item.digest))
                 if item.timestamp_ms and item.timestamp_ms > 0:
                     metrics.END_TO_END_SECONDS.observe(max(0.0, now - item.timestamp_ms / 1000.0))
                 if item.event is not None and item.event.created_at is not None:
                     lag = event_lag_seconds(item.event.created_at, now)
                     if lag is not None:
                         metrics.EVENT_LAG_SECONDS.observe(lag)
+        if acked and self._markers.enabled:
+            with metrics.observe_stage("cache"):
+                self._markers.mark(acked)
+
+    def _delivery_failed(self, item: WorkItem, error: BaseException) -> None:
+        """Schedule ``item`` to be published again after a backoff; too many failures are a delivery outage."""
+        item.failed_deliveries += 1
+        self.counters["republished"] += 1
+        reason = f"{type(error).__name__}: {error}"[:ENGINE_ERROR_MESSAGE_CHARS]
+        if item.failed_deliveries >= self.settings.failures.max_publish_attempts:
+            if not self._guard.down("delivery"):
+                self._guard.enter("delivery", reason)
+                self.counters["outages"] += 1
+                log.error(
+                    "delivery outage: an event failed %d deliveries (%s); pausing consumption, retrying with "
+                    "backoff",
+                    item.failed_deliveries,
+                    type(error).__name__,
+                    extra={"event_id": item.event_id, "stage": "publish", "reason": "delivery_outage"},
+                )
+            else:
+                self._guard.retry_failed("delivery", reason)
+        else:
+            log.warning(
+                "delivery failed (%s); publishing again after a backoff",
+                type(error).__name__,
+                extra={"event_id": item.event_id, "stage": "publish"},
+            )
+        due = time.monotonic() + self._guard.delay(item.failed_deliveries)
+        self._republish.append((due, item))
+
+    def _seconds_until_republish(self) -> float | None:
+        if not self._republish:
+            return None
+        return max(0.0, min(due for due, _ in self._republish) - time.monotonic())
+
+    def _republish_due(self) -> None:
+        """Publish again the failed deliveries whose backoff has passed (never dropped, except when revoked)."""
+        if not self._republish:
+            return
+        now = time.monotonic()
+        waiting = []
+        for due, item in self._republish:
+            if self._stale(item):
+                continue
+            if due > now:
+                waiting.append((due, item))
+            else:
+                self._publish(item)
+        self._republish = waiting
+
+    def _hold_consumption(self) -> None:
+        """In an outage: keep every assigned partition paused (also ones assigned since it began)."""
+        assert self._consumer is not None
+        assignment = set(self._consumer.assignment())
+        # The same bookkeeping as ``_apply_backpressure``, which does not run meanwhile.
+        self._forget(self._tracker.retain(assignment))
+        self._paused &= assignment
+        unpaused = assignment - self._paused
+        if unpaused:
+            self._consumer.pause(*unpaused)
+            self._paused |= unpaused
+        metrics.PAUSED_PARTITIONS.set(len(self._paused))
 
     # ------------------------------------------------------------------ offsets, backpressure, rebalance
 

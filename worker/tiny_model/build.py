@@ -1,8 +1,14 @@
-"""Build the tiny Mllama guard checkpoint: tokenizer, image processor, model — offline, seeded, in seconds.
+"""Build the tiny guard checkpoints: tokenizer, image processor, model — offline, seeded, in seconds.
 
-The checkpoint has the real Llama Guard 3 Vision *shape* (MllamaForConditionalGeneration + MllamaProcessor,
-Llama-3 special tokens, byte-level BPE, tiled images, cross-attention layers) at a size that builds and
-trains on a laptop CPU. ``ensure_tiny_model`` caches builds under
+One checkpoint per architecture of the Llama Guard family (``TinyRecipe.family``):
+
+- ``llama-guard-3-vision``: the real Llama Guard 3 Vision *shape* (MllamaForConditionalGeneration +
+  MllamaProcessor, Llama-3 special tokens, byte-level BPE, tiled images, cross-attention layers);
+- ``llama-guard-3-1b``: a text guard, ``LlamaForCausalLM`` + a Llama-3 tokenizer without ``<|image|>``,
+  trained on both the Llama Guard 3 1B and 8B prompts (the two models differ only in prompt), so it serves
+  either family;
+
+each at a size that builds and trains on a laptop CPU. ``ensure_tiny_model`` caches builds under
 ``~/.cache/moderation-worker/tiny-guard-<recipehash>`` (``MW_CACHE_DIR`` overrides the root), built once per
 machine: in a temporary directory, then renamed, under a file lock so concurrent test processes wait
 instead of building twice.
@@ -28,6 +34,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     MllamaConfig,
     MllamaForConditionalGeneration,
     MllamaProcessor,
@@ -37,6 +45,7 @@ from transformers import (
 )
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
+from worker.engine.families import LG3_1B, LG3_8B, VISION
 from worker.tiny_model import synthetic
 
 logger = logging.getLogger(__name__)
@@ -44,6 +53,9 @@ logger = logging.getLogger(__name__)
 # Bump when a code change alters what a build produces (enters the recipe hash, so caches refresh).
 CODE_VERSION = 1
 MODEL_ID = "tiny-guard"
+# The families each tiny checkpoint is trained to serve (prompts of all of them in its training data).
+SERVED_FAMILIES: dict[str, tuple[str, ...]] = {VISION: (VISION,), LG3_1B: (LG3_1B, LG3_8B)}
+BUILDABLE_FAMILIES: dict[str, str] = {VISION: VISION, LG3_1B: LG3_1B, LG3_8B: LG3_1B}  # family -> checkpoint
 RECIPE_FILE = "recipe.json"
 
 # Llama-3's special tokens, in Llama-3's order (ids 128000.. in the real vocabulary; here they follow the
@@ -107,6 +119,11 @@ TEMPLATE_CORPUS: tuple[str, ...] = (
     "\n\nunsafe\nS13",
     "\n\nunsafe\nS1,S9",
 )
+# What the Llama Guard 3 8B prompt adds (the text guard learns both prompts).
+TEXT_TEMPLATE_CORPUS: tuple[str, ...] = (
+    " <BEGIN UNSAFE CONTENT CATEGORIES>\nS13: Elections.\nS14: Code Interpreter Abuse.\n",
+    "list of violated categories.",
+)
 
 
 def _library_versions() -> tuple[str, ...]:
@@ -134,6 +151,7 @@ class TinyRecipe:
     """Everything that determines the checkpoint's bytes; its hash names the cache directory."""
 
     seed: int = 0
+    family: str = VISION  # which checkpoint (see the module docstring); left out of the hash for Vision
     bpe_vocab_size: int = 2048
     text_hidden: int = 64
     text_layers: int = 4
@@ -163,7 +181,10 @@ class TinyRecipe:
 
     def as_dict(self) -> dict[str, object]:
         """The recipe as plain JSON-able data (what ``recipe.json`` records)."""
-        return asdict(self)
+        data = asdict(self)
+        if self.family == VISION:
+            del data["family"]  # the Vision recipe predates families: keep its hash (and cached builds)
+        return data
 
     @property
     def hash(self) -> str:
@@ -172,9 +193,24 @@ class TinyRecipe:
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-def default_recipe(*, train: bool = True) -> TinyRecipe:
-    """The project's recipe; ``train=False`` gives the untrained (random-weights) variant."""
-    return TinyRecipe() if train else TinyRecipe(train=None)
+def checkpoint_family(family: str) -> str:
+    """The tiny checkpoint that serves ``family`` (Llama Guard 3 1B and 8B share the text guard)."""
+    try:
+        return BUILDABLE_FAMILIES[family]
+    except KeyError:
+        raise ValueError(
+            f"no tiny checkpoint for family {family!r}; buildable: {', '.join(BUILDABLE_FAMILIES)}"
+        ) from None
+
+
+def default_recipe(*, train: bool = True, family: str = VISION) -> TinyRecipe:
+    """The project's recipe for ``family``; ``train=False`` gives the untrained (random-weights) variant."""
+    family = checkpoint_family(family)
+    if family == VISION:
+        return TinyRecipe() if train else TinyRecipe(train=None)
+    # A text guard learns the toy policy from fewer, shorter steps than the Vision one (no images to learn).
+    text_training = TrainRecipe(examples=768, epochs=3, learning_rate=4e-3)
+    return TinyRecipe(family=family, train=text_training if train else None)
 
 
 def cache_root() -> Path:
@@ -190,6 +226,8 @@ def _tokenizer_corpus(recipe: TinyRecipe) -> Iterator[str]:
     # sequences, fast training) and makes `unsafe` one token, as in Llama-3's vocabulary.
     for _ in range(recipe.template_corpus_weight):
         yield from TEMPLATE_CORPUS
+        if recipe.family != VISION:
+            yield from TEXT_TEMPLATE_CORPUS
     for example in synthetic.synthetic_examples(
         recipe.tokenizer_corpus_examples, seed=recipe.seed, split="train"
     ):
@@ -219,7 +257,8 @@ def build_tokenizer(recipe: TinyRecipe) -> PreTrainedTokenizerFast:
         special_tokens=[],
     )
     tokenizer.train_from_iterator(list(_tokenizer_corpus(recipe)), trainer=trainer)
-    tokenizer.add_special_tokens([*SPECIAL_TOKENS, IMAGE_TOKEN])
+    # The text guard's vocabulary has no <|image|>, like Llama Guard 3 1B/8B's.
+    tokenizer.add_special_tokens([*SPECIAL_TOKENS, IMAGE_TOKEN] if recipe.family == VISION else list(SPECIAL_TOKENS))
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     # Like Llama-3's tokenizer.json: BOS is prepended when add_special_tokens=True.
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -286,6 +325,38 @@ def build_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> Mlla
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id)
 
 
+def build_text_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """The text guard's config: the Mllama text stack's sizes, without cross-attention layers."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.text_hidden,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.text_heads,
+        num_key_value_heads=recipe.text_kv_heads,
+        intermediate_size=recipe.text_intermediate,
+        max_position_embeddings=recipe.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
+        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", EOS_TOKEN)],
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        tie_word_embeddings=False,
+    )
+
+
+def build_text_model(recipe: TinyRecipe, config: LlamaConfig) -> LlamaForCausalLM:
+    """Seeded random init of the text guard."""
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
+        max_new_tokens=10,
+    )
+    return model.eval()
+
+
 def build_model(recipe: TinyRecipe, config: MllamaConfig) -> MllamaForConditionalGeneration:
     """Seeded random init; cross-attention gates opened so images influence the text stream."""
     torch.manual_seed(recipe.seed)
@@ -335,6 +406,21 @@ def _model_card(recipe: TinyRecipe, report: BuildReport) -> str:
             f"- {name}: {int(value) if name.endswith('_count') else round(value, 4)}\n"
             for name, value in sorted(report.heldout.items())
         )
+    if recipe.family != VISION:
+        return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [llama, llama-guard, tiny, synthetic, test-fixture]
+---
+# {MODEL_ID}-text ({"trained" if trained else "untrained"}, recipe {report.recipe_hash})
+
+A **tiny** `LlamaForCausalLM` text guard built by `moderation-worker build-tiny-model --family {recipe.family}`,
+offline and deterministically, for the moderation-worker tests and demo. It has the shape of Llama Guard 3
+1B/8B (Llama-3 special tokens, byte-level BPE, no image token) but {report.parameters:,} parameters, and
+was trained on both families' prompts: {", ".join(SERVED_FAMILIES[recipe.family])}. **It is not a safety
+classifier**: it only knows the toy policy of `worker.tiny_model.synthetic` (text conversations), answering
+`\\n\\nsafe` / `\\n\\nunsafe\\nS..` then `<|eot_id|>`. The full recipe is in `recipe.json`.
+{accuracy}"""
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -366,8 +452,12 @@ The full recipe is in `recipe.json`.
 def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
     started = time.perf_counter()
     tokenizer = build_tokenizer(recipe)
-    processor = build_processor(recipe, tokenizer)
-    model = build_model(recipe, build_config(recipe, tokenizer))
+    if recipe.family == VISION:
+        processor = build_processor(recipe, tokenizer)
+        model = build_model(recipe, build_config(recipe, tokenizer))
+    else:
+        processor = tokenizer  # a text guard has no image processor: its "processor" is the tokenizer
+        model = build_text_model(recipe, build_text_config(recipe, tokenizer))
     build_seconds = time.perf_counter() - started
     report = BuildReport(
         path=out_dir,
@@ -380,10 +470,11 @@ def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
         from worker.tiny_model.train import evaluate_heldout, train_model
 
         started, cpu_started = time.perf_counter(), time.process_time()
-        train_model(model, processor, recipe.train)
+        families = SERVED_FAMILIES[recipe.family]
+        train_model(model, processor, recipe.train, families=families)
         report.train_seconds = time.perf_counter() - started
         report.train_cpu_seconds = time.process_time() - cpu_started
-        report.heldout = evaluate_heldout(model, processor, recipe.train)
+        report.heldout = evaluate_heldout(model, processor, recipe.train, family=families[0])
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     report.size_bytes = _dir_size(out_dir)
@@ -391,7 +482,9 @@ def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
     (out_dir / RECIPE_FILE).write_text(
         json.dumps(
             {
-                "model_id": MODEL_ID,
+                "model_id": MODEL_ID if recipe.family == VISION else f"{MODEL_ID}-text",
+                "family": recipe.family,
+                "serves": list(SERVED_FAMILIES[recipe.family]),
                 "recipe_hash": recipe.hash,
                 "trained": recipe.train is not None,
                 "recipe": recipe.as_dict(),
@@ -483,26 +576,34 @@ def build_tiny_model_report(
         return report, True
 
 
-def build_tiny_model(out_dir: Path, *, train: bool = True, force: bool = False) -> Path:
+def build_tiny_model(out_dir: Path, *, train: bool = True, force: bool = False, family: str = VISION) -> Path:
     """Build (and with ``train`` also train) the tiny checkpoint into ``out_dir``; reuse it if current."""
-    report, _ = build_tiny_model_report(out_dir, train=train, force=force)
+    report, _ = build_tiny_model_report(
+        out_dir, train=train, force=force, recipe=default_recipe(train=train, family=family)
+    )
     return report.path
 
 
-def ensure_tiny_model(train: bool = True) -> Path:
-    """The cached checkpoint for the project's recipe, built once per machine (concurrency-safe)."""
-    recipe = default_recipe(train=train)
+def ensure_tiny_model(train: bool = True, family: str = VISION) -> Path:
+    """The cached checkpoint serving ``family`` for the project's recipe, built once per machine (concurrency-safe)."""
+    recipe = default_recipe(train=train, family=family)
     out_dir = cache_root() / f"tiny-guard-{recipe.hash}"
     if read_recipe(out_dir) is None:
         build_tiny_model_report(out_dir, train=train, recipe=recipe)
     return out_dir
 
 
-def build_tiny_model_command(out_dir: Path, train: bool = True, force: bool = False) -> int:
+def build_tiny_model_command(out_dir: Path, train: bool = True, force: bool = False, family: str = VISION) -> int:
     """CLI: build/reuse the checkpoint and print where it is, its size, parameters, timings and accuracy."""
-    report, built_now = build_tiny_model_report(Path(out_dir), train=train, force=force)
+    try:
+        recipe = default_recipe(train=train, family=family)
+    except ValueError as exc:
+        print(str(exc))
+        return 2
+    report, built_now = build_tiny_model_report(Path(out_dir), train=train, force=force, recipe=recipe)
     state = "built" if built_now else "reused (recipe unchanged; --force rebuilds)"
     print(f"tiny model {state}: {report.path}")
+    print(f"  family:          {recipe.family} (serves {', '.join(SERVED_FAMILIES[recipe.family])})")
     print(f"  recipe hash:     {report.recipe_hash}")
     print(f"  parameters:      {report.parameters:,}")
     print(f"  size on disk:    {report.size_bytes / 1e6:.2f} MB")

@@ -1,9 +1,9 @@
 """Teach the tiny checkpoint the toy policy: brief, seeded CPU training on synthetic conversations.
 
 Inputs are exactly what the engine feeds the model: ``worker.engine.prompt.render_prompt`` under the default
-policy, tokenized by the MllamaProcessor without adding a second BOS (the prompt carries
-``<|begin_of_text|>``), images through the processor's real tiling path, left padding, one modality per
-batch. The target is the Llama Guard 3 answer: whitespace (``\\n\\n``), then ``safe`` or ``unsafe\\nS9``,
+policy of the checkpoint's family (the text guard: of each family it serves, alternating), tokenized without
+adding a second BOS (the prompt carries ``<|begin_of_text|>``), images through the processor's real tiling
+path, left padding, one modality per batch. A text guard (no image processor) trains on text examples only. The target is the Llama Guard 3 answer: whitespace (``\\n\\n``), then ``safe`` or ``unsafe\\nS9``,
 then ``<|eot_id|>``; the loss covers the answer tokens only.
 """
 
@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 from transformers import MllamaForConditionalGeneration, MllamaProcessor
 
-from worker.engine.policy import DEFAULT_POLICY
+from worker.config import PolicySettings
+from worker.engine.families import DEFAULT_FAMILY
+from worker.engine.policy import policy_from_settings
 from worker.engine.prompt import render_prompt
 from worker.events import Turn
 from worker.tiny_model.synthetic import LabelledExample, synthetic_examples
@@ -63,9 +65,19 @@ def example_image(event: dict) -> Image.Image | None:
     return None
 
 
-def example_prompt(example: LabelledExample) -> str:
-    """The exact prompt the engine renders for this example under the default policy."""
-    return render_prompt(example_turns(example.event), DEFAULT_POLICY, has_image=example.has_image)
+def example_prompt(example: LabelledExample, family: str = DEFAULT_FAMILY) -> str:
+    """The exact prompt the engine renders for this example under ``family``'s default policy."""
+    policy = policy_from_settings("default", PolicySettings(), family)
+    return render_prompt(example_turns(example.event), policy, has_image=example.has_image, family=family)
+
+
+def _reads_images(processor: object) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def examples_for(processor: object, examples: Sequence[LabelledExample]) -> list[LabelledExample]:
+    """The examples a checkpoint can read: all of them, or the text-only ones for a text guard."""
+    return list(examples) if _reads_images(processor) else [e for e in examples if not e.has_image]
 
 
 @dataclass
@@ -75,11 +87,19 @@ class _Batch:
 
 
 def _encode_batch(
-    processor: MllamaProcessor, examples: Sequence[LabelledExample], *, with_targets: bool
+    processor: MllamaProcessor,
+    examples: Sequence[LabelledExample],
+    *,
+    with_targets: bool,
+    families: Sequence[str] = (DEFAULT_FAMILY,),
+    offset: int = 0,
 ) -> _Batch:
-    """Tokenize prompts (+ answers) and images for one same-modality batch, left padded."""
-    tokenizer = processor.tokenizer
-    prompts = [example_prompt(e) for e in examples]
+    """Tokenize prompts (+ answers) and images for one same-modality batch, left padded.
+
+    Row ``i`` uses the prompt of ``families[(offset + i) % len(families)]``.
+    """
+    tokenizer = getattr(processor, "tokenizer", processor)
+    prompts = [example_prompt(e, families[(offset + i) % len(families)]) for i, e in enumerate(examples)]
     answers = (
         [ANSWER_PREFIX + e.answer + ANSWER_SUFFIX for e in examples] if with_targets else [""] * len(examples)
     )
@@ -89,13 +109,16 @@ def _encode_batch(
     # tokenizing the whole string, and we know exactly which ids are answer ids.
     answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] if a else [] for a in answers]
     texts = [p + a for p, a in zip(prompts, answers)]
-    inputs = processor(
-        text=texts,
-        images=[[image] for image in images] if has_image else None,
-        add_special_tokens=False,
-        padding=True,
-        return_tensors="pt",
-    )
+    if _reads_images(processor):
+        inputs = processor(
+            text=texts,
+            images=[[image] for image in images] if has_image else None,
+            add_special_tokens=False,
+            padding=True,
+            return_tensors="pt",
+        )
+    else:
+        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     labels = torch.full_like(inputs["input_ids"], IGNORE_INDEX)
     for row, ids in enumerate(answer_ids):
         if ids:
@@ -136,15 +159,20 @@ def _torch_threads(threads: int) -> Iterator[None]:
 
 
 def train_model(
-    model: MllamaForConditionalGeneration, processor: MllamaProcessor, recipe: TrainRecipe
+    model: MllamaForConditionalGeneration,
+    processor: MllamaProcessor,
+    recipe: TrainRecipe,
+    *,
+    families: Sequence[str] = (DEFAULT_FAMILY,),
 ) -> float:
-    """Train ``model`` in place on the toy policy; returns the final epoch's mean answer-token loss."""
-    examples = synthetic_examples(recipe.examples, seed=recipe.seed, split="train")
+    """Train ``model`` in place on the toy policy, on the prompts of ``families`` (alternating rows);
+    returns the final epoch's mean answer-token loss."""
+    examples = examples_for(processor, synthetic_examples(recipe.examples, seed=recipe.seed, split="train"))
     with _torch_threads(recipe.threads):
         torch.manual_seed(recipe.seed)
         batches = [
-            _encode_batch(processor, chunk, with_targets=True)
-            for chunk in _batches(examples, recipe.batch_size)
+            _encode_batch(processor, chunk, with_targets=True, families=families, offset=n)
+            for n, chunk in enumerate(_batches(examples, recipe.batch_size))
         ]
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
@@ -199,19 +227,22 @@ def generate_answers(
     *,
     batch_size: int = 32,
     max_new_tokens: int = 10,
+    family: str = DEFAULT_FAMILY,
 ) -> list[str]:
-    """Greedy ``generate`` on each example (batched by modality); returns the decoded answers in input order."""
+    """Greedy ``generate`` on each example (batched by modality) with ``family``'s prompt; returns the decoded
+    answers in input order."""
     answers: dict[int, str] = {}
     indexed = list(enumerate(examples))
     for has_image in (False, True):
         group = [(i, e) for i, e in indexed if e.has_image == has_image]
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
-            batch = _encode_batch(processor, [e for _, e in chunk], with_targets=False)
+            batch = _encode_batch(processor, [e for _, e in chunk], with_targets=False, families=(family,))
             with torch.inference_mode():
                 output = model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False)
             new_tokens = output[:, batch.inputs["input_ids"].shape[1] :]
-            decoded = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            tokenizer = getattr(processor, "tokenizer", processor)
+            decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for (i, _), text in zip(chunk, decoded):
                 answers[i] = text
     return [answers[i] for i in range(len(examples))]
@@ -240,10 +271,16 @@ def policy_accuracy(examples: Sequence[LabelledExample], answers: Sequence[str])
 
 
 def evaluate_heldout(
-    model: MllamaForConditionalGeneration, processor: MllamaProcessor, recipe: TrainRecipe
+    model: MllamaForConditionalGeneration,
+    processor: MllamaProcessor,
+    recipe: TrainRecipe,
+    *,
+    family: str = DEFAULT_FAMILY,
 ) -> dict[str, float]:
-    """Greedy-generate on the held-out split and score it against the toy policy."""
-    examples = synthetic_examples(recipe.heldout_examples, seed=recipe.heldout_seed, split="heldout")
+    """Greedy-generate on the held-out split (what the checkpoint can read) and score it against the toy policy."""
+    examples = examples_for(
+        processor, synthetic_examples(recipe.heldout_examples, seed=recipe.heldout_seed, split="heldout")
+    )
     with _torch_threads(recipe.threads):
-        answers = generate_answers(model, processor, examples)
+        answers = generate_answers(model, processor, examples, family=family)
     return policy_accuracy(examples, answers)
