@@ -286,7 +286,7 @@ class PolicySettings(Section):
 
 
 class ModelSettings(Section):
-    """Which Llama Guard model judges, where its weights come from and how they run."""
+    """Where one guard model's weights come from, which Llama Guard family they are, and how they run."""
 
     family: Literal["llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4"] = Field(
         "llama-guard-3-vision",
@@ -333,6 +333,86 @@ class ModelSettings(Section):
     @classmethod
     def _expand_home(cls, path: str) -> str:
         return os.path.expanduser(path) if path.startswith("~") else path
+
+
+# -- several guard models: the named models, which one judges which event, and pools of workers -------------
+
+MODEL_FAMILIES: tuple[str, ...] = ("llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4")
+DEFAULT_MODEL_NAME = "default"  # the name the single ``model:`` section gets
+
+
+class RouteSettings(Section):
+    """Which named model judges which kind of event (None = the default rule, see ``RoutingSettings``)."""
+
+    text: str | None = Field(None, description="model judging text-only events")
+    image: str | None = Field(None, description="model judging events with one image")
+    multi_image: str | None = Field(
+        None, description="model judging events with several images (a llama-guard-4 model)"
+    )
+
+
+class RoutingSettings(RouteSettings):
+    """Which model judges which event; unset = text guard for text, Vision (else Llama Guard 4) for images."""
+
+    policies: dict[str, RouteSettings] = Field({}, description="per-policy routing, by policy id")
+
+
+class PoolSettings(Section):
+    """One pool of workers (split deployment): its own consumer group, judging only its models' events."""
+
+    models: list[str] = Field(description="the named models this pool holds; it judges the events routed to them")
+    dead_letters: bool = Field(
+        False, description="this pool publishes the dead letters of events no model was chosen for (one pool)"
+    )
+    num_workers: int | None = Field(None, ge=1, description="Ray actors of this pool; default ray.num_workers")
+    num_gpus_per_worker: float | None = Field(None, ge=0, description="default ray.num_gpus_per_worker")
+    ray_resource: str | None = Field(
+        None, description="custom Ray resource each actor of the pool requires (one unit): pins it to its nodes"
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, models: list[str]) -> list[str]:
+        if not models:
+            raise ValueError("a pool needs at least one model")
+        return models
+
+
+class ModelsMixin(BaseModel):
+    """Checks and look-ups of the ``models`` / ``routing`` / ``pools`` / ``pool`` settings (see ``worker.routing``)."""
+
+    def guard_models(self) -> dict[str, ModelSettings]:
+        """Every configured model by name: ``models``, or the single ``model`` section as ``default``."""
+        return dict(self.models) if self.models else {DEFAULT_MODEL_NAME: self.model}
+
+    def _check_models(self) -> None:
+        # A dump of these settings carries the untouched default ``model`` section: only a changed one conflicts.
+        if self.models and "model" in self.model_fields_set and self.model != ModelSettings():
+            raise ValueError("set either `model` (one model) or `models` (named models), not both")
+        names = set(self.guard_models())
+        routes = [("routing", self.routing)] + [(f"routing.policies.{p}", r) for p, r in self.routing.policies.items()]
+        for where, route in routes:
+            for kind in ("text", "image", "multi_image"):
+                name = getattr(route, kind)
+                if name is not None and name not in names:
+                    raise ValueError(f"{where}.{kind} names model {name!r}, not among models {sorted(names)}")
+        unknown_policies = sorted(set(self.routing.policies) - set(self.policies))  # type: ignore[attr-defined]
+        if unknown_policies:
+            raise ValueError(f"routing.policies names unknown policies {unknown_policies}")
+        seen: dict[str, str] = {}
+        for pool_name, pool in self.pools.items():
+            for model in pool.models:
+                if model not in names:
+                    raise ValueError(f"pools.{pool_name}.models names model {model!r}, not among {sorted(names)}")
+                if model in seen:
+                    raise ValueError(f"model {model!r} is in pools {seen[model]!r} and {pool_name!r}: one pool each")
+                seen[model] = pool_name
+        if self.pools:
+            owners = [n for n, p in self.pools.items() if p.dead_letters]
+            if len(owners) > 1:
+                raise ValueError(f"pools {owners} all set dead_letters: exactly one pool may publish them")
+        if self.pool is not None and self.pool not in self.pools:
+            raise ValueError(f"pool {self.pool!r} is not among pools {sorted(self.pools)}")
 
 
 class RedisSettings(Section):
@@ -580,7 +660,7 @@ class AuthSettings(Section):
     )
 
 
-class Settings(BaseSettings):
+class Settings(ModelsMixin, BaseSettings):
     """Everything the worker reads. See the README's configuration reference."""
 
     model_config = SettingsConfigDict(
@@ -593,6 +673,14 @@ class Settings(BaseSettings):
     default_policy: str = "default"
     policies: dict[str, PolicySettings] = {"default": PolicySettings()}
     model: ModelSettings = ModelSettings()
+    models: dict[str, ModelSettings] = Field(
+        {}, description="named guard models; empty = the single `model` section, named `default`"
+    )
+    routing: RoutingSettings = RoutingSettings()
+    pools: dict[str, PoolSettings] = Field(
+        {}, description="split deployment: pools of workers, each judging the events routed to its models"
+    )
+    pool: str | None = Field(None, description="the pool this worker serves (None = every configured model)")
     redis: RedisSettings = RedisSettings()
     limits: LimitsSettings = LimitsSettings()
     failures: FailureSettings = FailureSettings()
@@ -626,6 +714,11 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"auth.keys.{name}.tenant {key.tenant!r} is not among tenants {sorted(self.tenants)}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _models_routing_pools_agree(self) -> Settings:
+        self._check_models()
         return self
 
     @classmethod

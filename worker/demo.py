@@ -4,6 +4,9 @@ Starts the embedded broker and Redis on 127.0.0.1, builds (or reuses) the traine
 sample stream (safe and unsafe, text-only and with images, repeats, a few malformed records), runs the worker
 (as a local Ray actor by default: the production shape) until every record has a verdict or a dead letter,
 and shows the flagged results and a summary.
+
+Two models, routed as the Llama Guard 3 Vision card advises: text-only events to a text guard
+(``text-guard``), events with an image to the Vision model (``vision``); the summary counts verdicts per model.
 """
 
 from __future__ import annotations
@@ -143,14 +146,16 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
     """Print flagged results and the summary; return the number of records that got no answer."""
     by_id = {v["event_id"]: v for v in out.verdicts}
     flagged = Table(title=f"Flagged ({len({v['event_id'] for v in out.flagged})} events; first 15)")
-    for col in ("event_id", "task", "categories", "score", "cached"):
+    for col in ("event_id", "task", "model", "categories", "score", "cached"):
         flagged.add_column(col)
     for v in sorted({v["event_id"]: v for v in out.flagged}.values(), key=lambda v: v["event_id"])[:15]:
         cats = ", ".join(f"{c['code']} {c['name']}" for c in v["categories"]) or "-"
-        flagged.add_row(v["event_id"], v["task"], cats, f"{v['score']:.3f}", "yes" if v["cached"] else "no")
+        flagged.add_row(v["event_id"], v["task"], _model_name(v), cats, f"{v['score']:.3f}",
+                        "yes" if v["cached"] else "no")
     console.print(flagged)
 
     decisions = Counter(v["decision"] for v in by_id.values())
+    per_model = verdicts_per_model(by_id.values())
     categories = Counter(c["code"] for v in by_id.values() for c in v["categories"])
     reasons = Counter(d["reason"] for d in out.dead_letters)
     cached = sum(1 for v in by_id.values() if v["cached"])
@@ -164,6 +169,9 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
         ("events produced", (f"{len(stream.records)} ({stream.images} with an image, {stream.repeats} repeats, "
                             f"{stream.malformed} malformed)")),
         ("verdicts", ", ".join(f"{k} {n}" for k, n in sorted(decisions.items())) or "none"),
+        ("verdicts per model", "; ".join(
+            f"{model}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+            for model, counts in sorted(per_model.items())) or "none"),
         ("verdicts by category", ", ".join(f"{k} {n}" for k, n in sorted(categories.items())) or "none"),
         ("dead letters by reason", ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())) or "none"),
         ("cache hits", f"{cached} of {len(by_id)} verdicts"),
@@ -177,6 +185,33 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
         summary.add_row(k, v)
     console.print(summary)
     return lost
+
+
+def _model_name(verdict: dict[str, Any]) -> str:
+    return verdict["model"].get("name") or verdict["model"]["id"]
+
+
+def verdicts_per_model(verdicts: Any) -> dict[str, Counter[str]]:
+    """``{model name: Counter(decision)}`` over ``verdicts`` (each judged by the model its ``model`` names)."""
+    per_model: dict[str, Counter[str]] = {}
+    for v in verdicts:
+        per_model.setdefault(_model_name(v), Counter())[v["decision"]] += 1
+    return per_model
+
+
+def demo_models(settings: Settings, model_dir: str) -> None:
+    """Configure the demo's two models on ``settings`` unless it names its own ``models``.
+
+    ``text-guard`` judges text-only events and ``vision`` image events. Both load the tiny trained
+    checkpoint (a tiny Mllama: the one the project builds offline), each as its own engine.
+    """
+    if settings.models:
+        return
+    settings.models = {
+        "text-guard": {"path": model_dir, "device": settings.model.device},
+        "vision": {"path": model_dir, "device": settings.model.device},
+    }
+    settings.routing = {"text": "text-guard", "image": "vision"}
 
 
 def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = True,
@@ -199,7 +234,7 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
         settings.kafka.bootstrap_servers = [services.kafka_bootstrap]
         settings.kafka.session_timeout_ms = 6000
         settings.redis.url = services.redis_url
-        settings.model.path = str(model_dir)
+        demo_models(settings, str(model_dir))
         settings.kafka.group_id = f"demo-{run_id}"
         settings.ops.port = 0
         settings.logging.level = "WARNING"  # keep the progress display readable; the summary says what happened
@@ -255,7 +290,8 @@ def _start_runner(settings: Settings, use_ray: bool, console: Console) -> Callab
     if use_ray:
         from worker.runtime.driver import start_local_workers
 
-        console.print("worker: one GuardWorker Ray actor on a local Ray instance (127.0.0.1)")
+        console.print("worker: one GuardWorker Ray actor on a local Ray instance (127.0.0.1), holding "
+                      f"{', '.join(settings.guard_models())}")
         return start_local_workers(settings)
     from worker.stream.pipeline import StreamPipeline
 

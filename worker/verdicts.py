@@ -17,13 +17,25 @@ VERDICT_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """Which weights decided: reported in every verdict and part of the cache key."""
+    """Which weights decided: reported in every verdict and part of the cache key.
+
+    ``name`` is the configured model name (``models.<name>``; ``default`` for the single ``model`` section)
+    and ``family`` its Llama Guard family; both are None only where no configuration named the model.
+    """
 
     id: str
     revision: str | None = None
+    name: str | None = None
+    family: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "revision": self.revision}
+        """The verdict's ``model`` block (``name`` and ``family`` when known)."""
+        block: dict[str, Any] = {"id": self.id, "revision": self.revision}
+        if self.name is not None:
+            block["name"] = self.name
+        if self.family is not None:
+            block["family"] = self.family
+        return block
 
 
 def build_verdict(

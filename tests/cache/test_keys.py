@@ -73,3 +73,12 @@ def test_image_hash_is_part_of_the_key_and_required_with_an_image():
         cache_key(MODEL, POLICY, e, None)
     with pytest.raises(ValueError):
         cache_key(MODEL, POLICY, event(*USER_ONLY), "aa" * 32)
+
+
+def test_the_judging_model_name_and_family_change_the_key():
+    e = event(*USER_ONLY)
+    text_guard = ModelInfo("tiny-guard", "abc123", name="text", family="llama-guard-3-1b")
+    vision = ModelInfo("tiny-guard", "abc123", name="vision", family="llama-guard-3-vision")
+    assert cache_key(text_guard, POLICY, e, None) != cache_key(vision, POLICY, e, None)
+    renamed = ModelInfo("tiny-guard", "abc123", name="text2", family="llama-guard-3-1b")
+    assert cache_key(renamed, POLICY, e, None) != cache_key(text_guard, POLICY, e, None)

@@ -128,3 +128,27 @@ def test_eval_cli_reports_a_missing_file(tmp_path):
     out = subprocess.run([sys.executable, "-m", "worker", "eval", str(tmp_path / "nope.jsonl")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not found" in out.stdout + out.stderr
+
+
+def test_eval_reports_table1_per_model_when_two_models_judge(tmp_path, tiny_model_dir):
+    model = {"path": str(tiny_model_dir), "device": "cpu"}
+    settings = load_settings(None, models={"text": model, "vision": model})
+    settings.routing = {"text": "text", "image": "vision"}
+    buf = io.StringIO()
+    console = Console(file=buf, width=160, color_system=None)
+    code = eval_command(SAMPLE_PATH, settings, out_dir=tmp_path, target_fpr=0.05, strict=False, console=console)
+    printed = buf.getvalue()
+    assert code == 0, printed
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    validator("eval_report").validate(report)
+    images = {orjson.loads(line)["event"]["event_id"] for line in SAMPLE_PATH.read_bytes().splitlines()
+              if "image_url" in line.decode()}
+    assert images, "the sample set has image items"
+    for item in report["items"]:
+        assert item["model"] == ("vision" if item["event_id"] in images else "text")
+    per_model = report["table1_by_model"]
+    assert set(per_model) == {"text", "vision"}
+    assert per_model["text"]["all"]["total"] + per_model["vision"]["all"]["total"] == report["table1"]["all"]["total"]
+    assert per_model["vision"]["all"]["total"] == len(images)
+    assert "Table 1, model text" in printed and "Table 1, model vision" in printed
+    assert set(report["models"]) == {"text", "vision"}

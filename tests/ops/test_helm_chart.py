@@ -712,3 +712,21 @@ def test_monitoring_objects_and_dashboard_configmap_are_optional(rendered) -> No
     (dashboard_cm,) = [c for c in gpu["ConfigMap"] if c["metadata"]["name"].endswith("-dashboard")]
     assert dashboard_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard_cm["data"]["moderation-worker.json"]) == json.loads(DASHBOARD.read_text())
+
+
+# --- split pools ----------------------------------------------------------------------------------------------
+
+
+def test_pools_render_one_stream_driver_each_and_the_pools_config(chart, tmp_path) -> None:
+    values = yaml.safe_load((CHART_DIR / "examples" / "values-pools.yaml").read_text())
+    chart.validate_schema(chart.merge_values(values))
+    objects = _render(chart, values)
+    drivers = {d["metadata"]["name"].rsplit("-", 1)[-1]: d for d in objects["Deployment"]}
+    assert set(drivers) == {"text", "vision"}, "no co-located driver beside the pools"
+    for pool, driver in drivers.items():
+        env = {e["name"]: e.get("value") for e in driver["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["MW_POOL"] == pool
+    settings = _config_from_configmap(objects, tmp_path)
+    assert settings.pools["text"].dead_letters and not settings.pools["vision"].dead_letters
+    assert settings.pools["text"].num_workers == 2 and settings.pools["vision"].num_workers == 1
+    assert list(settings.guard_models()) == ["text-guard", "vision"]

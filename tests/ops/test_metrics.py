@@ -14,10 +14,10 @@ from worker.ops import metrics
 # The agreed list in the interfaces brief (mw_duplicates_skipped_total is the optional one, exported too).
 AGREED_METRICS = {
     "mw_events_consumed_total": ("counter", {"outcome"}),
-    "mw_verdicts_total": ("counter", {"decision", "category"}),
+    "mw_verdicts_total": ("counter", {"model", "decision", "category"}),
     "mw_dead_letters_total": ("counter", {"reason"}),
     "mw_cache_requests_total": ("counter", {"result"}),
-    "mw_batch_size": ("histogram", {"modality"}),
+    "mw_batch_size": ("histogram", {"model", "modality"}),
     "mw_stage_seconds": ("histogram", {"stage"}),
     "mw_end_to_end_seconds": ("histogram", set()),
     "mw_consumer_lag": ("gauge", {"topic", "partition"}),
@@ -130,6 +130,7 @@ def test_record_helpers_count_outcomes_categories_and_reasons() -> None:
     before = metrics.scrape_values()
     metrics.record_verdict("unsafe", ("S1", "S9"), cached=False)
     metrics.record_verdict("safe", (), cached=True)
+    metrics.record_verdict("unsafe", ("S1",), cached=False, model="text")
     metrics.record_dead_letter(Reason.INVALID_JSON)
     after = metrics.scrape_values()
 
@@ -137,20 +138,21 @@ def test_record_helpers_count_outcomes_categories_and_reasons() -> None:
         key = metrics.sample_key(name, labels)
         return after[key] - before.get(key, 0.0)
 
-    assert moved("mw_events_consumed_total", outcome="verdict") == 1
+    assert moved("mw_events_consumed_total", outcome="verdict") == 2
     assert moved("mw_events_consumed_total", outcome="cached") == 1
     assert moved("mw_events_consumed_total", outcome="dead_letter") == 1
-    assert moved("mw_verdicts_total", decision="unsafe", category="S1") == 1
-    assert moved("mw_verdicts_total", decision="unsafe", category="S9") == 1
-    assert moved("mw_verdicts_total", decision="safe", category="none") == 1
-    assert moved("mw_flagged_events_total") == 1  # one unsafe event with two categories
+    assert moved("mw_verdicts_total", model="default", decision="unsafe", category="S1") == 1
+    assert moved("mw_verdicts_total", model="default", decision="unsafe", category="S9") == 1
+    assert moved("mw_verdicts_total", model="default", decision="safe", category="none") == 1
+    assert moved("mw_verdicts_total", model="text", decision="unsafe", category="S1") == 1
+    assert moved("mw_flagged_events_total") == 2  # two unsafe events, one of them with two categories
     assert moved("mw_dead_letters_total", reason="invalid_json") == 1
 
 
 def test_record_verdicts_counts_flagged_events_once_per_event() -> None:
     key = metrics.sample_key("mw_flagged_events_total")
     before = metrics.scrape_values()[key]
-    metrics.record_verdicts({("unsafe", ("S1", "S2", "S3"), False): 4, ("safe", (), True): 5})
+    metrics.record_verdicts({("unsafe", ("S1", "S2", "S3"), False, "default"): 4, ("safe", (), True, "default"): 5})
     assert metrics.scrape_values()[key] - before == 4
 
 

@@ -86,11 +86,11 @@ def test_metrics_move_while_events_flow(make_settings, tiny_model_dir, tmp_path)
         reasons[reason] = reasons.get(reason, 0) + 1
     for reason, n in reasons.items():
         assert delta("mw_dead_letters_total", reason=reason) == n, reason
-    assert delta("mw_verdicts_total", decision="safe", category="none") > 0
-    assert sum(delta("mw_verdicts_total", decision="unsafe", category=c) for c in ("S1", "S9", "S13")) > 0
+    assert delta("mw_verdicts_total", model="default", decision="safe", category="none") > 0
+    assert sum(delta("mw_verdicts_total", model="default", decision="unsafe", category=c) for c in ("S1", "S9", "S13")) > 0
     # Histograms: batches went through the model and every stage was timed.
-    assert delta("mw_batch_size_count", modality="text") > 0
-    assert delta("mw_batch_size_count", modality="image") > 0
+    assert delta("mw_batch_size_count", model="default", modality="text") > 0
+    assert delta("mw_batch_size_count", model="default", modality="image") > 0
     for stage in ("decode", "cache", "prepare", "model", "publish", "commit"):
         assert delta("mw_stage_seconds_count", stage=stage) > 0, stage
     assert delta("mw_end_to_end_seconds_count") >= total_valid

@@ -40,7 +40,7 @@ def test_bridge_in_an_actor_exports_counters_gauges_and_histograms_through_ray(r
 
             metrics.record_verdict("unsafe", ("S9",), cached=False)
             metrics.record_verdict("unsafe", ("S9",), cached=False)
-            metrics.BATCH_SIZE.labels(modality="text").observe(8)
+            metrics.BATCH_SIZE.labels(model="default", modality="text").observe(8)
             metrics.REDIS_UP.set(1)
             self.bridge = RayMetricsBridge(constant_tags={"worker": worker}, interval_s=1.0).start()
             return metrics.scrape_values()
@@ -48,10 +48,10 @@ def test_bridge_in_an_actor_exports_counters_gauges_and_histograms_through_ray(r
     actor = MetricsActor.remote()
     try:
         local = ray.get(actor.record.remote(), timeout=60)
-        s9 = local[sample_key("mw_verdicts_total", {"decision": "unsafe", "category": "S9"})]
-        batches = local[sample_key("mw_batch_size_count", {"modality": "text"})]
-        le4 = local[sample_key("mw_batch_size_bucket", {"modality": "text", "le": "4.0"})]
-        le8 = local[sample_key("mw_batch_size_bucket", {"modality": "text", "le": "8.0"})]
+        s9 = local[sample_key("mw_verdicts_total", {"model": "default", "decision": "unsafe", "category": "S9"})]
+        batches = local[sample_key("mw_batch_size_count", {"model": "default", "modality": "text"})]
+        le4 = local[sample_key("mw_batch_size_bucket", {"model": "default", "modality": "text", "le": "4.0"})]
+        le8 = local[sample_key("mw_batch_size_bucket", {"model": "default", "modality": "text", "le": "8.0"})]
         assert s9 >= 2 and le8 - le4 >= 1  # what this actor recorded (a reused worker process may add more)
 
         port = ray._private.worker.global_worker.node.metrics_export_port

@@ -160,3 +160,48 @@ def test_a_worker_whose_pipeline_dies_is_restarted_by_the_driver(
         fleet.stop(deadline_s=5.0)
     assert failures, "the failed pipeline was never reported in status()"
     assert len(incarnations) >= 2  # the driver killed the actor and Ray started a new one
+
+
+def test_split_pools_run_as_one_actor_group_each_and_every_event_gets_one_verdict_from_its_pool(
+    ray_cluster: Any, make_settings: Any, tiny_model_dir: Path
+) -> None:
+    model = {"path": str(tiny_model_dir)}
+    settings = make_settings(
+        models={"text": model, "vision": model},
+        routing={"text": "text", "image": "vision"},
+        pools={
+            "text": {"models": ["text"], "num_workers": 1, "num_gpus_per_worker": 1.0},
+            "vision": {"models": ["vision"], "num_workers": 1, "num_gpus_per_worker": 1.0},
+        },
+        ops__port=0,
+        shutdown__drain_timeout_s=20.0,
+        batching__max_wait_ms=20,
+    )
+    ensure_topics(settings, [settings.topics.events], partitions=PARTITIONS)
+    ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
+    stream = build_stream(300, seed=9, repeat_ratio=0.2, image_ratio=0.2, malformed_ratio=0.02, id_prefix="pools")
+    at_ready: dict[str, Any] = {}
+
+    def on_ready(fleet: WorkerFleet) -> None:
+        at_ready["statuses"] = fleet.poll(timeout_s=10.0)
+        produce(settings, stream.records, partitions=PARTITIONS)
+
+    report = run_until_drained(
+        settings, expected_events=len(stream.records), timeout_s=300, ready_timeout_s=180, on_ready=on_ready
+    )
+    assert report.drained, report
+    assert report.workers == 2
+    pools = {s["pool"]: s for s in at_ready["statuses"]}
+    assert set(pools) == {"text", "vision"}
+    assert sorted(tuple(s["gpu_ids"]) for s in pools.values()) == [("0",), ("1",)]
+    # Each pool's consumer group owns every partition: both pools read the whole topic.
+    assert all(len(s["assigned"]) == PARTITIONS for s in pools.values())
+
+    verdicts = read_json(settings, settings.topics.verdicts)
+    ids = Counter(v["event_id"] for v in verdicts)
+    assert set(ids) == stream.valid_ids and max(ids.values()) == 1
+    for v in verdicts:
+        assert v["model"]["name"] == ("vision" if v["event_id"] in stream.image_ids else "text")
+    assert len(read_json(settings, settings.topics.dlq)) == len(stream.malformed)
+    finals = {f["pool"]: f["counters"] for f in report.final_statuses}
+    assert finals["vision"]["dead_letters"] == 0, "the text pool owns the dead letters of undecodable input"

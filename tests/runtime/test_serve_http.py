@@ -48,7 +48,12 @@ def moderation_url(serve_http: str, services: Any, tiny_model_dir: Path) -> Iter
     config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
     (app,) = config["applications"]
     test_settings = {
-        "model": {"path": str(tiny_model_dir), "device": "cpu"},
+        # Two named models (both the tiny checkpoint): text-only events to "text", image events to "vision".
+        "models": {
+            "text": {"path": str(tiny_model_dir), "device": "cpu"},
+            "vision": {"path": str(tiny_model_dir), "device": "cpu"},
+        },
+        "routing": {"text": "text", "image": "vision"},
         "redis": {"url": services.redis_url, "key_prefix": f"mw:serve-test:{uuid.uuid4().hex[:8]}:"},
         "serve": {
             "num_gpus": 0,
@@ -141,6 +146,8 @@ def test_a_list_of_events_gets_verdicts_in_the_same_order(moderation_url: str) -
     assert [v["event_id"] for v in verdicts] == [e["event_id"] for e in events]
     for verdict in verdicts:
         validate_verdict(verdict)
+    # Each event was judged by the model its modality routes to (one request, two models' batches).
+    assert [v["model"]["name"] for v in verdicts] == ["text", "text", "text", "vision"]
 
 
 def test_wrong_content_type_is_415(moderation_url: str) -> None:
@@ -190,6 +197,7 @@ def test_health_readiness_and_openapi(moderation_url: str) -> None:
     assert get(moderation_url, "/healthz")[0] == 200
     status, text = get(moderation_url, "/readyz")
     assert status == 200 and orjson.loads(text)["status"] == "ready"
+    assert sorted(orjson.loads(text)["models"]) == ["text", "vision"]
     status, text = get(moderation_url, "/openapi.json")
     assert status == 200
     spec = orjson.loads(text)
@@ -242,8 +250,8 @@ def test_concurrent_requests_share_model_batches(moderation_url: str) -> None:
     from worker.ops.metrics import parse_exposition
 
     samples = parse_exposition(text)
-    count = samples['mw_batch_size_count{modality="text"}']
-    total = samples['mw_batch_size_sum{modality="text"}']
+    count = samples['mw_batch_size_count{modality="text",model="text"}']
+    total = samples['mw_batch_size_sum{modality="text",model="text"}']
     assert total / count > 1  # the replica's own histogram: more events than forward passes
 
 

@@ -93,3 +93,32 @@ def test_drop_removes_items_of_revoked_partitions():
 def test_unknown_modality_is_a_bug():
     with pytest.raises(ValueError):
         MicroBatcher(2, 1.0).add("k", "audio", 1)
+
+
+def test_batches_are_grouped_by_model_and_modality():
+    clock = FakeClock()
+    b = MicroBatcher(2, 1.0, clock=clock)
+    b.add("t1", "text", 1, model="text-guard")
+    b.add("t2", "text", 2, model="vision")
+    b.add("i1", "image", 3, model="vision")
+    b.add("t3", "text", 4, model="text-guard")
+    [full] = b.ready()
+    assert (full.model, full.modality, keys_of(full)) == ("text-guard", "text", ["t1", "t3"])
+    clock.now += 1.0
+    rest = {(x.model, x.modality): keys_of(x) for x in b.ready()}
+    assert rest == {("vision", "text"): ["t2"], ("vision", "image"): ["i1"]}
+
+
+def test_the_same_key_for_two_models_is_two_entries():
+    b = MicroBatcher(8, 1.0, clock=FakeClock())
+    assert b.add("k", "text", 1, model="a")
+    assert b.add("k", "text", 2, model="b")
+    assert len(b.ready(flush_all=True)) == 2
+
+
+def test_drop_reaches_every_model_group():
+    b = MicroBatcher(8, 1.0, clock=FakeClock())
+    b.add("x", "text", 1, model="a")
+    b.add("y", "image", 2, model="b")
+    assert sorted(b.drop(lambda item: True)) == [1, 2]
+    assert len(b) == 0 and b.ready(flush_all=True) == []

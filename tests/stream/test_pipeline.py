@@ -33,7 +33,7 @@ def metric(counter, **labels) -> float:
 
 
 def batch_rows() -> float:
-    return sum(metrics.BATCH_SIZE.labels(modality=m)._sum.get() for m in ("text", "image"))
+    return sum(metrics.BATCH_SIZE.labels(model="default", modality=m)._sum.get() for m in ("text", "image"))
 
 
 def test_every_event_gets_exactly_one_verdict_or_dead_letter(

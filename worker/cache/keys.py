@@ -1,7 +1,7 @@
 """The verdict cache key: everything that decides a verdict, and nothing else.
 
 Key = SHA-256 over an unambiguous encoding (a JSON array, via orjson) of:
-model id + revision, policy hash, task, the normalized conversation (each turn's role and its text
+model id + revision + configured name + family, policy hash, task, the normalized conversation (each turn's role and its text
 parts stripped of surrounding whitespace, exactly what the prompt renders), and the image's content
 hash. The image hash is taken over the *encoded bytes* (as received / fetched), not the decoded pixels:
 hashing bytes is cheap and happens before any decoding, so a cache hit skips image decoding entirely;
@@ -24,7 +24,7 @@ from worker.verdicts import ModelInfo
 if TYPE_CHECKING:
     from worker.engine.policy import Policy
 
-KEY_VERSION = 1  # bump when the encoding below changes, so old entries are never misread
+KEY_VERSION = 2  # bump when the encoding below changes, so old entries are never misread
 
 
 def conversation_fingerprint(event: ChatEvent) -> list[list[object]]:
@@ -40,6 +40,8 @@ def cache_key(model: ModelInfo, policy: Policy, event: ChatEvent, image_hash: st
         KEY_VERSION,
         model.id,
         model.revision,
+        model.name,
+        model.family,
         policy.hash,
         event.task.value,
         conversation_fingerprint(event),

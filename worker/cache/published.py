@@ -26,6 +26,7 @@ from kafka.structs import TopicPartition
 
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
+from worker.routing import consumer_group_id
 
 DIGEST_BYTES = 8  # a record's identity at its coordinates, not a security boundary
 
@@ -40,7 +41,9 @@ class PublishedMarkers:
 
     def __init__(self, cache: VerdictCache, settings: Settings) -> None:
         self._cache = cache
-        self._prefix = f"{settings.redis.key_prefix}pub:{settings.kafka.group_id}:"
+        # The worker's own consumer group (a split pool reads the topic in a group of its own, and
+        # completes another pool's events without output: its markers must never hide them from that pool).
+        self._prefix = f"{settings.redis.key_prefix}pub:{consumer_group_id(settings)}:"
         self._ttl = settings.redis.published_marker_ttl_s
         self.enabled = cache.enabled and settings.redis.published_markers
 

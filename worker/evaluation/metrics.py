@@ -27,6 +27,7 @@ class Scored:
     score: float
     predicted_unsafe: bool
     predicted_codes: frozenset[str]
+    model: str | None = None  # the configured model that judged it
 
 
 @dataclass(frozen=True, slots=True)

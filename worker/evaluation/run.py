@@ -1,7 +1,8 @@
 """``moderation-worker eval``: run the worker's engine and policy over labelled data and report.
 
 Prints Table 1 (per task: precision, recall, F1, FPR, support) and Table 2 (per-category F1) in the model
-card's layout, writes ``report.json`` (``schemas/eval_report.v1.json``), ``pr_curve.png`` and
+card's layout — and, when several models are configured, Table 1 per model (each item judged by the model
+the router picks for it, as in the stream) — writes ``report.json`` (``schemas/eval_report.v1.json``), ``pr_curve.png`` and
 ``category_f1.png``, and recommends a threshold for a target false-positive rate.
 """
 
@@ -52,6 +53,9 @@ def evaluate(
     console: Console | None = None,
 ) -> tuple[list[Scored], list[dict[str, Any]], list[dict[str, Any]]]:
     """Classify ``items`` in batches; returns (scored items, per-item rows, per-item failures)."""
+    from worker.engine.registry import ModelRegistry
+
+    models = ModelRegistry.of(engine, settings)
     scored: list[Scored] = []
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -60,11 +64,14 @@ def evaluate(
         task_id = progress.add_task("classifying", total=len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            requests, kept = [], []
+            by_model: dict[str, tuple[list[GuardRequest], list[LabelledEvent]]] = {}
             for item in chunk:
+                model = models.model_for(policy, 0 if item.event.image is None else 1)
+                if model is None or not models.holds(model):
+                    failures.append({"line": item.line, "reason": "no_model", "message": "no model judges this item"})
+                    continue
                 try:
-                    requests.append(_request(item, policy, settings))
-                    kept.append(item)
+                    request = _request(item, models.engine(model).policy_for(policy.id), settings)
                 except RejectedError as exc:
                     failures.append(
                         {
@@ -73,8 +80,16 @@ def evaluate(
                             "message": exc.rejection.message,
                         }
                     )
-            results = engine.classify(requests) if requests else []
-            for item, result in zip(kept, results, strict=True):
+                    continue
+                requests, kept = by_model.setdefault(model, ([], []))
+                requests.append(request)
+                kept.append(item)
+            answered = [
+                (model, item, result)
+                for model, (requests, kept) in by_model.items()
+                for item, result in zip(kept, models.engine(model).classify(requests), strict=True)
+            ]
+            for model, item, result in sorted(answered, key=lambda a: a[1].line):
                 if isinstance(result, EngineError):
                     failures.append({"line": item.line, "reason": "engine_error", "message": str(result)})
                     continue
@@ -85,6 +100,7 @@ def evaluate(
                     score=float(result.score),
                     predicted_unsafe=bool(result.unsafe),
                     predicted_codes=frozenset(result.codes),
+                    model=model,
                 )
                 scored.append(s)
                 rows.append(
@@ -95,6 +111,7 @@ def evaluate(
                         "expected": {"unsafe": s.expected_unsafe, "categories": sorted(s.expected_codes)},
                         "predicted": {"unsafe": s.predicted_unsafe, "categories": sorted(s.predicted_codes)},
                         "score": s.score,
+                        "model": model,
                     }
                 )
             progress.advance(task_id, len(chunk))
@@ -134,14 +151,22 @@ def _point(p: Any) -> dict[str, float]:
     return {"threshold": p.threshold, "precision": p.precision, "recall": p.recall, "f1": p.f1, "fpr": p.fpr}
 
 
-def print_tables(report: dict[str, Any], console: Console) -> None:
-    """Table 1 and Table 2 in the model card's layout."""
-    t1 = Table(title="Table 1: performance per task (positive class: unsafe)")
+def table1_by_model(scored: Sequence[Scored]) -> dict[str, dict[str, Any]]:
+    """Table 1 of the items each model judged, by model name."""
+    names = sorted({s.model for s in scored if s.model is not None})
+    return {
+        name: {t: decision_confusion(g).as_dict() for t, g in _by_task([s for s in scored if s.model == name]).items()}
+        for name in names
+    }
+
+
+def _print_table1(table1: dict[str, Any], title: str, console: Console) -> None:
+    t1 = Table(title=title)
     for col in ("Task", "Precision", "Recall", "F1", "FPR", "Support", "Items"):
         t1.add_column(col, justify="left" if col == "Task" else "right")
     names = {"prompt": "Prompt Classification", "response": "Response Classification", "all": "All"}
     for task in TASKS:
-        m = report["table1"][task]
+        m = table1[task]
         if m["total"] == 0:
             continue
         t1.add_row(
@@ -154,6 +179,16 @@ def print_tables(report: dict[str, Any], console: Console) -> None:
             str(m["total"]),
         )
     console.print(t1)
+
+
+def print_tables(report: dict[str, Any], console: Console) -> None:
+    """Table 1 (overall, then per model when several judged) and Table 2 in the model card's layout."""
+    _print_table1(report["table1"], "Table 1: performance per task (positive class: unsafe)", console)
+    per_model = report.get("table1_by_model") or {}
+    if len(per_model) > 1:
+        for name, table1 in per_model.items():
+            family = report["models"][name].get("family", "")
+            _print_table1(table1, f"Table 1, model {name} ({family}): the items routed to it", console)
     t2 = Table(title="Table 2: per-category F1 (all tasks; one-vs-rest per category)")
     for col in ("Category", "F1", "Precision", "Recall", "Support"):
         t2.add_column(col, justify="left" if col == "Category" else "right")
@@ -215,10 +250,9 @@ def eval_command(
     if bad and strict:
         console.print(f"[red]error:[/red] {len(bad)} bad line(s); --strict stops the run")
         return 1
-    if engine is None:
-        from worker.engine.engine import GuardEngine
+    from worker.engine.registry import ModelRegistry
 
-        engine = GuardEngine.from_settings(settings)
+    engine = ModelRegistry.from_settings(settings) if engine is None else ModelRegistry.of(engine, settings)
     try:
         policy = engine.policy_for(policy_id)
     except RejectedError as exc:
@@ -234,6 +268,7 @@ def eval_command(
         console.print("[red]error:[/red] no item could be evaluated")
         return 1
     report = build_report(scored, policy, target_fpr)
+    report["table1_by_model"] = table1_by_model(scored)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
         "pr_curve": plot_pr_curve(
@@ -254,7 +289,8 @@ def eval_command(
             "skipped_lines": [{"line": b.line, "reason": b.reason, "message": b.message} for b in bad],
             "failed_items": failures,
         },
-        "model": engine.model_info.as_dict(),
+        "model": engine.info(engine.names[0]).as_dict(),
+        "models": {name: engine.info(name).as_dict() for name in engine.names},
         "policy": {"id": policy.id, "hash": policy.hash, "threshold": policy.threshold},
         **report,
         "plots": {k: v.name for k, v in plots.items()},

@@ -8,7 +8,7 @@ values without interference. Everything that serves or reads metrics uses ``REGI
 
 Naming follows the Prometheus conventions: ``mw_`` namespace, counters end in ``_total``, time is in
 seconds (``_seconds``), one unit per metric. Label values are always from closed sets (outcomes, reason
-codes, category codes, stage names, modality) so cardinality stays bounded; ``mw_consumer_lag`` is per
+codes, category codes, stage names, modality, configured model names) so cardinality stays bounded; ``mw_consumer_lag`` is per
 assigned ``topic``/``partition`` and is cleared with ``forget_partition`` on revocation.
 
 Known label values are pre-initialised to zero so that ``rate()`` and dashboards see a series from the
@@ -60,6 +60,7 @@ OUTAGE_CAUSES: Final = ("engine", "delivery")
 STAGES: Final = ("decode", "cache", "prepare", "model", "publish", "commit")
 MODALITIES: Final = ("text", "image")
 NO_CATEGORY: Final = "none"  # category label of safe verdicts
+DEFAULT_MODEL: Final = "default"  # model label of a single-model worker (the ``model`` section)
 
 # Buckets. Per-stage work ranges from ~0.1 ms (decode, cache) to seconds (model on a large image batch).
 STAGE_BUCKETS_SECONDS: Final = (
@@ -83,9 +84,9 @@ EVENTS_CONSUMED = Counter(
 )
 VERDICTS = Counter(
     "verdicts_total",
-    "Verdicts produced (model or cache), by decision and category; a verdict with several categories counts "
-    "once per category; safe verdicts use category 'none'.",
-    ["decision", "category"],
+    "Verdicts produced (model or cache), by judging model (configured name), decision and category; a verdict "
+    "with several categories counts once per category; safe verdicts use category 'none'.",
+    ["model", "decision", "category"],
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
@@ -111,8 +112,8 @@ CACHE_REQUESTS = Counter(
 )
 BATCH_SIZE = Histogram(
     "batch_size",
-    "Events per model batch (forward pass), by modality.",
-    ["modality"],
+    "Events per model batch (forward pass), by model (configured name) and modality.",
+    ["model", "modality"],
     namespace=NAMESPACE,
     registry=REGISTRY,
     buckets=BATCH_SIZE_BUCKETS,
@@ -260,17 +261,12 @@ def _preinitialise() -> None:
     """Create the zero-valued child of every known label value (see module docstring)."""
     for outcome in OUTCOMES:
         EVENTS_CONSUMED.labels(outcome=outcome)
-    VERDICTS.labels(decision="safe", category=NO_CATEGORY)
-    for code in CATEGORY_CODES:
-        VERDICTS.labels(decision="unsafe", category=code)
     for reason in Reason:
         DEAD_LETTERS.labels(reason=reason.value)
     for code in CATEGORY_CODES:  # a policy that disables a category sees it dropped: visible from the start
         ENGINE_DROPPED_CODES.labels(code=code)
     for result in CACHE_RESULTS:
         CACHE_REQUESTS.labels(result=result)
-    for modality in MODALITIES:
-        BATCH_SIZE.labels(modality=modality)
     for stage in STAGES:
         STAGE_SECONDS.labels(stage=stage)
     for cause in OUTAGE_CAUSES:
@@ -279,6 +275,19 @@ def _preinitialise() -> None:
         OUTAGE_RETRIES.labels(cause=cause)
     for action in ("halt", "annotate"):
         BLOCKLIST_HITS.labels(action=action)
+
+
+    register_models([DEFAULT_MODEL])
+
+
+def register_models(names: list[str]) -> None:
+    """Pre-initialise the per-model series of the configured models (called when a worker loads them)."""
+    for model in names:
+        VERDICTS.labels(model=model, decision="safe", category=NO_CATEGORY)
+        for code in CATEGORY_CODES:
+            VERDICTS.labels(model=model, decision="unsafe", category=code)
+        for modality in MODALITIES:
+            BATCH_SIZE.labels(model=model, modality=modality)
 
 
 _preinitialise()
@@ -300,16 +309,11 @@ def observe_stage(stage: str) -> Iterator[None]:
         child.observe(time.perf_counter() - start)
 
 
-def record_verdict(decision: str, category_codes: tuple[str, ...] | list[str], *, cached: bool) -> None:
-    """Count one verdict: by outcome, per category (``mw_verdicts_total``) and, if unsafe, once as flagged."""
-    EVENTS_CONSUMED.labels(outcome="cached" if cached else "verdict").inc()
-    if decision == "unsafe":
-        FLAGGED_EVENTS.inc()
-    if decision == "unsafe" and category_codes:
-        for code in category_codes:
-            VERDICTS.labels(decision="unsafe", category=code).inc()
-    else:
-        VERDICTS.labels(decision=decision, category=NO_CATEGORY).inc()
+def record_verdict(
+    decision: str, category_codes: tuple[str, ...] | list[str], *, cached: bool, model: str = DEFAULT_MODEL
+) -> None:
+    """Count one verdict: ``mw_events_consumed_total`` by outcome and ``mw_verdicts_total`` per category."""
+    record_verdicts({(decision, tuple(category_codes), cached, model): 1})
 
 
 def record_blocklist_hits(hits: tuple, *, halted: bool) -> None:
@@ -317,21 +321,21 @@ def record_blocklist_hits(hits: tuple, *, halted: bool) -> None:
     BLOCKLIST_HITS.labels(action="halt" if halted else "annotate").inc()
 
 
-def record_verdicts(counts: Mapping[tuple[str, tuple[str, ...], bool], int]) -> None:
-    """``record_verdict`` for many verdicts at once: ``{(decision, category_codes, cached): how many}``.
+def record_verdicts(counts: Mapping[tuple[str, tuple[str, ...], bool, str], int]) -> None:
+    """``record_verdict`` for many verdicts at once: ``{(decision, category_codes, cached, model): how many}``.
 
     For hot loops that tally verdicts locally and add them once per turn (one ``inc(n)`` per label set
     instead of one per verdict); the resulting counter values are the same.
     """
-    for (decision, category_codes, cached), count in counts.items():
+    for (decision, category_codes, cached, model), count in counts.items():
         EVENTS_CONSUMED.labels(outcome="cached" if cached else "verdict").inc(count)
         if decision == "unsafe":
             FLAGGED_EVENTS.inc(count)
         if decision == "unsafe" and category_codes:
             for code in category_codes:
-                VERDICTS.labels(decision="unsafe", category=code).inc(count)
+                VERDICTS.labels(model=model, decision="unsafe", category=code).inc(count)
         else:
-            VERDICTS.labels(decision=decision, category=NO_CATEGORY).inc(count)
+            VERDICTS.labels(model=model, decision=decision, category=NO_CATEGORY).inc(count)
 
 
 def record_dead_letter(reason: str) -> None:

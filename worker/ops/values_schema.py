@@ -250,6 +250,20 @@ def values_schema() -> dict[str, Any]:
                         **_placement(),
                     }
                 ),
+                "pools": {
+                    "description": "split pools: one stream driver (its own consumer group and actors) per pool",
+                    "type": "array",
+                    "items": _strict(
+                        {
+                            "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 30},
+                            "models": {"type": "array", "items": _STR, "minItems": 1},
+                            "deadLetters": _BOOL,
+                            "actors": {"type": "integer", "minimum": 1},
+                            "gpusPerActor": {"type": "number", "minimum": 0},
+                        },
+                        required=["name", "models", "actors"],
+                    ),
+                },
                 "extraEnv": {"type": "array", "items": {"type": "object", "required": ["name"]}},
                 "gcsFaultTolerance": _strict(
                     {"enabled": _BOOL, "redisAddress": _STR, "externalStorageNamespace": _STR}

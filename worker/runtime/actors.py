@@ -66,7 +66,8 @@ class GuardWorker:
     def __init__(self, settings: dict[str, Any] | Settings, worker_index: int = 0) -> None:
         self.settings = settings_from_payload(settings).model_copy(deep=True)
         self.worker_index = worker_index
-        self.name = f"guard-worker-{worker_index}"
+        pool = self.settings.pool
+        self.name = f"guard-worker-{pool}-{worker_index}" if pool else f"guard-worker-{worker_index}"
         if inside_ray_actor():  # the actor process is ours to configure; a host process configures itself
             from worker.ops.logs import configure_logging
 
@@ -74,11 +75,13 @@ class GuardWorker:
         self.incarnation = uuid.uuid4().hex[:12]
         self.started_at = time.time()
         self.gpu_ids = assigned_gpu_ids()
-        if self.settings.model.device == "auto":
-            self.settings.model.device = worker_device(self.gpu_ids, _cuda_available())
-            if self.gpu_ids and self.settings.model.device == "cpu":
-                # Fake GPUs in tests; on a real GPU node this means a CPU-only torch wheel.
-                log.warning("GPU %s assigned but torch sees no CUDA; running on CPU", ",".join(self.gpu_ids))
+        # Every model this worker holds goes to its GPU (co-located models share it).
+        for model in {id(m): m for m in (self.settings.model, *self.settings.models.values())}.values():
+            if model.device == "auto":
+                model.device = worker_device(self.gpu_ids, _cuda_available())
+                if self.gpu_ids and model.device == "cpu":
+                    # Fake GPUs in tests; on a real GPU node this means a CPU-only torch wheel.
+                    log.warning("GPU %s assigned but torch sees no CUDA; running on CPU", ",".join(self.gpu_ids))
         self._failure: str | None = None
         self._stopped = False
         from worker.stream.pipeline import StreamPipeline
@@ -145,6 +148,7 @@ class GuardWorker:
             **pipeline_status,
             "worker": self.name,
             "worker_index": self.worker_index,
+            "pool": self.settings.pool,
             "incarnation": self.incarnation,
             "pid": os.getpid(),
             "started_at": self.started_at,
@@ -196,7 +200,11 @@ def remote_guard_worker(settings: Settings) -> Any:
     """
     import ray
 
+    pool = settings.pools.get(settings.pool) if settings.pool is not None else None
+    # A pool's actors land on the nodes that advertise its resource (the Helm chart: its own worker group).
+    resources = {pool.ray_resource: 1} if pool is not None and pool.ray_resource else None
     return ray.remote(
+        resources=resources,
         num_gpus=settings.ray.num_gpus_per_worker,
         num_cpus=settings.ray.num_cpus_per_worker,
         max_restarts=settings.ray.max_restarts,

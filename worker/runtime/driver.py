@@ -15,6 +15,11 @@ adds a GPU pod for them and removes the pod an actor left once it is idle.
 ``run_until_drained(...)`` runs the stream through local actors until a known number of new events
 has been committed by the consumer group — what the demo uses to show the production shape.
 
+Deployment shapes (``worker.routing``): co-located — one group of actors, each holding every routed model;
+split pools (``pools`` configured) — one group of actors per pool, each group sized and given GPUs on its
+own (``pools.<name>.num_workers`` / ``num_gpus_per_worker``) and consuming in its pool's consumer group, so
+the pools scale independently. ``pool: <name>`` limits a driver to one pool (one driver per pool).
+
 Only control calls cross the Ray boundary (status, ready, stop: a few per second in all); events
 flow from Kafka into each actor's own consumer.
 """
@@ -52,6 +57,7 @@ class WorkerSlot:
 
     index: int
     actor: Any
+    pool: str | None = None
     incarnation: str | None = None
     restarts_seen: int = 0
     ready: bool = False
@@ -156,10 +162,17 @@ class WorkerFleet:
         self.drained: list[dict[str, Any]] = []  # final statuses of actors removed by scaling in
 
     def start(self) -> None:
-        """Create the actors (Ray places them on GPUs; their pipelines start loading at once)."""
+        """Create the actors (Ray places them on GPUs; their pipelines start loading at once).
+
+        One group of actors, or one group per pool when pools are configured (see the module docstring).
+        """
         import ray
 
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        groups = self.groups()
+        if groups[0][0] is not None:
+            self._start_pools(groups, cluster_gpus)
+            return
         count, gpus_each = planned_worker_count(self.settings, cluster_gpus)
         if self.scaler is not None:
             lower, upper = self.scaler.bounds(0)
@@ -186,6 +199,50 @@ class WorkerFleet:
         self.slots = [WorkerSlot(i, actor_class.remote(payload, i)) for i in range(count)]
         self._next_index = count
         self._publish_metrics()
+
+    def _start_pools(self, groups: list[tuple[str | None, Settings]], cluster_gpus: float) -> None:
+        """Split pools: one group of actors per pool, each sized and given GPUs by its pool's settings."""
+        if self.scaler is not None:
+            log.warning("ray.autoscale applies to co-located workers; pools keep their sizes", extra={"stage": "ray_driver"})
+            self.scaler = None
+        self.slots = []
+        for pool, group_settings in groups:
+            count, gpus_each = planned_worker_count(group_settings, cluster_gpus)
+            group_settings.ray.num_gpus_per_worker = gpus_each
+            actor_class = remote_guard_worker(group_settings)
+            payload = settings_payload(group_settings)
+            log.info(
+                "starting %d guard workers of pool %s (%.2f GPU each, cluster GPUs %.0f)",
+                count,
+                pool,
+                gpus_each,
+                cluster_gpus,
+                extra={"stage": "ray_driver", "pool": pool},
+            )
+            first = len(self.slots)
+            self.slots.extend(
+                WorkerSlot(first + i, actor_class.remote(payload, first + i), pool) for i in range(count)
+            )
+        self._next_index = len(self.slots)
+        self._publish_metrics()
+
+    def groups(self) -> list[tuple[str | None, Settings]]:
+        """(pool, settings) of every actor group: one per pool (or the driver's one pool), else one."""
+        from worker.routing import settings_for_pool
+
+        if not self.settings.pools:
+            return [(None, self.settings)]
+        names = [self.settings.pool] if self.settings.pool is not None else list(self.settings.pools)
+        groups = []
+        for name in names:
+            pool = self.settings.pools[name]
+            group = settings_for_pool(self.settings, name)
+            if pool.num_workers is not None:
+                group.ray.num_workers = pool.num_workers
+            if pool.num_gpus_per_worker is not None:
+                group.ray.num_gpus_per_worker = pool.num_gpus_per_worker
+            groups.append((name, group))
+        return groups
 
     def group_lag(self) -> int:
         """Records the group has not finished, as the actors last reported them: their partitions'
@@ -561,6 +618,12 @@ class GroupProgress:
         self._consumer = make_consumer(settings, enable_auto_commit=False)
         self._partitions: list[TopicPartition] = []
         self._baseline = self.committed_offsets()
+        # Split pools: every pool's group reads every event; an event is done when the slowest pool has it.
+        self._pools = (
+            [GroupProgress(group) for _, group in WorkerFleet(settings).groups()]
+            if settings.pools and settings.pool is None
+            else []
+        )
 
     def committed_offsets(self) -> dict[int, int]:
         """Committed offset per partition (0 when the group has none yet)."""
@@ -572,13 +635,17 @@ class GroupProgress:
         return {tp.partition: self._consumer.committed(tp) or 0 for tp in self._partitions}
 
     def completed(self) -> int:
-        """Events committed since the baseline."""
+        """Events committed since the baseline (split pools: by every pool's group)."""
+        if self._pools:
+            return min(pool.completed() for pool in self._pools)
         now = self.committed_offsets()
         return sum(now[p] - self._baseline.get(p, 0) for p in now)
 
     def close(self) -> None:
-        """Close the offset reader."""
+        """Close the offset readers."""
         self._consumer.close(autocommit=False)
+        for pool in self._pools:
+            pool.close()
 
 
 @dataclass

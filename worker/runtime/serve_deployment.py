@@ -1,8 +1,10 @@
 """The Ray Serve deployment: the stream's engine, policies and cache behind ``POST /v1/moderate``.
 
-One replica holds one ``GuardEngine``. Each event of each request is one item of the ``@serve.batch``
-method, so events of concurrent requests share a forward pass; ``GuardEngine.classify`` splits a batch
-by modality (image and text-only rows never share a forward pass, see ARCHITECTURE.md). Before
+One replica holds every configured model the routes name (``ModelRegistry``: co-located; HTTP has no
+pools) and routes each event like the stream does (``worker.routing``). Each event of each request is one
+item of the ``@serve.batch`` method, so events of concurrent requests share a forward pass; the batch is
+split by model, and ``GuardEngine.classify`` splits each part by modality (image and text-only rows never
+share a forward pass, see ARCHITECTURE.md). Before
 batching, events are decoded exactly like Kafka records (``http_contract.parse_request``), images are
 fetched and hashed, and the Redis cache is asked in one MGET; only misses reach the model, and their
 answers are stored in the same format the stream uses (``worker.cache.entries``), so
@@ -32,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
 from worker.config import Settings
-from worker.dead_letters import Reason, RejectedError
+from worker.dead_letters import Reason, RejectedError, Rejection
 from worker.engine.blocklist import BlocklistHit
 from worker.engine.policy import Policy, resolve_event_policy
 from worker.engine.types import GuardRequest, GuardResult, halt_result
@@ -139,6 +141,7 @@ class _Item:
 
     event: ChatEvent
     policy: Policy
+    model: str
     key: str
     image_data: bytes | None
     cached: GuardResult | None = None
@@ -159,7 +162,8 @@ class ModerationDeployment:
         self.settings = settings_from_payload(settings)
         configure_logging(self.settings.logging, worker="serve")
         export_to_ray(f"serve-{serve.get_replica_context().replica_id.unique_id}")
-        self.engine: Any = None
+        self.models: Any = None  # the ModelRegistry, once loaded
+        self.engine: Any = None  # its first engine; set last: it is the readiness flag
         self.load_error: str | None = None
         self.cache = VerdictCache(self.settings.redis)
         self.keys = ApiKeys(self.settings.auth, list(self.settings.tenants))
@@ -178,20 +182,23 @@ class ModerationDeployment:
         threading.Thread(target=self._load_engine, name="load-engine", daemon=True).start()
 
     def _load_engine(self) -> None:
-        from worker.engine.engine import GuardEngine
+        from worker.engine.registry import ModelRegistry
+        from worker.ops import metrics
 
         try:
-            engine = GuardEngine.from_settings(self.settings)
+            models = ModelRegistry.from_settings(self.settings)
         except Exception as exc:  # noqa: BLE001 — reported by /readyz and the health check, not lost
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error(
                 "cannot load the model: %s", exc, extra={"stage": "load", "reason": "model_load_failed"}
             )
             return
-        self.engine = engine
+        metrics.register_models(models.names)
+        self.models = models
+        engine = self.engine = models.first
         log.info(
             "serve replica ready",
-            extra={"stage": "serve", "device": str(engine.device), "model": engine.model_info.id},
+            extra={"stage": "serve", "device": str(engine.device), "models": models.names},
         )
 
     def check_health(self) -> None:
@@ -209,6 +216,7 @@ class ModerationDeployment:
         body = {
             "status": "ready" if ready else ("failed" if self.load_error else "loading"),
             "model": self.engine.model_info.as_dict() if ready else None,
+            "models": {n: self.models.info(n).as_dict() for n in self.models.names} if ready else {},
             "cache_available": bool(self.cache.available),
             "policies": sorted(self.engine.policies) if ready else [],
             "error": self.load_error,
@@ -352,23 +360,31 @@ class ModerationDeployment:
         from worker.images.load import image_bytes, image_content_hash
 
         items: list[_Item | RequestError] = []
-        engine = self.engine
         for event in events:
             try:
-                policy = resolve_event_policy(
-                    engine.policies,
-                    self.settings.tenants,
-                    event.tenant,
-                    event.policy,
-                    engine.default_policy_id,
-                )
+                # Tenants first (their policy boundary), then the registry's own lookup and routing.
+                first = self.models.first
+                policy_id = resolve_event_policy(
+                    first.policies, self.settings.tenants, event.tenant, event.policy, first.default_policy_id
+                ).id
+                policy = self.models.policy_for(policy_id)
+                model = self.models.model_for(policy, 0 if event.image is None else 1)
+                if model is None:
+                    raise RejectedError(
+                        Rejection(
+                            Reason.TOO_MANY_IMAGES,
+                            "the event has an image and no configured model reads images",
+                        )
+                    )
+                policy = self.models.engine(model).policy_for(policy_id)
                 data = image_bytes(event.image, self.settings) if event.image is not None else None
             except RejectedError as exc:
                 items.append(from_rejection(exc.rejection, None))
                 continue
-            key = cache_key(engine.model_info, policy, event, image_content_hash(data) if data else None)
+            info = self.models.info(model)
+            key = cache_key(info, policy, event, image_content_hash(data) if data else None)
             hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
-            items.append(_Item(event, policy, key, data, hits=hits))
+            items.append(_Item(event, policy, model, key, data, hits=hits))
         pixels_error = request_pixels_error(
             [item.image_data for item in items if isinstance(item, _Item)], self.settings.serve
         )
@@ -423,20 +439,29 @@ class ModerationDeployment:
                 )
                 return from_rejection(exc.rejection, None), 0
         return await self.classify_batch(
-            GuardRequest(turns=item.event.turns, policy=item.policy, image=image)
+            (item.model, GuardRequest(turns=item.event.turns, policy=item.policy, image=image))
         )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def classify_batch(self, requests: list[GuardRequest]) -> list[tuple[Any, int]]:
-        """One model call for events of many requests (sizes set from ``serve.*`` at start)."""
+    async def classify_batch(self, routed: list[tuple[str, GuardRequest]]) -> list[tuple[Any, int]]:
+        """One model call per model for events of many requests (sizes set from ``serve.*`` at start)."""
         from worker.ops import metrics
 
-        size = len(requests)
-        for modality, count in Counter("image" if r.has_image else "text" for r in requests).items():
-            metrics.BATCH_SIZE.labels(modality=modality).observe(count)
+        size = len(routed)
+        for (model, modality), count in Counter(
+            (m, "image" if r.has_image else "text") for m, r in routed
+        ).items():
+            metrics.BATCH_SIZE.labels(model=model, modality=modality).observe(count)
         log.debug("serve batch", extra={"stage": "model", "batch_size": size})
-        with metrics.observe_stage("model"):
-            results = await asyncio.to_thread(self.engine.classify, requests)
+        results: list[Any] = [None] * size
+        for model in dict.fromkeys(m for m, _ in routed):
+            rows = [i for i, (m, _) in enumerate(routed) if m == model]
+            with metrics.observe_stage("model"):
+                part = await asyncio.to_thread(
+                    self.models.engine(model).classify, [routed[i][1] for i in rows]
+                )
+            for i, result in zip(rows, part, strict=True):
+                results[i] = result
         answers: list[tuple[Any, int]] = []
         for result in results:
             if isinstance(result, GuardResult):
@@ -458,7 +483,7 @@ class ModerationDeployment:
             item.event,
             result,
             item.policy,
-            self.engine.model_info,
+            self.models.info(item.model),
             cached=cached,
             latency_ms=(time.monotonic() - received) * 1000.0,
             hits=item.hits,
@@ -467,5 +492,7 @@ class ModerationDeployment:
             metrics.record_blocklist_hits(item.hits, halted=result.halted)
         if verdict.get("review"):
             metrics.REVIEW_BAND.inc()
-        metrics.record_verdict(verdict["decision"], [c["code"] for c in verdict["categories"]], cached=cached)
+        metrics.record_verdict(
+            verdict["decision"], [c["code"] for c in verdict["categories"]], cached=cached, model=item.model
+        )
         return verdict

@@ -64,11 +64,16 @@ def _connection_config(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
-    """kafka-python ``KafkaConsumer`` keyword arguments for the worker's consumer group (manual commits)."""
+    """kafka-python ``KafkaConsumer`` keyword arguments for the worker's consumer group (manual commits).
+
+    A worker of a pool (split deployment) joins its pool's own group, so every pool reads every event.
+    """
+    from worker.routing import consumer_group_id
+
     kafka = settings.kafka
     return {
         **_connection_config(kafka),
-        "group_id": kafka.group_id,
+        "group_id": consumer_group_id(settings),
         # The pipeline commits the highest contiguous completed offset itself (at-least-once).
         "enable_auto_commit": False,
         "auto_offset_reset": kafka.auto_offset_reset,

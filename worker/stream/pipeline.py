@@ -44,6 +44,7 @@ from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
 from worker.decode import decode_event, salvage_event_id
 from worker.engine.policy import resolve_event_policy
+from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
 from worker.events import ChatEvent, Turn
 from worker.language import detect_language
@@ -92,6 +93,7 @@ class WorkItem:
     policy: Policy | None = None
     image_data: bytes | None = None
     cache_key: str | None = None
+    model: str | None = None  # the configured model that judges it (chosen by the router)
     output: tuple[str, dict[str, Any]] | None = None  # what was published, kept to re-publish on failure
     hits: tuple[BlocklistHit, ...] = ()  # the policy's blocklists matching the judged text
     language: dict[str, Any] | None = None  # of the judged text; detected off the loop thread for the model
@@ -111,6 +113,7 @@ class WorkItem:
 class PreparedWork:
     """A batch after CPU preparation: what goes to the model, and what was rejected on the way."""
 
+    model: str
     modality: str
     entries: list[BatchEntry[WorkItem]]
     requests: list[GuardRequest]
@@ -176,13 +179,17 @@ class StreamPipeline:
     def __init__(
         self,
         settings: Settings,
-        engine: GuardEngine | None = None,
+        engine: GuardEngine | ModelRegistry | None = None,
         *,
         worker_name: str = "worker",
         cache: VerdictCache | None = None,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        # The models this worker judges with (a single engine is the one model); ``engine`` is the first.
+        self.models: ModelRegistry | None = ModelRegistry.of(engine, settings) if engine is not None else None
+        self.engine = self.models.first if self.models is not None else None
+        if self.models is not None:
+            metrics.register_models(self.models.names)
         self.worker_name = worker_name
         self._cache = cache
         self._stop = threading.Event()
@@ -216,7 +223,7 @@ class StreamPipeline:
         self._republish: list[tuple[float, WorkItem]] = []  # (monotonic due time, item) of failed deliveries
         # Verdicts counted this loop turn, added to the Prometheus counters once per turn (``_flush_metrics``):
         # one ``inc(n)`` per label set instead of several label lookups per event on the hot path.
-        self._verdict_tally: Counter[tuple[str, tuple[str, ...], bool]] = Counter()
+        self._verdict_tally: Counter[tuple[str, tuple[str, ...], bool, str]] = Counter()
         self.counters: dict[str, int] = {
             "consumed": 0,
             "verdicts": 0,
@@ -229,6 +236,7 @@ class StreamPipeline:
             "isolations": 0,
             "replays_skipped": 0,
             "outages": 0,
+            "routed_elsewhere": 0,  # completed without output: another pool's model judges them
         }
 
     # ------------------------------------------------------------------ public
@@ -277,11 +285,11 @@ class StreamPipeline:
         """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
         from worker.stream.kafka_clients import make_consumer, make_producer
 
-        if self.engine is None:
-            from worker.engine.engine import GuardEngine
-
-            self.engine = GuardEngine.from_settings(self.settings)
-        metrics.MODEL_LOAD_SECONDS.set(getattr(self.engine, "load_seconds", 0.0) or 0.0)
+        if self.models is None:
+            self.models = ModelRegistry.from_settings(self.settings)
+            self.engine = self.models.first
+            metrics.register_models(self.models.names)
+        metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
         from worker.language import warm_up
 
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
@@ -468,28 +476,52 @@ class StreamPipeline:
         )
         decoded = decode_event(record.value, self.settings)  # never raises: bad input is a Rejection
         if isinstance(decoded, Rejection):
-            self._dead_letter(item, decoded)
+            self._reject_unrouted(item, decoded)
             return
         item.event = decoded
-        assert self.engine is not None
+        assert self.models is not None
         try:
-            item.policy = resolve_event_policy(
-                self.engine.policies,
-                self.settings.tenants,
-                decoded.tenant,
-                decoded.policy,
-                self.engine.default_policy_id,
-            )
+            # Tenants first (their policy boundary), then the registry's own lookup and routing.
+            first = self.models.first
+            policy_id = resolve_event_policy(
+                first.policies, self.settings.tenants, decoded.tenant, decoded.policy, first.default_policy_id
+            ).id
+            policy = self.models.policy_for(policy_id)
         except RejectedError as exc:
-            self._dead_letter(item, exc.rejection)
+            self._reject_unrouted(item, exc.rejection)
             return
+        model = self.models.model_for(policy, 0 if decoded.image is None else 1)
+        if model is None:
+            self._reject_unrouted(
+                item, Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
+            )
+            return
+        if not self.models.holds(model):
+            self._complete_without_output(item)
+            return
+        item.model = model
+        item.policy = self.models.engine(model).policy_for(policy_id)
         if item.policy.blocklists:
             item.hits = item.policy.blocklists.match(decoded.turns[-1].texts)
         if decoded.image is not None:
             self._fetching.append((item, self._pool.submit(self._fetch_image, decoded.image)))
         else:
-            item.cache_key = cache_key(self.engine.model_info, item.policy, decoded, None)
+            item.cache_key = cache_key(self.models.info(model), item.policy, decoded, None)
             self._key_ready.append(item)
+
+    def _reject_unrouted(self, item: WorkItem, rejection: Rejection) -> None:
+        """A record no model was chosen for: one pool (``worker.routing``) dead-letters it, the others skip it."""
+        assert self.models is not None
+        if self.models.owns_unrouted:
+            self._dead_letter(item, rejection)
+        else:
+            self._complete_without_output(item)
+
+    def _complete_without_output(self, item: WorkItem) -> None:
+        """Another pool answers this record: complete its offset now, publish nothing."""
+        self.counters["routed_elsewhere"] += 1
+        if self._tracker.complete(item.tp, item.offset, item.generation):
+            self.counters["completed"] += 1
 
     def _fetch_image(self, ref: Any) -> bytes:
         from worker.images.load import image_bytes
@@ -525,10 +557,11 @@ class StreamPipeline:
                     ),
                 )
                 continue
-            assert item.event is not None and item.policy is not None and self.engine is not None
+            assert item.event is not None and item.policy is not None and item.model is not None
+            assert self.models is not None
             item.image_data = data
             item.cache_key = cache_key(
-                self.engine.model_info, item.policy, item.event, image_content_hash(data)
+                self.models.info(item.model), item.policy, item.event, image_content_hash(data)
             )
             self._key_ready.append(item)
         self._fetching = waiting
@@ -565,7 +598,8 @@ class StreamPipeline:
                 metrics.DUPLICATES_SKIPPED.inc()
                 continue
             modality = "image" if item.image_data is not None else "text"
-            if not self._batcher.add(item.cache_key, modality, item):
+            assert item.model is not None
+            if not self._batcher.add(item.cache_key, modality, item, model=item.model):
                 metrics.DUPLICATES_SKIPPED.inc()
 
     def _dispatch_ready_batches(self, *, flush_all: bool = False) -> None:
@@ -581,8 +615,9 @@ class StreamPipeline:
         """CPU preparation of one batch (runs in the pool): decode images, then ``engine.prepare``."""
         from worker.images.load import decode_image
 
-        assert self.engine is not None
-        work = PreparedWork(batch.modality, [], [])
+        assert self.models is not None
+        engine = self.models.engine(batch.model)
+        work = PreparedWork(batch.model, batch.modality, [], [])
         with metrics.observe_stage("prepare"):
             for entry in batch.entries:
                 leader = entry.leader
@@ -614,7 +649,7 @@ class StreamPipeline:
                 )
             if work.requests:
                 try:
-                    work.prepared = self.engine.prepare(work.requests)
+                    work.prepared = engine.prepare(work.requests)
                 except Exception as exc:  # noqa: BLE001 — isolated item by item on the loop thread
                     work.error = exc
         return work
@@ -647,7 +682,7 @@ class StreamPipeline:
         error = work.error
         if error is None:
             try:
-                results = self._run_batch(work.requests, work.prepared, work.modality)
+                results = self._run_batch(work.requests, work.prepared, work.modality, work.model)
             except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
                 error = exc
         if results is None:
@@ -660,13 +695,13 @@ class StreamPipeline:
                 ", out of memory" if is_out_of_memory(error) else "",
                 extra={"stage": "model"},
             )
-            results = self._isolate(work.requests, error)
-        if self._engine_down(results):
+            results = self._isolate(work.requests, error, work.model)
+        if self._engine_down(results, work.model):
             self._hold(work, results)
             return
         self._finish(work.entries, results)
 
-    def _engine_down(self, results: list[GuardResult | EngineError]) -> bool:
+    def _engine_down(self, results: list[GuardResult | EngineError], model: str) -> bool:
         """Whether a batch's results mean an engine outage rather than poison items.
 
         Every item failed in the model → probe the engine with a request any working model answers: a
@@ -676,14 +711,15 @@ class StreamPipeline:
             self._guard.batch_succeeded()
             return False
         limit_reached = self._guard.batch_failed()
-        return limit_reached or not self._probe_engine()
+        return limit_reached or not self._probe_engine(model)
 
-    def _probe_engine(self) -> bool:
-        """Run one known-good request; True when the engine answers it."""
-        assert self.engine is not None
-        request = GuardRequest(turns=(Turn("user", (PROBE_TEXT,)),), policy=self.engine.policy_for(None))
+    def _probe_engine(self, model: str) -> bool:
+        """Run one known-good request on ``model``; True when the engine answers it."""
+        assert self.models is not None
+        engine = self.models.engine(model)
+        request = GuardRequest(turns=(Turn("user", (PROBE_TEXT,)),), policy=engine.policy_for(None))
         try:
-            (result,) = self.engine.run(self.engine.prepare([request]))
+            (result,) = engine.run(engine.prepare([request]))
         except Exception as exc:  # noqa: BLE001 — a probe that raises is the answer
             log.warning("engine probe raised %s", type(exc).__name__, extra={"stage": "model"})
             return False
@@ -709,7 +745,7 @@ class StreamPipeline:
     def _retry_held(self) -> None:
         """Run the held batch again when its retry is due; publish its answers once the engine works."""
         work = self._held
-        assert work is not None and self.engine is not None
+        assert work is not None and self.models is not None
         if not self._guard.retry_due("engine"):
             return
         # A revoke may have taken some of its events to another worker since: do not judge those.
@@ -725,18 +761,19 @@ class StreamPipeline:
         work.entries, work.requests = [e for e, _ in live], [r for _, r in live]
         # Probe first: the held batch then runs only on an engine that works again, so a failure of it
         # after that (with the engine still answering the probe) is its own items' fault, not the outage's.
-        if not self._probe_engine():
+        if not self._probe_engine(work.model):
             self._guard.retry_failed("engine", "the probe request still fails")
             return
         try:
-            results = self._run_batch(work.requests, self.engine.prepare(work.requests), work.modality)
+            engine = self.models.engine(work.model)
+            results = self._run_batch(work.requests, engine.prepare(work.requests), work.modality, work.model)
         except Exception as exc:  # noqa: BLE001 — still isolated: poison stays one dead letter
-            results = self._isolate(work.requests, exc)
+            results = self._isolate(work.requests, exc, work.model)
         # Failed again: still down if the probe fails now, or if the run of failed batches is at the limit
         # (the probe works but batches like this one do not, e.g. only images fail); otherwise its items
         # are poison and become dead letters.
         if all(is_engine_fault(r) for r in results) and (
-            not self._probe_engine() or self._guard.batch_failed()
+            not self._probe_engine(work.model) or self._guard.batch_failed()
         ):
             self._hold(work, results)
             return
@@ -750,17 +787,17 @@ class StreamPipeline:
         self._finish(work.entries, results)
 
     def _run_batch(
-        self, requests: list[GuardRequest], prepared: Any, modality: str
+        self, requests: list[GuardRequest], prepared: Any, modality: str, model: str
     ) -> list[GuardResult | EngineError]:
         """``engine.run`` on one prepared batch; raises ``BatchFailedError`` when the batch as a whole failed.
 
         The engine reports a failed forward pass as the same error on every row (kind ``model`` or
         ``out_of_memory``); with more than one row that says nothing about which item is at fault.
         """
-        assert self.engine is not None
+        assert self.models is not None
         with metrics.observe_stage("model"):
-            results = self._forward(prepared)
-        metrics.BATCH_SIZE.labels(modality=modality).observe(len(requests))
+            results = self._forward(prepared, model)
+        metrics.BATCH_SIZE.labels(model=model, modality=modality).observe(len(requests))
         self.counters["batches"] += 1
         if len(requests) > 1:
             failure = next((r for r in results if is_batch_failure(r)), None)
@@ -770,10 +807,10 @@ class StreamPipeline:
                 )
         return results
 
-    def _forward(self, prepared: Any) -> list[GuardResult | EngineError]:
+    def _forward(self, prepared: Any, model: str) -> list[GuardResult | EngineError]:
         """``engine.run`` on the model thread; meanwhile this thread applies the acks that arrive."""
-        assert self.engine is not None
-        running = self._model_thread.submit(self.engine.run, prepared)
+        assert self.models is not None
+        running = self._model_thread.submit(self.models.engine(model).run, prepared)
         while True:
             try:
                 return running.result(timeout=ACK_POLL_MS / 1000)
@@ -781,7 +818,9 @@ class StreamPipeline:
                 if self._publisher is not None and self._publisher.awaiting_acks:
                     self._apply_acks()
 
-    def _isolate(self, requests: list[GuardRequest], error: BaseException) -> list[GuardResult | EngineError]:
+    def _isolate(
+        self, requests: list[GuardRequest], error: BaseException, model: str
+    ) -> list[GuardResult | EngineError]:
         """Results for ``requests`` after a failed batch: bisect until the failing items stand alone.
 
         A device out-of-memory is handled the same way — the halves are smaller batches.
@@ -793,16 +832,17 @@ class StreamPipeline:
                     detail={"kind": "out_of_memory" if is_out_of_memory(error) else "model"},
                 )
             ]
-        assert self.engine is not None
+        assert self.models is not None
+        engine = self.models.engine(model)
         mid = len(requests) // 2
         results: list[GuardResult | EngineError] = []
         for half in (requests[:mid], requests[mid:]):
             try:
                 results.extend(
-                    self._run_batch(half, self.engine.prepare(half), "image" if half[0].has_image else "text")
+                    self._run_batch(half, engine.prepare(half), "image" if half[0].has_image else "text", model)
                 )
             except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
-                results.extend(self._isolate(half, exc))
+                results.extend(self._isolate(half, exc, model))
         return results
 
     def _finish(self, entries: list[BatchEntry[WorkItem]], results: list[GuardResult | EngineError]) -> None:
@@ -845,12 +885,13 @@ class StreamPipeline:
         if self._stale(item):
             self.counters["dropped_revoked"] += 1
             return
-        assert item.event is not None and item.policy is not None and self.engine is not None
+        assert item.event is not None and item.policy is not None and item.model is not None
+        assert self.models is not None
         verdict = verdict_for(
             item.event,
             result,
             item.policy,
-            self.engine.model_info,
+            self.models.info(item.model),
             cached=cached,
             latency_ms=(time.monotonic() - item.received) * 1000.0,
             hits=item.hits,
@@ -861,7 +902,7 @@ class StreamPipeline:
         if verdict.get("review"):
             metrics.REVIEW_BAND.inc()
         self._verdict_tally[
-            (verdict["decision"], tuple(c["code"] for c in verdict["categories"]), cached)
+            (verdict["decision"], tuple(c["code"] for c in verdict["categories"]), cached, item.model)
         ] += 1
         self.counters["cached" if cached else "verdicts"] += 1
         item.output = ("verdict", verdict)

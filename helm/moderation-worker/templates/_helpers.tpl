@@ -92,6 +92,13 @@ kafka TLS file paths), each only when the user did not set it.
 {{- end -}}
 {{- end -}}
 {{- $_ := set $cfg "ray" $ray -}}
+{{- if .Values.pools -}}
+{{- $pools := dict -}}
+{{- range .Values.pools -}}
+{{- $_ := set $pools .name (dict "models" .models "dead_letters" (default false .deadLetters) "num_workers" (int .actors) "num_gpus_per_worker" (default 1 .gpusPerActor)) -}}
+{{- end -}}
+{{- $_ := set $cfg "pools" $pools -}}
+{{- end -}}
 {{- if .Values.kafkaTls.enabled -}}
 {{- $kafka := get $cfg "kafka" | default dict -}}
 {{- $dir := include "mw.tlsDir" . -}}

@@ -1,0 +1,39 @@
+"""The demo end to end (in-process worker: the Ray variant is the same pipeline in an actor)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from rich.console import Console
+
+from worker.config import Settings
+from worker.demo import demo_command, verdicts_per_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def test_verdicts_are_counted_per_judging_model():
+    verdicts = [
+        {"decision": "safe", "model": {"id": "m", "revision": None, "name": "text-guard"}},
+        {"decision": "unsafe", "model": {"id": "m", "revision": None, "name": "text-guard"}},
+        {"decision": "safe", "model": {"id": "m", "revision": None, "name": "vision"}},
+        {"decision": "safe", "model": {"id": "legacy", "revision": None}},
+    ]
+    per_model = verdicts_per_model(verdicts)
+    assert per_model == {
+        "text-guard": {"safe": 1, "unsafe": 1},
+        "vision": {"safe": 1},
+        "legacy": {"safe": 1},
+    }
+
+
+def test_the_demo_runs_two_models_and_its_summary_shows_verdicts_per_model(tiny_model_dir, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("MW_")]:  # a developer shell's settings stay out
+        monkeypatch.delenv(key)
+    console = Console(record=True, width=240)
+    assert demo_command(Settings(), n_events=120, use_ray=False, console=console, timeout_s=600) == 0
+    text = console.export_text()
+    line = next(line for line in text.splitlines() if "verdicts per model" in line)
+    assert "text-guard:" in line and "vision:" in line
+    assert "records without an answer" in text

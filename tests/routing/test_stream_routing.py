@@ -1,0 +1,118 @@
+"""Several models on one topic, end to end: embedded tansu broker, real Redis, real tiny checkpoints.
+
+Co-located: one worker holds a text guard and a vision model; every verdict names the model its
+modality is routed to. Split pools: two workers (one pool each, their own consumer groups) read the same
+topic; every event gets exactly one verdict — from the pool whose model it is routed to — and every
+malformed record exactly one dead letter.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.stream.streaming import WorkerThread, build_stream, fully_committed, produce, read_json, wait_for
+from worker.contracts import validate_dead_letter, validate_verdict
+from worker.engine.registry import ModelRegistry
+from worker.routing import consumer_group_id, settings_for_pool
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+EVENTS = 240
+TIMEOUT_S = 300
+
+
+def two_model_settings(make_settings, model_dir, **extra):
+    """A text guard named ``text`` and a vision model named ``vision``: both the tiny Mllama checkpoint."""
+    model = {"path": str(model_dir), "device": "cpu"}
+    return make_settings(
+        models={"text": model, "vision": model},
+        routing={"text": "text", "image": "vision"},
+        **extra,
+    )
+
+
+def check_routed_verdicts(verdicts, stream, expected_pool=None):
+    ids = Counter(v["event_id"] for v in verdicts)
+    assert set(ids) == stream.valid_ids, "every valid event has a verdict"
+    assert max(ids.values()) == 1, "and only one"
+    for v in verdicts:
+        validate_verdict(v)
+        want = "vision" if v["event_id"] in stream.image_ids else "text"
+        assert v["model"]["name"] == want, v["event_id"]
+        assert v["model"]["family"] == "llama-guard-3-vision"
+        if expected_pool is not None:
+            assert expected_pool[v["event_id"]] == want
+
+
+def test_co_located_worker_names_the_model_each_event_was_routed_to(make_settings, tiny_model_dir):
+    settings = two_model_settings(make_settings, tiny_model_dir)
+    stream = build_stream(EVENTS, seed=21, image_ratio=0.3, malformed_ratio=0.03)
+    assert len(stream.image_ids) >= EVENTS * 0.25
+    produce(settings, stream.records)
+    registry = ModelRegistry.from_settings(settings)
+    assert registry.names == ["text", "vision"]
+    assert registry.engine("text") is not registry.engine("vision"), "each model loaded on its own"
+
+    worker = WorkerThread(settings, registry).start()
+    try:
+        wait_for(
+            lambda: fully_committed(worker.pipeline, EVENTS),
+            timeout_s=TIMEOUT_S,
+            what="all events committed",
+            workers=[worker],
+        )
+    finally:
+        worker.stop()
+
+    check_routed_verdicts(read_json(settings, settings.topics.verdicts), stream)
+    dead = read_json(settings, settings.topics.dlq)
+    assert len(dead) == len(stream.malformed)
+    assert worker.pipeline.counters["routed_elsewhere"] == 0
+
+
+def test_split_pools_give_every_event_exactly_one_verdict_from_its_pool(make_settings, tiny_model_dir):
+    settings = two_model_settings(
+        make_settings,
+        tiny_model_dir,
+        pools={"text": {"models": ["text"]}, "vision": {"models": ["vision"]}},
+    )
+    stream = build_stream(EVENTS, seed=23, image_ratio=0.3, malformed_ratio=0.03)
+    produce(settings, stream.records)
+    pools = {name: settings_for_pool(settings, name) for name in ("text", "vision")}
+    assert {consumer_group_id(s) for s in pools.values()} == {
+        f"{settings.kafka.group_id}.text",
+        f"{settings.kafka.group_id}.vision",
+    }
+    workers = []
+    for name, pool_settings in pools.items():
+        registry = ModelRegistry.from_settings(pool_settings)
+        assert registry.names == [name], "a pool's worker loads its own models only"
+        workers.append(WorkerThread(pool_settings, registry, name=f"pool-{name}").start())
+    try:
+        wait_for(
+            lambda: all(fully_committed(w.pipeline, EVENTS) for w in workers),
+            timeout_s=TIMEOUT_S,
+            what="both pools committed every event",
+            workers=workers,
+        )
+    finally:
+        for w in workers:
+            w.stop()
+
+    text_pool, vision_pool = (w.pipeline.counters for w in workers)
+    # Each pool skipped exactly what the other judged (the text pool also owns the dead letters).
+    assert vision_pool["routed_elsewhere"] == EVENTS - len(stream.image_ids)
+    assert text_pool["routed_elsewhere"] == len(stream.image_ids)
+    assert text_pool["dead_letters"] == len(stream.malformed) and vision_pool["dead_letters"] == 0
+    verdicts = read_json(settings, settings.topics.verdicts)
+    check_routed_verdicts(verdicts, stream)
+    dead = read_json(settings, settings.topics.dlq)
+    assert len(dead) == len(stream.malformed), "each malformed record dead-lettered once, by one pool"
+    for d in dead:
+        validate_dead_letter(d)
+    flagged = read_json(settings, settings.topics.flagged)
+    assert Counter(f["event_id"] for f in flagged) == Counter(
+        v["event_id"] for v in verdicts if v["decision"] == "unsafe"
+    )
