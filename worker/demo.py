@@ -219,6 +219,7 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
     """Run the demo; exit 0 when every record got a verdict or a dead letter."""
     from worker.dev_services import EmbeddedServices
     from worker.stream.kafka_clients import ensure_topics, make_producer
+    from worker.stream.publisher import output_topics
     from worker.tiny_model.build import ensure_tiny_model
 
     console = console or Console()
@@ -239,7 +240,7 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
         settings.logging.level = "WARNING"  # keep the progress display readable; the summary says what happened
         stream = sample_stream(n_events)
         ensure_topics(settings, [settings.topics.events], partitions=4)
-        ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
+        ensure_topics(settings, output_topics(settings.topics))
         # Two waves, like a live stream: the second wave's repeats arrive after their originals were
         # judged, so they are answered from the Redis cache.
         split = len(stream.records) * 3 // 5
