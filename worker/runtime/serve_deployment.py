@@ -289,7 +289,7 @@ class ModerationDeployment:
         for event in events:
             try:
                 policy = self.models.policy_for(event.policy)
-                model = self.models.model_for(policy, 0 if event.image is None else 1)
+                model = self.models.model_for(policy, event.image_count)
                 if model is None:
                     raise RejectedError(
                         Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
