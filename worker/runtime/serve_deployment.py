@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -38,6 +39,7 @@ from worker.dead_letters import Reason, RejectedError, Rejection
 from worker.engine.policy import Policy
 from worker.engine.types import GuardRequest, GuardResult
 from worker.events import ChatEvent
+from worker.routing import guard_request, images_hash
 from worker.runtime.http_contract import (
     NOT_READY,
     UNSUPPORTED_MEDIA_TYPE,
@@ -118,8 +120,9 @@ class _Item:
     policy: Policy
     model: str
     key: str
-    image_data: bytes | None
+    image_data: bytes | None  # the event's last image (the only one unless Llama Guard 4 judges it)
     cached: GuardResult | None = None
+    earlier_image_data: tuple[bytes, ...] = ()  # the images before it, in order (several-image events)
 
 
 @serve.deployment(name="Moderation")
@@ -283,7 +286,7 @@ class ModerationDeployment:
 
     def _lookup(self, events: list[ChatEvent]) -> list[_Item | RequestError]:
         """Blocking part before the model (runs in a thread): policy, image bytes, cache key, one MGET."""
-        from worker.images.load import image_bytes, image_content_hash
+        from worker.images.load import image_bytes
 
         items: list[_Item | RequestError] = []
         for event in events:
@@ -295,15 +298,18 @@ class ModerationDeployment:
                         Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
                     )
                 policy = self.models.engine(model).policy_for(event.policy)
-                data = image_bytes(event.image, self.settings) if event.image is not None else None
+                datas = tuple(image_bytes(ref, self.settings) for ref in event.images)
             except RejectedError as exc:
                 items.append(from_rejection(exc.rejection, None))
                 continue
             info = self.models.info(model)
-            key = cache_key(info, policy, event, image_content_hash(data) if data else None)
-            items.append(_Item(event, policy, model, key, data))
+            key = cache_key(info, policy, event, images_hash(event, datas))
+            items.append(
+                _Item(event, policy, model, key, datas[-1] if datas else None, earlier_image_data=datas[:-1])
+            )
         pixels_error = request_pixels_error(
-            [item.image_data for item in items if isinstance(item, _Item)], self.settings.serve
+            [data for item in items if isinstance(item, _Item) for data in (*item.earlier_image_data, item.image_data)],
+            self.settings.serve,
         )
         if pixels_error is not None:
             return [pixels_error] * len(items)
@@ -313,19 +319,21 @@ class ModerationDeployment:
         return items
 
     async def _classify_one(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
-        """Decode the image (if any) and queue the event for the next model batch."""
-        image = None
+        """Decode the images (if any) and queue the event for the next model batch."""
+        images: list[Any] = []
         if item.image_data is not None:
             from worker.images.load import decode_image
 
-            field = item.event.image.field_path if item.event.image is not None else None
             loop = asyncio.get_running_loop()
             try:
-                async with self.decode_budget.hold(item.image_data):
-                    image = await loop.run_in_executor(
-                        self.decode_pool,
-                        lambda: decode_image(item.image_data, self.settings.limits, field=field),
-                    )
+                for ref, data in zip(item.event.images, (*item.earlier_image_data, item.image_data), strict=True):
+                    async with self.decode_budget.hold(data):
+                        images.append(
+                            await loop.run_in_executor(
+                                self.decode_pool,
+                                partial(decode_image, data, self.settings.limits, field=ref.field_path),
+                            )
+                        )
             except RejectedError as exc:
                 log.info(
                     "image rejected",
@@ -336,9 +344,7 @@ class ModerationDeployment:
                     },
                 )
                 return from_rejection(exc.rejection, None), 0
-        return await self.classify_batch(
-            (item.model, GuardRequest(turns=item.event.turns, policy=item.policy, image=image))
-        )
+        return await self.classify_batch((item.model, guard_request(item.event, item.policy, tuple(images))))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def classify_batch(self, routed: list[tuple[str, GuardRequest]]) -> list[tuple[Any, int]]:
