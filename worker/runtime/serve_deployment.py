@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import orjson
@@ -39,6 +40,7 @@ from worker.engine.blocklist import BlocklistHit
 from worker.engine.policy import Policy, resolve_event_policy
 from worker.engine.types import GuardRequest, GuardResult, halt_result
 from worker.events import ChatEvent
+from worker.routing import guard_request, images_hash
 from worker.runtime.auth import FORBIDDEN, ApiKeys, Caller, Denied
 from worker.runtime.http_contract import (
     NOT_READY,
@@ -143,10 +145,11 @@ class _Item:
     policy: Policy
     model: str
     key: str
-    image_data: bytes | None
+    image_data: bytes | None  # the event's last image (the only one unless Llama Guard 4 judges it)
     cached: GuardResult | None = None
     hits: tuple[BlocklistHit, ...] = ()
     halted_now: bool = False  # answered by a halting blocklist in this request (not read from the cache)
+    earlier_image_data: tuple[bytes, ...] = ()  # the images before it, in order (several-image events)
 
 
 @serve.deployment(name="Moderation")
@@ -357,7 +360,7 @@ class ModerationDeployment:
 
     def _lookup(self, events: list[ChatEvent]) -> list[_Item | RequestError]:
         """Blocking part before the model (runs in a thread): policy, image bytes, cache key, one MGET."""
-        from worker.images.load import image_bytes, image_content_hash
+        from worker.images.load import image_bytes
 
         items: list[_Item | RequestError] = []
         for event in events:
@@ -368,7 +371,7 @@ class ModerationDeployment:
                     first.policies, self.settings.tenants, event.tenant, event.policy, first.default_policy_id
                 ).id
                 policy = self.models.policy_for(policy_id)
-                model = self.models.model_for(policy, 0 if event.image is None else 1)
+                model = self.models.model_for(policy, event.image_count)
                 if model is None:
                     raise RejectedError(
                         Rejection(
@@ -377,16 +380,27 @@ class ModerationDeployment:
                         )
                     )
                 policy = self.models.engine(model).policy_for(policy_id)
-                data = image_bytes(event.image, self.settings) if event.image is not None else None
+                datas = tuple(image_bytes(ref, self.settings) for ref in event.images)
             except RejectedError as exc:
                 items.append(from_rejection(exc.rejection, None))
                 continue
             info = self.models.info(model)
-            key = cache_key(info, policy, event, image_content_hash(data) if data else None)
+            key = cache_key(info, policy, event, images_hash(event, datas))
             hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
-            items.append(_Item(event, policy, model, key, data, hits=hits))
+            items.append(
+                _Item(
+                    event,
+                    policy,
+                    model,
+                    key,
+                    datas[-1] if datas else None,
+                    hits=hits,
+                    earlier_image_data=datas[:-1],
+                )
+            )
         pixels_error = request_pixels_error(
-            [item.image_data for item in items if isinstance(item, _Item)], self.settings.serve
+            [data for item in items if isinstance(item, _Item) for data in (*item.earlier_image_data, item.image_data)],
+            self.settings.serve,
         )
         if pixels_error is not None:
             return [pixels_error] * len(items)
@@ -404,30 +418,32 @@ class ModerationDeployment:
         return items
 
     async def _classify_one(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
-        """Decode the image (if any), detect the language, and queue the event for the next model batch."""
+        """Decode the images (if any), detect the language, and queue the event for the next model batch."""
         from worker.language import detect_language
 
         language = await asyncio.to_thread(
             detect_language, item.event.turns[-1].texts, self.settings.model.optimized_languages
         )
-        answer, size = await self._classify_image_or_text(item)
+        answer, size = await self._classify_images_or_text(item)
         if isinstance(answer, GuardResult):
             answer = replace(answer, language=language)
         return answer, size
 
-    async def _classify_image_or_text(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
-        image = None
+    async def _classify_images_or_text(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
+        images: list[Any] = []
         if item.image_data is not None:
             from worker.images.load import decode_image
 
-            field = item.event.image.field_path if item.event.image is not None else None
             loop = asyncio.get_running_loop()
             try:
-                async with self.decode_budget.hold(item.image_data):
-                    image = await loop.run_in_executor(
-                        self.decode_pool,
-                        lambda: decode_image(item.image_data, self.settings.limits, field=field),
-                    )
+                for ref, data in zip(item.event.images, (*item.earlier_image_data, item.image_data), strict=True):
+                    async with self.decode_budget.hold(data):
+                        images.append(
+                            await loop.run_in_executor(
+                                self.decode_pool,
+                                partial(decode_image, data, self.settings.limits, field=ref.field_path),
+                            )
+                        )
             except RejectedError as exc:
                 log.info(
                     "image rejected",
@@ -438,9 +454,7 @@ class ModerationDeployment:
                     },
                 )
                 return from_rejection(exc.rejection, None), 0
-        return await self.classify_batch(
-            (item.model, GuardRequest(turns=item.event.turns, policy=item.policy, image=image))
-        )
+        return await self.classify_batch((item.model, guard_request(item.event, item.policy, tuple(images))))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def classify_batch(self, routed: list[tuple[str, GuardRequest]]) -> list[tuple[Any, int]]:

@@ -49,6 +49,7 @@ from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_res
 from worker.events import ChatEvent, Turn
 from worker.language import detect_language
 from worker.ops import metrics
+from worker.routing import guard_request, images_hash
 from worker.stream.batcher import Batch, BatchEntry, MicroBatcher
 from worker.stream.offsets import OffsetTracker
 from worker.stream.outage import FailureGuard
@@ -91,7 +92,8 @@ class WorkItem:
     received: float  # time.monotonic() when consumed
     event: ChatEvent | None = None
     policy: Policy | None = None
-    image_data: bytes | None = None
+    image_data: bytes | None = None  # the event's last image (the only one unless Llama Guard 4 judges it)
+    earlier_image_data: tuple[bytes, ...] = ()  # the images before it, in order (several-image events)
     cache_key: str | None = None
     model: str | None = None  # the configured model that judges it (chosen by the router)
     output: tuple[str, dict[str, Any]] | None = None  # what was published, kept to re-publish on failure
@@ -490,7 +492,7 @@ class StreamPipeline:
         except RejectedError as exc:
             self._reject_unrouted(item, exc.rejection)
             return
-        model = self.models.model_for(policy, 0 if decoded.image is None else 1)
+        model = self.models.model_for(policy, decoded.image_count)
         if model is None:
             self._reject_unrouted(
                 item, Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
@@ -504,7 +506,7 @@ class StreamPipeline:
         if item.policy.blocklists:
             item.hits = item.policy.blocklists.match(decoded.turns[-1].texts)
         if decoded.image is not None:
-            self._fetching.append((item, self._pool.submit(self._fetch_image, decoded.image)))
+            self._fetching.append((item, self._pool.submit(self._fetch_images, decoded.images)))
         else:
             item.cache_key = cache_key(self.models.info(model), item.policy, decoded, None)
             self._key_ready.append(item)
@@ -523,17 +525,15 @@ class StreamPipeline:
         if self._tracker.complete(item.tp, item.offset, item.generation):
             self.counters["completed"] += 1
 
-    def _fetch_image(self, ref: Any) -> bytes:
+    def _fetch_images(self, refs: tuple[Any, ...]) -> tuple[bytes, ...]:
         from worker.images.load import image_bytes
 
-        return image_bytes(ref, self.settings)
+        return tuple(image_bytes(ref, self.settings) for ref in refs)
 
     def _collect_fetched_images(self) -> None:
         """Move items whose image bytes arrived on to the cache lookup (or to the DLQ)."""
         if not self._fetching:
             return
-        from worker.images.load import image_content_hash
-
         waiting = []
         for item, future in self._fetching:
             if not future.done():
@@ -559,9 +559,9 @@ class StreamPipeline:
                 continue
             assert item.event is not None and item.policy is not None and item.model is not None
             assert self.models is not None
-            item.image_data = data
+            item.image_data, item.earlier_image_data = data[-1], data[:-1]
             item.cache_key = cache_key(
-                self.models.info(item.model), item.policy, item.event, image_content_hash(data)
+                self.models.info(item.model), item.policy, item.event, images_hash(item.event, data)
             )
             self._key_ready.append(item)
         self._fetching = waiting
@@ -622,10 +622,13 @@ class StreamPipeline:
             for entry in batch.entries:
                 leader = entry.leader
                 assert leader.event is not None and leader.policy is not None
-                image = None
+                images: tuple[Any, ...] = ()
                 if leader.image_data is not None:
                     try:
-                        image = decode_image(leader.image_data, self.settings.limits)
+                        images = tuple(
+                            decode_image(data, self.settings.limits)
+                            for data in (*leader.earlier_image_data, leader.image_data)
+                        )
                     except RejectedError as exc:
                         work.rejected.append((entry, exc.rejection))
                         continue
@@ -644,9 +647,7 @@ class StreamPipeline:
                     leader.event.turns[-1].texts, self.settings.model.optimized_languages
                 )
                 work.entries.append(entry)
-                work.requests.append(
-                    GuardRequest(turns=leader.event.turns, policy=leader.policy, image=image)
-                )
+                work.requests.append(guard_request(leader.event, leader.policy, images))
             if work.requests:
                 try:
                     work.prepared = engine.prepare(work.requests)
