@@ -287,6 +287,7 @@ class SettingsFactory:
             "topics__flagged": f"moderation.flagged.{suffix}",
             "topics__verdicts": f"moderation.verdicts.{suffix}",
             "topics__dlq": f"moderation.dlq.{suffix}",
+            "topics__review": f"moderation.review.{suffix}",
             "redis__url": services.redis_url,
             # One Redis serves the session: a per-test prefix keeps cached verdicts from leaking across tests.
             "redis__key_prefix": f"mw:test:{suffix}:",

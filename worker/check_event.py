@@ -82,10 +82,11 @@ def judge_offline(record: bytes, settings: Settings) -> ChatEvent | Rejection:
     from worker.images.load import check_image_offline
 
     event = decode_event(record, settings)
-    if isinstance(event, Rejection) or event.image is None:
+    if isinstance(event, Rejection):
         return event
     try:
-        check_image_offline(event.image, settings)
+        for ref in event.images:  # several when Llama Guard 4 judges the event: each is checked
+            check_image_offline(ref, settings)
     except RejectedError as exc:
         return exc.rejection
     return event

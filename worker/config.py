@@ -16,7 +16,6 @@ configuration is printed (``Settings.masked``) or logged (``mask_url_credentials
 from __future__ import annotations
 
 import ipaddress
-import re
 import os
 import re
 import types
@@ -42,7 +41,29 @@ from pydantic_settings.exceptions import SettingsError
 CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 14))
 # Every built-in code of any Llama Guard family (S14 only in Llama Guard 3 8B and Llama Guard 4).
 BUILTIN_CATEGORY_CODES: tuple[str, ...] = tuple(f"S{i}" for i in range(1, 15))
-GUARD_FAMILIES: tuple[str, ...] = ("llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4")
+GUARD_FAMILIES: tuple[str, ...] = (
+    "llama-guard-3-vision",
+    "llama-guard-3-1b",
+    "llama-guard-3-8b",
+    "llama-guard-4",
+)
+
+# The category names of OpenAI's moderation API (worker/runtime/openai_compat.py maps the codes onto them).
+OPENAI_CATEGORY_NAMES: tuple[str, ...] = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
 ENV_PREFIX = "MW_"
 DEFAULT_MODEL_PATH = "~/.cache/moderation-worker/tiny-guard"  # what `build-tiny-model` writes by default
 
@@ -133,6 +154,10 @@ class TopicSettings(Section):
     flagged: str = "moderation.flagged"
     verdicts: str = "moderation.verdicts"
     dlq: str = "moderation.dlq"
+    review: str = Field(
+        "moderation.review",
+        description="verdicts in a policy's human-review band (review_threshold <= score < threshold)",
+    )
     publish_all_verdicts: bool = True
 
 
@@ -154,6 +179,42 @@ class BatchingSettings(Section):
         return self
 
 
+CUSTOM_CATEGORY_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+
+class BlocklistSettings(Section):
+    """One blocklist: exact terms and RE2 patterns, matched on case- and confusable-folded text."""
+
+    terms: list[str] = Field([], description="exact terms (substring match after normalisation)")
+    patterns: list[str] = Field(
+        [], description="RE2 regular expressions (linear time; matched after normalisation)"
+    )
+    category: str = Field(
+        ...,
+        description="what a hit means: an S-code (S1..S13) or a custom category id (lowercase, e.g. spam)",
+    )
+    name: str | None = Field(None, description="category name shown in verdicts; default: the policy's name")
+    action: Literal["halt", "annotate"] = Field(
+        "halt", description="halt = the hit decides unsafe without a model call; annotate = only reported"
+    )
+
+    @field_validator("category")
+    @classmethod
+    def _category_code(cls, category: str) -> str:
+
+        if category not in CATEGORY_CODES and not re.fullmatch(CUSTOM_CATEGORY_PATTERN, category):
+            raise ValueError(
+                f"{category!r} is neither S1..S13 nor a custom id matching {CUSTOM_CATEGORY_PATTERN}"
+            )
+        return category
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> BlocklistSettings:
+        if not self.terms and not self.patterns:
+            raise ValueError("a blocklist needs terms or patterns")
+        return self
+
+
 class PolicySettings(Section):
     """One moderation policy: which categories count, their wording, and the decision threshold."""
 
@@ -169,6 +230,16 @@ class PolicySettings(Section):
         "text; listed after the built-ins in the prompt and carried with their text in verdicts",
     )
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    review_threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="scores in [review_threshold, threshold) stay safe but are marked review: true and also go "
+        "to topics.review; None = no review band",
+    )
+    blocklists: dict[str, BlocklistSettings] = Field(
+        {}, description="named blocklists matched before the model (terms and RE2 patterns)"
+    )
 
     @field_validator("categories")
     @classmethod
@@ -190,7 +261,9 @@ class PolicySettings(Section):
     def _known_name_codes(cls, names: dict[str, str]) -> dict[str, str]:
         unknown = [c for c in names if c not in BUILTIN_CATEGORY_CODES]
         if unknown:
-            raise ValueError(f"names for unknown category codes {unknown} (custom ones go under custom_categories)")
+            raise ValueError(
+                f"names for unknown category codes {unknown} (custom ones go under custom_categories)"
+            )
         return names
 
     @field_validator("custom_categories")
@@ -198,8 +271,18 @@ class PolicySettings(Section):
     def _custom_codes(cls, custom: dict[str, str]) -> dict[str, str]:
         bad = [c for c in custom if not re.fullmatch(r"S[1-9][0-9]{0,2}", c) or int(c[1:]) < 14]
         if bad:
-            raise ValueError(f"custom category codes {bad} must be S14 or above (S<number>, after the built-ins)")
+            raise ValueError(
+                f"custom category codes {bad} must be S14 or above (S<number>, after the built-ins)"
+            )
         return custom
+
+    @model_validator(mode="after")
+    def _review_below_threshold(self) -> PolicySettings:
+        if self.review_threshold is not None and self.review_threshold >= self.threshold:
+            raise ValueError(
+                f"review_threshold {self.review_threshold} must be below the decision threshold {self.threshold}"
+            )
+        return self
 
 
 class ModelSettings(Section):
@@ -240,6 +323,11 @@ class ModelSettings(Section):
     )
     local_files_only: bool = True
     hf_token: SecretStr | None = None
+    optimized_languages: list[str] = Field(
+        ["en"],
+        description="ISO 639-1 codes the model is optimized for; verdicts say whether the judged text's detected "
+        "language is among them (Llama Guard 3 Vision: English)",
+    )
 
     @field_validator("path")
     @classmethod
@@ -366,7 +454,9 @@ class FailureSettings(Section):
         description="failed deliveries of one event before the worker declares a delivery outage (it keeps "
         "retrying with backoff; nothing is dropped)",
     )
-    retry_initial_s: float = Field(1.0, gt=0, description="first retry delay in an outage; doubles per attempt")
+    retry_initial_s: float = Field(
+        1.0, gt=0, description="first retry delay in an outage; doubles per attempt"
+    )
     retry_max_s: float = Field(60.0, gt=0, description="longest delay between retries in an outage")
 
 
@@ -462,10 +552,16 @@ class RaySettings(Section):
     num_cpus_per_worker: float = Field(0.0, ge=0)
     max_restarts: int = Field(-1, ge=-1)
     local_num_gpus: int | None = Field(None, ge=0, description="fake GPUs for a local instance (tests)")
-    autoscale: bool = Field(False, description="scale actors between min_workers and max_workers on Kafka lag")
+    autoscale: bool = Field(
+        False, description="scale actors between min_workers and max_workers on Kafka lag"
+    )
     min_workers: int = Field(1, ge=1, description="autoscale: fewest actors")
-    max_workers: int = Field(1, ge=1, description="autoscale: most actors (never more than the topic's partitions)")
-    lag_per_worker: int = Field(1000, ge=1, description="autoscale: records of group lag one actor is sized for")
+    max_workers: int = Field(
+        1, ge=1, description="autoscale: most actors (never more than the topic's partitions)"
+    )
+    lag_per_worker: int = Field(
+        1000, ge=1, description="autoscale: records of group lag one actor is sized for"
+    )
     autoscale_interval_s: float = Field(15.0, gt=0, description="autoscale: seconds between two plans")
     scale_in_after_s: float = Field(
         60.0, ge=0, description="autoscale: lag must call for fewer actors this long before one is drained"
@@ -506,6 +602,62 @@ class ServeSettings(Section):
     drain_timeout_s: float = Field(
         20.0, gt=0, description="on SIGTERM: how long in-flight requests may take before the replica stops"
     )
+    openai_categories: dict[str, list[str]] = Field(
+        {},
+        description="POST /v1/moderations: extra or replaced mappings from a category code (S-code or custom "
+        "blocklist category) to OpenAI category names, e.g. {spam: [illicit]}",
+    )
+
+    @field_validator("openai_categories")
+    @classmethod
+    def _openai_names(cls, mapping: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted({n for names in mapping.values() for n in names} - set(OPENAI_CATEGORY_NAMES))
+        if unknown:
+            raise ValueError(f"unknown OpenAI category names {unknown}; known: {list(OPENAI_CATEGORY_NAMES)}")
+        return mapping
+
+
+class TenantSettings(Section):
+    """One tenant: the policy its events get, and the other policies an event (or API key) may name."""
+
+    policy: str = Field(..., description="policy applied to the tenant's events that name none")
+    allowed_policies: list[str] = Field([], description="other policies the tenant's events may name")
+
+    @property
+    def policies(self) -> list[str]:
+        """Every policy the tenant may use, its own first."""
+        return list(dict.fromkeys([self.policy, *self.allowed_policies]))
+
+
+class ApiKeySettings(Section):
+    """One bearer API key of the HTTP endpoints: where its secret comes from, its tenant and its budget."""
+
+    tenant: str = Field(..., description="the tenant the key acts for (only that tenant's policies)")
+    key: SecretStr | None = Field(None, description="the key itself (prefer key_env / key_file: a Secret)")
+    key_env: str | None = Field(None, description="environment variable holding the key")
+    key_file: str | None = Field(None, description="file holding the key (surrounding whitespace stripped)")
+    requests_per_second: float = Field(10.0, gt=0, description="token-bucket refill rate (requests/s)")
+    burst: int = Field(20, ge=1, description="token-bucket size: requests allowed at once")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeySettings:
+        given = [n for n in ("key", "key_env", "key_file") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"an API key needs exactly one of key, key_env, key_file (got {given or 'none'})"
+            )
+        return self
+
+
+class AuthSettings(Section):
+    """Bearer API keys on the HTTP endpoints (off for local development; on in the Helm chart)."""
+
+    enabled: bool = False
+    keys: dict[str, ApiKeySettings] = Field(
+        {},
+        description="API keys by name (the name is logged, the key never); with enabled, at least one, each "
+        "naming a configured tenant (checked when the endpoint starts)",
+    )
 
 
 class Settings(ModelsMixin, BaseSettings):
@@ -538,6 +690,10 @@ class Settings(ModelsMixin, BaseSettings):
     shutdown: ShutdownSettings = ShutdownSettings()
     ray: RaySettings = RaySettings()
     serve: ServeSettings = ServeSettings()
+    tenants: dict[str, TenantSettings] = Field(
+        {}, description="tenant id -> its policies; empty = events name any configured policy"
+    )
+    auth: AuthSettings = AuthSettings()
 
     @model_validator(mode="after")
     def _default_policy_exists(self) -> Settings:
@@ -545,6 +701,19 @@ class Settings(ModelsMixin, BaseSettings):
             raise ValueError(
                 f"default_policy {self.default_policy!r} is not among policies {sorted(self.policies)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tenants_and_keys_consistent(self) -> Settings:
+        for tenant_id, tenant in self.tenants.items():
+            unknown = [p for p in tenant.policies if p not in self.policies]
+            if unknown:
+                raise ValueError(f"tenants.{tenant_id} names unknown policies {unknown}")
+        for name, key in self.auth.keys.items():
+            if self.tenants and key.tenant not in self.tenants:
+                raise ValueError(
+                    f"auth.keys.{name}.tenant {key.tenant!r} is not among tenants {sorted(self.tenants)}"
+                )
         return self
 
     @model_validator(mode="after")

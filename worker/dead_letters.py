@@ -40,6 +40,8 @@ class Reason(StrEnum):
     TOO_MANY_IMAGES = "too_many_images"
     IMAGE_IN_ASSISTANT_MESSAGE = "image_in_assistant_message"
     UNKNOWN_POLICY = "unknown_policy"
+    UNKNOWN_TENANT = "unknown_tenant"  # tenants are configured and the event's tenant is not among them
+    POLICY_NOT_ALLOWED = "policy_not_allowed"  # the event names a policy its tenant may not use
     # Images
     BAD_DATA_URL = "bad_data_url"
     UNSUPPORTED_URL_SCHEME = "unsupported_url_scheme"

@@ -84,13 +84,15 @@ def salvage_event_id(raw: bytes | None) -> str | None:
 
 def event_to_dict(event: ChatEvent, *, abbreviate_data_urls: bool = True) -> dict[str, Any]:
     """The normalized event as plain data (what ``check-event`` prints); data URLs shortened by default."""
-    image: dict[str, Any] | None = None
-    if event.image is not None:
-        url = event.image.url
-        if abbreviate_data_urls and event.image.is_data_url:
+
+    def shown(ref: ImageRef) -> dict[str, Any]:
+        url = ref.url
+        if abbreviate_data_urls and ref.is_data_url:
             head, _, payload = url.partition(",")
             url = f"{head},...({len(payload)} base64 chars)"
-        image = {"url": url, "turn_index": event.image.turn_index}
+        return {"url": url, "turn_index": ref.turn_index}
+
+    image = shown(event.image) if event.image is not None else None
     return {
         "event_id": event.event_id,
         "conversation_id": event.conversation_id,
@@ -100,6 +102,7 @@ def event_to_dict(event: ChatEvent, *, abbreviate_data_urls: bool = True) -> dic
         "policy": event.policy,
         "turns": [{"role": t.role, "texts": list(t.texts)} for t in event.turns],
         "image": image,
+        "images": [shown(ref) for ref in event.images],
         "dropped_messages": event.dropped_messages,
         "merged_messages": event.merged_messages,
         "dropped_images": event.dropped_images,
@@ -349,7 +352,7 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
         )
     roles: list[str] = []
     texts: list[list[str]] = []
-    images: list[tuple[int, str, str]] = []  # (turn index, url, field path)
+    images: list[tuple[int, str, str, Any]] = []  # (turn index, url, field path, data: URL bytes)
     dropped = merged = total_chars = 0
     has_text = False
     max_text_chars = limits.max_text_chars
@@ -432,18 +435,32 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
             "messages",
         )
     dropped_images = 0
-    image: ImageRef | None = None
-    if images:
-        if len(images) > 1 and limits.multiple_images == "reject":
+    kept: list[tuple[int, str, str, Any]] = images
+    if len(images) > 1:
+        if reads_several_images(settings, obj.get("policy")):
+            limit = limits.max_images_llama_guard_4
+            if len(images) > limit:
+                return Rejection(
+                    Reason.TOO_MANY_IMAGES,
+                    f"{images[limit][2]} is image {limit + 1}; Llama Guard 4 reads at most "
+                    f"limits.max_images_llama_guard_4 ({limit}) images per conversation",
+                    images[limit][2],
+                )
+        elif limits.multiple_images == "reject":
             return Rejection(
                 Reason.TOO_MANY_IMAGES,
                 f"{images[1][2]} is a second image; the model reads one image per conversation "
                 "(limits.multiple_images = keep_last keeps the most recent one)",
                 images[1][2],
             )
-        turn_index, url, url_field, data = images[-1]
-        image = ImageRef(url=url, turn_index=turn_index, data=data, field_path=url_field)
-        dropped_images = len(images) - 1
+        else:
+            kept = images[-1:]
+            dropped_images = len(images) - 1
+    refs = tuple(
+        ImageRef(url=url, turn_index=turn_index, data=data, field_path=url_field)
+        for turn_index, url, url_field, data in kept
+    )
+    image = refs[-1] if refs else None
     policy = obj.get("policy")
     if policy is not None and policy not in settings.policies:
         return Rejection(
@@ -463,7 +480,23 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
         merged_messages=merged,
         dropped_images=dropped_images,
         extra=obj.get("metadata") or {},
+        images=refs,
     )
+
+
+def reads_several_images(settings: Settings, policy_id: str | None) -> bool:
+    """Whether the route of ``policy_id`` (None = the default policy) sends several-image events to a model.
+
+    Only then are all of an event's images kept for the model (Llama Guard 4); otherwise a second image is
+    rejected or dropped by ``limits.multiple_images`` (Llama Guard 3 Vision reads one). Every pool of a split
+    deployment decides this from the same, whole routing config, so they agree on each event. An unknown
+    policy id falls back to the default route here; it is rejected right after.
+    """
+    from worker.routing import Router
+
+    if policy_id is None or policy_id not in settings.policies:
+        policy_id = settings.default_policy
+    return Router(settings).model_for(policy_id, 2) is not None
 
 
 def _text_too_long(field: str, chars: int, limit: int) -> Rejection:

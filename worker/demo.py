@@ -6,7 +6,9 @@ sample stream (safe and unsafe, text-only and with images, repeats, a few malfor
 and shows the flagged results and a summary.
 
 Two models, routed as the Llama Guard 3 Vision card advises: text-only events to a text guard
-(``text-guard``), events with an image to the Vision model (``vision``); the summary counts verdicts per model.
+(``text-guard``, family ``llama-guard-3-1b``: the tiny trained ``LlamaForCausalLM`` checkpoint), events with an
+image to the Vision model (``vision``, family ``llama-guard-3-vision``: the tiny trained Mllama checkpoint); the
+summary counts verdicts per model and family.
 """
 
 from __future__ import annotations
@@ -160,6 +162,12 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
     reasons = Counter(d["reason"] for d in out.dead_letters)
     cached = sum(1 for v in by_id.values() if v["cached"])
     agree = sum(1 for eid, v in by_id.items() if eid in stream.expected and stream.expected[eid][0] == v["decision"])
+    agree_per_model: dict[str, list[int]] = {}
+    for eid, v in by_id.items():
+        if eid in stream.expected:
+            counts = agree_per_model.setdefault(_model_label(v), [0, 0])
+            counts[0] += stream.expected[eid][0] == v["decision"]
+            counts[1] += 1
     latencies = [v["latency_ms"] for v in by_id.values()]
     lost = len(stream.records) - len(out.done_sources)
     summary = Table(title="Summary", show_header=False)
@@ -175,7 +183,8 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
         ("verdicts by category", ", ".join(f"{k} {n}" for k, n in sorted(categories.items())) or "none"),
         ("dead letters by reason", ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())) or "none"),
         ("cache hits", f"{cached} of {len(by_id)} verdicts"),
-        ("agreement with the toy policy", f"{agree}/{len(by_id)}"),
+        ("agreement with the toy policy", f"{agree}/{len(by_id)} (" + "; ".join(
+            f"{model}: {a}/{n}" for model, (a, n) in sorted(agree_per_model.items())) + ")"),
         ("throughput", (f"{len(out.done_sources) / max(elapsed_s, 1e-6):.1f} events/s from first to last answer "
                        f"({elapsed_s:.1f} s; includes waiting for the second wave)")),
         ("worker latency p50 / p99", f"{_percentile(latencies, 0.5):.1f} ms / {_percentile(latencies, 0.99):.1f} ms"),
@@ -191,25 +200,33 @@ def _model_name(verdict: dict[str, Any]) -> str:
     return verdict["model"].get("name") or verdict["model"]["id"]
 
 
+def _model_label(verdict: dict[str, Any]) -> str:
+    """``name (family)`` of the judging model; the name alone for verdicts without a family."""
+    family = verdict["model"].get("family")
+    return f"{_model_name(verdict)} ({family})" if family else _model_name(verdict)
+
+
 def verdicts_per_model(verdicts: Any) -> dict[str, Counter[str]]:
-    """``{model name: Counter(decision)}`` over ``verdicts`` (each judged by the model its ``model`` names)."""
+    """``{"name (family)": Counter(decision)}`` over ``verdicts`` (each judged by the model its ``model`` names)."""
     per_model: dict[str, Counter[str]] = {}
     for v in verdicts:
-        per_model.setdefault(_model_name(v), Counter())[v["decision"]] += 1
+        per_model.setdefault(_model_label(v), Counter())[v["decision"]] += 1
     return per_model
 
 
-def demo_models(settings: Settings, model_dir: str) -> None:
+def demo_models(settings: Settings, vision_dir: str, text_guard_dir: str) -> None:
     """Configure the demo's two models on ``settings`` unless it names its own ``models``.
 
-    ``text-guard`` judges text-only events and ``vision`` image events. Both load the tiny trained
-    checkpoint (a tiny Mllama: the one the project builds offline), each as its own engine.
+    ``text-guard`` (family ``llama-guard-3-1b``, loaded from ``text_guard_dir``) judges text-only events and
+    ``vision`` (family ``llama-guard-3-vision``, from ``vision_dir``) image events: both tiny checkpoints the
+    project builds and trains offline.
     """
     if settings.models:
         return
+    device = settings.model.device
     settings.models = {
-        "text-guard": {"path": model_dir, "device": settings.model.device},
-        "vision": {"path": model_dir, "device": settings.model.device},
+        "text-guard": {"path": text_guard_dir, "device": device, "family": "llama-guard-3-1b"},
+        "vision": {"path": vision_dir, "device": device, "family": "llama-guard-3-vision"},
     }
     settings.routing = {"text": "text-guard", "image": "vision"}
 
@@ -219,13 +236,16 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
     """Run the demo; exit 0 when every record got a verdict or a dead letter."""
     from worker.dev_services import EmbeddedServices
     from worker.stream.kafka_clients import ensure_topics, make_producer
+    from worker.stream.publisher import output_topics
     from worker.tiny_model.build import ensure_tiny_model
 
     console = console or Console()
     console.rule("moderation-worker demo")
-    with console.status("building or reusing the tiny trained Llama Guard checkpoint"):
-        model_dir = ensure_tiny_model(train=True)
-    console.print(f"model: {model_dir}")
+    with console.status("building or reusing the tiny trained Llama Guard checkpoints (text guard, Vision)"):
+        text_guard_dir = ensure_tiny_model(train=True, family="llama-guard-3-1b")
+        vision_dir = ensure_tiny_model(train=True)
+    console.print(f"text guard (llama-guard-3-1b): {text_guard_dir}")
+    console.print(f"vision (llama-guard-3-vision): {vision_dir}")
     with EmbeddedServices() as services:
         console.print(f"embedded broker: {services.kafka_bootstrap}   redis: {services.redis_url}")
         run_id = uuid.uuid4().hex[:6]
@@ -233,13 +253,13 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
         settings.kafka.bootstrap_servers = [services.kafka_bootstrap]
         settings.kafka.session_timeout_ms = 6000
         settings.redis.url = services.redis_url
-        demo_models(settings, str(model_dir))
+        demo_models(settings, str(vision_dir), str(text_guard_dir))
         settings.kafka.group_id = f"demo-{run_id}"
         settings.ops.port = 0
         settings.logging.level = "WARNING"  # keep the progress display readable; the summary says what happened
         stream = sample_stream(n_events)
         ensure_topics(settings, [settings.topics.events], partitions=4)
-        ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
+        ensure_topics(settings, output_topics(settings.topics))
         # Two waves, like a live stream: the second wave's repeats arrive after their originals were
         # judged, so they are answered from the Redis cache.
         split = len(stream.records) * 3 // 5

@@ -45,7 +45,12 @@ class Turn:
 
 @dataclass(frozen=True, slots=True)
 class ChatEvent:
-    """A normalized chat event: alternating user/assistant turns starting with user, at most one image."""
+    """A normalized chat event: alternating user/assistant turns starting with user.
+
+    ``images`` holds every image the judging model reads, in conversation order: at most one unless the
+    event's route has a several-image model (Llama Guard 4). ``image`` is the last of them (what a one-image
+    model reads).
+    """
 
     event_id: str
     conversation_id: str
@@ -59,6 +64,17 @@ class ChatEvent:
     merged_messages: int = 0  # consecutive same-role messages merged into one turn
     dropped_images: int = 0  # older images dropped under limits.multiple_images = keep_last
     extra: dict[str, object] = field(default_factory=dict, compare=False)
+    images: tuple[ImageRef, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Callers that build an event with ``image=`` alone (tests, HTTP, eval) get ``images`` filled in.
+        if self.image is not None and not self.images:
+            object.__setattr__(self, "images", (self.image,))
+
+    @property
+    def image_count(self) -> int:
+        """How many images the judging model reads (what routing decides on)."""
+        return len(self.images)
 
     @property
     def task(self) -> Task:

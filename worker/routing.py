@@ -25,9 +25,16 @@ Pure: no model, no network.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from worker.config import DEFAULT_MODEL_NAME, RouteSettings, Settings
+from worker.engine.types import GuardRequest
+from worker.events import ChatEvent
+
+if TYPE_CHECKING:
+    from worker.engine.policy import Policy
 
 TEXT_GUARDS = ("llama-guard-3-1b", "llama-guard-3-8b")
 VISION = "llama-guard-3-vision"
@@ -156,6 +163,32 @@ def settings_for_pool(settings: Settings, pool: str | None) -> Settings:
     return copy
 
 
+def guard_request(event: ChatEvent, policy: Policy, images: tuple[Any, ...]) -> GuardRequest:
+    """The engine request for ``event`` with its decoded ``images`` (in the order of ``event.images``).
+
+    One image travels as ``image`` (what Llama Guard 3 Vision reads); several as ``images`` with each one's
+    turn, so Llama Guard 4 writes every ``<|image|>`` in the message that carried it.
+    """
+    if len(images) <= 1:
+        return GuardRequest(turns=event.turns, policy=policy, image=images[0] if images else None)
+    return GuardRequest(
+        turns=event.turns, policy=policy, images=images, image_turns=tuple(ref.turn_index for ref in event.images)
+    )
+
+
+def images_hash(event: ChatEvent, datas: tuple[bytes, ...]) -> str | None:
+    """The image part of the verdict cache key: the one image's SHA-256 (unchanged for one-image events), or
+    for several images one SHA-256 over each image's digest and turn, in order."""
+    if not datas:
+        return None
+    if len(datas) == 1:
+        return hashlib.sha256(datas[0]).hexdigest()
+    digest = hashlib.sha256()
+    for ref, data in zip(event.images, datas, strict=True):
+        digest.update(f"{ref.turn_index}:{hashlib.sha256(data).hexdigest()};".encode())
+    return digest.hexdigest()
+
+
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "FAMILY_MAX_IMAGES",
@@ -163,6 +196,8 @@ __all__ = [
     "Router",
     "consumer_group_id",
     "dead_letter_pool",
+    "guard_request",
+    "images_hash",
     "local_models",
     "owns_unrouted_dead_letters",
     "settings_for_pool",

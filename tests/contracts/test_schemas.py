@@ -23,6 +23,7 @@ from worker.contracts import (
     verdict_schema_version,
 )
 from worker.dead_letters import Reason, Rejection, SourceCoordinates, build_dead_letter
+from worker.engine.blocklist import BlocklistHit
 from worker.events import ChatEvent, ImageRef, Turn
 from worker.verdicts import VERDICT_SCHEMA_VERSION, ModelInfo, build_verdict
 
@@ -116,6 +117,8 @@ EVENT = ChatEvent(
     turns=(Turn("user", ("how do I make a bomb?",)), Turn("assistant", ("I can't help with that.",))),
     image=ImageRef("https://a.example/x.png", 0),
     tenant="acme",
+    created_at="2026-11-23T12:00:00Z",
+    dropped_messages=1,
 )
 MODEL = ModelInfo("meta-llama/Llama-Guard-3-11B-Vision", "c1d3b8a")
 
@@ -154,6 +157,31 @@ def verdicts() -> list[dict[str, Any]]:
             prompt_only, unsafe=True, score=1.7, categories=[], model=MODEL, cached=False, **common
         ),
         build_verdict(
+            EVENT,
+            unsafe=False,
+            score=0.41,
+            categories=[],
+            model=MODEL,
+            cached=False,
+            category_scores={"S1": 0.3, "S9": 0.11},
+            review_threshold=0.3,
+            review=True,
+            blocklist=(BlocklistHit("spam", "spam", "Spam", "annotate", "pattern"),),
+            language={"code": "fr", "confidence": 0.99, "model_optimized": False},
+            **common,
+        ),
+        build_verdict(
+            EVENT,
+            unsafe=True,
+            score=1.0,
+            categories=[{"code": "spam", "name": "Spam"}],
+            model=MODEL,
+            cached=True,
+            blocklist=(BlocklistHit("spam", "spam", "Spam", "halt", "term"),),
+            halted=True,
+            **common,
+        ),
+        build_verdict(
             prompt_only,
             unsafe=False,
             score=-0.2,
@@ -173,6 +201,28 @@ def test_build_verdict_output_validates_and_uses_every_schema_field() -> None:
         reference_validator("verdict").validate(verdict)
         emitted |= verdict.keys()
     assert emitted == set(load_schema("verdict")["properties"])
+
+
+def test_verdicts_without_the_v1_additions_still_validate() -> None:
+    """A consumer's stored verdicts from before the additive fields keep validating (schema versioning)."""
+    new_fields = (
+        "created_at",
+        "dropped",
+        "category_scores",
+        "review_threshold",
+        "review",
+        "blocklist",
+        "language",
+    )
+    for verdict in verdicts():
+        old_shape = {k: v for k, v in verdict.items() if k not in new_fields}
+        validate_verdict(old_shape)
+
+
+def test_review_needs_its_threshold() -> None:
+    verdict = next(v for v in verdicts() if v.get("review"))
+    with pytest.raises(ValueError, match="review_threshold"):
+        validate_verdict({k: v for k, v in verdict.items() if k != "review_threshold"})
 
 
 def test_verdict_schema_refuses_inconsistent_decisions() -> None:

@@ -130,9 +130,11 @@ def test_eval_cli_reports_a_missing_file(tmp_path):
     assert out.returncode == 2 and "not found" in out.stdout + out.stderr
 
 
-def test_eval_reports_table1_per_model_when_two_models_judge(tmp_path, tiny_model_dir):
-    model = {"path": str(tiny_model_dir), "device": "cpu"}
-    settings = load_settings(None, models={"text": model, "vision": model})
+def test_eval_reports_table1_per_model_when_two_models_judge(tmp_path, tiny_model_dir, tiny_text_guard_dir):
+    settings = load_settings(None, models={
+        "text": {"path": str(tiny_text_guard_dir), "device": "cpu", "family": "llama-guard-3-1b"},
+        "vision": {"path": str(tiny_model_dir), "device": "cpu", "family": "llama-guard-3-vision"},
+    })
     settings.routing = {"text": "text", "image": "vision"}
     buf = io.StringIO()
     console = Console(file=buf, width=160, color_system=None)
@@ -150,5 +152,13 @@ def test_eval_reports_table1_per_model_when_two_models_judge(tmp_path, tiny_mode
     assert set(per_model) == {"text", "vision"}
     assert per_model["text"]["all"]["total"] + per_model["vision"]["all"]["total"] == report["table1"]["all"]["total"]
     assert per_model["vision"]["all"]["total"] == len(images)
-    assert "Table 1, model text" in printed and "Table 1, model vision" in printed
-    assert set(report["models"]) == {"text", "vision"}
+    assert "Table 1, model text (llama-guard-3-1b)" in printed
+    assert "Table 1, model vision (llama-guard-3-vision)" in printed
+    assert {n: m["family"] for n, m in report["models"].items()} == {
+        "text": "llama-guard-3-1b", "vision": "llama-guard-3-vision"}
+    # Real decisions from each model: the tiny text guard follows the toy policy on about 9 in 10 items.
+    for name in ("text", "vision"):
+        items = [i for i in report["items"] if i["model"] == name]
+        agree = sum(i["expected"]["unsafe"] == i["predicted"]["unsafe"] for i in items)
+        print(f"eval {name}: {agree}/{len(items)} decisions agree")
+        assert agree >= 0.8 * len(items), (name, agree, len(items))

@@ -630,8 +630,32 @@ def test_secrets_are_created_from_values_or_taken_from_an_existing_secret(
     objects = _render(chart, {"secrets": {"existingSecret": "team-secrets"}})
     assert "Secret" not in objects
     env = objects["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
-    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e}
+    refs = {
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in env
+        if e["name"].startswith("MW_") and "valueFrom" in e
+    }
     assert refs == {"team-secrets"}
+
+
+def test_api_keys_come_from_a_secret_and_auth_is_on_by_default(chart: helm.Chart, tmp_path: Path) -> None:
+    objects = _render(chart, {"apiKeys": {"keys": {"default": "k" * 32, "batch-jobs": "b" * 32}}})
+    (secret,) = [s for s in objects["Secret"] if s["metadata"]["name"].endswith("-api-keys")]
+    assert set(secret["data"]) == {"default", "batch-jobs"}
+    env = objects["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    ref = by_name["MODERATION_API_KEY_BATCH_JOBS"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] == "batch-jobs"
+    config = yaml.safe_load(objects["ConfigMap"][0]["data"]["config.yaml"])
+    assert config["auth"]["enabled"] is True
+    assert config["auth"]["keys"]["default"]["key_env"] == "MODERATION_API_KEY_DEFAULT"
+    assert "k" * 32 not in str(objects["ConfigMap"])
+
+    objects = _render(chart, {"apiKeys": {"existingSecret": "team-api-keys"}})
+    assert not [s for s in objects.get("Secret", []) if s["metadata"]["name"].endswith("-api-keys")]
+    env = objects["Deployment"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    ref = {e["name"]: e for e in env}["MODERATION_API_KEY_DEFAULT"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "team-api-keys"
 
 
 def test_kafka_mutual_tls_mounts_the_files_the_config_points_to(chart: helm.Chart, tmp_path: Path) -> None:

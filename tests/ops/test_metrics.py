@@ -27,6 +27,10 @@ AGREED_METRICS = {
     "mw_redis_up": ("gauge", set()),
     "mw_engine_dropped_codes_total": ("counter", {"code"}),
     "mw_duplicates_skipped_total": ("counter", set()),
+    # Review band, blocklists and the producer-side lag (created_at -> verdict).
+    "mw_review_band_total": ("counter", set()),
+    "mw_blocklist_hits_total": ("counter", {"action"}),
+    "mw_event_lag_seconds": ("histogram", set()),
     "mw_worker_ready": ("gauge", set()),
     "mw_ray_workers_alive": ("gauge", set()),
     # Flagged events once per event (mw_verdicts_total counts an unsafe verdict once per category).

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.ops.test_metrics_multinode import _by_worker
+from tests.runtime.test_serve_http import _wait_ready
 from worker.ops.metrics import parse_exposition
 from worker.runtime.serve_app import build_app
 from worker.tiny_model.synthetic import synthetic_examples
@@ -60,6 +61,7 @@ def test_a_serve_replicas_metrics_are_exported_through_ray_with_its_own_worker_t
     }
     serve.run(build_app({"settings": settings}), name=APP, route_prefix=ROUTE, blocking=False)
     try:
+        _wait_ready(serve_http + ROUTE)  # the replica loads its model in the background
         pool = [e for e in synthetic_examples(40, seed=31, split="heldout") if not e.has_image][:EVENTS]
         events = [{**e.event, "event_id": f"serve-metrics-{uuid.uuid4().hex[:8]}"} for e in pool]
         verdicts = _post(serve_http, events)

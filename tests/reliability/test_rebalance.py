@@ -2,8 +2,9 @@
 
 Pipeline A runs in this process (so its state at the rebalance can be recorded); its engine is the real
 tiny-checkpoint engine behind a slow device (every forward pass takes ``SLOW_PASS_S`` longer) and its
-in-flight bound is small, so it is paused for backpressure with work in flight on the partitions it holds
-whenever a rebalance lands. Pipeline B is a real ``moderation-worker run`` subprocess that joins, or leaves
+in-flight bound is small, so it is paused for backpressure with a backlog, and has work in flight on the
+partitions it holds when the rebalance lands (a probe records A's in-flight offsets per partition and its
+paused partitions at the revocation; the test requires that A kept a partition with work in flight). Pipeline B is a real ``moderation-worker run`` subprocess that joins, or leaves
 (SIGKILL: no drain, no commit; or SIGTERM: drain and leave the group). Each scenario ends with every input
 offset answered (verdict or dead letter), the group's committed offset at the end offset of every
 partition, and A's partitions not paused. Duplicates are counted, not forbidden (at-least-once).
@@ -11,6 +12,7 @@ partition, and A's partitions not paused. Duplicates are counted, not forbidden 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -28,7 +30,7 @@ PARTITIONS = 4
 EVENTS = env_int("MW_REBALANCE_EVENTS", 800)
 SLOW_PASS_S = 0.6
 A_SETTINGS = {
-    "batching__max_in_flight": 24,
+    "batching__max_in_flight": 8,
     "batching__max_size": 4,
     "batching__max_wait_ms": 50,
     # Small fetches and polls: A's in-flight work spreads over every partition it holds.
@@ -98,24 +100,22 @@ class RebalanceProbe:
             "completed": p.counters["completed"],
         }
 
-    def wait_held_everywhere(self, timeout_s: float) -> None:
-        """Wait until A is paused with offsets in flight on all but at most one partition it holds.
+    def wait_held(self, timeout_s: float, with_work: int) -> None:
+        """Wait until A is paused with offsets in flight on at least ``with_work`` of its partitions.
 
-        (All of them at once is rare: fetches drain partition by partition.) Whichever half A keeps when
-        a second worker joins, at least one kept partition then has work in flight; when B leaves, A
-        keeps both of its partitions.
+        (Work on all of them at once is rare: fetches drain partition by partition.)
         """
         deadline = time.monotonic() + timeout_s
         seen: Counter[tuple[int, int, int]] = Counter()  # (partitions held, paused, holding work)
         while time.monotonic() < deadline:
             state = self.state()
             holding = sum(1 for n in state["in_flight"].values() if n)
-            if state["assigned"] and state["paused"] == state["assigned"] and holding >= len(state["assigned"]) - 1:
+            if state["assigned"] and state["paused"] == state["assigned"] and holding >= with_work:
                 return
             seen[(len(state["assigned"]), len(state["paused"]), sum(1 for n in state["in_flight"].values() if n))] += 1
             time.sleep(0.05)
         raise AssertionError(
-            f"A never held work on every partition while paused; (held, paused, with work) seen: {seen}; "
+            f"A never held work on enough partitions while paused; (held, paused, with work) seen: {seen}; "
             f"last: {state}"
         )
 
@@ -134,14 +134,51 @@ def produce_interleaved(settings: Any, records: list[tuple[bytes | None, bytes]]
         producer.close(timeout=10)
 
 
+class Feeder:
+    """Produces ``records`` in chunks in the background until ``stop()``: A keeps a backlog until B has joined,
+    however long B takes to start on a loaded machine."""
+
+    CHUNK = 48
+
+    def __init__(self, settings: Any, records: list[tuple[bytes | None, bytes]]) -> None:
+        self.settings = settings
+        self.records = records
+        self.produced = 0
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def start(self) -> Feeder:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set() and self.produced < len(self.records):
+                chunk = self.records[self.produced : self.produced + self.CHUNK]
+                produce_interleaved(self.settings, chunk)
+                self.produced += len(chunk)
+                self._stop.wait(4.0)
+        except BaseException as exc:  # noqa: BLE001 — surfaced by stop()
+            self.error = exc
+
+    def stop(self) -> int:
+        """Stop producing; returns how many records were produced."""
+        self._stop.set()
+        self.thread.join(timeout=120)
+        if self.error is not None:
+            raise self.error
+        return self.produced
+
+
 def _setup(
-    make_settings: Any, tiny_model_dir: Any, tmp_path: Any, seed: int, first: float
+    make_settings: Any, tiny_model_dir: Any, tmp_path: Any, seed: int, first: float, n: int = EVENTS
 ) -> tuple[Any, Any, Any, list[tuple[bytes | None, bytes]]]:
     """Settings of the group (B) and of A, B's config file; produces ``first`` of the stream, returns the rest."""
     settings = make_settings(
         model__path=str(tiny_model_dir), model__device="cpu", ops__port=0, shutdown__drain_timeout_s=20
     )
-    stream = build_stream(EVENTS, seed=seed, repeat_ratio=0.1, image_ratio=0.0, malformed_ratio=0.02)
+    stream = build_stream(n, seed=seed, repeat_ratio=0.1, image_ratio=0.0, malformed_ratio=0.02)
     ensure_topics(settings, [settings.topics.events], partitions=PARTITIONS)
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
     config = write_config(settings, tmp_path / "worker-b.yaml")
@@ -154,8 +191,8 @@ def _setup(
     return settings, a_settings, config, stream.records[cut:]
 
 
-def _assert_all_answered_and_committed(settings: Any, a: WorkerThread, what: str) -> Any:
-    result = wait_until_answered(settings, EVENTS, timeout_s=600)
+def _assert_all_answered_and_committed(settings: Any, a: WorkerThread, what: str, total: int = EVENTS) -> Any:
+    result = wait_until_answered(settings, total, timeout_s=600)
     assert result.lost == [], f"{what}: lost {len(result.lost)} offsets, e.g. {result.lost[:8]}"
     ends = end_offsets(settings, settings.topics.events)
     wait_for(
@@ -168,35 +205,46 @@ def _assert_all_answered_and_committed(settings: Any, a: WorkerThread, what: str
     return result
 
 
-def test_a_second_worker_joins_while_the_first_holds_work_on_every_partition(
+def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
     make_settings, guard_engine, tiny_model_dir, tmp_path, reliability_figures
 ):
-    settings, a_settings, config, _ = _setup(make_settings, tiny_model_dir, tmp_path, seed=71, first=1.0)
+    settings, a_settings, config, rest = _setup(
+        make_settings, tiny_model_dir, tmp_path, seed=71, first=0.05, n=2 * EVENTS
+    )
     a = WorkerThread(a_settings, SlowDevice(guard_engine), name="a")
     probe = RebalanceProbe(a)
     a.start()
+    feeder = Feeder(settings, rest).start()  # ≈12 events/s: more than slow A answers (≈6/s)
     b = None
     try:
         wait_for(lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS, timeout_s=60, what="A owns all",
                  workers=[a])
-        probe.wait_held_everywhere(120)
+        probe.wait_held(120, with_work=2)
         b = WorkerProcess(config, tmp_path / "worker-b.log").start()
         wait_for(lambda: len(a.pipeline.status()["assigned"]) < PARTITIONS, timeout_s=180,
                  what="B joined and took partitions", workers=[a])
-        result = _assert_all_answered_and_committed(settings, a, "join")
+        total = 2 * EVENTS - len(rest) + feeder.stop()
+        result = _assert_all_answered_and_committed(settings, a, "join", total)
         b_code, _ = b.terminate(timeout_s=60)
     finally:
+        feeder.stop()
         if b is not None:
             b.close()
         a.stop()
     assert probe.revocations, "A saw no rebalance"
     first = probe.revocations[0]
-    assert first["kept_with_work"], first  # A kept a partition with work in flight
+    assert sum(first["in_flight"].values()) > 0, first  # the rebalance landed with work in flight
+    # Which half A keeps is the assignor's choice, so whether a *kept* partition had work in flight is
+    # reported, not required here; the leave tests (A keeps all it holds) require it.
+    # A graceful join redoes nothing: A commits what is answered at the revocation, keeps its kept partitions'
+    # in-flight work and drops only the unanswered work of partitions it hands over (B starts there).
+    assert result.duplicates == 0, result.line()
     assert b_code == 0, b.log_tail() if b is not None else ""
-    report(reliability_figures, f"rebalance: a worker joins while the other is paused with work on every "
-                                f"partition: {result.line()}; at the revocation A held {sum(first['in_flight'].values())} offsets in flight on "
+    held = sum(first["in_flight"].values())
+    report(reliability_figures, f"rebalance: a worker joins while the other has work in flight: {result.line()}; "
+                                f"at the revocation A held {held} offsets in flight on "
                                 f"{sum(1 for n in first['in_flight'].values() if n)} partitions, "
-                                f"{len(first['paused'])} paused")
+                                f"{len(first['paused'])} paused, kept with work: {first.get('kept_with_work')}")
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
@@ -204,8 +252,9 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
     how, make_settings, guard_engine, tiny_model_dir, tmp_path, reliability_figures
 ):
     settings, a_settings, config, rest = _setup(
-        make_settings, tiny_model_dir, tmp_path, seed=72 if how == "SIGKILL" else 73, first=0.7
+        make_settings, tiny_model_dir, tmp_path, seed=72 if how == "SIGKILL" else 73, first=0.1
     )
+    backlog, tail = rest[: len(rest) * 2 // 3], rest[len(rest) * 2 // 3 :]
     a = WorkerThread(a_settings, SlowDevice(guard_engine), name="a")
     probe = RebalanceProbe(a)
     a.start()
@@ -214,8 +263,9 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
         wait_for(lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS // 2, timeout_s=180,
                  what="A and B split the partitions", workers=[a])
         joined_revocations = len(probe.revocations)
-        probe.wait_held_everywhere(120)
-        produce_interleaved(settings, rest)  # B has fresh work in flight when it leaves
+        produce_interleaved(settings, backlog)  # more than slow A answers: A is paused with work in flight
+        probe.wait_held(120, with_work=1)
+        produce_interleaved(settings, tail)  # B has fresh work in flight when it leaves
         if how == "SIGKILL":
             b.kill()
         else:

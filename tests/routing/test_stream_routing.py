@@ -1,7 +1,8 @@
 """Several models on one topic, end to end: embedded tansu broker, real Redis, real tiny checkpoints.
 
-Co-located: one worker holds a text guard and a vision model; every verdict names the model its
-modality is routed to. Split pools: two workers (one pool each, their own consumer groups) read the same
+Co-located: one worker holds the tiny text guard (``llama-guard-3-1b``) and the tiny Vision model; every
+verdict names the model (and family) its modality is routed to, and the models' decisions follow the toy
+policy as far as each tiny checkpoint does. Split pools: two workers (one pool each, their own consumer groups) read the same
 topic; every event gets exactly one verdict — from the pool whose model it is routed to — and every
 malformed record exactly one dead letter.
 """
@@ -23,37 +24,53 @@ EVENTS = 240
 TIMEOUT_S = 300
 
 
-def two_model_settings(make_settings, model_dir, **extra):
-    """A text guard named ``text`` and a vision model named ``vision``: both the tiny Mllama checkpoint."""
-    model = {"path": str(model_dir), "device": "cpu"}
+FAMILIES = {"text": "llama-guard-3-1b", "vision": "llama-guard-3-vision"}
+# Decision agreement with the toy policy each tiny checkpoint reaches on these (training-split) streams; the
+# text guard is the weaker of the two (about 0.9 on held-out items), so the bound is set below what it meets.
+MIN_AGREEMENT = {"text": 0.85, "vision": 0.85}
+
+
+def two_model_settings(make_settings, vision_dir, text_guard_dir, **extra):
+    """The tiny text guard named ``text`` (llama-guard-3-1b) and the tiny Vision model named ``vision``."""
     return make_settings(
-        models={"text": model, "vision": model},
+        models={
+            "text": {"path": str(text_guard_dir), "device": "cpu", "family": FAMILIES["text"]},
+            "vision": {"path": str(vision_dir), "device": "cpu", "family": FAMILIES["vision"]},
+        },
         routing={"text": "text", "image": "vision"},
         **extra,
     )
 
 
-def check_routed_verdicts(verdicts, stream, expected_pool=None):
+def check_routed_verdicts(verdicts, stream):
+    """Exactly one verdict per valid event, naming the routed model and its family; decisions follow the policy."""
     ids = Counter(v["event_id"] for v in verdicts)
     assert set(ids) == stream.valid_ids, "every valid event has a verdict"
     assert max(ids.values()) == 1, "and only one"
+    agree: dict[str, list[int]] = {name: [0, 0] for name in FAMILIES}
     for v in verdicts:
         validate_verdict(v)
         want = "vision" if v["event_id"] in stream.image_ids else "text"
         assert v["model"]["name"] == want, v["event_id"]
-        assert v["model"]["family"] == "llama-guard-3-vision"
-        if expected_pool is not None:
-            assert expected_pool[v["event_id"]] == want
+        assert v["model"]["family"] == FAMILIES[want], v["event_id"]
+        agree[want][0] += v["decision"] == stream.decisions[v["event_id"]]
+        agree[want][1] += 1
+    for name, (hits, total) in agree.items():
+        print(f"{name} ({FAMILIES[name]}): {hits}/{total} decisions agree with the toy policy")
+        assert total and hits / total >= MIN_AGREEMENT[name], (name, hits, total)
 
 
-def test_co_located_worker_names_the_model_each_event_was_routed_to(make_settings, tiny_model_dir):
-    settings = two_model_settings(make_settings, tiny_model_dir)
+def test_co_located_worker_names_the_model_each_event_was_routed_to(
+    make_settings, tiny_model_dir, tiny_text_guard_dir
+):
+    settings = two_model_settings(make_settings, tiny_model_dir, tiny_text_guard_dir)
     stream = build_stream(EVENTS, seed=21, image_ratio=0.3, malformed_ratio=0.03)
     assert len(stream.image_ids) >= EVENTS * 0.25
     produce(settings, stream.records)
     registry = ModelRegistry.from_settings(settings)
     assert registry.names == ["text", "vision"]
     assert registry.engine("text") is not registry.engine("vision"), "each model loaded on its own"
+    assert {n: registry.engine(n).family for n in registry.names} == FAMILIES
 
     worker = WorkerThread(settings, registry).start()
     try:
@@ -72,10 +89,13 @@ def test_co_located_worker_names_the_model_each_event_was_routed_to(make_setting
     assert worker.pipeline.counters["routed_elsewhere"] == 0
 
 
-def test_split_pools_give_every_event_exactly_one_verdict_from_its_pool(make_settings, tiny_model_dir):
+def test_split_pools_give_every_event_exactly_one_verdict_from_its_pool(
+    make_settings, tiny_model_dir, tiny_text_guard_dir
+):
     settings = two_model_settings(
         make_settings,
         tiny_model_dir,
+        tiny_text_guard_dir,
         pools={"text": {"models": ["text"]}, "vision": {"models": ["vision"]}},
     )
     stream = build_stream(EVENTS, seed=23, image_ratio=0.3, malformed_ratio=0.03)

@@ -163,11 +163,13 @@ def test_a_worker_whose_pipeline_dies_is_restarted_by_the_driver(
 
 
 def test_split_pools_run_as_one_actor_group_each_and_every_event_gets_one_verdict_from_its_pool(
-    ray_cluster: Any, make_settings: Any, tiny_model_dir: Path
+    ray_cluster: Any, make_settings: Any, tiny_model_dir: Path, tiny_text_guard_dir: Path
 ) -> None:
-    model = {"path": str(tiny_model_dir)}
     settings = make_settings(
-        models={"text": model, "vision": model},
+        models={
+            "text": {"path": str(tiny_text_guard_dir), "family": "llama-guard-3-1b"},
+            "vision": {"path": str(tiny_model_dir), "family": "llama-guard-3-vision"},
+        },
         routing={"text": "text", "image": "vision"},
         pools={
             "text": {"models": ["text"], "num_workers": 1, "num_gpus_per_worker": 1.0},
@@ -200,8 +202,15 @@ def test_split_pools_run_as_one_actor_group_each_and_every_event_gets_one_verdic
     verdicts = read_json(settings, settings.topics.verdicts)
     ids = Counter(v["event_id"] for v in verdicts)
     assert set(ids) == stream.valid_ids and max(ids.values()) == 1
+    families = {"text": "llama-guard-3-1b", "vision": "llama-guard-3-vision"}
+    agree = Counter()
     for v in verdicts:
-        assert v["model"]["name"] == ("vision" if v["event_id"] in stream.image_ids else "text")
+        want = "vision" if v["event_id"] in stream.image_ids else "text"
+        assert (v["model"]["name"], v["model"]["family"]) == (want, families[want]), v["event_id"]
+        agree[want] += v["decision"] == stream.decisions[v["event_id"]]
+    text_total = len(stream.valid_ids - stream.image_ids)
+    # Real decisions: the tiny text guard follows the toy policy on about 9 in 10 items, the Vision one more.
+    assert agree["text"] >= 0.85 * text_total and agree["vision"] >= 0.85 * len(stream.image_ids), agree
     assert len(read_json(settings, settings.topics.dlq)) == len(stream.malformed)
     finals = {f["pool"]: f["counters"] for f in report.final_statuses}
     assert finals["vision"]["dead_letters"] == 0, "the text pool owns the dead letters of undecodable input"

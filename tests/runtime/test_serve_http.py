@@ -42,16 +42,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def moderation_url(serve_http: str, services: Any, tiny_model_dir: Path) -> Iterator[str]:
+def moderation_url(serve_http: str, services: Any, tiny_model_dir: Path, tiny_text_guard_dir: Path) -> Iterator[str]:
     from ray import serve
 
     config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
     (app,) = config["applications"]
     test_settings = {
-        # Two named models (both the tiny checkpoint): text-only events to "text", image events to "vision".
+        # Two named models: text-only events to the tiny text guard "text", image events to the tiny "vision".
         "models": {
-            "text": {"path": str(tiny_model_dir), "device": "cpu"},
-            "vision": {"path": str(tiny_model_dir), "device": "cpu"},
+            "text": {"path": str(tiny_text_guard_dir), "device": "cpu", "family": "llama-guard-3-1b"},
+            "vision": {"path": str(tiny_model_dir), "device": "cpu", "family": "llama-guard-3-vision"},
         },
         "routing": {"text": "text", "image": "vision"},
         "redis": {"url": services.redis_url, "key_prefix": f"mw:serve-test:{uuid.uuid4().hex[:8]}:"},
@@ -147,7 +147,10 @@ def test_a_list_of_events_gets_verdicts_in_the_same_order(moderation_url: str) -
     for verdict in verdicts:
         validate_verdict(verdict)
     # Each event was judged by the model its modality routes to (one request, two models' batches).
-    assert [v["model"]["name"] for v in verdicts] == ["text", "text", "text", "vision"]
+    assert [(v["model"]["name"], v["model"]["family"]) for v in verdicts] == [
+        ("text", "llama-guard-3-1b"), ("text", "llama-guard-3-1b"), ("text", "llama-guard-3-1b"),
+        ("vision", "llama-guard-3-vision"),
+    ]
 
 
 def test_wrong_content_type_is_415(moderation_url: str) -> None:

@@ -48,6 +48,7 @@ class Stream:
     repeat_ids: set[str] = field(default_factory=set)
     malformed: list[tuple[int, str]] = field(default_factory=list)  # (index in records, expected reason)
     unique_valid: int = 0
+    decisions: dict[str, str] = field(default_factory=dict)  # event_id -> the toy policy's decision
 
 
 def build_stream(
@@ -106,6 +107,7 @@ def build_stream(
         event["event_id"] = f"{id_prefix}-{seed}-{index:06d}"
         stream.records.append((event["conversation_id"].encode(), orjson.dumps(event)))
         stream.valid_ids.add(event["event_id"])
+        stream.decisions[event["event_id"]] = example.decision
         if example.has_image:
             stream.image_ids.add(event["event_id"])
         if kind == "repeat":

@@ -12,12 +12,20 @@ from worker.engine.types import GuardResult
 
 def to_entry(result: GuardResult) -> dict[str, Any]:
     """Just enough of a model answer to rebuild its verdict."""
-    return {
+    entry: dict[str, Any] = {
         "unsafe": result.unsafe,
         "score": result.score,
         "codes": list(result.codes),
         "dropped": list(result.dropped_codes),
     }
+    # Optional keys: entries written before they existed still read back (the verdict then lacks them).
+    if result.category_scores is not None:
+        entry["category_scores"] = result.category_scores
+    if result.halted:
+        entry["halted"] = True
+    if result.language is not None:
+        entry["language"] = result.language
+    return entry
 
 
 def from_entry(value: dict[str, Any]) -> GuardResult | None:
@@ -28,6 +36,9 @@ def from_entry(value: dict[str, Any]) -> GuardResult | None:
             unsafe=bool(value["unsafe"]),
             codes=tuple(value["codes"]),
             dropped_codes=tuple(value.get("dropped", ())),
+            category_scores=value.get("category_scores"),
+            halted=bool(value.get("halted", False)),
+            language=value.get("language"),
         )
     except (KeyError, TypeError, ValueError):
         return None

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from worker.engine import scoring
+from worker.engine.category_scores import category_scores, code_first_tokens
 from worker.engine.parsing import parse_answer, parse_codes_continuation
 from worker.engine.families import get_family
 from worker.engine.policy import Policy, load_policies, resolve_policy
@@ -104,6 +105,8 @@ class GuardEngine:
         self.answer_tail: list[int] = (
             tail if tail[: len(self.answer.unsafe_ids)] == list(self.answer.unsafe_ids) else []
         )
+        # First token of each code after the tail: per-category scores come from the same pass.
+        self.code_tokens: dict[str, int] = code_first_tokens(self.tokens.plain_ids, self.answer_tail)
         if settings.model.answer_prefix is not None:
             self.answer_prefix_ids: list[int] = self.tokens.plain_ids(settings.model.answer_prefix)
         else:
@@ -436,17 +439,25 @@ class GuardEngine:
         tail = self.answer_tail
         # Keep the KV cache: unsafe rows continue from it instead of re-reading their prompts.
         shared = self._prefix_cache(batch) if batch.prefix_keys else None
-        out = scoring.score(self.model, inputs, self.answer, tail, keep_cache=True, cache=shared)
+        code_ids = list(self.code_tokens.values())
+        out = scoring.score(
+            self.model, inputs, self.answer, tail, keep_cache=True, cache=shared, code_ids=code_ids
+        )
         self._check_mass(out.answer_mass)
         unsafe = (out.scores >= thresholds).tolist()
         finite = torch.isfinite(out.scores).tolist()
         scores = out.scores.tolist()
+        per_code = out.code_probs.tolist() if out.code_probs is not None else [None] * len(scores)
+        cats = [
+            category_scores(s, probs, list(self.code_tokens), p.codes) if probs is not None and ok else None
+            for s, probs, p, ok in zip(scores, per_code, policies, finite)
+        ]
         results: list[GuardResult | EngineError] = [
-            GuardResult(score=s, unsafe=False, codes=())
+            GuardResult(score=s, unsafe=False, codes=(), category_scores=c)
             if ok
             # A NaN score compares False against the threshold: it must not pass as "safe".
             else EngineError("model produced a non-finite score", detail={"kind": "non_finite"})
-            for s, ok in zip(scores, finite)
+            for s, ok, c in zip(scores, finite, cats)
         ]
         unsafe_rows = [r for r, flag in enumerate(unsafe) if flag and finite[r]]
         if not unsafe_rows:
@@ -469,7 +480,7 @@ class GuardEngine:
             )
             for r, ids, done in zip(fast, tokens, ended):
                 raw = "unsafe" + self.tokenizer.decode(tail[n_unsafe:] + ids, skip_special_tokens=False)
-                results[r] = self._codes_result(scores[r], raw, done, policies[r])
+                results[r] = self._codes_result(scores[r], raw, done, policies[r], cats[r])
         if slow:
             # The model would not write the tail itself: decode these rows exactly, from their prompts.
             index = torch.as_tensor(slow, device=inputs["input_ids"].device)
@@ -488,10 +499,12 @@ class GuardEngine:
             )
             for r, ids, done in zip(slow, tokens, ended):
                 raw = "unsafe" + self.tokenizer.decode(ids, skip_special_tokens=False)
-                results[r] = self._codes_result(scores[r], raw, done, policies[r])
+                results[r] = self._codes_result(scores[r], raw, done, policies[r], cats[r])
         return results
 
-    def _codes_result(self, score: float, raw: str, ended: bool, policy: Policy) -> GuardResult | EngineError:
+    def _codes_result(
+        self, score: float, raw: str, ended: bool, policy: Policy, cats: dict[str, float] | None = None
+    ) -> GuardResult | EngineError:
         if not ended:
             return EngineError(
                 f"answer not finished within model.max_new_tokens={self.max_new_tokens}",
@@ -503,7 +516,7 @@ class GuardEngine:
         except EngineError as exc:
             exc.detail = {"kind": "malformed", "score": score}
             return exc
-        return GuardResult(score, True, parsed.codes, parsed.dropped_codes, raw)
+        return GuardResult(score, True, parsed.codes, parsed.dropped_codes, raw, cats)
 
     def _run_generate(
         self, batch: PreparedBatch, inputs: dict[str, torch.Tensor]

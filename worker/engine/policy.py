@@ -18,7 +18,14 @@ a ``categories`` argument: ``{code}: {text}.``.
 
 A policy's ``hash`` covers only what changes the model's answer or the decision — the listed codes, their
 names (custom ones included) and the threshold (plus the prompt-format version) — never the policy id, so two
-ids with the same content share cache entries, and editing a name invalidates them.
+ids with the same content share cache entries, and editing a name invalidates them. When set,
+the review threshold and the blocklists' content count too (only then, so existing hashes stay).
+
+Review band: with ``review_threshold`` set, a score in ``[review_threshold, threshold)`` keeps the decision
+``safe`` and marks the verdict ``review: true`` (``Policy.in_review_band``).
+
+Tenants (``settings.tenants``): ``resolve_event_policy`` applies a tenant's own policy, lets an event name
+one of the tenant's ``allowed_policies``, and rejects anything else with ``policy_not_allowed``.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from typing import TYPE_CHECKING
 
 from worker.config import CATEGORY_CODES, ConfigError
 from worker.dead_letters import Reason, RejectedError
+from worker.engine.blocklist import NO_BLOCKLISTS, Blocklists, compile_blocklists
 from worker.engine.families import DEFAULT_FAMILY, RenderedCategory, get_family
 
 if TYPE_CHECKING:
-    from worker.config import PolicySettings, Settings
+    from worker.config import PolicySettings, Settings, TenantSettings
 
 # Bumped whenever prompt rendering changes in a way that changes the model's input for the same policy.
 PROMPT_FORMAT_VERSION = "llama-guard-3-vision/1"
@@ -158,6 +166,8 @@ class Policy:
     # The categories listed when the conversation holds an image, where the family's template lists fewer by
     # default (Llama Guard 4 drops S14); None = the same as ``categories``.
     image_categories: tuple[Category, ...] | None = None
+    review_threshold: float | None = None
+    blocklists: Blocklists = field(default=NO_BLOCKLISTS, compare=False, repr=False)
     hash: str = field(init=False, compare=False)
     _names: dict[str, str] = field(init=False, compare=False, repr=False)
 
@@ -176,7 +186,19 @@ class Policy:
             object.__setattr__(
                 self, "image_categories", tuple(sorted(self.image_categories, key=lambda c: c.number))
             )
-        object.__setattr__(self, "hash", _content_hash(ordered, self.threshold, self.image_categories))
+        object.__setattr__(
+            self,
+            "hash",
+            _content_hash(
+                ordered,
+                self.threshold,
+                self.image_categories,
+                self.review_threshold,
+                self.blocklists.digest,
+            ),
+        )
+        if self.review_threshold is not None and not 0.0 <= self.review_threshold < self.threshold:
+            raise ValueError(f"policy {self.id!r} review_threshold must be in [0, threshold)")
 
     @property
     def codes(self) -> tuple[str, ...]:
@@ -186,6 +208,10 @@ class Policy:
     def name_of(self, code: str) -> str:
         """The (possibly custom) name of an enabled code, without trailing period. KeyError if not enabled."""
         return self._names[code]
+
+    def in_review_band(self, score: float, unsafe: bool) -> bool:
+        """Whether a verdict stays ``safe`` but goes to human review: ``review_threshold <= score`` and not unsafe."""
+        return not unsafe and self.review_threshold is not None and score >= self.review_threshold
 
     @property
     def custom_codes(self) -> tuple[str, ...]:
@@ -211,7 +237,11 @@ class Policy:
 
 
 def _content_hash(
-    categories: tuple[Category, ...], threshold: float, image_categories: tuple[Category, ...] | None
+    categories: tuple[Category, ...],
+    threshold: float,
+    image_categories: tuple[Category, ...] | None,
+    review_threshold: float | None = None,
+    blocklists: str = "",
 ) -> str:
     content: dict[str, object] = {
         "format": PROMPT_FORMAT_VERSION,
@@ -220,6 +250,11 @@ def _content_hash(
     }
     if image_categories is not None:
         content["image_categories"] = [[c.code, c.name] for c in image_categories]
+    # Only when set, so that policies without them keep the hashes (and cache entries) they always had.
+    if review_threshold is not None:
+        content["review_threshold"] = repr(float(review_threshold))
+    if blocklists:
+        content["blocklists"] = blocklists
     canonical = json.dumps(content, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:HASH_HEX_CHARS]
 
@@ -277,7 +312,9 @@ def policy_from_settings(policy_id: str, ps: PolicySettings, family: str = DEFAU
     if ps.categories is None and spec.image_drops:
         # The template's own default for image conversations (Llama Guard 4 leaves out S14).
         image_categories = tuple(c for c in categories if c.code not in spec.image_drops)
-    return Policy(policy_id, categories, ps.threshold, image_categories)
+    names = {c.code: c.name for c in categories}
+    blocklists = compile_blocklists(policy_id, ps.blocklists, names) if ps.blocklists else NO_BLOCKLISTS
+    return Policy(policy_id, categories, ps.threshold, image_categories, ps.review_threshold, blocklists)
 
 
 def load_policies(settings: Settings, family: str | None = None) -> dict[str, Policy]:
@@ -297,6 +334,33 @@ def resolve_policy(policies: Mapping[str, Policy], policy_id: str | None, defaul
             f"policy {pid!r} is not configured; known policies: {sorted(policies)}",
             field="/policy",
         ) from None
+
+
+def resolve_event_policy(
+    policies: Mapping[str, Policy],
+    tenants: Mapping[str, TenantSettings],
+    tenant: str | None,
+    policy_id: str | None,
+    default_id: str,
+) -> Policy:
+    """The policy for an event's ``tenant`` and ``policy`` fields under ``settings.tenants``.
+
+    No tenants configured, or an event without tenant: ``resolve_policy`` as before. Otherwise the tenant
+    must be configured (``unknown_tenant``) and the policy must be the tenant's own or one of its
+    ``allowed_policies`` (``policy_not_allowed``); an event naming none gets the tenant's own policy.
+    """
+    if not tenants or tenant is None:
+        return resolve_policy(policies, policy_id, default_id)
+    settings = tenants.get(tenant)
+    if settings is None:
+        raise RejectedError(Reason.UNKNOWN_TENANT, f"tenant {tenant!r} is not configured", field="/tenant")
+    if policy_id is not None and policy_id not in settings.policies:
+        raise RejectedError(
+            Reason.POLICY_NOT_ALLOWED,
+            f"tenant {tenant!r} may not use policy {policy_id!r}; its policies: {settings.policies}",
+            field="/policy",
+        )
+    return resolve_policy(policies, policy_id or settings.policy, default_id)
 
 
 DEFAULT_POLICY = Policy("default", DEFAULT_CATEGORIES, 0.5)

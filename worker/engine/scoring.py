@@ -43,6 +43,7 @@ class ScoreOutput:
     tail_ok: torch.Tensor  # bool [B]: the model itself continues ``unsafe`` with the answer tail
     next_ids: torch.Tensor  # long [B]: greedy token after the tail (first token of the first code)
     cache: Any  # transformers Cache or None
+    code_probs: torch.Tensor | None = None  # float32 [B, len(code_ids)]: softmax after the tail at code_ids
 
 
 def to_device(
@@ -106,11 +107,14 @@ def score(
     *,
     keep_cache: bool,
     cache: Any = None,
+    code_ids: Sequence[int] = (),
 ) -> ScoreOutput:
     """One forward pass over prompt + answer prefix + answer ``tail``; logits only at the last len(tail)+1 positions.
 
     ``tail`` is what was appended after the prefix (``unsafe``, newline, ``S``), possibly empty. ``cache``
     holds the keys/values of a shared prompt start when ``inputs`` carry only the rest (see ``GuardEngine``).
+    ``code_ids``: tokens whose probability right after the whole tail is returned (``code_probs``): the first
+    token of each category code, when the tail ends with ``S``.
     """
     kept = len(tail) + 1
     extra = {"cache": cache} if cache is not None else {}  # transformers 5: `cache`, not `past_key_values`
@@ -126,7 +130,19 @@ def score(
     else:
         tail_ok = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     next_ids = greedy[:, -1] if len(tail) else logits[:, 0, :].argmax(-1)
-    return ScoreOutput(scores.cpu(), mass.cpu(), tail_ok.cpu(), next_ids, out.cache if keep_cache else None)
+    code_probs = None
+    if code_ids and len(tail):
+        last = logits[:, -1, :].float()
+        index = torch.as_tensor(list(code_ids), device=last.device)
+        code_probs = torch.softmax(last, dim=-1).index_select(1, index).cpu()
+    return ScoreOutput(
+        scores.cpu(),
+        mass.cpu(),
+        tail_ok.cpu(),
+        next_ids,
+        out.cache if keep_cache else None,
+        code_probs,
+    )
 
 
 def decode_greedy(

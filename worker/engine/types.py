@@ -53,6 +53,10 @@ class GuardResult:
     codes: tuple[str, ...]  # violated codes, restricted to the policy's enabled categories, in code order
     dropped_codes: tuple[str, ...] = ()  # codes the model emitted that the policy does not enable
     raw_output: str | None = None  # decoded text, when decoding ran
+    # Per enabled code: P(unsafe) x P(first code | unsafe), see worker.engine.category_scores; None if unknown.
+    category_scores: dict[str, float] | None = None
+    halted: bool = False  # decided by a halting blocklist: no model call (score 1.0)
+    language: dict[str, Any] | None = None  # of the judged text (worker.language), set by the caller
 
 
 class EngineError(Exception):
@@ -62,3 +66,16 @@ class EngineError(Exception):
         super().__init__(message)
         self.raw_output = raw_output
         self.detail = detail
+
+
+def halt_result(event: Any, optimized_languages: Any) -> GuardResult:
+    """The answer for an event a halting blocklist decided: unsafe, score 1.0, no model call."""
+    from worker.language import detect_language
+
+    return GuardResult(
+        score=1.0,
+        unsafe=True,
+        codes=(),
+        halted=True,
+        language=detect_language(event.turns[-1].texts, optimized_languages),
+    )

@@ -36,12 +36,11 @@ TASKS = ("prompt", "response", "all")
 
 
 def _request(item: LabelledEvent, policy: Policy, settings: Settings) -> GuardRequest:
-    image = None
-    if item.event.image is not None:
-        from worker.images.load import decode_image, image_bytes
+    from worker.images.load import decode_image, image_bytes
+    from worker.routing import guard_request
 
-        image = decode_image(image_bytes(item.event.image, settings), settings.limits)
-    return GuardRequest(turns=item.event.turns, policy=policy, image=image)
+    images = tuple(decode_image(image_bytes(ref, settings), settings.limits) for ref in item.event.images)
+    return guard_request(item.event, policy, images)
 
 
 def evaluate(
@@ -66,7 +65,7 @@ def evaluate(
             chunk = items[start : start + batch_size]
             by_model: dict[str, tuple[list[GuardRequest], list[LabelledEvent]]] = {}
             for item in chunk:
-                model = models.model_for(policy, 0 if item.event.image is None else 1)
+                model = models.model_for(policy, item.event.image_count)
                 if model is None or not models.holds(model):
                     failures.append({"line": item.line, "reason": "no_model", "message": "no model judges this item"})
                     continue

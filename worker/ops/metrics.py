@@ -133,6 +133,29 @@ END_TO_END_SECONDS = Histogram(
     registry=REGISTRY,
     buckets=END_TO_END_BUCKETS_SECONDS,
 )
+EVENT_LAG_SECONDS = Histogram(
+    "event_lag_seconds",
+    "Time from the event's own created_at (set by the producer) to its verdict being acknowledged: the lag a "
+    "consumer of verdicts sees, including any delay before the event reached Kafka. Events without created_at "
+    "are not counted.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+    buckets=END_TO_END_BUCKETS_SECONDS,
+)
+REVIEW_BAND = Counter(
+    "review_band_total",
+    "Verdicts in a policy's human-review band (review_threshold <= score < threshold): decision safe, sent to "
+    "the review topic.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+BLOCKLIST_HITS = Counter(
+    "blocklist_hits_total",
+    "Verdicts with a blocklist hit, by action: halt (decided without the model) or annotate (reported only).",
+    ["action"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 CONSUMER_LAG = Gauge(
     "consumer_lag",
     "Records behind the partition's high-water mark (high-water mark minus next offset to consume), per "
@@ -250,6 +273,8 @@ def _preinitialise() -> None:
         OUTAGE.labels(cause=cause)
         OUTAGES.labels(cause=cause)
         OUTAGE_RETRIES.labels(cause=cause)
+    for action in ("halt", "annotate"):
+        BLOCKLIST_HITS.labels(action=action)
 
 
     register_models([DEFAULT_MODEL])
@@ -289,6 +314,11 @@ def record_verdict(
 ) -> None:
     """Count one verdict: ``mw_events_consumed_total`` by outcome and ``mw_verdicts_total`` per category."""
     record_verdicts({(decision, tuple(category_codes), cached, model): 1})
+
+
+def record_blocklist_hits(hits: tuple, *, halted: bool) -> None:
+    """Count one verdict with blocklist hits: ``halt`` when a list decided it, else ``annotate``."""
+    BLOCKLIST_HITS.labels(action="halt" if halted else "annotate").inc()
 
 
 def record_verdicts(counts: Mapping[tuple[str, tuple[str, ...], bool, str], int]) -> None:

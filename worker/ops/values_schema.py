@@ -159,6 +159,17 @@ def values_schema() -> dict[str, Any]:
                         "gcsRedisPassword": _STR,
                     }
                 ),
+                "apiKeys": _strict(
+                    {
+                        "existingSecret": _STR,
+                        "keys": {
+                            "type": "object",
+                            "description": "API key name -> key (or empty with existingSecret): MODERATION_API_KEY_<NAME>",
+                            "propertyNames": {"pattern": "^[a-z0-9][a-z0-9-]*$"},
+                            "additionalProperties": _STR,
+                        },
+                    }
+                ),
                 "kafkaTls": _strict(
                     {
                         "enabled": _BOOL,

@@ -11,9 +11,11 @@ so a bad event gets the same reason code over HTTP as in a dead letter. Errors a
 Status codes: 413 body, batch or image pixels too large, 415 not JSON, 400 unreadable JSON (record-level
 reasons), 422 a readable event that breaks the schema or the conversation rules (and image failures),
 500 the engine failed on an event, 503 the replica is still loading its model, 404/405 no such route or
-method (same shape, reasons ``not_found`` / ``method_not_allowed``). The reasons that exist only over
-HTTP (no Kafka record can have them): ``unsupported_media_type``, ``too_many_events``,
-``too_many_pixels``, ``not_ready``, ``not_found``, ``method_not_allowed``.
+method (same shape, reasons ``not_found`` / ``method_not_allowed``); with API keys (``worker.runtime.auth``)
+401 ``unauthorized``, 403 ``forbidden`` / ``policy_not_allowed``, 429 ``rate_limited`` (with ``Retry-After``).
+The reasons that exist only over HTTP (no Kafka record can have them): ``unsupported_media_type``,
+``too_many_events``, ``too_many_pixels``, ``not_ready``, ``not_found``, ``method_not_allowed`` and the auth
+reasons.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ _BAD_REQUEST_REASONS = frozenset(
     }
 )
 
+# Who may call (worker.runtime.auth): bad or missing key, a tenant's policy boundary, an exhausted budget.
+_AUTH_STATUS = {"unauthorized": 401, "forbidden": 403, Reason.POLICY_NOT_ALLOWED: 403, "rate_limited": 429}
+
 
 def status_for(reason: Reason | str) -> int:
     """The HTTP status of a rejection reason (see module docstring)."""
@@ -62,6 +67,8 @@ def status_for(reason: Reason | str) -> int:
         return 400
     if reason == Reason.ENGINE_ERROR:
         return 500
+    if reason in _AUTH_STATUS:
+        return _AUTH_STATUS[reason]
     return 422
 
 

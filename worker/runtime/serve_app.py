@@ -41,7 +41,8 @@ def settings_from_args(args: dict[str, Any] | None) -> Settings:
         raise ConfigError("serve app arg 'settings' must be a mapping of config sections")
     overrides: dict[str, Any] = {}
     for section, value in inline.items():
-        if isinstance(value, dict) and section not in ("policies", "models", "pools"):  # maps are set whole
+        # Maps of entries are set whole, not as sections.
+        if isinstance(value, dict) and section not in ("policies", "models", "pools", "tenants"):
             overrides.update({f"{section}__{key}": v for key, v in value.items()})
         else:
             overrides[section] = value

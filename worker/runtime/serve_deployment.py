@@ -22,7 +22,8 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import orjson
@@ -35,9 +36,12 @@ from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
 from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection
-from worker.engine.policy import Policy
-from worker.engine.types import GuardRequest, GuardResult
+from worker.engine.blocklist import BlocklistHit
+from worker.engine.policy import Policy, resolve_event_policy
+from worker.engine.types import GuardRequest, GuardResult, halt_result
 from worker.events import ChatEvent
+from worker.routing import guard_request, images_hash
+from worker.runtime.auth import FORBIDDEN, ApiKeys, Caller, Denied
 from worker.runtime.http_contract import (
     NOT_READY,
     UNSUPPORTED_MEDIA_TYPE,
@@ -50,8 +54,9 @@ from worker.runtime.http_contract import (
     parse_request,
     request_pixels_error,
 )
+from worker.runtime.openai_compat import openai_response, openai_result, parse_moderation_request
 from worker.runtime.ray_env import settings_from_payload
-from worker.verdicts import build_verdict
+from worker.verdicts import verdict_for
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,7 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Resp
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def _error(errors: list[RequestError]) -> Response:
+def _error(errors: list[RequestError], headers: dict[str, str] | None = None) -> Response:
     status, body = error_body(errors)
     first = errors[0]
     # One line per refused request: its reason code and field, never the content.
@@ -107,7 +112,29 @@ def _error(errors: list[RequestError]) -> Response:
             "errors": len(errors),
         },
     )
-    return _json(status, body)
+    return _json(status, body, headers)
+
+
+def _denied(denied: Denied) -> Response:
+    """A 401/429 from ``worker.runtime.auth`` in the project's error shape (with its HTTP headers)."""
+    headers = {"www-authenticate": "Bearer"} if denied.status == 401 else {}
+    if denied.retry_after_s is not None:
+        headers["retry-after"] = str(denied.retry_after_s)
+    return _error([RequestError(denied.reason, denied.message)], headers)
+
+
+def _bind_tenant(events: list[ChatEvent], caller: Caller) -> list[ChatEvent] | RequestError:
+    """With an API key, every event acts for the key's tenant; an event naming another tenant is refused (403)."""
+    if caller.tenant is None:
+        return events
+    bound = []
+    for event in events:
+        if event.tenant is not None and event.tenant != caller.tenant:
+            return RequestError(
+                FORBIDDEN, f"API key {caller.key_name!r} may not act for another tenant", "tenant"
+            )
+        bound.append(replace(event, tenant=caller.tenant))
+    return bound
 
 
 @dataclass(slots=True)
@@ -118,8 +145,11 @@ class _Item:
     policy: Policy
     model: str
     key: str
-    image_data: bytes | None
+    image_data: bytes | None  # the event's last image (the only one unless Llama Guard 4 judges it)
     cached: GuardResult | None = None
+    hits: tuple[BlocklistHit, ...] = ()
+    halted_now: bool = False  # answered by a halting blocklist in this request (not read from the cache)
+    earlier_image_data: tuple[bytes, ...] = ()  # the images before it, in order (several-image events)
 
 
 @serve.deployment(name="Moderation")
@@ -139,6 +169,10 @@ class ModerationDeployment:
         self.engine: Any = None  # its first engine; set last: it is the readiness flag
         self.load_error: str | None = None
         self.cache = VerdictCache(self.settings.redis)
+        self.keys = ApiKeys(self.settings.auth, list(self.settings.tenants))
+        from worker.language import warm_up
+
+        warm_up()
         self.classify_batch.set_max_batch_size(self.settings.serve.max_batch_size)
         self.classify_batch.set_batch_wait_timeout_s(self.settings.serve.batch_wait_timeout_s)
         serve_settings = self.settings.serve
@@ -220,6 +254,9 @@ class ModerationDeployment:
         if self.engine is None:
             why = "the model failed to load" if self.load_error else "the model is still loading"
             return _error([RequestError(NOT_READY, f"{why}; see GET /readyz")])
+        caller = self.keys.check(request.headers.get("authorization"))
+        if isinstance(caller, Denied):
+            return _denied(caller)
         if not is_json_content_type(request.headers.get("content-type")):
             return _error([RequestError(UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json")])
         body = await self._read_limited(request)
@@ -229,7 +266,9 @@ class ModerationDeployment:
         parsed = await asyncio.to_thread(parse_request, body, self.settings)
         if parsed.errors:
             return _error(parsed.errors)
-        events = [e for e in parsed.events if e is not None]
+        events = _bind_tenant([e for e in parsed.events if e is not None], caller)
+        if isinstance(events, RequestError):
+            return _error([events])
         outcomes = await self._judge(events, received)
         errors = [o for o in outcomes if isinstance(o, RequestError)]
         if errors:
@@ -238,6 +277,44 @@ class ModerationDeployment:
         batch_size = max((o[1] for o in outcomes if not isinstance(o, RequestError)), default=0)
         headers = {BATCH_SIZE_HEADER: str(batch_size)}
         return _json(200, verdicts if parsed.batch else verdicts[0], headers)
+
+    @api.post(
+        "/v1/moderations",
+        summary="OpenAI-compatible moderation (the openai client's moderations.create)",
+        description="OpenAI's request and response shape (worker/runtime/openai_compat.py documents the "
+        "category mapping). Optional extras: policy, tenant (without API keys). Errors in this API's error shape.",
+    )
+    async def moderations(self, request: Request) -> Response:
+        received = time.monotonic()
+        if self.engine is None:
+            why = "the model failed to load" if self.load_error else "the model is still loading"
+            return _error([RequestError(NOT_READY, f"{why}; see GET /readyz")])
+        caller = self.keys.check(request.headers.get("authorization"))
+        if isinstance(caller, Denied):
+            return _denied(caller)
+        if not is_json_content_type(request.headers.get("content-type")):
+            return _error([RequestError(UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json")])
+        body = await self._read_limited(request)
+        if body is None:
+            limit = self.settings.serve.max_request_bytes
+            return _error([RequestError(Reason.RECORD_TOO_LARGE.value, f"request body above {limit} bytes")])
+        parsed = await asyncio.to_thread(parse_moderation_request, body, self.settings, None)
+        if parsed.errors:
+            return _error(parsed.errors)
+        events = _bind_tenant(parsed.events, caller)
+        if isinstance(events, RequestError):
+            return _error([events])
+        outcomes = await self._judge(events, received)
+        errors = [o for o in outcomes if isinstance(o, RequestError)]
+        if errors:
+            return _error(errors)
+        extra_map = self.settings.serve.openai_categories
+        results = [
+            openai_result(o[0], types, extra_map)
+            for o, types in zip(outcomes, parsed.input_types, strict=True)
+            if not isinstance(o, RequestError)
+        ]
+        return _json(200, openai_response(self.engine.model_info.id, results))
 
     async def _read_limited(self, request: Request) -> bytes | None:
         """The body, or None as soon as it passes ``serve.max_request_bytes`` (declared or streamed)."""
@@ -267,7 +344,7 @@ class ModerationDeployment:
         to_cache = []
         for i, item in enumerate(items):
             if isinstance(item, _Item) and item.cached is not None:
-                outcomes.append((self._verdict(item, item.cached, True, received), 0))
+                outcomes.append((self._verdict(item, item.cached, not item.halted_now, received), 0))
                 continue
             answer, batch_size = answer_of[id(item)] if isinstance(item, _Item) else (item, 0)
             if isinstance(answer, RequestError):
@@ -283,49 +360,90 @@ class ModerationDeployment:
 
     def _lookup(self, events: list[ChatEvent]) -> list[_Item | RequestError]:
         """Blocking part before the model (runs in a thread): policy, image bytes, cache key, one MGET."""
-        from worker.images.load import image_bytes, image_content_hash
+        from worker.images.load import image_bytes
 
         items: list[_Item | RequestError] = []
         for event in events:
             try:
-                policy = self.models.policy_for(event.policy)
-                model = self.models.model_for(policy, 0 if event.image is None else 1)
+                # Tenants first (their policy boundary), then the registry's own lookup and routing.
+                first = self.models.first
+                policy_id = resolve_event_policy(
+                    first.policies, self.settings.tenants, event.tenant, event.policy, first.default_policy_id
+                ).id
+                policy = self.models.policy_for(policy_id)
+                model = self.models.model_for(policy, event.image_count)
                 if model is None:
                     raise RejectedError(
-                        Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
+                        Rejection(
+                            Reason.TOO_MANY_IMAGES,
+                            "the event has an image and no configured model reads images",
+                        )
                     )
-                policy = self.models.engine(model).policy_for(event.policy)
-                data = image_bytes(event.image, self.settings) if event.image is not None else None
+                policy = self.models.engine(model).policy_for(policy_id)
+                datas = tuple(image_bytes(ref, self.settings) for ref in event.images)
             except RejectedError as exc:
                 items.append(from_rejection(exc.rejection, None))
                 continue
             info = self.models.info(model)
-            key = cache_key(info, policy, event, image_content_hash(data) if data else None)
-            items.append(_Item(event, policy, model, key, data))
+            key = cache_key(info, policy, event, images_hash(event, datas))
+            hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
+            items.append(
+                _Item(
+                    event,
+                    policy,
+                    model,
+                    key,
+                    datas[-1] if datas else None,
+                    hits=hits,
+                    earlier_image_data=datas[:-1],
+                )
+            )
         pixels_error = request_pixels_error(
-            [item.image_data for item in items if isinstance(item, _Item)], self.settings.serve
+            [data for item in items if isinstance(item, _Item) for data in (*item.earlier_image_data, item.image_data)],
+            self.settings.serve,
         )
         if pixels_error is not None:
             return [pixels_error] * len(items)
         found = [item for item in items if isinstance(item, _Item)]
+        to_cache = []
         for item, value in zip(found, self.cache.get_many([i.key for i in found]), strict=True):
             item.cached = from_entry(value) if value is not None else None
+            if item.cached is None and item.hits and item.hits[0].action == "halt":
+                # Decided by the blocklist without the model; stored like any verdict.
+                halted = halt_result(item.event, self.settings.model.optimized_languages)
+                to_cache.append((item.key, to_entry(halted)))
+                item.cached, item.halted_now = halted, True
+        if to_cache:
+            self.cache.set_many(to_cache)
         return items
 
     async def _classify_one(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
-        """Decode the image (if any) and queue the event for the next model batch."""
-        image = None
+        """Decode the images (if any), detect the language, and queue the event for the next model batch."""
+        from worker.language import detect_language
+
+        language = await asyncio.to_thread(
+            detect_language, item.event.turns[-1].texts, self.settings.model.optimized_languages
+        )
+        answer, size = await self._classify_images_or_text(item)
+        if isinstance(answer, GuardResult):
+            answer = replace(answer, language=language)
+        return answer, size
+
+    async def _classify_images_or_text(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
+        images: list[Any] = []
         if item.image_data is not None:
             from worker.images.load import decode_image
 
-            field = item.event.image.field_path if item.event.image is not None else None
             loop = asyncio.get_running_loop()
             try:
-                async with self.decode_budget.hold(item.image_data):
-                    image = await loop.run_in_executor(
-                        self.decode_pool,
-                        lambda: decode_image(item.image_data, self.settings.limits, field=field),
-                    )
+                for ref, data in zip(item.event.images, (*item.earlier_image_data, item.image_data), strict=True):
+                    async with self.decode_budget.hold(data):
+                        images.append(
+                            await loop.run_in_executor(
+                                self.decode_pool,
+                                partial(decode_image, data, self.settings.limits, field=ref.field_path),
+                            )
+                        )
             except RejectedError as exc:
                 log.info(
                     "image rejected",
@@ -336,9 +454,7 @@ class ModerationDeployment:
                     },
                 )
                 return from_rejection(exc.rejection, None), 0
-        return await self.classify_batch(
-            (item.model, GuardRequest(turns=item.event.turns, policy=item.policy, image=image))
-        )
+        return await self.classify_batch((item.model, guard_request(item.event, item.policy, tuple(images))))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def classify_batch(self, routed: list[tuple[str, GuardRequest]]) -> list[tuple[Any, int]]:
@@ -355,7 +471,9 @@ class ModerationDeployment:
         for model in dict.fromkeys(m for m, _ in routed):
             rows = [i for i, (m, _) in enumerate(routed) if m == model]
             with metrics.observe_stage("model"):
-                part = await asyncio.to_thread(self.models.engine(model).classify, [routed[i][1] for i in rows])
+                part = await asyncio.to_thread(
+                    self.models.engine(model).classify, [routed[i][1] for i in rows]
+                )
             for i, result in zip(rows, part, strict=True):
                 results[i] = result
         answers: list[tuple[Any, int]] = []
@@ -375,20 +493,19 @@ class ModerationDeployment:
     def _verdict(self, item: _Item, result: GuardResult, cached: bool, received: float) -> dict[str, Any]:
         from worker.ops import metrics
 
-        policy = item.policy
-        verdict = build_verdict(
+        verdict = verdict_for(
             item.event,
-            unsafe=result.unsafe,
-            score=result.score,
-            categories=policy.verdict_categories(result.codes),
-            threshold=policy.threshold,
-            policy_id=policy.id,
-            policy_hash=policy.hash,
-            model=self.models.info(item.model),
+            result,
+            item.policy,
+            self.models.info(item.model),
             cached=cached,
             latency_ms=(time.monotonic() - received) * 1000.0,
-            dropped_codes=list(result.dropped_codes) or None,
+            hits=item.hits,
         )
+        if item.hits:
+            metrics.record_blocklist_hits(item.hits, halted=result.halted)
+        if verdict.get("review"):
+            metrics.REVIEW_BAND.inc()
         metrics.record_verdict(
             verdict["decision"], [c["code"] for c in verdict["categories"]], cached=cached, model=item.model
         )

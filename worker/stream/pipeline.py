@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kafka import ConsumerRebalanceListener
@@ -43,19 +43,23 @@ from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
 from worker.decode import decode_event, salvage_event_id
+from worker.engine.policy import resolve_event_policy
 from worker.engine.registry import ModelRegistry
-from worker.engine.types import EngineError, GuardRequest, GuardResult
+from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
 from worker.events import ChatEvent, Turn
+from worker.language import detect_language
 from worker.ops import metrics
+from worker.routing import guard_request, images_hash
 from worker.stream.batcher import Batch, BatchEntry, MicroBatcher
 from worker.stream.offsets import OffsetTracker
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
-from worker.verdicts import build_verdict
+from worker.verdicts import event_lag_seconds, verdict_for
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer, KafkaProducer
 
+    from worker.engine.blocklist import BlocklistHit
     from worker.engine.engine import GuardEngine
     from worker.engine.policy import Policy
 
@@ -88,10 +92,13 @@ class WorkItem:
     received: float  # time.monotonic() when consumed
     event: ChatEvent | None = None
     policy: Policy | None = None
-    image_data: bytes | None = None
+    image_data: bytes | None = None  # the event's last image (the only one unless Llama Guard 4 judges it)
+    earlier_image_data: tuple[bytes, ...] = ()  # the images before it, in order (several-image events)
     cache_key: str | None = None
     model: str | None = None  # the configured model that judges it (chosen by the router)
     output: tuple[str, dict[str, Any]] | None = None  # what was published, kept to re-publish on failure
+    hits: tuple[BlocklistHit, ...] = ()  # the policy's blocklists matching the judged text
+    language: dict[str, Any] | None = None  # of the judged text; detected off the loop thread for the model
     digest: bytes = b""  # record_digest(raw), what its published marker stores
     failed_deliveries: int = 0
 
@@ -285,6 +292,9 @@ class StreamPipeline:
             self.engine = self.models.first
             metrics.register_models(self.models.names)
         metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
+        from worker.language import warm_up
+
+        warm_up()  # the detector's model loads once per process: not on the first batch's clock
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
         self._markers = PublishedMarkers(self._cache, self.settings)
@@ -333,9 +343,9 @@ class StreamPipeline:
         (≈100 ms per topic on tansu, which backs metadata refreshes off by ``retry_backoff_ms``).
         ``send`` stays correct either way: it waits for whatever this has not fetched yet.
         """
-        topics = self.settings.topics
-        outputs = ([topics.verdicts] if topics.publish_all_verdicts else []) + [topics.flagged, topics.dlq]
-        for topic in outputs:
+        from worker.stream.publisher import output_topics
+
+        for topic in output_topics(self.settings.topics):
             try:
                 producer.partitions_for(topic)
             except Exception as exc:  # noqa: BLE001 — only a head start: the sends report real failures
@@ -473,11 +483,16 @@ class StreamPipeline:
         item.event = decoded
         assert self.models is not None
         try:
-            policy = self.models.policy_for(decoded.policy)
+            # Tenants first (their policy boundary), then the registry's own lookup and routing.
+            first = self.models.first
+            policy_id = resolve_event_policy(
+                first.policies, self.settings.tenants, decoded.tenant, decoded.policy, first.default_policy_id
+            ).id
+            policy = self.models.policy_for(policy_id)
         except RejectedError as exc:
             self._reject_unrouted(item, exc.rejection)
             return
-        model = self.models.model_for(policy, 0 if decoded.image is None else 1)
+        model = self.models.model_for(policy, decoded.image_count)
         if model is None:
             self._reject_unrouted(
                 item, Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
@@ -487,9 +502,11 @@ class StreamPipeline:
             self._complete_without_output(item)
             return
         item.model = model
-        item.policy = self.models.engine(model).policy_for(decoded.policy)
+        item.policy = self.models.engine(model).policy_for(policy_id)
+        if item.policy.blocklists:
+            item.hits = item.policy.blocklists.match(decoded.turns[-1].texts)
         if decoded.image is not None:
-            self._fetching.append((item, self._pool.submit(self._fetch_image, decoded.image)))
+            self._fetching.append((item, self._pool.submit(self._fetch_images, decoded.images)))
         else:
             item.cache_key = cache_key(self.models.info(model), item.policy, decoded, None)
             self._key_ready.append(item)
@@ -508,17 +525,15 @@ class StreamPipeline:
         if self._tracker.complete(item.tp, item.offset, item.generation):
             self.counters["completed"] += 1
 
-    def _fetch_image(self, ref: Any) -> bytes:
+    def _fetch_images(self, refs: tuple[Any, ...]) -> tuple[bytes, ...]:
         from worker.images.load import image_bytes
 
-        return image_bytes(ref, self.settings)
+        return tuple(image_bytes(ref, self.settings) for ref in refs)
 
     def _collect_fetched_images(self) -> None:
         """Move items whose image bytes arrived on to the cache lookup (or to the DLQ)."""
         if not self._fetching:
             return
-        from worker.images.load import image_content_hash
-
         waiting = []
         for item, future in self._fetching:
             if not future.done():
@@ -544,9 +559,9 @@ class StreamPipeline:
                 continue
             assert item.event is not None and item.policy is not None and item.model is not None
             assert self.models is not None
-            item.image_data = data
+            item.image_data, item.earlier_image_data = data[-1], data[:-1]
             item.cache_key = cache_key(
-                self.models.info(item.model), item.policy, item.event, image_content_hash(data)
+                self.models.info(item.model), item.policy, item.event, images_hash(item.event, data)
             )
             self._key_ready.append(item)
         self._fetching = waiting
@@ -567,9 +582,16 @@ class StreamPipeline:
             # An entry of an unexpected shape is a miss; the fresh verdict overwrites it.
             hit = from_entry(value) if value is not None else None
             if hit is not None:
-                self._emit_verdict(item, hit.unsafe, hit.score, hit.codes, hit.dropped_codes, cached=True)
+                self._emit_verdict(item, hit, cached=True)
                 continue
             assert item.cache_key is not None
+            if item.hits and item.hits[0].action == "halt":
+                # Decided by the blocklist: no model call; cached like any verdict.
+                assert item.event is not None
+                halted = halt_result(item.event, self.settings.model.optimized_languages)
+                self._cache.set_many([(item.cache_key, to_entry(halted))])  # type: ignore[union-attr]
+                self._emit_verdict(item, halted, cached=False)
+                continue
             running = self._running_entries.get(item.cache_key)
             if running is not None:  # the same content is already being classified: share its answer
                 running.items.append(item)
@@ -600,10 +622,13 @@ class StreamPipeline:
             for entry in batch.entries:
                 leader = entry.leader
                 assert leader.event is not None and leader.policy is not None
-                image = None
+                images: tuple[Any, ...] = ()
                 if leader.image_data is not None:
                     try:
-                        image = decode_image(leader.image_data, self.settings.limits)
+                        images = tuple(
+                            decode_image(data, self.settings.limits)
+                            for data in (*leader.earlier_image_data, leader.image_data)
+                        )
                     except RejectedError as exc:
                         work.rejected.append((entry, exc.rejection))
                         continue
@@ -618,10 +643,11 @@ class StreamPipeline:
                             )
                         )
                         continue
-                work.entries.append(entry)
-                work.requests.append(
-                    GuardRequest(turns=leader.event.turns, policy=leader.policy, image=image)
+                leader.language = detect_language(
+                    leader.event.turns[-1].texts, self.settings.model.optimized_languages
                 )
+                work.entries.append(entry)
+                work.requests.append(guard_request(leader.event, leader.policy, images))
             if work.requests:
                 try:
                     work.prepared = engine.prepare(work.requests)
@@ -837,12 +863,11 @@ class StreamPipeline:
                 continue
             for code in result.dropped_codes:
                 metrics.ENGINE_DROPPED_CODES.labels(code=code).inc()
+            result = replace(result, language=entry.leader.language)
             to_cache.append((entry.key, to_entry(result)))
             with metrics.observe_stage("publish"):
                 for item in entry.items:
-                    self._emit_verdict(
-                        item, result.unsafe, result.score, result.codes, result.dropped_codes, cached=False
-                    )
+                    self._emit_verdict(item, result, cached=False)
         if to_cache:
             assert self._cache is not None
             with metrics.observe_stage("cache"):
@@ -857,35 +882,26 @@ class StreamPipeline:
         """
         return self._tracker.generation(item.tp) != item.generation
 
-    def _emit_verdict(
-        self,
-        item: WorkItem,
-        unsafe: bool,
-        score: float,
-        codes: tuple[str, ...],
-        dropped: tuple[str, ...],
-        *,
-        cached: bool,
-    ) -> None:
+    def _emit_verdict(self, item: WorkItem, result: GuardResult, *, cached: bool) -> None:
         if self._stale(item):
             self.counters["dropped_revoked"] += 1
             return
         assert item.event is not None and item.policy is not None and item.model is not None
         assert self.models is not None
-        verdict = build_verdict(
+        verdict = verdict_for(
             item.event,
-            unsafe=unsafe,
-            score=score,
-            categories=item.policy.verdict_categories(codes),
-            threshold=item.policy.threshold,
-            policy_id=item.policy.id,
-            policy_hash=item.policy.hash,
-            model=self.models.info(item.model),
+            result,
+            item.policy,
+            self.models.info(item.model),
             cached=cached,
             latency_ms=(time.monotonic() - item.received) * 1000.0,
+            hits=item.hits,
             source=item.source,
-            dropped_codes=list(dropped) or None,
         )
+        if item.hits:
+            metrics.record_blocklist_hits(item.hits, halted=result.halted)
+        if verdict.get("review"):
+            metrics.REVIEW_BAND.inc()
         self._verdict_tally[
             (verdict["decision"], tuple(c["code"] for c in verdict["categories"]), cached, item.model)
         ] += 1
@@ -950,6 +966,10 @@ class StreamPipeline:
                 acked.append((item.tp, item.offset, item.digest))
                 if item.timestamp_ms and item.timestamp_ms > 0:
                     metrics.END_TO_END_SECONDS.observe(max(0.0, now - item.timestamp_ms / 1000.0))
+                if item.event is not None and item.event.created_at is not None:
+                    lag = event_lag_seconds(item.event.created_at, now)
+                    if lag is not None:
+                        metrics.EVENT_LAG_SECONDS.observe(lag)
         if acked and self._markers.enabled:
             with metrics.observe_stage("cache"):
                 self._markers.mark(acked)

@@ -1,7 +1,8 @@
 """Publishing verdicts and dead letters, and reporting when the broker has acknowledged them.
 
-Every verdict goes to the verdicts topic (unless ``topics.publish_all_verdicts`` is off) and unsafe
-ones also to the flagged topic; dead letters go to the DLQ. Records are keyed by ``conversation_id``
+Every verdict goes to the verdicts topic (unless ``topics.publish_all_verdicts`` is off), unsafe
+ones also to the flagged topic, and those in a policy's human-review band (``review: true``, decision
+still safe) to the review topic instead; dead letters go to the DLQ. Records are keyed by ``conversation_id``
 (so a conversation keeps its order within a partition), carry headers (event_id, schema, policy,
 model) and are orjson-encoded.
 
@@ -32,6 +33,15 @@ VERDICT_SCHEMA = b"verdict.v1"
 DEAD_LETTER_SCHEMA = b"dead_letter.v1"
 
 
+def output_topics(topics: TopicSettings) -> list[str]:
+    """Every topic the publisher may write to, in the order a worker should learn their metadata."""
+    return ([topics.verdicts] if topics.publish_all_verdicts else []) + [
+        topics.flagged,
+        topics.review,
+        topics.dlq,
+    ]
+
+
 class Publisher:
     """Sends output records for events and tells, per event, when all of them are acknowledged."""
 
@@ -54,12 +64,14 @@ class Publisher:
         return value
 
     def publish_verdict(self, verdict: dict[str, Any], token: Any) -> None:
-        """Send ``verdict`` to the verdicts topic and, if flagged, to the flagged topic."""
+        """Send ``verdict`` to the verdicts topic and, if flagged, to the flagged topic (in the review band: review)."""
         destinations = []
         if self._topics.publish_all_verdicts:
             destinations.append(self._topics.verdicts)
         if verdict["flagged"]:
             destinations.append(self._topics.flagged)
+        elif verdict.get("review"):
+            destinations.append(self._topics.review)
         policy, model = verdict["policy"], verdict["model"]
         headers = [
             ("event_id", verdict["event_id"].encode()),

@@ -22,6 +22,7 @@ def run_worker(settings: Settings) -> int:
     from worker.preflight import check_redis
     from worker.stream.kafka_clients import ensure_topics
     from worker.stream.pipeline import StreamPipeline
+    from worker.stream.publisher import output_topics
 
     configure_logging(settings.logging, worker="worker")
     check_redis(settings)  # optional: one warning saying the worker runs uncached, never a stop
@@ -44,9 +45,7 @@ def run_worker(settings: Settings) -> int:
         engine = GuardEngine.from_settings(settings)
         metrics.MODEL_LOAD_SECONDS.set(engine.load_seconds)
         pipeline.engine = engine
-        topics = settings.topics
-        outputs = [topics.flagged, topics.dlq] + ([topics.verdicts] if topics.publish_all_verdicts else [])
-        ensure_topics(settings, outputs)
+        ensure_topics(settings, output_topics(settings.topics))
         if stop_requested.is_set():
             return 0
         # The loop runs in its own thread: measured here, torch's CPU kernels ran up to 20x slower on the

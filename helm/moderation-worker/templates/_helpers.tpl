@@ -128,6 +128,11 @@ kafka TLS file paths), each only when the user did not set it.
 - name: MW_MODEL__HF_TOKEN
   valueFrom:
     secretKeyRef: {name: {{ include "mw.secretName" . }}, key: hf-token, optional: true}
+{{- range $name, $_ := .Values.apiKeys.keys }}
+- name: MODERATION_API_KEY_{{ $name | upper | replace "-" "_" }}
+  valueFrom:
+    secretKeyRef: {name: {{ include "mw.apiKeysSecretName" $ }}, key: {{ $name }}, optional: true}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -360,4 +365,9 @@ workerGroupSpecs:
       {{- end }}
     template:
       {{- include "mw.rayPodTemplate" (dict "root" $root "cluster" .cluster "component" "ray-gpu-worker" "container" "ray-worker" "group" .group "gpus" .group.gpusPerPod "where" .where "ports" (list (dict "containerPort" 8080 "name" "metrics"))) | nindent 6 }}
+{{- end -}}
+
+{{/* The Secret holding the HTTP endpoints' API keys (one key per apiKeys.keys name). */}}
+{{- define "mw.apiKeysSecretName" -}}
+{{- .Values.apiKeys.existingSecret | default (printf "%s-api-keys" (include "mw.fullname" .)) -}}
 {{- end -}}
