@@ -48,9 +48,15 @@ def code_first_tokens(plain_ids: Callable[[str], list[int]], tail: Sequence[int]
 
 def category_scores(
     score: float, code_probs: Sequence[float], codes: Sequence[str], enabled: Sequence[str]
-) -> dict[str, float]:
-    """``{code: P(unsafe) * p(code | unsafe, first)}`` over ``enabled``; ``code_probs`` aligned with ``codes``."""
+) -> dict[str, float] | None:
+    """``{code: P(unsafe) * p(code | unsafe, first)}`` over ``enabled``; ``code_probs`` aligned with ``codes``.
+
+    None when an enabled code has no measured token (S14 of Llama Guard 3 8B / 4, custom codes): the
+    normalisation over ``enabled`` would be wrong without it.
+    """
     probs = dict(zip(codes, code_probs, strict=True))
+    if any(c not in probs for c in enabled):
+        return None
     total = sum(probs[c] for c in enabled)
     if not total > 0.0:
         return {c: 0.0 for c in enabled}
