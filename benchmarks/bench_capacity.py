@@ -193,7 +193,9 @@ def linear_flops(model: nn.Module, *, text_tokens: int, vision_tokens: int, imag
     return total
 
 
-def attention_flops(model: nn.Module, *, text_tokens: int, vision_tokens: int, tile_tokens: int, image: bool) -> float:
+def attention_flops(
+    model: nn.Module, *, text_tokens: int, vision_tokens: int, tile_tokens: int, image: bool
+) -> float:
     """``QK^T`` + ``AV`` FLOPs: causal self-attention in the decoder, full attention in the vision encoder."""
     text_cfg = _config(model, "text_config")
     heads = text_cfg.num_attention_heads
@@ -264,7 +266,10 @@ def main() -> None:
     share = args.image_share
     print(f"\nrouting — a stream with {share:.0%} image events, GPU-seconds per million events (projected):")
     plans = {
-        "everything to Vision (one model)": (("llama-guard-3-vision", "text"), ("llama-guard-3-vision", "image")),
+        "everything to Vision (one model)": (
+            ("llama-guard-3-vision", "text"),
+            ("llama-guard-3-vision", "image"),
+        ),
         "text -> LG3-8B, images -> Vision": (("llama-guard-3-8b", "text"), ("llama-guard-3-vision", "image")),
         "text -> LG3-1B, images -> Vision": (("llama-guard-3-1b", "text"), ("llama-guard-3-vision", "image")),
         "everything to Llama Guard 4": (("llama-guard-4", "text"), ("llama-guard-4", "image")),
@@ -275,7 +280,9 @@ def main() -> None:
         per_event = (1 - share) * cost[text_key] + share * cost[image_key]
         gpu_seconds = per_event * 1e6 / achieved
         baseline = baseline or gpu_seconds
-        print(f"  {label:34} {gpu_seconds:9.0f} GPU-s   {baseline / gpu_seconds:5.2f}x the one-model capacity")
+        print(
+            f"  {label:34} {gpu_seconds:9.0f} GPU-s   {baseline / gpu_seconds:5.2f}x the one-model capacity"
+        )
 
 
 if __name__ == "__main__":

@@ -61,15 +61,25 @@ def test_missing_or_non_mapping_file_is_a_clear_error(tmp_path):
 
 def test_config_command_masks_secrets_and_rejects_bad_keys(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: PLAIN\n  sasl_username: u\n"
-                   "  sasl_password: hunter2\n")
-    out = subprocess.run([sys.executable, "-m", "worker", "config", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
+    cfg.write_text(
+        "kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: PLAIN\n  sasl_username: u\n"
+        "  sasl_password: hunter2\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", "config", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "hunter2" not in out.stdout and "sasl_username: u" in out.stdout
     cfg.write_text("kafka:\n  nope: 1\n")
-    out = subprocess.run([sys.executable, "-m", "worker", "config", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", "config", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "kafka.nope" in out.stderr
 
 
@@ -88,13 +98,21 @@ def _cli(*args, env=None, timeout=60):
     import os
 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MW_")} | (env or {})
-    return subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, check=False,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env=full_env,
+    )
 
 
 def test_config_command_masks_the_password_inside_url_settings():
-    out = _cli("config", env={"MW_REDIS__URL": "redis://user:s3cr3t@127.0.0.1:6379/0",
-                              "MW_MODEL__HF_TOKEN": "hf_abcdef"})
+    out = _cli(
+        "config",
+        env={"MW_REDIS__URL": "redis://user:s3cr3t@127.0.0.1:6379/0", "MW_MODEL__HF_TOKEN": "hf_abcdef"},
+    )
     assert out.returncode == 0, out.stderr
     assert "s3cr3t" not in out.stdout and "hf_abcdef" not in out.stdout
     assert "redis://user:**********@127.0.0.1:6379/0" in out.stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 ConfigOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--config", "-c", help="YAML config file (default: $MW_CONFIG, else built-in defaults)."),
 ]
 
@@ -84,10 +84,10 @@ def check_event_cmd(
 def prompt_cmd(
     file: Annotated[str, typer.Argument(help="One event (JSON); - for stdin.")] = "-",
     policy: Annotated[
-        Optional[str], typer.Option(help="Policy id (default: the event's, else default_policy).")
+        str | None, typer.Option(help="Policy id (default: the event's, else default_policy).")
     ] = None,
     family: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Llama Guard family whose prompt to print: llama-guard-3-vision | llama-guard-3-1b | "
             "llama-guard-3-8b | llama-guard-4 (default: model.family). Loads no weights."
@@ -120,11 +120,13 @@ def dev_services_cmd(
 
 @app.command("build-tiny-model")
 def build_tiny_model_cmd(
-    out_dir: Annotated[Optional[Path], typer.Argument(help="Output directory (default: model.path).")] = None,
+    out_dir: Annotated[Path | None, typer.Argument(help="Output directory (default: model.path).")] = None,
     train: Annotated[bool, typer.Option(help="Train on the toy policy after building.")] = True,
-    force: Annotated[bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Rebuild even if a checkpoint with this recipe exists.")
+    ] = False,
     family: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Which tiny guard: llama-guard-3-vision (Mllama), llama-guard-3-1b / llama-guard-3-8b (one "
             "LlamaForCausalLM text guard serving both) or llama-guard-4 (Llama4ForConditionalGeneration); "
@@ -203,7 +205,7 @@ def eval_cmd(
     strict: Annotated[
         bool, typer.Option(help="Fail on the first bad data line instead of skipping it.")
     ] = False,
-    policy: Annotated[Optional[str], typer.Option(help="Policy id (default: default_policy).")] = None,
+    policy: Annotated[str | None, typer.Option(help="Policy id (default: default_policy).")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Precision/recall/F1/FPR per task and per-category F1 (the model card's tables) on labelled data."""

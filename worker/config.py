@@ -337,7 +337,12 @@ class ModelSettings(Section):
 
 # -- several guard models: the named models, which one judges which event, and pools of workers -------------
 
-MODEL_FAMILIES: tuple[str, ...] = ("llama-guard-3-vision", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-4")
+MODEL_FAMILIES: tuple[str, ...] = (
+    "llama-guard-3-vision",
+    "llama-guard-3-1b",
+    "llama-guard-3-8b",
+    "llama-guard-4",
+)
 DEFAULT_MODEL_NAME = "default"  # the name the single ``model:`` section gets
 
 
@@ -360,14 +365,19 @@ class RoutingSettings(RouteSettings):
 class PoolSettings(Section):
     """One pool of workers (split deployment): its own consumer group, judging only its models' events."""
 
-    models: list[str] = Field(description="the named models this pool holds; it judges the events routed to them")
+    models: list[str] = Field(
+        description="the named models this pool holds; it judges the events routed to them"
+    )
     dead_letters: bool = Field(
         False, description="this pool publishes the dead letters of events no model was chosen for (one pool)"
     )
-    num_workers: int | None = Field(None, ge=1, description="Ray actors of this pool; default ray.num_workers")
+    num_workers: int | None = Field(
+        None, ge=1, description="Ray actors of this pool; default ray.num_workers"
+    )
     num_gpus_per_worker: float | None = Field(None, ge=0, description="default ray.num_gpus_per_worker")
     ray_resource: str | None = Field(
-        None, description="custom Ray resource each actor of the pool requires (one unit): pins it to its nodes"
+        None,
+        description="custom Ray resource each actor of the pool requires (one unit): pins it to its nodes",
     )
 
     @field_validator("models")
@@ -390,7 +400,9 @@ class ModelsMixin(BaseModel):
         if self.models and "model" in self.model_fields_set and self.model != ModelSettings():
             raise ValueError("set either `model` (one model) or `models` (named models), not both")
         names = set(self.guard_models())
-        routes = [("routing", self.routing)] + [(f"routing.policies.{p}", r) for p, r in self.routing.policies.items()]
+        routes = [("routing", self.routing)] + [
+            (f"routing.policies.{p}", r) for p, r in self.routing.policies.items()
+        ]
         for where, route in routes:
             for kind in ("text", "image", "multi_image"):
                 name = getattr(route, kind)
@@ -403,9 +415,13 @@ class ModelsMixin(BaseModel):
         for pool_name, pool in self.pools.items():
             for model in pool.models:
                 if model not in names:
-                    raise ValueError(f"pools.{pool_name}.models names model {model!r}, not among {sorted(names)}")
+                    raise ValueError(
+                        f"pools.{pool_name}.models names model {model!r}, not among {sorted(names)}"
+                    )
                 if model in seen:
-                    raise ValueError(f"model {model!r} is in pools {seen[model]!r} and {pool_name!r}: one pool each")
+                    raise ValueError(
+                        f"model {model!r} is in pools {seen[model]!r} and {pool_name!r}: one pool each"
+                    )
                 seen[model] = pool_name
         if self.pools:
             owners = [n for n, p in self.pools.items() if p.dead_letters]

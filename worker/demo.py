@@ -33,12 +33,31 @@ from worker.config import Settings
 MALFORMED_RECORDS: list[tuple[str, bytes]] = [
     ("invalid_json", b'{"event_id": "broken", "messages": ['),
     ("not_an_object", b'["a", "list"]'),
-    ("missing_field", orjson.dumps({"conversation_id": "c-x", "messages": [{"role": "user", "content": "hi"}]})),
+    (
+        "missing_field",
+        orjson.dumps({"conversation_id": "c-x", "messages": [{"role": "user", "content": "hi"}]}),
+    ),
     ("invalid_utf8", b'{"event_id": "\xff\xfe", "conversation_id": "c", "messages": []}'),
-    ("unknown_role", orjson.dumps({"event_id": "bad-role", "conversation_id": "c",
-                                   "messages": [{"role": "wizard", "content": "hi"}]})),
-    ("first_message_not_user", orjson.dumps({"event_id": "bad-order", "conversation_id": "c",
-                                             "messages": [{"role": "assistant", "content": "hello"}]})),
+    (
+        "unknown_role",
+        orjson.dumps(
+            {
+                "event_id": "bad-role",
+                "conversation_id": "c",
+                "messages": [{"role": "wizard", "content": "hi"}],
+            }
+        ),
+    ),
+    (
+        "first_message_not_user",
+        orjson.dumps(
+            {
+                "event_id": "bad-order",
+                "conversation_id": "c",
+                "messages": [{"role": "assistant", "content": "hello"}],
+            }
+        ),
+    ),
 ]
 
 
@@ -47,14 +66,22 @@ class SampleStream:
     """What the demo produced, to check the outputs against."""
 
     records: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, value)
-    expected: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)  # event_id -> (decision, codes)
+    expected: dict[str, tuple[str, tuple[str, ...]]] = field(
+        default_factory=dict
+    )  # event_id -> (decision, codes)
     malformed: int = 0
     repeats: int = 0
     images: int = 0
 
 
-def sample_stream(n_events: int, *, seed: int = 7, image_share: float = 0.1, repeat_share: float = 0.2,
-                  malformed_share: float = 0.02) -> SampleStream:
+def sample_stream(
+    n_events: int,
+    *,
+    seed: int = 7,
+    image_share: float = 0.1,
+    repeat_share: float = 0.2,
+    malformed_share: float = 0.02,
+) -> SampleStream:
     """A deterministic sample stream built from the tiny model's held-out synthetic conversations."""
     from worker.tiny_model.synthetic import synthetic_examples
 
@@ -103,14 +130,17 @@ class Outputs:
     done_sources: set[tuple[int, int]] = field(default_factory=set)
 
 
-def collect_outputs(settings: Settings, total: int, on_progress: Callable[[int], None],
-                    timeout_s: float) -> Outputs:
+def collect_outputs(
+    settings: Settings, total: int, on_progress: Callable[[int], None], timeout_s: float
+) -> Outputs:
     """Read the verdicts, flagged and DLQ topics until every input offset has an answer (or timeout)."""
     from worker.stream.kafka_clients import make_consumer
 
     out = Outputs()
     topics = [settings.topics.verdicts, settings.topics.flagged, settings.topics.dlq]
-    consumer = make_consumer(settings, group_id=f"demo-reader-{uuid.uuid4().hex[:8]}", enable_auto_commit=False)
+    consumer = make_consumer(
+        settings, group_id=f"demo-reader-{uuid.uuid4().hex[:8]}", enable_auto_commit=False
+    )
     consumer.subscribe(topics)
     deadline = time.monotonic() + timeout_s
     try:
@@ -132,8 +162,10 @@ def collect_outputs(settings: Settings, total: int, on_progress: Callable[[int],
 
 def _decision_span_s(out: Outputs) -> float:
     """Seconds from the first to the last answer, by the workers' own timestamps (the reader joins late)."""
-    stamps = [datetime.fromisoformat(r["decided_at" if "decided_at" in r else "failed_at"])
-              for r in out.verdicts + out.dead_letters]
+    stamps = [
+        datetime.fromisoformat(r["decided_at" if "decided_at" in r else "failed_at"])
+        for r in out.verdicts + out.dead_letters
+    ]
     return (max(stamps) - min(stamps)).total_seconds() if stamps else 0.0
 
 
@@ -152,8 +184,14 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
         flagged.add_column(col)
     for v in sorted({v["event_id"]: v for v in out.flagged}.values(), key=lambda v: v["event_id"])[:15]:
         cats = ", ".join(f"{c['code']} {c['name']}" for c in v["categories"]) or "-"
-        flagged.add_row(v["event_id"], v["task"], _model_name(v), cats, f"{v['score']:.3f}",
-                        "yes" if v["cached"] else "no")
+        flagged.add_row(
+            v["event_id"],
+            v["task"],
+            _model_name(v),
+            cats,
+            f"{v['score']:.3f}",
+            "yes" if v["cached"] else "no",
+        )
     console.print(flagged)
 
     decisions = Counter(v["decision"] for v in by_id.values())
@@ -161,7 +199,9 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
     categories = Counter(c["code"] for v in by_id.values() for c in v["categories"])
     reasons = Counter(d["reason"] for d in out.dead_letters)
     cached = sum(1 for v in by_id.values() if v["cached"])
-    agree = sum(1 for eid, v in by_id.items() if eid in stream.expected and stream.expected[eid][0] == v["decision"])
+    agree = sum(
+        1 for eid, v in by_id.items() if eid in stream.expected and stream.expected[eid][0] == v["decision"]
+    )
     agree_per_model: dict[str, list[int]] = {}
     for eid, v in by_id.items():
         if eid in stream.expected:
@@ -174,20 +214,42 @@ def show_results(console: Console, stream: SampleStream, out: Outputs, elapsed_s
     summary.add_column("what")
     summary.add_column("value")
     rows = [
-        ("events produced", (f"{len(stream.records)} ({stream.images} with an image, {stream.repeats} repeats, "
-                            f"{stream.malformed} malformed)")),
+        (
+            "events produced",
+            (
+                f"{len(stream.records)} ({stream.images} with an image, {stream.repeats} repeats, "
+                f"{stream.malformed} malformed)"
+            ),
+        ),
         ("verdicts", ", ".join(f"{k} {n}" for k, n in sorted(decisions.items())) or "none"),
-        ("verdicts per model", "; ".join(
-            f"{model}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
-            for model, counts in sorted(per_model.items())) or "none"),
+        (
+            "verdicts per model",
+            "; ".join(
+                f"{model}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+                for model, counts in sorted(per_model.items())
+            )
+            or "none",
+        ),
         ("verdicts by category", ", ".join(f"{k} {n}" for k, n in sorted(categories.items())) or "none"),
         ("dead letters by reason", ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())) or "none"),
         ("cache hits", f"{cached} of {len(by_id)} verdicts"),
-        ("agreement with the toy policy", f"{agree}/{len(by_id)} (" + "; ".join(
-            f"{model}: {a}/{n}" for model, (a, n) in sorted(agree_per_model.items())) + ")"),
-        ("throughput", (f"{len(out.done_sources) / max(elapsed_s, 1e-6):.1f} events/s from first to last answer "
-                       f"({elapsed_s:.1f} s; includes waiting for the second wave)")),
-        ("worker latency p50 / p99", f"{_percentile(latencies, 0.5):.1f} ms / {_percentile(latencies, 0.99):.1f} ms"),
+        (
+            "agreement with the toy policy",
+            f"{agree}/{len(by_id)} ("
+            + "; ".join(f"{model}: {a}/{n}" for model, (a, n) in sorted(agree_per_model.items()))
+            + ")",
+        ),
+        (
+            "throughput",
+            (
+                f"{len(out.done_sources) / max(elapsed_s, 1e-6):.1f} events/s from first to last answer "
+                f"({elapsed_s:.1f} s; includes waiting for the second wave)"
+            ),
+        ),
+        (
+            "worker latency p50 / p99",
+            f"{_percentile(latencies, 0.5):.1f} ms / {_percentile(latencies, 0.99):.1f} ms",
+        ),
         ("records without an answer", str(lost)),
     ]
     for k, v in rows:
@@ -231,8 +293,14 @@ def demo_models(settings: Settings, vision_dir: str, text_guard_dir: str) -> Non
     settings.routing = {"text": "text-guard", "image": "vision"}
 
 
-def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = True,
-                 console: Console | None = None, timeout_s: float = 900.0) -> int:
+def demo_command(
+    settings: Settings,
+    *,
+    n_events: int = 400,
+    use_ray: bool = True,
+    console: Console | None = None,
+    timeout_s: float = 900.0,
+) -> int:
     """Run the demo; exit 0 when every record got a verdict or a dead letter."""
     from worker.dev_services import EmbeddedServices
     from worker.stream.kafka_clients import ensure_topics, make_producer
@@ -256,7 +324,9 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
         demo_models(settings, str(vision_dir), str(text_guard_dir))
         settings.kafka.group_id = f"demo-{run_id}"
         settings.ops.port = 0
-        settings.logging.level = "WARNING"  # keep the progress display readable; the summary says what happened
+        settings.logging.level = (
+            "WARNING"  # keep the progress display readable; the summary says what happened
+        )
         stream = sample_stream(n_events)
         ensure_topics(settings, [settings.topics.events], partitions=4)
         ensure_topics(settings, output_topics(settings.topics))
@@ -271,8 +341,10 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
             producer.flush(timeout=60)
 
         send(stream.records[:split])
-        console.print(f"produced {split} records to {settings.topics.events} (4 partitions); "
-                      f"{len(stream.records) - split} more once half are answered")
+        console.print(
+            f"produced {split} records to {settings.topics.events} (4 partitions); "
+            f"{len(stream.records) - split} more once half are answered"
+        )
 
         runner = _start_runner(settings, use_ray, console)
         second_wave_sent = False
@@ -285,12 +357,19 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
                 second_wave_sent = True
 
         try:
-            with Progress(TextColumn("[bold]moderating"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                          TimeElapsedColumn(), console=console) as progress:
+            with Progress(
+                TextColumn("[bold]moderating"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
                 task = progress.add_task("moderating", total=len(stream.records))
                 out = collect_outputs(
-                    settings, len(stream.records),
-                    lambda n: on_progress(n, lambda k: progress.update(task, completed=k)), timeout_s,
+                    settings,
+                    len(stream.records),
+                    lambda n: on_progress(n, lambda k: progress.update(task, completed=k)),
+                    timeout_s,
                 )
         finally:
             producer.close(timeout=10)
@@ -298,7 +377,9 @@ def demo_command(settings: Settings, *, n_events: int = 400, use_ray: bool = Tru
         elapsed = _decision_span_s(out)
         lost = show_results(console, stream, out, elapsed)
         if lost:
-            console.print(f"[red]{lost} record(s) got no verdict and no dead letter within {timeout_s:.0f} s[/red]")
+            console.print(
+                f"[red]{lost} record(s) got no verdict and no dead letter within {timeout_s:.0f} s[/red]"
+            )
             return 1
         console.print("[green]every record got a verdict or a dead letter[/green]")
         return 0
@@ -309,8 +390,10 @@ def _start_runner(settings: Settings, use_ray: bool, console: Console) -> Callab
     if use_ray:
         from worker.runtime.driver import start_local_workers
 
-        console.print("worker: one GuardWorker Ray actor on a local Ray instance (127.0.0.1), holding "
-                      f"{', '.join(settings.guard_models())}")
+        console.print(
+            "worker: one GuardWorker Ray actor on a local Ray instance (127.0.0.1), holding "
+            f"{', '.join(settings.guard_models())}"
+        )
         return start_local_workers(settings)
     from worker.stream.pipeline import StreamPipeline
 

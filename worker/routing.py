@@ -71,12 +71,17 @@ class Router:
         self.families = {name: m.family for name, m in settings.guard_models().items()}
         self.default = self._resolve(settings.routing, None)
         self.by_policy = {
-            policy_id: self._resolve(route, self.default) for policy_id, route in settings.routing.policies.items()
+            policy_id: self._resolve(route, self.default)
+            for policy_id, route in settings.routing.policies.items()
         }
         for route in (self.default, *self.by_policy.values()):
-            unknown = {n for n in (route.text, route.image, route.multi_image) if n is not None} - set(self.families)
+            unknown = {n for n in (route.text, route.image, route.multi_image) if n is not None} - set(
+                self.families
+            )
             if unknown:
-                raise ValueError(f"routing names models {sorted(unknown)}, not among models {sorted(self.families)}")
+                raise ValueError(
+                    f"routing names models {sorted(unknown)}, not among models {sorted(self.families)}"
+                )
             self._check(route)
 
     def _first(self, *families: str) -> str | None:
@@ -106,7 +111,9 @@ class Router:
             family = self.families[name]
             limit = FAMILY_MAX_IMAGES[family]
             if limit is not None and limit < needed:
-                raise ValueError(f"routing.{kind} names model {name!r} of family {family}, which reads no such images")
+                raise ValueError(
+                    f"routing.{kind} names model {name!r} of family {family}, which reads no such images"
+                )
 
     def route_for(self, policy_id: str) -> Route:
         """The route of ``policy_id`` (a resolved policy id)."""
@@ -172,7 +179,10 @@ def guard_request(event: ChatEvent, policy: Policy, images: tuple[Any, ...]) -> 
     if len(images) <= 1:
         return GuardRequest(turns=event.turns, policy=policy, image=images[0] if images else None)
     return GuardRequest(
-        turns=event.turns, policy=policy, images=images, image_turns=tuple(ref.turn_index for ref in event.images)
+        turns=event.turns,
+        policy=policy,
+        images=images,
+        image_turns=tuple(ref.turn_index for ref in event.images),
     )
 
 

@@ -15,8 +15,12 @@ def test_an_answer_survives_the_round_trip_through_json():
 
 @pytest.mark.parametrize(
     "value",
-    [{}, {"unsafe": True, "codes": []}, {"unsafe": True, "score": "high", "codes": []},
-     {"unsafe": True, "score": 0.5, "codes": 3}],
+    [
+        {},
+        {"unsafe": True, "codes": []},
+        {"unsafe": True, "score": "high", "codes": []},
+        {"unsafe": True, "score": 0.5, "codes": 3},
+    ],
 )
 def test_a_malformed_entry_is_a_miss(value):
     assert from_entry(value) is None

@@ -99,8 +99,12 @@ def _event(event_id: str, image_url: str | None = None) -> dict:
     content: list[dict] = [{"type": "text", "text": "what is this?"}]
     if image_url is not None:
         content.append({"type": "image_url", "image_url": {"url": image_url}})
-    return {"event_id": event_id, "conversation_id": "c", "created_at": "2026-12-01T00:00:00Z",
-            "messages": [{"role": "user", "content": content}]}
+    return {
+        "event_id": event_id,
+        "conversation_id": "c",
+        "created_at": "2026-12-01T00:00:00Z",
+        "messages": [{"role": "user", "content": content}],
+    }
 
 
 def _jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
@@ -170,8 +174,12 @@ def test_a_json_array_of_events_is_checked_item_by_item(tmp_path: Path) -> None:
 
 def test_several_pretty_printed_events_in_one_file_are_one_record_each(tmp_path: Path) -> None:
     path = tmp_path / "pretty.json"
-    path.write_bytes(orjson.dumps(_event("a"), option=orjson.OPT_INDENT_2) + b"\n\n"
-                     + orjson.dumps(_event("b"), option=orjson.OPT_INDENT_2) + b"\n")
+    path.write_bytes(
+        orjson.dumps(_event("a"), option=orjson.OPT_INDENT_2)
+        + b"\n\n"
+        + orjson.dumps(_event("b"), option=orjson.OPT_INDENT_2)
+        + b"\n"
+    )
     result = check_event(str(path))
     assert result.returncode == 0, result.stdout
     out = result.stdout.splitlines()
@@ -183,7 +191,10 @@ def test_a_missing_file_is_exit_2_with_one_line_in_check_event_and_prompt(tmp_pa
     for command in ("check-event", "prompt"):
         result = subprocess.run(
             [sys.executable, "-m", "worker", command, str(tmp_path / "missing.json")],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
             env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PYTHONPATH": str(REPO)},
         )
         assert result.returncode == 2, (command, result.stderr)

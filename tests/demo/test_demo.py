@@ -15,9 +15,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 def test_verdicts_are_counted_per_judging_model():
     verdicts = [
-        {"decision": "safe", "model": {"id": "t", "revision": None, "name": "text-guard", "family": "llama-guard-3-1b"}},
-        {"decision": "unsafe", "model": {"id": "t", "revision": None, "name": "text-guard", "family": "llama-guard-3-1b"}},
-        {"decision": "safe", "model": {"id": "v", "revision": None, "name": "vision", "family": "llama-guard-3-vision"}},
+        {
+            "decision": "safe",
+            "model": {"id": "t", "revision": None, "name": "text-guard", "family": "llama-guard-3-1b"},
+        },
+        {
+            "decision": "unsafe",
+            "model": {"id": "t", "revision": None, "name": "text-guard", "family": "llama-guard-3-1b"},
+        },
+        {
+            "decision": "safe",
+            "model": {"id": "v", "revision": None, "name": "vision", "family": "llama-guard-3-vision"},
+        },
         {"decision": "safe", "model": {"id": "legacy", "revision": None}},
     ]
     per_model = verdicts_per_model(verdicts)

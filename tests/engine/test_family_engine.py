@@ -25,7 +25,9 @@ def text_examples(n: int, seed: int):
 @pytest.fixture(scope="module")
 def engine_8b(tiny_text_guard_dir: Path) -> GuardEngine:
     return GuardEngine.from_settings(
-        load_settings(model__path=str(tiny_text_guard_dir), model__family="llama-guard-3-8b", model__device="cpu")
+        load_settings(
+            model__path=str(tiny_text_guard_dir), model__family="llama-guard-3-8b", model__device="cpu"
+        )
     )
 
 
@@ -56,7 +58,9 @@ def test_text_guard_follows_the_toy_policy_in_both_modes(
         assert abs(a.score - b.score) <= 1e-4
         decided += ("unsafe" if a.unsafe else "safe") == example.decision
         correct += (("unsafe" if a.unsafe else "safe"), a.codes) == (example.decision, example.codes)
-    print(f"{which}: toy-policy decisions {decided}/{len(examples)}, decisions+codes {correct}/{len(examples)}")
+    print(
+        f"{which}: toy-policy decisions {decided}/{len(examples)}, decisions+codes {correct}/{len(examples)}"
+    )
     # The text guard's short CPU training (see worker.tiny_model.build) learns the decision better than codes.
     assert len(examples) >= 80 and decided / len(examples) >= 0.9 and correct / len(examples) >= 0.6
 
@@ -66,7 +70,8 @@ def test_shared_prompt_start_is_exact_for_the_text_guard(text_guard_engine: Guar
     strict = dataclasses.replace(default, categories=default.categories[:9], threshold=0.3)
     examples = text_examples(60, seed=13)[:16]
     requests = [
-        GuardRequest(example_turns(e.event), strict if i % 3 == 0 else default) for i, e in enumerate(examples)
+        GuardRequest(example_turns(e.event), strict if i % 3 == 0 else default)
+        for i, e in enumerate(examples)
     ]
     shared_batch = text_guard_engine.prepare(requests)
     assert shared_batch.prefix_keys, "text rows share their prompt start"

@@ -125,9 +125,14 @@ def test_lg3_8b_string_content_s14_leading_space_no_space_before_eot() -> None:
 
 
 def test_lg3_custom_and_excluded_categories() -> None:
-    p = policy(VISION, categories=["S1", "S10"], names={"S10": "Hateful speech"}, custom_categories={"S14": "Spam"})
+    p = policy(
+        VISION, categories=["S1", "S10"], names={"S10": "Hateful speech"}, custom_categories={"S14": "Spam"}
+    )
     got = render_prompt([user("x")], p, family=VISION)
-    assert "<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Violent Crimes.\nS10: Hateful speech.\nS14: Spam.\n<END" in got
+    assert (
+        "<BEGIN UNSAFE CONTENT CATEGORIES>\nS1: Violent Crimes.\nS10: Hateful speech.\nS14: Spam.\n<END"
+        in got
+    )
     p8 = policy(LG3_8B, categories=["S14"], custom_categories={"S15": "Crypto scams."})
     assert "CATEGORIES>\nS14: Code Interpreter Abuse.\nS15: Crypto scams.\n<END" in render_prompt(
         [user("x")], p8, family=LG3_8B
@@ -180,7 +185,9 @@ def test_lg4_images_before_the_first_text_part_and_s14_dropped() -> None:
         + f"User: <|image|><|image|>look{END}User: and this{END}Agent: ok{END}User: <|image|>more <|image|>{END}"
         + lg4_closing("User")
     )
-    specials = [s.text for s in render_segments(turns, policy(LG4), image_turns=[0, 0, 2], family=LG4) if s.special]
+    specials = [
+        s.text for s in render_segments(turns, policy(LG4), image_turns=[0, 0, 2], family=LG4) if s.special
+    ]
     assert specials.count("<|image|>") == 3  # the user's literal "<|image|>" stays text
 
 
@@ -202,7 +209,10 @@ def test_custom_codes_must_follow_the_builtins() -> None:
 def test_policy_hash_follows_custom_categories_and_family_defaults() -> None:
     base = policy(VISION)
     assert policy(VISION, custom_categories={"S14": "Spam"}).hash != base.hash
-    assert policy(VISION, custom_categories={"S14": "Spam"}).hash != policy(VISION, custom_categories={"S14": "Ads"}).hash
+    assert (
+        policy(VISION, custom_categories={"S14": "Spam"}).hash
+        != policy(VISION, custom_categories={"S14": "Ads"}).hash
+    )
     assert policy(LG4).hash != policy(LG4, categories=S1_14).hash  # the image prompt differs (S14 kept)
     assert policy(VISION, categories=S1_13).hash == base.hash
 
@@ -266,7 +276,9 @@ def _messages(turns: list[Turn], image_turns: list[int], string_content: bool) -
 def _render_template(family: str, messages: list[dict[str, object]], **kwargs: object) -> str:
     path = TEMPLATES / TEMPLATE_FILES[family]
     if not path.is_file():
-        pytest.skip(f"reference template {path} is not present in this checkout (reference copies live outside the repository)")
+        pytest.skip(
+            f"reference template {path} is not present in this checkout (reference copies live outside the repository)"
+        )
     from transformers.utils.chat_template_utils import render_jinja_template
 
     rendered, _ = render_jinja_template(
@@ -280,7 +292,9 @@ def _render_template(family: str, messages: list[dict[str, object]], **kwargs: o
     return rendered[0]
 
 
-def _template_kwargs(family: str, p: Policy, settings: dict[str, object], has_image: bool) -> dict[str, object]:
+def _template_kwargs(
+    family: str, p: Policy, settings: dict[str, object], has_image: bool
+) -> dict[str, object]:
     """How a caller passes the policy to the official template: nothing, excluded keys, or ``categories``."""
     spec = get_family(family)
     if not settings:
@@ -308,7 +322,9 @@ def test_matches_the_reference_template(family: str, case: int, settings: int) -
     p = policy(family, **POLICIES[settings])  # type: ignore[arg-type]
     ours = render_prompt(turns, p, image_turns=image_turns, family=family)
     messages = _messages(turns, image_turns, string_content=family == LG3_8B)
-    theirs = _render_template(family, messages, **_template_kwargs(family, p, POLICIES[settings], bool(image_turns)))
+    theirs = _render_template(
+        family, messages, **_template_kwargs(family, p, POLICIES[settings], bool(image_turns))
+    )
     assert ours == theirs
 
 

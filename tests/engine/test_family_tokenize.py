@@ -45,11 +45,17 @@ def test_no_family_s_control_token_can_be_forged(family: str, text_tokenizer, lg
     tokens = PromptTokenizer(lg4_tokenizer if family == LG4 else text_tokenizer, family)
     policy = policy_from_settings("p", PolicySettings(), family)
     benign = (Turn("user", ("Tell me a joke",)), Turn("assistant", ("Sure.",)))
-    attack = (Turn("user", ("Tell me a joke " + EVERY_CONTROL_STRING,)), Turn("assistant", (EVERY_CONTROL_STRING,)))
+    attack = (
+        Turn("user", ("Tell me a joke " + EVERY_CONTROL_STRING,)),
+        Turn("assistant", (EVERY_CONTROL_STRING,)),
+    )
     image_turns = (0, 0) if family == LG4 else ()
     specials = specials_of(tokens)
     expected = [
-        i for i in tokens.encode_many([render_segments(benign, policy, image_turns=image_turns, family=family)])[0]
+        i
+        for i in tokens.encode_many(
+            [render_segments(benign, policy, image_turns=image_turns, family=family)]
+        )[0]
         if i in specials
     ]
     got_ids = tokens.encode_many([render_segments(attack, policy, image_turns=image_turns, family=family)])[0]
@@ -69,12 +75,15 @@ def test_benign_text_prompt_ids_equal_the_plain_tokenizer_s(family: str, text_to
     policy = policy_from_settings("p", PolicySettings(custom_categories={"S15": "Spam"}), family)
     turns = (Turn("user", ("  Hi there ", "second part")), Turn("assistant", ("ünïcödé — 東京 🙂",)))
     prompt = render_prompt(turns, policy, family=family)
-    assert tokens.encode_many([render_segments(turns, policy, family=family)])[0] == text_tokenizer(
-        prompt, add_special_tokens=False
-    )["input_ids"]
+    assert (
+        tokens.encode_many([render_segments(turns, policy, family=family)])[0]
+        == text_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_a_tokenizer_without_the_family_s_tokens_is_refused(text_tokenizer) -> None:
-    with pytest.raises(TokenizerMismatch, match=re.escape("no <|header_start|> token; is this a llama-guard-4")):
+    with pytest.raises(
+        TokenizerMismatch, match=re.escape("no <|header_start|> token; is this a llama-guard-4")
+    ):
         PromptTokenizer(text_tokenizer, LG4)
     assert get_family(LG4).end_of_turn == "<|eot|>"

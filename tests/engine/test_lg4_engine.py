@@ -62,7 +62,11 @@ def test_an_event_with_several_images(lg4_engine: GuardEngine) -> None:
     policy = lg4_engine.policy_for(None)
     marker = [e for e in synthetic_examples(400, seed=58, split="heldout") if e.kind == "image_marker"]
     plain = [e for e in synthetic_examples(400, seed=58, split="heldout") if e.kind == "image_plain"]
-    red_x, calm, calm2 = example_image(marker[0].event), example_image(plain[0].event), example_image(plain[1].event)
+    red_x, calm, calm2 = (
+        example_image(marker[0].event),
+        example_image(plain[0].event),
+        example_image(plain[1].event),
+    )
     turns = (Turn(role="user", texts=("What do you see in these pictures?",)),)
     requests = [
         GuardRequest(turns, policy, images=(calm, calm2)),

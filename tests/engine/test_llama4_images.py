@@ -40,7 +40,8 @@ def test_expansion_by_id_matches_tokenized_transformers_string(untrained_lg4_dir
     ids = tok(text, add_special_tokens=False)["input_ids"]
     pieces = text.split("<|image|>")
     expected_text = pieces[0] + "".join(
-        Llama4Processor._prompt_split_image(None, ratio, per_tile) + piece for ratio, piece in zip(ratios, pieces[1:])
+        Llama4Processor._prompt_split_image(None, ratio, per_tile) + piece
+        for ratio, piece in zip(ratios, pieces[1:])
     )
     expected = tok(expected_text, add_special_tokens=False)["input_ids"]
     assert expand_image_ids(ids, ratios, per_tile, processor.token_ids) == expected
@@ -51,8 +52,16 @@ def test_expansion_by_id_matches_tokenized_transformers_string(untrained_lg4_dir
 def test_resolution_helpers_follow_the_reference_examples() -> None:
     # The examples in transformers' image_processing_llama4 docstrings.
     assert set(supported_resolutions(5, 224)) == {
-        (224, 896), (448, 448), (224, 224), (896, 224), (224, 672), (672, 224), (224, 448), (448, 224),
-        (224, 1120), (1120, 224),
+        (224, 896),
+        (448, 448),
+        (224, 224),
+        (896, 224),
+        (224, 672),
+        (672, 224),
+        (224, 448),
+        (448, 224),
+        (224, 1120),
+        (1120, 224),
     }
     assert best_fit((200, 300), [(224, 672), (672, 224), (224, 448), (448, 224), (224, 224)]) == (224, 448)
     assert max_res_without_distortion((200, 300), (450, 200)) == (133, 200)

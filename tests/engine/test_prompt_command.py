@@ -136,7 +136,13 @@ def test_text_family_refuses_an_image_event(tmp_path: Path, capsys: pytest.Captu
         "event_id": "e1",
         "conversation_id": "c1",
         "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": PNG_1PX}}]}
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "x"},
+                    {"type": "image_url", "image_url": {"url": PNG_1PX}},
+                ],
+            }
         ],
     }
     assert prompt_command(str(write_event(tmp_path, event)), load_settings(), family="llama-guard-3-1b") == 1

@@ -94,7 +94,12 @@ def test_pr_curve_marks_the_recommended_threshold_apart_from_the_operating_point
     rec = recommend_threshold(ITEMS, target_fpr=0.0)
     marks = pr_curve_marks(sweep, 0.5, {"prompt": rec.threshold, "all": rec.threshold})
     kinds = {(m.task, m.kind) for m in marks}
-    assert kinds == {("prompt", "operating"), ("prompt", "recommended"), ("all", "operating"), ("all", "recommended")}
+    assert kinds == {
+        ("prompt", "operating"),
+        ("prompt", "recommended"),
+        ("all", "operating"),
+        ("all", "recommended"),
+    }
     assert {m.threshold for m in marks if m.kind == "recommended"} == {0.8}
     assert {m.threshold for m in marks if m.kind == "operating"} == {0.6}
     png = plot_pr_curve(sweep, 0.5, tmp_path / "pr.png", recommended={"prompt": rec.threshold})

@@ -131,7 +131,9 @@ engine.classify([GuardRequest(turns=turns, policy=policy, image=Image.new("RGB",
 """
     repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MW_")} | {"PYTHONPATH": str(repo)}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines

@@ -152,7 +152,9 @@ def test_record_helpers_count_outcomes_categories_and_reasons() -> None:
 def test_record_verdicts_counts_flagged_events_once_per_event() -> None:
     key = metrics.sample_key("mw_flagged_events_total")
     before = metrics.scrape_values()[key]
-    metrics.record_verdicts({("unsafe", ("S1", "S2", "S3"), False, "default"): 4, ("safe", (), True, "default"): 5})
+    metrics.record_verdicts(
+        {("unsafe", ("S1", "S2", "S3"), False, "default"): 4, ("safe", (), True, "default"): 5}
+    )
     assert metrics.scrape_values()[key] - before == 4
 
 

@@ -60,9 +60,11 @@ def test_metrics_move_while_events_flow(make_settings, tiny_model_dir, tmp_path)
 
         def counted() -> bool:
             now = scrape(base + "/metrics")
-            consumed = sum(now.get(sample_key("mw_events_consumed_total", {"outcome": o}), 0)
-                           - before.get(sample_key("mw_events_consumed_total", {"outcome": o}), 0)
-                           for o in ("verdict", "dead_letter", "cached"))
+            consumed = sum(
+                now.get(sample_key("mw_events_consumed_total", {"outcome": o}), 0)
+                - before.get(sample_key("mw_events_consumed_total", {"outcome": o}), 0)
+                for o in ("verdict", "dead_letter", "cached")
+            )
             return consumed >= len(stream.records)
 
         _wait(counted, 30, "consumed counters", worker)
@@ -77,8 +79,9 @@ def test_metrics_move_while_events_flow(make_settings, tiny_model_dir, tmp_path)
         return after.get(key, 0.0) - before.get(key, 0.0)
 
     dead = delta("mw_events_consumed_total", outcome="dead_letter")
-    answered = delta("mw_events_consumed_total", outcome="verdict") + delta("mw_events_consumed_total",
-                                                                             outcome="cached")
+    answered = delta("mw_events_consumed_total", outcome="verdict") + delta(
+        "mw_events_consumed_total", outcome="cached"
+    )
     assert dead == total_bad
     assert answered == total_valid
     reasons = {}
@@ -87,7 +90,13 @@ def test_metrics_move_while_events_flow(make_settings, tiny_model_dir, tmp_path)
     for reason, n in reasons.items():
         assert delta("mw_dead_letters_total", reason=reason) == n, reason
     assert delta("mw_verdicts_total", model="default", decision="safe", category="none") > 0
-    assert sum(delta("mw_verdicts_total", model="default", decision="unsafe", category=c) for c in ("S1", "S9", "S13")) > 0
+    assert (
+        sum(
+            delta("mw_verdicts_total", model="default", decision="unsafe", category=c)
+            for c in ("S1", "S9", "S13")
+        )
+        > 0
+    )
     # Histograms: batches went through the model and every stage was timed.
     assert delta("mw_batch_size_count", model="default", modality="text") > 0
     assert delta("mw_batch_size_count", model="default", modality="image") > 0

@@ -48,7 +48,9 @@ def test_bridge_in_an_actor_exports_counters_gauges_and_histograms_through_ray(r
     actor = MetricsActor.remote()
     try:
         local = ray.get(actor.record.remote(), timeout=60)
-        s9 = local[sample_key("mw_verdicts_total", {"model": "default", "decision": "unsafe", "category": "S9"})]
+        s9 = local[
+            sample_key("mw_verdicts_total", {"model": "default", "decision": "unsafe", "category": "S9"})
+        ]
         batches = local[sample_key("mw_batch_size_count", {"model": "default", "modality": "text"})]
         le4 = local[sample_key("mw_batch_size_bucket", {"model": "default", "modality": "text", "le": "4.0"})]
         le8 = local[sample_key("mw_batch_size_bucket", {"model": "default", "modality": "text", "le": "8.0"})]

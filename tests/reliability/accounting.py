@@ -32,8 +32,10 @@ class Accounting:
     duplicates: int
 
     def line(self) -> str:
-        return (f"events {self.inputs}, verdicts {self.verdicts}, dead letters {self.dead_letters}, "
-                f"lost {len(self.lost)}, duplicates {self.duplicates}")
+        return (
+            f"events {self.inputs}, verdicts {self.verdicts}, dead letters {self.dead_letters}, "
+            f"lost {len(self.lost)}, duplicates {self.duplicates}"
+        )
 
 
 def account(settings: Settings, *, timeout_s: float = 60.0) -> Accounting:
@@ -50,7 +52,9 @@ def account(settings: Settings, *, timeout_s: float = 60.0) -> Accounting:
     return Accounting(len(expected), len(verdicts), len(dead), lost, duplicates)
 
 
-def wait_until_answered(settings: Settings, total: int, *, timeout_s: float, poll_s: float = 2.0) -> Accounting:
+def wait_until_answered(
+    settings: Settings, total: int, *, timeout_s: float, poll_s: float = 2.0
+) -> Accounting:
     """Poll the accounting until every one of ``total`` inputs is answered (or the deadline passes)."""
     deadline = time.monotonic() + timeout_s
     result = account(settings)
@@ -80,7 +84,9 @@ class WorkerProcess:
         self._log_fh = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "run", "--config", str(self.config)],
-            stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         return self
 

@@ -33,8 +33,13 @@ PUBLISHED_MARKERS = bool(env_int("MW_PUBLISHED_MARKERS", 1))
 
 
 def _setup(make_settings, tiny_model_dir, tmp_path, n: int, seed: int, **overrides):
-    settings = make_settings(model__path=str(tiny_model_dir), model__device="cpu", ops__port=0,
-                             shutdown__drain_timeout_s=20, **overrides)
+    settings = make_settings(
+        model__path=str(tiny_model_dir),
+        model__device="cpu",
+        ops__port=0,
+        shutdown__drain_timeout_s=20,
+        **overrides,
+    )
     stream = build_stream(n, seed=seed, repeat_ratio=0.2, image_ratio=0.05, malformed_ratio=0.02)
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
     produce(settings, stream.records)
@@ -54,10 +59,17 @@ def _wait_for_progress(settings, at_least: int, worker: WorkerProcess, timeout_s
     raise AssertionError(f"no progress to {at_least} answered within {timeout_s}s:\n{worker.log_tail()}")
 
 
-def test_sigkill_three_times_mid_stream_loses_nothing(services, make_settings, tiny_model_dir, tmp_path,
-                                                      reliability_figures):
-    settings, config = _setup(make_settings, tiny_model_dir, tmp_path, CRASH_EVENTS, seed=31,
-                              redis__published_markers=PUBLISHED_MARKERS)
+def test_sigkill_three_times_mid_stream_loses_nothing(
+    services, make_settings, tiny_model_dir, tmp_path, reliability_figures
+):
+    settings, config = _setup(
+        make_settings,
+        tiny_model_dir,
+        tmp_path,
+        CRASH_EVENTS,
+        seed=31,
+        redis__published_markers=PUBLISHED_MARKERS,
+    )
     rng = random.Random(2026)
     # Kill points: after random amounts of progress, spread over the stream.
     kill_after = sorted(rng.uniform(0.1, 0.75) * CRASH_EVENTS for _ in range(3))
@@ -77,16 +89,20 @@ def test_sigkill_three_times_mid_stream_loses_nothing(services, make_settings, t
     assert result.lost == [], f"lost {len(result.lost)} events, e.g. {result.lost[:5]}\n{worker.log_tail()}"
     assert code == 0, worker.log_tail()
     markers = "with" if PUBLISHED_MARKERS else "WITHOUT"
-    report(reliability_figures,
-           f"SIGKILL x{crashes} during the stream ({markers} published markers): {result.line()} "
-           f"({100 * result.duplicates / result.inputs:.2f}% of records answered twice)")
+    report(
+        reliability_figures,
+        f"SIGKILL x{crashes} during the stream ({markers} published markers): {result.line()} "
+        f"({100 * result.duplicates / result.inputs:.2f}% of records answered twice)",
+    )
 
 
-def test_redis_killed_and_restarted_mid_stream(services, make_settings, tiny_model_dir, tmp_path,
-                                               reliability_figures):
+def test_redis_killed_and_restarted_mid_stream(
+    services, make_settings, tiny_model_dir, tmp_path, reliability_figures
+):
     n = max(400, CRASH_EVENTS // 5)
-    settings, config = _setup(make_settings, tiny_model_dir, tmp_path, n, seed=32,
-                                      redis__reconnect_interval_s=0.5)
+    settings, config = _setup(
+        make_settings, tiny_model_dir, tmp_path, n, seed=32, redis__reconnect_interval_s=0.5
+    )
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     try:
         _wait_for_progress(settings, n // 5, worker, timeout_s=600)
@@ -127,11 +143,13 @@ def test_broker_stall_is_ridden_out(services, make_settings, tiny_model_dir, tmp
     report(reliability_figures, f"broker paused (SIGSTOP) {STALL_SECONDS}s mid-stream: {result.line()}")
 
 
-def test_sigterm_under_load_drains_commits_and_exits_zero(services, make_settings, tiny_model_dir, tmp_path,
-                                                         reliability_figures):
+def test_sigterm_under_load_drains_commits_and_exits_zero(
+    services, make_settings, tiny_model_dir, tmp_path, reliability_figures
+):
     n = max(1000, CRASH_EVENTS // 2)
-    settings = make_settings(model__path=str(tiny_model_dir), model__device="cpu", ops__port=0,
-                             shutdown__drain_timeout_s=20)
+    settings = make_settings(
+        model__path=str(tiny_model_dir), model__device="cpu", ops__port=0, shutdown__drain_timeout_s=20
+    )
     stream = build_stream(n, seed=34, repeat_ratio=0.2, image_ratio=0.05, malformed_ratio=0.02)
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
     ensure_topics(settings, [settings.topics.events], partitions=4)
@@ -177,7 +195,9 @@ def test_sigterm_under_load_drains_commits_and_exits_zero(services, make_setting
     finally:
         successor.close()
     assert result.lost == [], successor.log_tail()
-    report(reliability_figures,
-           f"SIGTERM while events flow: exit 0 after {seconds:.1f}s drain (deadline "
-           f"{settings.shutdown.drain_timeout_s:.0f}s), {done_at_stop}/{n} offsets committed at stop, none "
-           f"without an answer; a successor finished the stream: {result.line()}")
+    report(
+        reliability_figures,
+        f"SIGTERM while events flow: exit 0 after {seconds:.1f}s drain (deadline "
+        f"{settings.shutdown.drain_timeout_s:.0f}s), {done_at_stop}/{n} offsets committed at stop, none "
+        f"without an answer; a successor finished the stream: {result.line()}",
+    )

@@ -35,8 +35,13 @@ def _draw_records(n: int) -> list[bytes]:
     drawn: list[bytes] = []
 
     @seed(20261123)
-    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(raw=records)
     def collect(raw: bytes) -> None:
         drawn.append(raw)
@@ -60,5 +65,7 @@ def test_fuzzed_stream_through_the_real_pipeline_ends_in_verdicts_or_dead_letter
     assert worker.error is None, worker.error
     assert result.lost == [], f"{len(result.lost)} fuzzed records got no verdict and no dead letter"
     assert result.verdicts > 0 and result.dead_letters > 0, result.line()  # both paths exercised
-    report(reliability_figures,
-           f"hostile records through the pipeline: {result.line()} (+{FUZZ_CASES} decode-only fuzz cases)")
+    report(
+        reliability_figures,
+        f"hostile records through the pipeline: {result.line()} (+{FUZZ_CASES} decode-only fuzz cases)",
+    )

@@ -112,7 +112,13 @@ class RebalanceProbe:
             holding = sum(1 for n in state["in_flight"].values() if n)
             if state["assigned"] and state["paused"] == state["assigned"] and holding >= with_work:
                 return
-            seen[(len(state["assigned"]), len(state["paused"]), sum(1 for n in state["in_flight"].values() if n))] += 1
+            seen[
+                (
+                    len(state["assigned"]),
+                    len(state["paused"]),
+                    sum(1 for n in state["in_flight"].values() if n),
+                )
+            ] += 1
             time.sleep(0.05)
         raise AssertionError(
             f"A never held work on enough partitions while paused; (held, paused, with work) seen: {seen}; "
@@ -183,7 +189,10 @@ def _setup(
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
     config = write_config(settings, tmp_path / "worker-b.yaml")
     a_settings = make_settings(
-        model__path=str(tiny_model_dir), model__device="cpu", ops__port=0, shutdown__drain_timeout_s=20,
+        model__path=str(tiny_model_dir),
+        model__device="cpu",
+        ops__port=0,
+        shutdown__drain_timeout_s=20,
         **A_SETTINGS,
     )
     cut = int(len(stream.records) * first)
@@ -217,12 +226,20 @@ def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
     feeder = Feeder(settings, rest).start()  # ≈12 events/s: more than slow A answers (≈6/s)
     b = None
     try:
-        wait_for(lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS, timeout_s=60, what="A owns all",
-                 workers=[a])
+        wait_for(
+            lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS,
+            timeout_s=60,
+            what="A owns all",
+            workers=[a],
+        )
         probe.wait_held(120, with_work=2)
         b = WorkerProcess(config, tmp_path / "worker-b.log").start()
-        wait_for(lambda: len(a.pipeline.status()["assigned"]) < PARTITIONS, timeout_s=180,
-                 what="B joined and took partitions", workers=[a])
+        wait_for(
+            lambda: len(a.pipeline.status()["assigned"]) < PARTITIONS,
+            timeout_s=180,
+            what="B joined and took partitions",
+            workers=[a],
+        )
         total = 2 * EVENTS - len(rest) + feeder.stop()
         result = _assert_all_answered_and_committed(settings, a, "join", total)
         b_code, _ = b.terminate(timeout_s=60)
@@ -241,10 +258,13 @@ def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
     assert result.duplicates == 0, result.line()
     assert b_code == 0, b.log_tail() if b is not None else ""
     held = sum(first["in_flight"].values())
-    report(reliability_figures, f"rebalance: a worker joins while the other has work in flight: {result.line()}; "
-                                f"at the revocation A held {held} offsets in flight on "
-                                f"{sum(1 for n in first['in_flight'].values() if n)} partitions, "
-                                f"{len(first['paused'])} paused, kept with work: {first.get('kept_with_work')}")
+    report(
+        reliability_figures,
+        f"rebalance: a worker joins while the other has work in flight: {result.line()}; "
+        f"at the revocation A held {held} offsets in flight on "
+        f"{sum(1 for n in first['in_flight'].values() if n)} partitions, "
+        f"{len(first['paused'])} paused, kept with work: {first.get('kept_with_work')}",
+    )
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
@@ -260,8 +280,12 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
     a.start()
     b = WorkerProcess(config, tmp_path / "worker-b.log").start()
     try:
-        wait_for(lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS // 2, timeout_s=180,
-                 what="A and B split the partitions", workers=[a])
+        wait_for(
+            lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS // 2,
+            timeout_s=180,
+            what="A and B split the partitions",
+            workers=[a],
+        )
         joined_revocations = len(probe.revocations)
         produce_interleaved(settings, backlog)  # more than slow A answers: A is paused with work in flight
         probe.wait_held(120, with_work=1)
@@ -271,8 +295,12 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
         else:
             code, _ = b.terminate(timeout_s=60)
             assert code == 0, b.log_tail()
-        wait_for(lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS, timeout_s=120,
-                 what="A took over B's partitions", workers=[a])
+        wait_for(
+            lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS,
+            timeout_s=120,
+            what="A took over B's partitions",
+            workers=[a],
+        )
         result = _assert_all_answered_and_committed(settings, a, f"leave ({how})")
     finally:
         b.close()
@@ -280,7 +308,10 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
     at_leave = probe.revocations[joined_revocations:]
     assert at_leave, "A saw no rebalance when B left"
     assert at_leave[0]["kept_with_work"], at_leave[0]
-    report(reliability_figures, f"rebalance: a worker leaves ({how}) while the other is paused with work in "
-                                f"flight: {result.line()}; at the revocation A held "
-                                f"{sum(at_leave[0]['in_flight'].values())} offsets in flight, {len(at_leave[0]['paused'])} "
-                                f"partitions paused")
+    report(
+        reliability_figures,
+        f"rebalance: a worker leaves ({how}) while the other is paused with work in "
+        f"flight: {result.line()}; at the revocation A held "
+        f"{sum(at_leave[0]['in_flight'].values())} offsets in flight, {len(at_leave[0]['paused'])} "
+        f"partitions paused",
+    )

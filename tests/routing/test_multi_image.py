@@ -33,7 +33,7 @@ def three_image_record(**fields: object) -> bytes:
             user("look", image("https://a.example/1.png")),
             {"role": "assistant", "content": "ok"},
             user("and these", image("https://a.example/2.png"), image(DATA_URL)),
-        ]
+        ],
     )
 
 
@@ -60,7 +60,10 @@ def test_with_a_llama_guard_4_route_every_image_is_kept_and_the_event_goes_to_it
     assert ev.image == ev.images[-1] and ev.dropped_images == 0
     assert ev.image_count == 3
     assert Router(settings).model_for("default", ev.image_count) == "lg4"
-    assert [i["url"] for i in event_to_dict(ev)["images"]][:2] == ["https://a.example/1.png", "https://a.example/2.png"]
+    assert [i["url"] for i in event_to_dict(ev)["images"]][:2] == [
+        "https://a.example/1.png",
+        "https://a.example/2.png",
+    ]
 
 
 def test_one_image_still_goes_to_vision_and_text_to_the_text_guard_beside_llama_guard_4():
@@ -139,8 +142,16 @@ def test_the_cache_key_image_part_covers_every_image_and_its_turn():
     datas = (b"a", b"b", b"c")
     assert images_hash(ev, datas) != images_hash(ev, (b"a", b"c", b"b")), "order counts"
     moved = decoded(
-        raw(messages=[user("look", image("https://a.example/1.png"), image("https://a.example/2.png"),
-                           image(DATA_URL))]),
+        raw(
+            messages=[
+                user(
+                    "look",
+                    image("https://a.example/1.png"),
+                    image("https://a.example/2.png"),
+                    image(DATA_URL),
+                )
+            ]
+        ),
         settings,
     )
     assert images_hash(moved, datas) != images_hash(ev, datas), "so does which turn carried each image"

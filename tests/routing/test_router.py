@@ -7,7 +7,12 @@ import pytest
 from worker.config import ConfigError, Settings, load_settings
 from worker.routing import Router, consumer_group_id, dead_letter_pool, local_models, settings_for_pool
 
-FAMILY = {"text": "llama-guard-3-1b", "big": "llama-guard-3-8b", "vision": "llama-guard-3-vision", "lg4": "llama-guard-4"}
+FAMILY = {
+    "text": "llama-guard-3-1b",
+    "big": "llama-guard-3-8b",
+    "vision": "llama-guard-3-vision",
+    "lg4": "llama-guard-4",
+}
 
 
 def settings_with(*names, **extra):
@@ -55,7 +60,10 @@ def test_a_policy_names_its_own_routing():
 
 
 def test_explicit_routes_override_the_rule_and_text_only_models_cannot_take_images():
-    assert Router(settings_with("text", "vision", routing={"text": "vision"})).model_for("default", 0) == "vision"
+    assert (
+        Router(settings_with("text", "vision", routing={"text": "vision"})).model_for("default", 0)
+        == "vision"
+    )
     with pytest.raises(ValueError, match="reads no such images"):
         Router(settings_with("text", "vision", routing={"image": "text"}))
 
@@ -68,7 +76,12 @@ def test_explicit_routes_override_the_rule_and_text_only_models_cannot_take_imag
         ({"pools": {"a": {"models": ["nope"]}}}, "pools.a.models names model 'nope'"),
         ({"pools": {"a": {"models": ["text"]}, "b": {"models": ["text"]}}}, "one pool each"),
         (
-            {"pools": {"a": {"models": ["text"], "dead_letters": True}, "b": {"models": ["vision"], "dead_letters": True}}},
+            {
+                "pools": {
+                    "a": {"models": ["text"], "dead_letters": True},
+                    "b": {"models": ["vision"], "dead_letters": True},
+                }
+            },
             "exactly one pool",
         ),
         ({"pool": "a"}, "pool 'a' is not among pools"),
@@ -79,7 +92,9 @@ def test_inconsistent_model_routing_and_pool_settings_fail_at_start_naming_the_k
     import yaml
 
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"models": {"text": {"family": "llama-guard-3-1b"}, "vision": {}}, **config}))
+    path.write_text(
+        yaml.safe_dump({"models": {"text": {"family": "llama-guard-3-1b"}, "vision": {}}, **config})
+    )
     with pytest.raises(ConfigError, match=message):
         load_settings(path)
 

@@ -45,7 +45,9 @@ class RayDriver:
         self._fh = log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "run", "--ray", "--config", str(config)],
-            stdout=self._fh, stderr=subprocess.STDOUT, env=env,
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def stop(self, timeout_s: float) -> int:
@@ -65,17 +67,26 @@ class RayDriver:
 
 
 def test_a_node_dies_mid_stream_and_every_offset_is_answered(
-    multinode_cluster: MultiNodeCluster, multinode_audit: list[str], make_settings: Any, tiny_model_dir: Path,
+    multinode_cluster: MultiNodeCluster,
+    multinode_audit: list[str],
+    make_settings: Any,
+    tiny_model_dir: Path,
     tmp_path: Path,
 ) -> None:
     settings = make_settings(
-        model__path=str(tiny_model_dir), model__device="cpu", ops__port=0, ray__num_workers=2,
-        ray__num_gpus_per_worker=1.0, shutdown__drain_timeout_s=20, batching__max_wait_ms=20,
+        model__path=str(tiny_model_dir),
+        model__device="cpu",
+        ops__port=0,
+        ray__num_workers=2,
+        ray__num_gpus_per_worker=1.0,
+        shutdown__drain_timeout_s=20,
+        batching__max_wait_ms=20,
         batching__max_size=8,
     )
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
-    stream = build_stream(EVENTS, seed=81, repeat_ratio=0.2, image_ratio=0.0, malformed_ratio=0.01,
-                          id_prefix="node")
+    stream = build_stream(
+        EVENTS, seed=81, repeat_ratio=0.2, image_ratio=0.0, malformed_ratio=0.01, id_prefix="node"
+    )
     produce(settings, stream.records, partitions=PARTITIONS)
     config = write_config(settings, tmp_path / "driver.yaml")
     driver = RayDriver(config, multinode_cluster.address, tmp_path / "driver.log")
@@ -104,7 +115,10 @@ def test_a_node_dies_mid_stream_and_every_offset_is_answered(
         result = wait_until_answered(settings, EVENTS, timeout_s=600)
         commit_deadline = time.monotonic() + 120
         while committed_offsets(settings, settings.topics.events, PARTITIONS) != ends:
-            assert time.monotonic() < commit_deadline, (committed_offsets(settings, settings.topics.events), ends)
+            assert time.monotonic() < commit_deadline, (
+                committed_offsets(settings, settings.topics.events),
+                ends,
+            )
             time.sleep(1.0)
     finally:
         code = driver.stop(timeout_s=120)

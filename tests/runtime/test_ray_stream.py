@@ -181,7 +181,9 @@ def test_split_pools_run_as_one_actor_group_each_and_every_event_gets_one_verdic
     )
     ensure_topics(settings, [settings.topics.events], partitions=PARTITIONS)
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
-    stream = build_stream(300, seed=9, repeat_ratio=0.2, image_ratio=0.2, malformed_ratio=0.02, id_prefix="pools")
+    stream = build_stream(
+        300, seed=9, repeat_ratio=0.2, image_ratio=0.2, malformed_ratio=0.02, id_prefix="pools"
+    )
     at_ready: dict[str, Any] = {}
 
     def on_ready(fleet: WorkerFleet) -> None:

@@ -69,8 +69,13 @@ def test_serve_answers_readyz_during_start_up_and_exits_0_on_sigterm_after_drain
     }
     stderr_path = tmp_path / "serve.stderr"
     with stderr_path.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "serve"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=stderr, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         answers: list[int] = []
@@ -102,11 +107,16 @@ def test_serve_answers_readyz_during_start_up_and_exits_0_on_sigterm_after_drain
         status, body = _get(base + "/nope")
         assert status == 404 and body["error"]["reason"] == "not_found" and "detail" not in body
 
-        event = {"event_id": "drain-1", "conversation_id": "c", "created_at": "2026-12-01T00:00:00Z",
-                 "messages": [{"role": "user", "content": "hello"}]}
+        event = {
+            "event_id": "drain-1",
+            "conversation_id": "c",
+            "created_at": "2026-12-01T00:00:00Z",
+            "messages": [{"role": "user", "content": "hello"}],
+        }
         in_flight: list[tuple[int, dict]] = []
         sender = threading.Thread(
-            target=lambda: in_flight.append(_post(base + "/v1/moderate", orjson.dumps([event] * 32))))
+            target=lambda: in_flight.append(_post(base + "/v1/moderate", orjson.dumps([event] * 32)))
+        )
         sender.start()
         time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
@@ -118,7 +128,9 @@ def test_serve_answers_readyz_during_start_up_and_exits_0_on_sigterm_after_drain
             proc.wait(30)
     stderr_text = stderr_path.read_text(errors="replace")
     assert exit_code == 0, stderr_text[-3000:]
-    assert "Traceback" not in stderr_text and "graceful_shutdown failed" not in stderr_text, stderr_text[-3000:]
+    assert "Traceback" not in stderr_text and "graceful_shutdown failed" not in stderr_text, stderr_text[
+        -3000:
+    ]
     assert "\x1b[" not in stderr_text, "ANSI escapes (Ray's worker prefixes) in the log"
     assert in_flight and in_flight[0][0] == 200, in_flight  # the request in flight at SIGTERM was answered
     assert len(in_flight[0][1]) == 32

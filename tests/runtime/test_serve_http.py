@@ -42,7 +42,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def moderation_url(serve_http: str, services: Any, tiny_model_dir: Path, tiny_text_guard_dir: Path) -> Iterator[str]:
+def moderation_url(
+    serve_http: str, services: Any, tiny_model_dir: Path, tiny_text_guard_dir: Path
+) -> Iterator[str]:
     from ray import serve
 
     config = yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
@@ -148,7 +150,9 @@ def test_a_list_of_events_gets_verdicts_in_the_same_order(moderation_url: str) -
         validate_verdict(verdict)
     # Each event was judged by the model its modality routes to (one request, two models' batches).
     assert [(v["model"]["name"], v["model"]["family"]) for v in verdicts] == [
-        ("text", "llama-guard-3-1b"), ("text", "llama-guard-3-1b"), ("text", "llama-guard-3-1b"),
+        ("text", "llama-guard-3-1b"),
+        ("text", "llama-guard-3-1b"),
+        ("text", "llama-guard-3-1b"),
         ("vision", "llama-guard-3-vision"),
     ]
 
@@ -270,14 +274,27 @@ def _png(size: tuple[int, int]) -> str:
 
 
 def _image_event(url: str) -> dict[str, Any]:
-    return {"event_id": f"img-{uuid.uuid4().hex[:8]}", "conversation_id": "c", "created_at": "2026-12-01T00:00:00Z",
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                                      {"type": "image_url", "image_url": {"url": url}}]}]}
+    return {
+        "event_id": f"img-{uuid.uuid4().hex[:8]}",
+        "conversation_id": "c",
+        "created_at": "2026-12-01T00:00:00Z",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is this"},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ],
+            }
+        ],
+    }
 
 
 def test_image_errors_name_the_field_the_size_and_the_limit(moderation_url: str) -> None:
     field = "messages[0].content[1].image_url.url"
-    status, _, body = post(moderation_url, orjson.dumps(_image_event("data:image/png;base64,iVBORw0KGgoAAAA=")))
+    status, _, body = post(
+        moderation_url, orjson.dumps(_image_event("data:image/png;base64,iVBORw0KGgoAAAA="))
+    )
     assert (status, body["error"]["reason"]) == (422, "image_undecodable"), body
     assert body["error"]["field"] == field and "object at 0x" not in body["error"]["message"]
 
@@ -288,7 +305,9 @@ def test_image_errors_name_the_field_the_size_and_the_limit(moderation_url: str)
     assert "7000x7000" in message and "limits.max_image_pixels" in message and "40000000" in message
 
 
-def test_a_request_of_huge_images_is_refused_at_once_and_does_not_delay_a_small_one(moderation_url: str) -> None:
+def test_a_request_of_huge_images_is_refused_at_once_and_does_not_delay_a_small_one(
+    moderation_url: str,
+) -> None:
     """Eight solid 6000x6000 PNGs (1 MB of body, 288 Mpx): refused by serve.max_request_image_pixels from
     their headers alone, while a one-line text request sent right behind is answered."""
     hostile = orjson.dumps([_image_event(_png((6000, 6000)))] * 8)
@@ -340,7 +359,9 @@ def test_a_hostile_client_cannot_delay_a_small_request_behind_its_image_decoding
     hostile_done, small_done, small_sent, small_status = asyncio.run(run())
     assert small_status == 200
     waited = small_done - small_sent
-    print(f"\nserve: small request answered in {waited:.2f} s; hostile requests done after "
-          f"{max(hostile_done) - small_sent:.2f} s")
+    print(
+        f"\nserve: small request answered in {waited:.2f} s; hostile requests done after "
+        f"{max(hostile_done) - small_sent:.2f} s"
+    )
     assert small_done < max(hostile_done), "the small request waited for the hostile image decoding"
     assert waited < SMALL_REQUEST_BOUND_S

@@ -35,7 +35,12 @@ def busy_port() -> Iterator[int]:
 def _worker(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MW_")}
     return subprocess.run(
-        [sys.executable, "-m", "worker", *args], capture_output=True, text=True, timeout=120, env=base | env, check=False
+        [sys.executable, "-m", "worker", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=base | env,
+        check=False,
     )
 
 
@@ -47,23 +52,41 @@ def _one_error_line(out: subprocess.CompletedProcess[str]) -> str:
 
 def test_run_against_a_closed_broker_port_stops_before_loading_the_model(closed_port):
     # model.path does not exist: had the model been loaded first, the error would name model.path.
-    out = _worker("run", env={"MW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port}",
-                              "MW_MODEL__PATH": "/nonexistent/guard", "MW_OPS__PORT": "0"})
+    out = _worker(
+        "run",
+        env={
+            "MW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{closed_port}",
+            "MW_MODEL__PATH": "/nonexistent/guard",
+            "MW_OPS__PORT": "0",
+        },
+    )
     assert out.returncode == 2
     line = _one_error_line(out)
     assert "kafka.bootstrap_servers" in line and f"127.0.0.1:{closed_port}" in line and "refused" in line
 
 
 def test_run_with_a_reachable_broker_and_no_weights_names_model_path(busy_port):
-    out = _worker("run", env={"MW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{busy_port}",
-                              "MW_MODEL__PATH": "/nonexistent/guard", "MW_OPS__PORT": "0"})
+    out = _worker(
+        "run",
+        env={
+            "MW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{busy_port}",
+            "MW_MODEL__PATH": "/nonexistent/guard",
+            "MW_OPS__PORT": "0",
+        },
+    )
     assert out.returncode == 2
     assert "model.path" in _one_error_line(out)
 
 
 def test_run_with_a_busy_ops_port_names_ops_port(busy_port, tmp_path):
-    out = _worker("run", env={"MW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{busy_port}",
-                              "MW_MODEL__PATH": str(tmp_path), "MW_OPS__PORT": str(busy_port)})
+    out = _worker(
+        "run",
+        env={
+            "MW_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{busy_port}",
+            "MW_MODEL__PATH": str(tmp_path),
+            "MW_OPS__PORT": str(busy_port),
+        },
+    )
     assert out.returncode == 2
     line = _one_error_line(out)
     assert "ops.port" in line and "already in use" in line
@@ -80,14 +103,22 @@ def test_serve_with_an_unreachable_ray_address_names_ray_address(closed_port, tm
     with socket.socket() as probe:  # a port free for serve itself
         probe.bind(("127.0.0.1", 0))
         free_port = probe.getsockname()[1]
-    out = _worker("serve", env={"MW_SERVE__PORT": str(free_port),
-                                "MW_RAY__ADDRESS": f"127.0.0.1:{closed_port}", "MW_MODEL__PATH": str(tmp_path)})
+    out = _worker(
+        "serve",
+        env={
+            "MW_SERVE__PORT": str(free_port),
+            "MW_RAY__ADDRESS": f"127.0.0.1:{closed_port}",
+            "MW_MODEL__PATH": str(tmp_path),
+        },
+    )
     assert out.returncode == 2
     assert "ray.address" in _one_error_line(out)
 
 
 def test_any_reachable_bootstrap_server_is_enough(closed_port, busy_port):
-    settings = load_settings(None, kafka__bootstrap_servers=[f"127.0.0.1:{closed_port}", f"127.0.0.1:{busy_port}"])
+    settings = load_settings(
+        None, kafka__bootstrap_servers=[f"127.0.0.1:{closed_port}", f"127.0.0.1:{busy_port}"]
+    )
     check_kafka(settings)
     settings.kafka.bootstrap_servers = [f"127.0.0.1:{closed_port}"]
     with pytest.raises(StartupError, match=r"kafka\.bootstrap_servers"):
@@ -109,8 +140,13 @@ def test_joining_a_ray_cluster_does_not_need_the_weights_on_this_machine(busy_po
     from worker.preflight import check_run
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    settings = load_settings(None, kafka__bootstrap_servers=[f"127.0.0.1:{busy_port}"], model__path="/nonexistent",
-                             ray__address=f"127.0.0.1:{busy_port}", ops__port=0)
+    settings = load_settings(
+        None,
+        kafka__bootstrap_servers=[f"127.0.0.1:{busy_port}"],
+        model__path="/nonexistent",
+        ray__address=f"127.0.0.1:{busy_port}",
+        ops__port=0,
+    )
     check_run(settings, on_ray=True)  # the cluster's nodes load the model
     with pytest.raises(StartupError, match=r"model\.path"):
         check_run(settings)  # a local worker loads it here

@@ -249,8 +249,12 @@ def test_a_dead_letter_log_line_names_the_event_id_and_the_source_coordinates(
     worker = WorkerThread(settings, guard_engine).start()
     try:
         with caplog.at_level(logging.INFO, logger="worker.stream.pipeline"):
-            wait_for(lambda: fully_committed(worker.pipeline, 1), timeout_s=STREAM_TIMEOUT_S,
-                     what="the record dead-lettered", workers=[worker])
+            wait_for(
+                lambda: fully_committed(worker.pipeline, 1),
+                timeout_s=STREAM_TIMEOUT_S,
+                what="the record dead-lettered",
+                workers=[worker],
+            )
     finally:
         worker.stop()
     (line,) = [r for r in caplog.records if getattr(r, "stage", None) == "dead_letter"]

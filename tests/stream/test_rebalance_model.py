@@ -222,7 +222,9 @@ class RebalanceModel(RuleBasedStateMachine):
                 self.pipeline.tracker.complete(item.tp, item.offset, item.generation)
             self.turn()
             self.periodic_commit()
-        unanswered = [(tp.partition, o) for tp in PARTITIONS for o in range(RECORDS) if not self.answered[(tp, o)]]
+        unanswered = [
+            (tp.partition, o) for tp in PARTITIONS for o in range(RECORDS) if not self.answered[(tp, o)]
+        ]
         assert unanswered == [], f"never answered: {unanswered}"
         assert self.committed == {tp: RECORDS for tp in PARTITIONS}, self.committed
 
@@ -248,7 +250,9 @@ def test_the_model_catches_the_forget_on_revoke_policy() -> None:
 
 
 @pytest.mark.parametrize("policy", [Keeping, ForgetOnRevoke])
-def test_a_partition_kept_across_an_eager_rebalance_keeps_its_in_flight_offsets(policy: type[Keeping]) -> None:
+def test_a_partition_kept_across_an_eager_rebalance_keeps_its_in_flight_offsets(
+    policy: type[Keeping],
+) -> None:
     """The reported sequence: work in flight on a kept partition, an eager rebalance, a later completion."""
 
     class Scenario(RebalanceModel):

@@ -123,7 +123,10 @@ def test_text_guard_builds_deterministically_and_loads_like_a_hub_checkpoint(tmp
     second = build_tiny_model(tmp_path / "b", train=False, family="llama-guard-3-1b")
     assert weights_digest(first) == weights_digest(second)  # one text guard serves both families
     recipe = read_recipe(first)
-    assert recipe["family"] == "llama-guard-3-1b" and recipe["serves"] == ["llama-guard-3-1b", "llama-guard-3-8b"]
+    assert recipe["family"] == "llama-guard-3-1b" and recipe["serves"] == [
+        "llama-guard-3-1b",
+        "llama-guard-3-8b",
+    ]
     model = AutoModelForCausalLM.from_pretrained(first, local_files_only=True)
     assert type(model).__name__ == "LlamaForCausalLM"
     tokenizer = AutoTokenizer.from_pretrained(first, local_files_only=True)
@@ -138,7 +141,9 @@ def test_build_command_names_unbuildable_families(tmp_path: Path, capsys) -> Non
     assert "buildable: llama-guard-3-vision" in capsys.readouterr().out
 
 
-def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(tmp_path: Path, untrained_lg4_dir: Path) -> None:
+def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(
+    tmp_path: Path, untrained_lg4_dir: Path
+) -> None:
     from transformers import AutoConfig, AutoTokenizer, Llama4ForConditionalGeneration
 
     from worker.engine.families.llama4_images import Llama4PilProcessor
@@ -165,4 +170,7 @@ def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(tmp_path: 
     assert preprocessor["image_processor_type"] == "Llama4ImageProcessorFast"  # the real checkpoint's name
     processor = Llama4PilProcessor.from_pretrained(again)
     assert processor.patches_per_tile == 4  # (56 / 14)^2 / 4 after the pixel shuffle
-    assert default_recipe(family="llama-guard-4").hash not in {default_recipe().hash, default_recipe(family="llama-guard-3-1b").hash}
+    assert default_recipe(family="llama-guard-4").hash not in {
+        default_recipe().hash,
+        default_recipe(family="llama-guard-3-1b").hash,
+    }

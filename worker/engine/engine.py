@@ -28,8 +28,8 @@ import torch
 
 from worker.engine import scoring
 from worker.engine.category_scores import category_scores, code_first_tokens
-from worker.engine.parsing import parse_answer, parse_codes_continuation
 from worker.engine.families import get_family
+from worker.engine.parsing import parse_answer, parse_codes_continuation
 from worker.engine.policy import Policy, load_policies, resolve_policy
 from worker.engine.prompt import Segment, judged_role, render_segments, shared_text_prefix
 from worker.engine.tokenize import PromptTokenizer, left_pad
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # (wrong answer prefix, wrong template, or an untrained model): worth a warning, not an error.
 LOW_ANSWER_MASS = 0.5
 _PROBE_TURNS = (Turn("user", ("Hello, how are you today?",)),)
+
+
 def _max_images_setting(settings: Settings, family: str) -> int:
     """The configured image limit of a family (``limits.max_images_llama_guard_4``), else the family's own."""
     configured = getattr(settings.limits, "max_images_" + family.replace("-", "_"), None)
@@ -324,7 +326,9 @@ class GuardEngine:
             cache.update(layer_keys, layer_values, layer_idx)
         return cache
 
-    def _render(self, turns: Sequence[Turn], policy: Policy, image_turns: Sequence[int] = ()) -> list[Segment]:
+    def _render(
+        self, turns: Sequence[Turn], policy: Policy, image_turns: Sequence[int] = ()
+    ) -> list[Segment]:
         return render_segments(turns, policy, image_turns=tuple(image_turns), family=self.family)
 
     def _image_inputs(self, images: Sequence[Any]) -> dict[str, Any]:

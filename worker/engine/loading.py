@@ -41,7 +41,9 @@ class LoadedModel:
     """A ready processor + model pair and what we know about it."""
 
     processor: Any  # MllamaProcessor / Llama4Processor, or the tokenizer itself for a text-only family
-    model: Any  # MllamaForConditionalGeneration / LlamaForCausalLM / Llama4ForConditionalGeneration, eval mode
+    model: (
+        Any  # MllamaForConditionalGeneration / LlamaForCausalLM / Llama4ForConditionalGeneration, eval mode
+    )
     device: torch.device
     dtype: torch.dtype
     info: ModelInfo
@@ -151,7 +153,9 @@ def _load_processor(processor_class: Any, model_type: str, source: str, common: 
             raise
         from worker.engine.families.llama4_images import Llama4PilProcessor
 
-        log.info("torchvision is not installed: using the PIL Llama 4 image processor", extra={"stage": "load"})
+        log.info(
+            "torchvision is not installed: using the PIL Llama 4 image processor", extra={"stage": "load"}
+        )
         return Llama4PilProcessor.from_pretrained(source, **common)
 
 

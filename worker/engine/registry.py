@@ -36,7 +36,9 @@ class ModelRegistry:
             raise ValueError(f"engines {unknown} are not among the configured models {sorted(configured)}")
         self._info = {
             name: dataclasses.replace(
-                engine.model_info, name=name, family=getattr(engine, "family", None) or configured[name].family
+                engine.model_info,
+                name=name,
+                family=getattr(engine, "family", None) or configured[name].family,
             )
             for name, engine in self._engines.items()
         }

@@ -15,8 +15,8 @@ from pathlib import Path
 import orjson
 
 from worker.config import CATEGORY_CODES, Settings
-from worker.decode import decode_event
 from worker.dead_letters import Rejection
+from worker.decode import decode_event
 from worker.events import ChatEvent
 
 

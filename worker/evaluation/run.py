@@ -67,7 +67,9 @@ def evaluate(
             for item in chunk:
                 model = models.model_for(policy, item.event.image_count)
                 if model is None or not models.holds(model):
-                    failures.append({"line": item.line, "reason": "no_model", "message": "no model judges this item"})
+                    failures.append(
+                        {"line": item.line, "reason": "no_model", "message": "no model judges this item"}
+                    )
                     continue
                 try:
                     request = _request(item, models.engine(model).policy_for(policy.id), settings)
@@ -154,7 +156,10 @@ def table1_by_model(scored: Sequence[Scored]) -> dict[str, dict[str, Any]]:
     """Table 1 of the items each model judged, by model name."""
     names = sorted({s.model for s in scored if s.model is not None})
     return {
-        name: {t: decision_confusion(g).as_dict() for t, g in _by_task([s for s in scored if s.model == name]).items()}
+        name: {
+            t: decision_confusion(g).as_dict()
+            for t, g in _by_task([s for s in scored if s.model == name]).items()
+        }
         for name in names
     }
 

@@ -276,7 +276,6 @@ def _preinitialise() -> None:
     for action in ("halt", "annotate"):
         BLOCKLIST_HITS.labels(action=action)
 
-
     register_models([DEFAULT_MODEL])
 
 

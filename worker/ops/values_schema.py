@@ -255,7 +255,11 @@ def values_schema() -> dict[str, Any]:
                     "type": "array",
                     "items": _strict(
                         {
-                            "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 30},
+                            "name": {
+                                "type": "string",
+                                "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                "maxLength": 30,
+                            },
                             "models": {"type": "array", "items": _STR, "minItems": 1},
                             "deadLetters": _BOOL,
                             "actors": {"type": "integer", "minimum": 1},

@@ -81,7 +81,9 @@ class GuardWorker:
                 model.device = worker_device(self.gpu_ids, _cuda_available())
                 if self.gpu_ids and model.device == "cpu":
                     # Fake GPUs in tests; on a real GPU node this means a CPU-only torch wheel.
-                    log.warning("GPU %s assigned but torch sees no CUDA; running on CPU", ",".join(self.gpu_ids))
+                    log.warning(
+                        "GPU %s assigned but torch sees no CUDA; running on CPU", ",".join(self.gpu_ids)
+                    )
         self._failure: str | None = None
         self._stopped = False
         from worker.stream.pipeline import StreamPipeline

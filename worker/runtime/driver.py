@@ -203,7 +203,10 @@ class WorkerFleet:
     def _start_pools(self, groups: list[tuple[str | None, Settings]], cluster_gpus: float) -> None:
         """Split pools: one group of actors per pool, each sized and given GPUs by its pool's settings."""
         if self.scaler is not None:
-            log.warning("ray.autoscale applies to co-located workers; pools keep their sizes", extra={"stage": "ray_driver"})
+            log.warning(
+                "ray.autoscale applies to co-located workers; pools keep their sizes",
+                extra={"stage": "ray_driver"},
+            )
             self.scaler = None
         self.slots = []
         for pool, group_settings in groups:
@@ -530,11 +533,13 @@ def _start_driver_ops(settings: Settings, fleet: WorkerFleet) -> Any:
         return None
     from worker.ops.health import OpsServer
 
-    summary: Callable[[], dict[str, Any]] = lambda: {
-        "workers": len(fleet.slots),
-        "ready": sum(s.ready for s in fleet.slots),
-        "restarts_seen": fleet.restarts_seen,
-    }
+    def summary() -> dict[str, Any]:
+        return {
+            "workers": len(fleet.slots),
+            "ready": sum(s.ready for s in fleet.slots),
+            "restarts_seen": fleet.restarts_seen,
+        }
+
     from worker.ops.metrics import DRIVER_REGISTRY
 
     return OpsServer(

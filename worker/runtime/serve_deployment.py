@@ -399,7 +399,12 @@ class ModerationDeployment:
                 )
             )
         pixels_error = request_pixels_error(
-            [data for item in items if isinstance(item, _Item) for data in (*item.earlier_image_data, item.image_data)],
+            [
+                data
+                for item in items
+                if isinstance(item, _Item)
+                for data in (*item.earlier_image_data, item.image_data)
+            ],
             self.settings.serve,
         )
         if pixels_error is not None:
@@ -436,7 +441,9 @@ class ModerationDeployment:
 
             loop = asyncio.get_running_loop()
             try:
-                for ref, data in zip(item.event.images, (*item.earlier_image_data, item.image_data), strict=True):
+                for ref, data in zip(
+                    item.event.images, (*item.earlier_image_data, item.image_data), strict=True
+                ):
                     async with self.decode_budget.hold(data):
                         images.append(
                             await loop.run_in_executor(

@@ -495,7 +495,10 @@ class StreamPipeline:
         model = self.models.model_for(policy, decoded.image_count)
         if model is None:
             self._reject_unrouted(
-                item, Rejection(Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images")
+                item,
+                Rejection(
+                    Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images"
+                ),
             )
             return
         if not self.models.holds(model):
@@ -840,7 +843,9 @@ class StreamPipeline:
         for half in (requests[:mid], requests[mid:]):
             try:
                 results.extend(
-                    self._run_batch(half, engine.prepare(half), "image" if half[0].has_image else "text", model)
+                    self._run_batch(
+                        half, engine.prepare(half), "image" if half[0].has_image else "text", model
+                    )
                 )
             except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
                 results.extend(self._isolate(half, exc, model))

@@ -49,8 +49,8 @@ from transformers import (
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
 from worker.engine.families import LG3_1B, LG3_8B, LG4, VISION
-from worker.engine.families.llama4_model import GuardLlama4ForConditionalGeneration
 from worker.engine.families.llama4_images import Llama4PilImageProcessor, Llama4PilProcessor
+from worker.engine.families.llama4_model import GuardLlama4ForConditionalGeneration
 from worker.tiny_model import synthetic
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,12 @@ CODE_VERSION = 1
 MODEL_ID = "tiny-guard"
 # The families each tiny checkpoint is trained to serve (prompts of all of them in its training data).
 SERVED_FAMILIES: dict[str, tuple[str, ...]] = {VISION: (VISION,), LG3_1B: (LG3_1B, LG3_8B), LG4: (LG4,)}
-BUILDABLE_FAMILIES: dict[str, str] = {VISION: VISION, LG3_1B: LG3_1B, LG3_8B: LG3_1B, LG4: LG4}  # family -> checkpoint
+BUILDABLE_FAMILIES: dict[str, str] = {
+    VISION: VISION,
+    LG3_1B: LG3_1B,
+    LG3_8B: LG3_1B,
+    LG4: LG4,
+}  # family -> checkpoint
 RECIPE_FILE = "recipe.json"
 
 # Llama-3's special tokens, in Llama-3's order (ids 128000.. in the real vocabulary; here they follow the
@@ -386,7 +391,9 @@ def build_text_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) ->
         max_position_embeddings=recipe.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS_TOKEN),
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", EOS_TOKEN)],
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", EOS_TOKEN)
+        ],
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
         tie_word_embeddings=False,
     )
@@ -411,7 +418,9 @@ def build_lg4_processor(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) 
     image_processor = Llama4PilImageProcessor(
         size={"height": recipe.tile_size, "width": recipe.tile_size}, max_patches=recipe.max_image_tiles
     )
-    return Llama4PilProcessor(image_processor, tokenizer, patch_size=recipe.patch_size, pixel_shuffle_ratio=0.5)
+    return Llama4PilProcessor(
+        image_processor, tokenizer, patch_size=recipe.patch_size, pixel_shuffle_ratio=0.5
+    )
 
 
 def build_lg4_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) -> Llama4Config:
@@ -738,7 +747,9 @@ def ensure_tiny_model(train: bool = True, family: str = VISION) -> Path:
     return out_dir
 
 
-def build_tiny_model_command(out_dir: Path, train: bool = True, force: bool = False, family: str = VISION) -> int:
+def build_tiny_model_command(
+    out_dir: Path, train: bool = True, force: bool = False, family: str = VISION
+) -> int:
     """CLI: build/reuse the checkpoint and print where it is, its size, parameters, timings and accuracy."""
     try:
         recipe = default_recipe(train=train, family=family)

@@ -88,15 +88,23 @@ def _encode_llama4_batch(
     tokenizer = processor.tokenizer
     tokens = PromptTokenizer(tokenizer, family)
     policy = policy_from_settings("default", PolicySettings(), family)
-    segments = [render_segments(example_turns(e.event), policy, has_image=e.has_image, family=family) for e in examples]
+    segments = [
+        render_segments(example_turns(e.event), policy, has_image=e.has_image, family=family)
+        for e in examples
+    ]
     rows = tokens.encode_many(segments)
     inputs: dict[str, torch.Tensor] = {}
     images = [example_image(e.event) for e in examples]
     if images[0] is not None:
         out = processor.image_processor(images, return_tensors="pt")
-        per_tile = patches_per_tile(int(out["pixel_values"].shape[-1]), processor.patch_size, processor.downsample_ratio)
+        per_tile = patches_per_tile(
+            int(out["pixel_values"].shape[-1]), processor.patch_size, processor.downsample_ratio
+        )
         ids = expansion_token_ids(tokenizer)
-        rows = [expand_image_ids(r, [ratio], per_tile, ids) for r, ratio in zip(rows, out["aspect_ratios"].tolist())]
+        rows = [
+            expand_image_ids(r, [ratio], per_tile, ids)
+            for r, ratio in zip(rows, out["aspect_ratios"].tolist())
+        ]
         inputs["pixel_values"] = out["pixel_values"].float()
     answer_ids = [
         tokenizer(ANSWER_PREFIX + e.answer + LLAMA4_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
@@ -104,7 +112,9 @@ def _encode_llama4_batch(
         else []
         for e in examples
     ]
-    input_ids, attention_mask, position_ids = left_pad([r + a for r, a in zip(rows, answer_ids)], tokens.pad_id)
+    input_ids, attention_mask, position_ids = left_pad(
+        [r + a for r, a in zip(rows, answer_ids)], tokens.pad_id
+    )
     inputs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for row, ids_ in enumerate(answer_ids):

@@ -45,7 +45,9 @@ def supported_resolutions(max_num_chunks: int, tile: int) -> list[tuple[int, int
     """Every (height, width) canvas of at most ``max_num_chunks`` tiles, in the reference's order."""
     by_ratio: dict[float, list[tuple[int, int]]] = defaultdict(list)
     for chunks in range(max_num_chunks, 0, -1):
-        factors = sorted({f for i in range(1, int(chunks**0.5) + 1) if chunks % i == 0 for f in (i, chunks // i)})
+        factors = sorted(
+            {f for i in range(1, int(chunks**0.5) + 1) if chunks % i == 0 for f in (i, chunks // i)}
+        )
         for h in factors:
             by_ratio[h / (chunks // h)].append((h, chunks // h))
     return [(h * tile, w * tile) for grids in by_ratio.values() for h, w in grids]
@@ -127,7 +129,10 @@ class Llama4PilImageProcessor:
 
     def _normalize(self, pixels: np.ndarray) -> torch.Tensor:
         # bfloat16, as the reference rescales and normalises (the original model's numerics).
-        x = torch.from_numpy(np.ascontiguousarray(pixels).copy()).permute(2, 0, 1).to(torch.bfloat16) * self.rescale_factor
+        x = (
+            torch.from_numpy(np.ascontiguousarray(pixels).copy()).permute(2, 0, 1).to(torch.bfloat16)
+            * self.rescale_factor
+        )
         mean = torch.tensor(self.image_mean, dtype=torch.bfloat16)[:, None, None]
         std = torch.tensor(self.image_std, dtype=torch.bfloat16)[:, None, None]
         return (x - mean) / std
@@ -149,14 +154,20 @@ class Llama4PilImageProcessor:
         rows, cols = target[0] // self.tile, target[1] // self.tile
         normalized = self._normalize(canvas)
         tiles = (
-            normalized.reshape(3, rows, self.tile, cols, self.tile).permute(1, 3, 0, 2, 4).reshape(-1, 3, self.tile, self.tile)
+            normalized.reshape(3, rows, self.tile, cols, self.tile)
+            .permute(1, 3, 0, 2, 4)
+            .reshape(-1, 3, self.tile, self.tile)
         )
         if rows * cols > 1:
-            global_view = np.asarray(image.resize((self.tile, self.tile), Image.Resampling.BILINEAR), dtype=np.uint8)
+            global_view = np.asarray(
+                image.resize((self.tile, self.tile), Image.Resampling.BILINEAR), dtype=np.uint8
+            )
             tiles = torch.cat([tiles, self._normalize(global_view)[None]], dim=0)
         return tiles, (rows, cols)
 
-    def __call__(self, images: Sequence[Image.Image], return_tensors: str | None = "pt", **_: Any) -> dict[str, Any]:
+    def __call__(
+        self, images: Sequence[Image.Image], return_tensors: str | None = "pt", **_: Any
+    ) -> dict[str, Any]:
         """``pixel_values`` (all images' tiles, concatenated) and ``aspect_ratios`` [images, 2]."""
         flat = list(_flatten(images))
         tiles, ratios = zip(*(self.preprocess_one(image) for image in flat)) if flat else ((), ())
@@ -167,7 +178,9 @@ class Llama4PilImageProcessor:
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``preprocessor_config.json`` as the reference checkpoint has it."""
-        (Path(directory) / PREPROCESSOR_CONFIG).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        (Path(directory) / PREPROCESSOR_CONFIG).write_text(
+            json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> Llama4PilImageProcessor:

@@ -38,7 +38,11 @@ class GuardLlama4ForConditionalGeneration(Llama4ForConditionalGeneration):
             cache = kwargs.pop("past_key_values")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is not None and input_ids is not None and bool((input_ids == self.config.image_token_id).any()):
+        if (
+            pixel_values is not None
+            and input_ids is not None
+            and bool((input_ids == self.config.image_token_id).any())
+        ):
             features = self.get_image_features(pixel_values=pixel_values, return_dict=True).last_hidden_state
             projected = self.multi_modal_projector(features.reshape(-1, features.size(-1))).to(
                 inputs_embeds.device, inputs_embeds.dtype

@@ -36,7 +36,12 @@ IMAGE = "<|image|>"
 SPECIAL_TOKENS = (BEGIN_OF_TEXT, START_HEADER, END_HEADER, EOT, IMAGE)
 BUILTIN_CODES = tuple(f"S{i}" for i in range(1, 14))
 
-HEADER = (Segment(BEGIN_OF_TEXT, True), Segment(START_HEADER, True), Segment("user"), Segment(END_HEADER, True))
+HEADER = (
+    Segment(BEGIN_OF_TEXT, True),
+    Segment(START_HEADER, True),
+    Segment("user"),
+    Segment(END_HEADER, True),
+)
 CLOSING = (Segment(EOT, True), Segment(START_HEADER, True), Segment("assistant"), Segment(END_HEADER, True))
 
 

@@ -42,7 +42,12 @@ BUILTIN_CODES = tuple(f"S{i}" for i in range(1, 15))
 IMAGE_DROPS = ("S14",)
 MESSAGE_END = "\\n\\n\n\n"  # backslash, n, backslash, n, newline, newline
 
-HEADER = (Segment(BEGIN_OF_TEXT, True), Segment(HEADER_START, True), Segment("user"), Segment(HEADER_END, True))
+HEADER = (
+    Segment(BEGIN_OF_TEXT, True),
+    Segment(HEADER_START, True),
+    Segment("user"),
+    Segment(HEADER_END, True),
+)
 CLOSING = (Segment(EOT, True), Segment(HEADER_START, True), Segment("assistant"), Segment(HEADER_END, True))
 
 
