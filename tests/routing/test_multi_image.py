@@ -1,7 +1,7 @@
 """Events with several images: the decoder keeps them all when a route has a several-image model
 (Llama Guard 4) and the router sends them there; without one, Vision's reject / keep_last rule stays.
 
-Decoder + router + request building only: there is no tiny Llama Guard 4 checkpoint to run end to end.
+Decoder + router + request building only; tests/routing/test_stream_routing.py runs the tiny Llama Guard 4 end to end.
 """
 
 from __future__ import annotations
