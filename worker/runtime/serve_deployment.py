@@ -251,18 +251,10 @@ class ModerationDeployment:
     )
     async def moderate(self, request: Request) -> Response:
         received = time.monotonic()
-        if self.engine is None:
-            why = "the model failed to load" if self.load_error else "the model is still loading"
-            return _error([RequestError(NOT_READY, f"{why}; see GET /readyz")])
-        caller = self.keys.check(request.headers.get("authorization"))
-        if isinstance(caller, Denied):
-            return _denied(caller)
-        if not is_json_content_type(request.headers.get("content-type")):
-            return _error([RequestError(UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json")])
-        body = await self._read_limited(request)
-        if body is None:
-            limit = self.settings.serve.max_request_bytes
-            return _error([RequestError(Reason.RECORD_TOO_LARGE.value, f"request body above {limit} bytes")])
+        admitted = await self._admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        caller, body = admitted
         parsed = await asyncio.to_thread(parse_request, body, self.settings)
         if parsed.errors:
             return _error(parsed.errors)
@@ -286,18 +278,10 @@ class ModerationDeployment:
     )
     async def moderations(self, request: Request) -> Response:
         received = time.monotonic()
-        if self.engine is None:
-            why = "the model failed to load" if self.load_error else "the model is still loading"
-            return _error([RequestError(NOT_READY, f"{why}; see GET /readyz")])
-        caller = self.keys.check(request.headers.get("authorization"))
-        if isinstance(caller, Denied):
-            return _denied(caller)
-        if not is_json_content_type(request.headers.get("content-type")):
-            return _error([RequestError(UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json")])
-        body = await self._read_limited(request)
-        if body is None:
-            limit = self.settings.serve.max_request_bytes
-            return _error([RequestError(Reason.RECORD_TOO_LARGE.value, f"request body above {limit} bytes")])
+        admitted = await self._admit(request)
+        if isinstance(admitted, Response):
+            return admitted
+        caller, body = admitted
         parsed = await asyncio.to_thread(parse_moderation_request, body, self.settings, None)
         if parsed.errors:
             return _error(parsed.errors)
@@ -315,6 +299,25 @@ class ModerationDeployment:
             if not isinstance(o, RequestError)
         ]
         return _json(200, openai_response(self.engine.model_info.id, results))
+
+    async def _admit(self, request: Request) -> tuple[Caller, bytes] | Response:
+        """What every moderation route checks first: model ready, API key, JSON content type, body size.
+
+        Returns the caller and the body, or the error response to send.
+        """
+        if self.engine is None:
+            why = "the model failed to load" if self.load_error else "the model is still loading"
+            return _error([RequestError(NOT_READY, f"{why}; see GET /readyz")])
+        caller = self.keys.check(request.headers.get("authorization"))
+        if isinstance(caller, Denied):
+            return _denied(caller)
+        if not is_json_content_type(request.headers.get("content-type")):
+            return _error([RequestError(UNSUPPORTED_MEDIA_TYPE, "Content-Type must be application/json")])
+        body = await self._read_limited(request)
+        if body is None:
+            limit = self.settings.serve.max_request_bytes
+            return _error([RequestError(Reason.RECORD_TOO_LARGE.value, f"request body above {limit} bytes")])
+        return caller, body
 
     async def _read_limited(self, request: Request) -> bytes | None:
         """The body, or None as soon as it passes ``serve.max_request_bytes`` (declared or streamed)."""
