@@ -44,6 +44,7 @@ from transformers import (
     MllamaProcessor,
     MllamaTextConfig,
     MllamaVisionConfig,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
@@ -399,17 +400,22 @@ def build_text_config(recipe: TinyRecipe, tokenizer: PreTrainedTokenizerFast) ->
     )
 
 
+def greedy_generation_config(text_config: PretrainedConfig) -> GenerationConfig:
+    """Greedy decoding with the checkpoint's own special tokens (what every tiny guard saves)."""
+    return GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+        do_sample=False,
+        max_new_tokens=10,
+    )
+
+
 def build_text_model(recipe: TinyRecipe, config: LlamaConfig) -> LlamaForCausalLM:
     """Seeded random init of the text guard."""
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
-        do_sample=False,
-        max_new_tokens=10,
-    )
+    model.generation_config = greedy_generation_config(config)
     return model.eval()
 
 
@@ -475,13 +481,7 @@ def build_lg4_model(recipe: TinyRecipe, config: Llama4Config) -> GuardLlama4ForC
     """Seeded random init of the tiny Llama Guard 4."""
     torch.manual_seed(recipe.seed)
     model = GuardLlama4ForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=config.text_config.pad_token_id,
-        do_sample=False,
-        max_new_tokens=10,
-    )
+    model.generation_config = greedy_generation_config(config.text_config)
     return model.eval()
 
 
@@ -494,13 +494,7 @@ def build_model(recipe: TinyRecipe, config: MllamaConfig) -> MllamaForConditiona
             if hasattr(layer, "cross_attn_attn_gate"):
                 layer.cross_attn_attn_gate.fill_(recipe.cross_attention_gate)
                 layer.cross_attn_mlp_gate.fill_(recipe.cross_attention_gate)
-    model.generation_config = GenerationConfig(
-        bos_token_id=config.text_config.bos_token_id,
-        eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=config.text_config.pad_token_id,
-        do_sample=False,
-        max_new_tokens=10,
-    )
+    model.generation_config = greedy_generation_config(config.text_config)
     return model.eval()
 
 
