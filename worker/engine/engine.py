@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from worker.contracts.events import Turn
 from worker.engine import scoring
 from worker.engine.category_scores import category_scores, code_first_tokens
 from worker.engine.families import get_family
@@ -34,12 +35,11 @@ from worker.engine.policy import Policy, load_policies, resolve_policy
 from worker.engine.prompt import Segment, judged_role, render_segments, shared_text_prefix
 from worker.engine.tokenize import PromptTokenizer, left_pad
 from worker.engine.types import EngineError, GuardRequest, GuardResult
-from worker.events import Turn
 
 if TYPE_CHECKING:
     from worker.config import Settings
+    from worker.contracts.verdicts import ModelInfo
     from worker.engine.loading import LoadedModel
-    from worker.verdicts import ModelInfo
 
 log = logging.getLogger(__name__)
 
