@@ -29,6 +29,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +166,21 @@ def is_batch_failure(result: GuardResult | EngineError) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class KafkaClients:
+    """How a pipeline makes its consumer and producer from the settings (tests inject in-memory ones)."""
+
+    consumer: Callable[[Settings], Any]
+    producer: Callable[[Settings], Any]
+
+    @classmethod
+    def real(cls) -> KafkaClients:
+        """The configured Kafka client library's consumer and producer (``worker.stream.kafka_clients``)."""
+        from worker.stream import kafka_clients
+
+        return cls(kafka_clients.make_consumer, kafka_clients.make_producer)
+
+
 class _Rebalance(ConsumerRebalanceListener):
     """Forwards kafka-python's rebalance callbacks (run inside ``poll``, on the loop thread)."""
 
@@ -191,8 +207,10 @@ class StreamPipeline:
         *,
         worker_name: str = "worker",
         cache: VerdictCache | None = None,
+        clients: KafkaClients | None = None,
     ) -> None:
         self.settings = settings
+        self._clients = clients  # None: the real Kafka clients, looked up when the pipeline opens
         # The models this worker judges with (a single engine is the one model); ``engine`` is the first.
         self.models: ModelRegistry | None = ModelRegistry.of(engine, settings) if engine is not None else None
         self.engine = self.models.first if self.models is not None else None
@@ -291,8 +309,16 @@ class StreamPipeline:
 
     def run(self) -> None:
         """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
-        from worker.stream.kafka_clients import make_consumer, make_producer
+        self.open()
+        try:
+            while not self._stop.is_set():
+                self.step()
+            self.drain()
+        finally:
+            self.close()
 
+    def open(self) -> None:
+        """Load the models (unless given), connect the cache and the Kafka clients, subscribe."""
         if self.models is None:
             self.models = ModelRegistry.from_settings(self.settings)
             self.engine = self.models.first
@@ -304,13 +330,14 @@ class StreamPipeline:
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
         self._markers = PublishedMarkers(self._cache, self.settings)
-        producer: KafkaProducer = make_producer(self.settings)
-        consumer: KafkaConsumer = make_consumer(self.settings)
+        clients = self._clients if self._clients is not None else KafkaClients.real()
+        producer: KafkaProducer = clients.producer(self.settings)
+        consumer: KafkaConsumer = clients.consumer(self.settings)
+        self._producer = producer
         self._consumer, self._publisher = consumer, Publisher(producer, self.settings.topics)
-        pool = cf.ThreadPoolExecutor(
+        self._pool = cf.ThreadPoolExecutor(
             self.settings.batching.prepare_threads, thread_name_prefix=f"{self.worker_name}-prep"
         )
-        self._pool = pool
         # The forward pass runs here while the loop thread keeps applying acks (and writing published
         # markers) — otherwise the acks of the previous batch wait out the whole forward pass, and a crash
         # in that window replays answers the broker already has.
@@ -322,25 +349,24 @@ class StreamPipeline:
             name=f"{self.worker_name}-metadata",
             daemon=True,  # never holds up shutdown: at worst it waits out max_block_ms on a closed producer
         ).start()
+        consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
+        log.info("pipeline started", extra={"stage": "start", "worker": self.worker_name})
+
+    def close(self) -> None:
+        """Stop the pools, close the clients and the cache (after ``drain``, or after a failure)."""
+        self._running = False
+        metrics.WORKER_READY.set(0)
+        for cause in list(self._guard.outages):  # this worker no longer reports; its outage ends with it
+            self._guard.leave(cause)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._model_thread.shutdown(wait=True, cancel_futures=True)
+        assert self._consumer is not None and self._cache is not None
         try:
-            consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
-            log.info("pipeline started", extra={"stage": "start", "worker": self.worker_name})
-            while not self._stop.is_set():
-                self._step(draining=False)
-            self._drain()
+            self._consumer.close(autocommit=False)
         finally:
-            self._running = False
-            metrics.WORKER_READY.set(0)
-            for cause in list(self._guard.outages):  # this worker no longer reports; its outage ends with it
-                self._guard.leave(cause)
-            pool.shutdown(wait=True, cancel_futures=True)
-            self._model_thread.shutdown(wait=True, cancel_futures=True)
-            try:
-                consumer.close(autocommit=False)
-            finally:
-                producer.close(timeout=5)
-                self._cache.close()
-            log.info("pipeline stopped", extra={"stage": "stop", "worker": self.worker_name, **self.counters})
+            self._producer.close(timeout=5)
+            self._cache.close()
+        log.info("pipeline stopped", extra={"stage": "stop", "worker": self.worker_name, **self.counters})
 
     def _learn_output_partitions(self, producer: KafkaProducer) -> None:
         """Fetch the output topics' metadata while the consumer joins its group.
@@ -360,7 +386,7 @@ class StreamPipeline:
 
     # ------------------------------------------------------------------ loop
 
-    def _step(self, *, draining: bool) -> None:
+    def step(self, *, draining: bool = False) -> None:
         """One turn of the loop: poll, decode, look up, batch, prepare, run, publish, complete, commit."""
         try:
             self._turn(draining=draining)
@@ -413,7 +439,7 @@ class StreamPipeline:
             self._fetching or self._key_ready or self._prepared or len(self._batcher) or self._held
         ) or (self._tracker.in_flight() > 0)
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """Stop fetching, finish in-flight work within the drain deadline, flush, commit."""
         assert self._consumer is not None and self._publisher is not None
         deadline = time.monotonic() + self.settings.shutdown.drain_timeout_s
@@ -422,7 +448,7 @@ class StreamPipeline:
             self._consumer.pause(*assignment)
         # In an outage the held work cannot finish: stop waiting for it (it stays uncommitted, and is redone).
         while self._has_work() and time.monotonic() < deadline and not self._guard.active:
-            self._step(draining=True)
+            self.step(draining=True)
             if self._tracker.in_flight() and not (self._fetching or self._key_ready or self._prepared):
                 time.sleep(0.005)  # only acks outstanding: let the producer's I/O thread answer
         self._publisher.flush(max(0.1, deadline - time.monotonic()))
