@@ -59,6 +59,7 @@ def test_missing_or_non_mapping_file_is_a_clear_error(tmp_path):
         load_settings(bad)
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_config_command_masks_secrets_and_rejects_bad_keys(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
@@ -108,6 +109,7 @@ def _cli(*args, env=None, timeout=60):
     )
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_config_command_masks_the_password_inside_url_settings():
     out = _cli(
         "config",
@@ -143,6 +145,7 @@ def test_a_comma_separated_broker_list_in_the_environment_is_accepted(monkeypatc
     assert load_settings().kafka.bootstrap_servers == ["a:1", "b:2"]
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 @pytest.mark.parametrize(
     ("env", "key"),
     [

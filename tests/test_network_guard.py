@@ -8,12 +8,14 @@ import socket
 
 import pytest
 
-from tests.conftest import (
-    REPO_ROOT,
+from tests.conftest import REPO_ROOT
+from tests.support.network_guard import (
     ForbiddenNetworkAccess,
     NetworkGuard,
+    install_socket_spy,
     is_allowed_destination,
     is_allowed_lookup,
+    is_loopback_target,
 )
 
 
@@ -115,6 +117,7 @@ def test_loopback_connections_pass(family: int, host: str, network_guard: Networ
     assert network_guard.take_violations() == []
 
 
+@pytest.mark.integration  # a pytest run in a subprocess
 def test_a_swallowed_refusal_still_fails_the_test(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,7 +128,7 @@ def test_a_swallowed_refusal_still_fails_the_test(
         def test_swallows_the_error():
             try:
                 socket.create_connection(("10.0.0.1", 9), timeout=0.2)
-            except OSError:
+            except Exception:
                 pass  # e.g. a fetcher that turns every error into a dead letter
 
         def test_stays_on_loopback():
@@ -136,12 +139,66 @@ def test_a_swallowed_refusal_still_fails_the_test(
         """
     )
     # Only the guard's hooks and fixture, not this suite's other plugins (the tiny model pulls in torch).
-    pytester.makeconftest(
-        "from tests.conftest import network_guard, pytest_configure, pytest_sessionfinish, pytest_unconfigure"
-    )
+    pytester.makeconftest('pytest_plugins = ["tests.support.network_guard"]')
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
         ["*ERROR at teardown of test_swallows_the_error*", "*connect to ('10.0.0.1', 9)*"]
     )
+
+
+# -- a fresh guard over a socket spy: the refusal happens before the socket call -----------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.1", "localhost"])
+def test_loopback_targets_are_permitted(host: str) -> None:
+    assert is_loopback_target(host)
+
+
+@pytest.mark.parametrize(
+    "host", ["10.0.0.5", "169.254.169.254", "192.0.2.1", "::", "fd00:ec2::254", "example.com", "0.0.0.0"]
+)
+def test_other_targets_are_refused(host: str) -> None:
+    assert not is_loopback_target(host)
+
+
+def test_refused_connect_never_reaches_the_socket_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    reached = install_socket_spy(monkeypatch)
+    guard = NetworkGuard().install(monkeypatch)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(ForbiddenNetworkAccess):
+        sock.connect(("192.0.2.1", 80))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        assert sock.connect_ex(("127.0.0.1", 9)) != 0  # loopback goes through (nothing listens on 9)
+    assert reached == []
+    assert [v.split(" (thread")[0] for v in guard.take_violations()] == ["connect to ('192.0.2.1', 80)"]
+
+
+def test_name_lookups_beyond_localhost_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    reached = install_socket_spy(monkeypatch)
+    guard = NetworkGuard().install(monkeypatch)
+    assert socket.getaddrinfo("127.0.0.1", 80)
+    assert socket.getaddrinfo("localhost", 80)
+    with pytest.raises(ForbiddenNetworkAccess):
+        socket.getaddrinfo("images.example.com", 80)
+    with pytest.raises(ForbiddenNetworkAccess):
+        socket.gethostbyname("metadata.google.internal")
+    assert reached == []
+    assert len(guard.take_violations()) == 2
+
+
+def test_udp_send_beyond_loopback_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    reached = install_socket_spy(monkeypatch)
+    guard = NetworkGuard().install(monkeypatch)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, pytest.raises(ForbiddenNetworkAccess):
+        sock.sendto(b"x", ("192.0.2.1", 53))
+    assert reached == []
+    assert [v.split(" (thread")[0] for v in guard.take_violations()] == ["sendto to ('192.0.2.1', 53)"]
+
+
+def test_a_broken_guard_would_be_caught_by_the_spy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sanity check of the harness: without a guard above it, the spy records (and does not perform) the call.
+    reached = install_socket_spy(monkeypatch)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect(("192.0.2.1", 80))
+    assert reached == ["connect(('192.0.2.1', 80))"]

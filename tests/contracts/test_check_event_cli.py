@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.contracts.malformed_events import CASES, raw
 from worker.contracts.schemas import SCHEMAS_DIR
+
+pytestmark = pytest.mark.integration  # the CLI in a subprocess
 
 REPO = Path(__file__).resolve().parents[2]
 VALID_EXAMPLES = sorted((SCHEMAS_DIR / "examples" / "chat_event" / "valid").glob("*.json"))

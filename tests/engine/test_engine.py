@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support.engines import engine_settings
 from worker.contracts.dead_letters import Reason, RejectedError
 from worker.contracts.events import Turn
 from worker.dev.tiny_model.synthetic import synthetic_examples
@@ -20,8 +21,6 @@ from worker.engine.loading import ModelLoadError, load_model
 from worker.engine.policy import Policy
 from worker.engine.prompt import render_segments
 from worker.engine.types import EngineError, GuardRequest, GuardResult
-
-from .conftest import engine_settings
 
 
 def requests_from_examples(examples, policy: Policy) -> list[GuardRequest]:

@@ -82,6 +82,7 @@ def test_missing_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "cannot read" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 @pytest.mark.parametrize(
     ("family", "start", "s14"),
     [

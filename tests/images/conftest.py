@@ -1,8 +1,6 @@
-"""Fixtures for the images tests: a loopback-only network guard (autouse), a local image server,
-an injectable resolver, and settings with small timeouts and limits.
-
-The guard is autouse for every test in this folder and works on its own (the SERVICES helper's
-global guard in tests/conftest.py may wrap the same functions too; they chain).
+"""Fixtures for the images tests: a local image server, an injectable resolver, and settings with small
+timeouts and limits. The network guard (``tests.support.network_guard``, autouse everywhere) fails any test
+here that tries to leave loopback.
 """
 
 from __future__ import annotations
@@ -15,20 +13,10 @@ from typing import Any
 import pytest
 
 from tests.images.image_server import ImageServer
-from tests.images.network_guard import LoopbackOnlyNetwork
 from tests.images.tls import LocalPKI, make_pki
 from worker.config import Settings
 
 TEST_LIMIT_BYTES = 4096  # small, so oversized bodies stay small too
-
-
-@pytest.fixture(autouse=True)
-def loopback_only_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackOnlyNetwork]:
-    """Fail the test on any connect/send/lookup beyond 127.0.0.0/8 and ::1 — checked before the real call."""
-    guard = LoopbackOnlyNetwork().install(monkeypatch)
-    yield guard
-    if guard.violations:
-        pytest.fail(f"test tried to reach the network beyond loopback: {guard.violations}", pytrace=False)
 
 
 class FakeResolver:

@@ -14,8 +14,8 @@ import pytest
 
 from tests.images.conftest import TEST_LIMIT_BYTES, FakeResolver
 from tests.images.image_server import GOOD_JPEG, GOOD_PNG, ImageServer
-from tests.images.network_guard import LoopbackOnlyNetwork, OutboundConnectionBlocked, install_socket_spy
 from tests.images.tls import LocalPKI
+from tests.support.network_guard import ForbiddenNetworkAccess, NetworkGuard, install_socket_spy
 from worker.config import Settings
 from worker.contracts.dead_letters import Reason, RejectedError
 from worker.contracts.events import ImageRef
@@ -297,11 +297,11 @@ def test_an_allow_listed_private_address_is_stopped_by_the_network_guard(
     # guard must stop that connect before the socket call — what protects CI if the SSRF guard broke.
     # (A socket spy sits underneath, so even a broken network guard would send nothing here.)
     reached = install_socket_spy(monkeypatch)
-    network = LoopbackOnlyNetwork().install(monkeypatch)
+    network = NetworkGuard().install(monkeypatch)
     settings = image_settings(allow_networks=["10.0.0.0/8"])
-    with pytest.raises(OutboundConnectionBlocked):
+    with pytest.raises(ForbiddenNetworkAccess):
         fetch("http://private.test/good.png", settings, resolver)
-    assert network.violations == ["connect(('10.0.0.5', 80))"]
+    assert [v.split(" (thread")[0] for v in network.take_violations()] == ["connect to ('10.0.0.5', 80)"]
     assert reached == []
 
 

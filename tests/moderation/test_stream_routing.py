@@ -17,17 +17,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from tests.stream.streaming import (
-    Stream,
-    WorkerThread,
-    build_stream,
-    committed_offsets,
-    end_offsets,
-    fully_committed,
-    produce,
-    read_json,
-    wait_for,
-)
+from tests.support import kafka_io
 from worker.contracts.schemas import validate_dead_letter, validate_verdict
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.registry import ModelRegistry
@@ -79,27 +69,18 @@ def test_co_located_worker_names_the_model_each_event_was_routed_to(
     make_settings, tiny_model_dir, tiny_text_guard_dir
 ):
     settings = two_model_settings(make_settings, tiny_model_dir, tiny_text_guard_dir)
-    stream = build_stream(EVENTS, seed=21, image_ratio=0.3, malformed_ratio=0.03)
+    stream = kafka_io.build_stream(EVENTS, seed=21, image_ratio=0.3, malformed_ratio=0.03)
     assert len(stream.image_ids) >= EVENTS * 0.25
-    produce(settings, stream.records)
+    kafka_io.produce(settings, stream.records)
     registry = ModelRegistry.from_settings(settings)
     assert registry.names == ["text", "vision"]
     assert registry.engine("text") is not registry.engine("vision"), "each model loaded on its own"
     assert {n: registry.engine(n).family for n in registry.names} == FAMILIES
 
-    worker = WorkerThread(settings, registry).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, EVENTS),
-            timeout_s=TIMEOUT_S,
-            what="all events committed",
-            workers=[worker],
-        )
-    finally:
-        worker.stop()
+    worker = kafka_io.run_to_completion(settings, registry, EVENTS, timeout_s=TIMEOUT_S)
 
-    check_routed_verdicts(read_json(settings, settings.topics.verdicts), stream)
-    dead = read_json(settings, settings.topics.dlq)
+    check_routed_verdicts(kafka_io.read_json(settings, settings.topics.verdicts), stream)
+    dead = kafka_io.read_json(settings, settings.topics.dlq)
     assert len(dead) == len(stream.malformed)
     assert worker.pipeline.counters["routed_elsewhere"] == 0
 
@@ -113,8 +94,8 @@ def test_split_pools_give_every_event_exactly_one_verdict_from_its_pool(
         tiny_text_guard_dir,
         pools={"text": {"models": ["text"]}, "vision": {"models": ["vision"]}},
     )
-    stream = build_stream(EVENTS, seed=23, image_ratio=0.3, malformed_ratio=0.03)
-    produce(settings, stream.records)
+    stream = kafka_io.build_stream(EVENTS, seed=23, image_ratio=0.3, malformed_ratio=0.03)
+    kafka_io.produce(settings, stream.records)
     pools = {name: settings_for_pool(settings, name) for name in ("text", "vision")}
     assert {consumer_group_id(s) for s in pools.values()} == {
         f"{settings.kafka.group_id}.text",
@@ -124,10 +105,10 @@ def test_split_pools_give_every_event_exactly_one_verdict_from_its_pool(
     for name, pool_settings in pools.items():
         registry = ModelRegistry.from_settings(pool_settings)
         assert registry.names == [name], "a pool's worker loads its own models only"
-        workers.append(WorkerThread(pool_settings, registry, name=f"pool-{name}").start())
+        workers.append(kafka_io.WorkerThread(pool_settings, registry, name=f"pool-{name}").start())
     try:
-        wait_for(
-            lambda: all(fully_committed(w.pipeline, EVENTS) for w in workers),
+        kafka_io.wait_for(
+            lambda: all(kafka_io.fully_committed(w.pipeline, EVENTS) for w in workers),
             timeout_s=TIMEOUT_S,
             what="both pools committed every event",
             workers=workers,
@@ -141,13 +122,13 @@ def test_split_pools_give_every_event_exactly_one_verdict_from_its_pool(
     assert vision_pool["routed_elsewhere"] == EVENTS - len(stream.image_ids)
     assert text_pool["routed_elsewhere"] == len(stream.image_ids)
     assert text_pool["dead_letters"] == len(stream.malformed) and vision_pool["dead_letters"] == 0
-    verdicts = read_json(settings, settings.topics.verdicts)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
     check_routed_verdicts(verdicts, stream)
-    dead = read_json(settings, settings.topics.dlq)
+    dead = kafka_io.read_json(settings, settings.topics.dlq)
     assert len(dead) == len(stream.malformed), "each malformed record dead-lettered once, by one pool"
     for d in dead:
         validate_dead_letter(d)
-    flagged = read_json(settings, settings.topics.flagged)
+    flagged = kafka_io.read_json(settings, settings.topics.flagged)
     assert Counter(f["event_id"] for f in flagged) == Counter(
         v["event_id"] for v in verdicts if v["decision"] == "unsafe"
     )
@@ -166,7 +147,7 @@ def image_parts(event: dict) -> list[dict]:
 
 def several_image_stream(
     seed: int, *, text: int, one_image: int, several: int
-) -> tuple[Stream, dict[str, str]]:
+) -> tuple[kafka_io.Stream, dict[str, str]]:
     """Text-only, one-image and 2–3-image events, shuffled; several-image events add other synthetic events'
     images to an image event's last user message. Returns the stream and, per several-image event, ``"plain"``
     (no red-X marker among its images) or ``"mixed"``."""
@@ -189,7 +170,7 @@ def several_image_stream(
         unsafe = any(e.kind == "image_marker" for e in picked)
         events.append(("several", event, "unsafe" if unsafe else "safe"))
     rng.shuffle(events)
-    stream = Stream(unique_valid=len(events))
+    stream = kafka_io.Stream(unique_valid=len(events))
     for index, (kind, event, decision) in enumerate(events):
         event = dict(event, event_id=f"lg4-{seed}-{index:04d}")
         stream.records.append((event["conversation_id"].encode(), orjson.dumps(event)))
@@ -216,22 +197,13 @@ def test_events_with_several_images_are_judged_by_llama_guard_4(
     )
     stream, several = several_image_stream(31, text=24, one_image=12, several=12)
     assert sum(k == "plain" for k in several.values()) >= 6
-    produce(settings, stream.records)
+    kafka_io.produce(settings, stream.records)
     registry = ModelRegistry.from_settings(settings)
     assert {n: registry.engine(n).family for n in registry.names} == families
 
-    worker = WorkerThread(settings, registry).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, len(stream.valid_ids)),
-            timeout_s=TIMEOUT_S,
-            what="all events committed",
-            workers=[worker],
-        )
-    finally:
-        worker.stop()
+    worker = kafka_io.run_to_completion(settings, registry, len(stream.valid_ids), timeout_s=TIMEOUT_S)
 
-    verdicts = read_json(settings, settings.topics.verdicts)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
     ids = Counter(v["event_id"] for v in verdicts)
     assert set(ids) == stream.valid_ids and max(ids.values()) == 1, "exactly one verdict per event"
     for v in verdicts:
@@ -249,8 +221,10 @@ def test_events_with_several_images_are_judged_by_llama_guard_4(
         {e: (kind, by_id[e]["decision"], round(by_id[e]["score"], 3)) for e, kind in sorted(several.items())},
     )
 
-    assert read_json(settings, settings.topics.dlq) == [], "no event (several-image or other) dead-lettered"
+    assert kafka_io.read_json(settings, settings.topics.dlq) == [], (
+        "no event (several-image or other) dead-lettered"
+    )
     assert worker.pipeline.counters["dead_letters"] == 0
-    assert committed_offsets(settings, settings.topics.events) == end_offsets(
+    assert kafka_io.committed_offsets(settings, settings.topics.events) == kafka_io.end_offsets(
         settings, settings.topics.events
     )

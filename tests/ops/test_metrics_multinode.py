@@ -3,7 +3,7 @@ its node's metrics export port (what a KubeRay PodMonitor scrapes), and every me
 queries is in that scrape (Ray's ``ray_mw_*`` renamed to ``mw_*`` like the chart's PodMonitor does, plus the
 driver's own ``/metrics``).
 
-The cluster is ``multinode_cluster`` (tests/fixtures/multinode.py: Ray's ``ray.cluster_utils.Cluster``, a head
+The cluster is ``multinode_cluster`` (tests/support/multinode.py: Ray's ``ray.cluster_utils.Cluster``, a head
 without GPUs + two one-GPU nodes, each its own raylet, all on 127.0.0.1); the driver is
 ``python -m worker run --ray`` joining it.
 """
@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.multinode import WORKER_NODES, MultiNodeCluster
-from tests.fixtures.ray_cluster import free_port
 from tests.ops.helpers import REPO
 from tests.ops.test_dashboard import _queries, promql_references
-from tests.stream.streaming import build_stream, produce, read_json
+from tests.support.kafka_io import build_stream, produce, read_json
+from tests.support.multinode import WORKER_NODES, MultiNodeCluster
+from worker.dev.services import free_port
 from worker.ops.metrics import parse_exposition
 from worker.runners.ray_env import LOCAL_RAY_ENV
 from worker.stream.kafka_clients import ensure_topics

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.reliability.accounting import (
+from tests.support.accounting import (
     WorkerProcess,
     account,
     env_int,
@@ -22,7 +22,7 @@ from tests.reliability.accounting import (
     wait_until_answered,
     write_config,
 )
-from tests.stream.streaming import build_stream, committed_offsets, produce
+from tests.support.kafka_io import build_stream, committed_offsets, produce
 from worker.stream.kafka_clients import ensure_topics
 
 pytestmark = pytest.mark.integration

@@ -3,11 +3,12 @@ pipeline every one of them ends as a verdict or a dead letter."""
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from tests.reliability.accounting import env_int, report, wait_until_answered
 from tests.reliability.hostile import records
-from tests.stream.streaming import WorkerThread, produce
+from tests.support.accounting import env_int, report, wait_until_answered
+from tests.support.kafka_io import WorkerThread, produce
 from worker.config import load_settings
 from worker.contracts.dead_letters import Reason, Rejection
 from worker.contracts.decode import decode_event
@@ -18,6 +19,7 @@ PIPELINE_FUZZ_RECORDS = env_int("MW_PIPELINE_FUZZ_RECORDS", 1000)
 _SETTINGS = load_settings()
 
 
+@pytest.mark.slow  # hundreds of generated cases: with the integration tests, not the unit run
 @settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(raw=records)
 def test_decode_never_raises_and_every_rejection_has_a_reason_and_a_sentence(raw: bytes) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from kafka.structs import TopicPartition
 
-from tests.reliability.accounting import WorkerProcess, env_int, report, wait_until_answered, write_config
-from tests.stream.streaming import WorkerThread, build_stream, committed_offsets, end_offsets, wait_for
+from tests.support.accounting import WorkerProcess, env_int, report, wait_until_answered, write_config
+from tests.support.kafka_io import WorkerThread, build_stream, committed_offsets, end_offsets, wait_for
 from worker.stream.kafka_clients import ensure_topics, make_producer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

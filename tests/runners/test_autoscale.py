@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.stream.streaming import build_stream, produce, read_json
+from tests.support.kafka_io import build_stream, produce, read_json
 from worker.runners.ray_fleet import LagScaler, WorkerFleet
 from worker.stream.kafka_clients import ensure_topics
 

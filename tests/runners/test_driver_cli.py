@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.stream.streaming import build_stream, produce, read_json
+from tests.support.kafka_io import build_stream, produce, read_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.stream.streaming import build_stream, produce, read_json
+from tests.support.kafka_io import build_stream, produce, read_json
 from worker.runners.ray_actor import GuardWorker
 from worker.runners.ray_env import settings_payload
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.multinode import MultiNodeCluster
-from tests.reliability.accounting import account, env_int, wait_until_answered, write_config
-from tests.stream.streaming import build_stream, committed_offsets, end_offsets, produce
+from tests.support.accounting import account, env_int, wait_until_answered, write_config
+from tests.support.kafka_io import build_stream, committed_offsets, end_offsets, produce
+from tests.support.multinode import MultiNodeCluster
 from worker.stream.kafka_clients import ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import ray
 
-from tests.stream.streaming import build_stream, produce, read_json
+from tests.support.kafka_io import build_stream, produce, read_json
 from worker.config import Settings
 from worker.runners.ray_fleet import WorkerFleet, run_until_drained
 from worker.stream.kafka_clients import ensure_topics

@@ -14,6 +14,8 @@ import pytest
 from worker.config import load_settings
 from worker.ops.preflight import StartupError, check_kafka, check_redis
 
+pytestmark = pytest.mark.integration  # the CLI in a subprocess, against real ports
+
 
 @pytest.fixture
 def closed_port() -> Iterator[int]:

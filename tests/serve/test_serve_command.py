@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,17 +19,13 @@ from pathlib import Path
 import orjson
 import pytest
 
+from worker.dev.services import free_port
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300  # a shared 2-core machine: Ray + Serve + model can take a minute or more
 PROBE_TIMEOUT_S = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -55,7 +50,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 
 
 def test_serve_answers_readyz_during_start_up_and_exits_0_on_sigterm_after_draining(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MW_")} | {
         "PYTHONPATH": str(REPO),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

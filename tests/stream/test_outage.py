@@ -19,15 +19,8 @@ import pytest
 import torch
 from kafka.errors import KafkaTimeoutError
 
-from tests.stream.streaming import (
-    WorkerThread,
-    committed_offsets,
-    fully_committed,
-    produce,
-    read_json,
-    wait_for,
-)
 from tests.stream.test_poison import POISON, PoisonEngine
+from tests.support import kafka_io
 from worker.config import load_settings
 from worker.engine.engine import GuardEngine
 from worker.ops import metrics
@@ -84,15 +77,15 @@ def test_an_engine_outage_pauses_the_stream_commits_nothing_and_every_held_event
     )
     engine = GuardEngine.from_settings(load_settings(None, **overrides))
     healthy = {name: tensor.clone() for name, tensor in engine.model.state_dict().items()}
-    produce(settings, [text_event(i) for i in range(EVENTS)], partitions=PARTITIONS)
+    kafka_io.produce(settings, [text_event(i) for i in range(EVENTS)], partitions=PARTITIONS)
     with torch.no_grad():
         for parameter in engine.model.parameters():
             parameter.fill_(float("nan"))  # the device's memory went bad: every forward pass is garbage
     declared_before = outages_declared("engine")
-    worker = WorkerThread(settings, engine).start()
+    worker = kafka_io.WorkerThread(settings, engine).start()
     ops = OpsServer(ready=lambda: worker.pipeline.ready, status=worker.pipeline.status).start()
     try:
-        wait_for(
+        kafka_io.wait_for(
             lambda: engine_retries(worker.pipeline) >= 3, timeout_s=180, what="retries", workers=[worker]
         )
         status = worker.pipeline.status()
@@ -104,28 +97,28 @@ def test_an_engine_outage_pauses_the_stream_commits_nothing_and_every_held_event
         assert outages_declared("engine") == declared_before + 1
         assert all(
             offset is None
-            for offset in committed_offsets(settings, settings.topics.events, PARTITIONS).values()
+            for offset in kafka_io.committed_offsets(settings, settings.topics.events, PARTITIONS).values()
         )
-        assert read_json(settings, settings.topics.dlq) == []  # nothing judged away
-        assert read_json(settings, settings.topics.verdicts) == []
+        assert kafka_io.read_json(settings, settings.topics.dlq) == []  # nothing judged away
+        assert kafka_io.read_json(settings, settings.topics.verdicts) == []
 
         engine.model.load_state_dict(healthy)  # the device is back
-        wait_for(
-            lambda: fully_committed(worker.pipeline, EVENTS),
+        kafka_io.wait_for(
+            lambda: kafka_io.fully_committed(worker.pipeline, EVENTS),
             timeout_s=180,
             what="all judged",
             workers=[worker],
         )
-        wait_for(lambda: readyz(ops)[0] == 200, timeout_s=30, what="ready again", workers=[worker])
+        kafka_io.wait_for(lambda: readyz(ops)[0] == 200, timeout_s=30, what="ready again", workers=[worker])
         assert worker.pipeline.status()["outage"] is None
         assert outage_value("engine") == 0
     finally:
         ops.stop()
         worker.stop()
-    verdicts = read_json(settings, settings.topics.verdicts)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
     assert sorted(v["event_id"] for v in verdicts) == sorted(f"o-{i}" for i in range(EVENTS))  # each once
-    assert read_json(settings, settings.topics.dlq) == []  # no engine_error for any held event
-    assert committed_offsets(settings, settings.topics.events, PARTITIONS) == {
+    assert kafka_io.read_json(settings, settings.topics.dlq) == []  # no engine_error for any held event
+    assert kafka_io.committed_offsets(settings, settings.topics.events, PARTITIONS) == {
         p: EVENTS // PARTITIONS for p in range(PARTITIONS)
     }
 
@@ -139,21 +132,15 @@ def test_a_lone_poison_item_is_one_dead_letter_not_an_outage(make_settings, engi
     records = [text_event(i) for i in range(10)]
     records[3] = text_event(3, f"{POISON} one")
     records[4] = text_event(4, f"{POISON} two")
-    produce(settings, records, partitions=1)
+    kafka_io.produce(settings, records, partitions=1)
     declared_before = outages_declared("engine")
-    worker = WorkerThread(settings, engine).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, 10), timeout_s=180, what="all done", workers=[worker]
-        )
-    finally:
-        worker.stop()
-    dead = read_json(settings, settings.topics.dlq)
+    worker = kafka_io.run_to_completion(settings, engine, 10, timeout_s=180, what="all done")
+    dead = kafka_io.read_json(settings, settings.topics.dlq)
     assert sorted((d["event_id"], d["reason"]) for d in dead) == [
         ("o-3", "engine_error"),
         ("o-4", "engine_error"),
     ]
-    verdicts = read_json(settings, settings.topics.verdicts)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
     assert sorted(v["event_id"] for v in verdicts) == sorted(f"o-{i}" for i in range(10) if i not in (3, 4))
     assert worker.pipeline.counters["outages"] == 0
     assert outages_declared("engine") == declared_before
@@ -186,7 +173,7 @@ def test_failing_deliveries_back_off_then_stop_the_stream_and_nothing_is_dropped
         failures__retry_initial_s=0.1,
         failures__retry_max_s=0.5,
     )
-    produce(settings, [text_event(i) for i in range(12)], partitions=1)
+    kafka_io.produce(settings, [text_event(i) for i in range(12)], partitions=1)
     flaky: list[FlakyProducer] = []
     real_make_producer = kafka_clients.make_producer
 
@@ -195,9 +182,9 @@ def test_failing_deliveries_back_off_then_stop_the_stream_and_nothing_is_dropped
         return flaky[-1]
 
     monkeypatch.setattr(kafka_clients, "make_producer", make_flaky_producer)
-    worker = WorkerThread(settings, guard_engine).start()
+    worker = kafka_io.WorkerThread(settings, guard_engine).start()
     try:
-        wait_for(
+        kafka_io.wait_for(
             lambda: "delivery" in (worker.pipeline.status()["outage"] or {}),
             timeout_s=120,
             what="delivery outage",
@@ -210,16 +197,19 @@ def test_failing_deliveries_back_off_then_stop_the_stream_and_nothing_is_dropped
         time.sleep(2.0)
         # Backoff, not a spin: each of the 12 events is retried a handful of times in 2 s (delays up to 0.5 s).
         assert flaky[0].refused - refused_at_outage <= 12 * 8
-        assert committed_offsets(settings, settings.topics.events, 1) == {0: None}
+        assert kafka_io.committed_offsets(settings, settings.topics.events, 1) == {0: None}
         flaky[0].failing = False  # the broker accepts records again
-        wait_for(
-            lambda: fully_committed(worker.pipeline, 12), timeout_s=120, what="delivered", workers=[worker]
+        kafka_io.wait_for(
+            lambda: kafka_io.fully_committed(worker.pipeline, 12),
+            timeout_s=120,
+            what="delivered",
+            workers=[worker],
         )
-        wait_for(lambda: worker.pipeline.ready, timeout_s=30, what="ready again", workers=[worker])
+        kafka_io.wait_for(lambda: worker.pipeline.ready, timeout_s=30, what="ready again", workers=[worker])
         assert outage_value("delivery") == 0
     finally:
         worker.stop()
-    verdicts = read_json(settings, settings.topics.verdicts)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
     assert sorted(v["event_id"] for v in verdicts) == sorted(f"o-{i}" for i in range(12))  # none dropped
 
 
@@ -248,19 +238,24 @@ def test_failed_batches_in_a_row_are_an_outage_even_when_the_probe_works(
         failures__retry_max_s=0.5,
     )
     engine = BrokenForSomeEngine.from_settings(load_settings(None, **engine_settings_overrides))
-    produce(settings, [text_event(i, f"{POISON} number {i}") for i in range(6)], partitions=1)
-    worker = WorkerThread(settings, engine).start()
+    kafka_io.produce(settings, [text_event(i, f"{POISON} number {i}") for i in range(6)], partitions=1)
+    worker = kafka_io.WorkerThread(settings, engine).start()
     try:
-        wait_for(
+        kafka_io.wait_for(
             lambda: engine_retries(worker.pipeline) >= 2, timeout_s=120, what="retries", workers=[worker]
         )
         assert worker.pipeline.status()["reason"] == "engine_outage"
-        assert len(read_json(settings, settings.topics.dlq)) == 2  # the first batch, taken for poison
+        assert (
+            len(kafka_io.read_json(settings, settings.topics.dlq)) == 2
+        )  # the first batch, taken for poison
         engine.broken = False
-        wait_for(
-            lambda: fully_committed(worker.pipeline, 6), timeout_s=120, what="all done", workers=[worker]
+        kafka_io.wait_for(
+            lambda: kafka_io.fully_committed(worker.pipeline, 6),
+            timeout_s=120,
+            what="all done",
+            workers=[worker],
         )
     finally:
         worker.stop()
-    assert len(read_json(settings, settings.topics.dlq)) == 2  # nothing held was judged away
-    assert len(read_json(settings, settings.topics.verdicts)) == 4
+    assert len(kafka_io.read_json(settings, settings.topics.dlq)) == 2  # nothing held was judged away
+    assert len(kafka_io.read_json(settings, settings.topics.verdicts)) == 4

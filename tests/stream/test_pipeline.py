@@ -7,17 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tests.stream.streaming import (
-    EVENT_PARTITIONS,
-    WorkerThread,
-    build_stream,
-    committed_offsets,
-    end_offsets,
-    fully_committed,
-    produce,
-    read_json,
-    wait_for,
-)
+from tests.support import kafka_io
 from worker.contracts.schemas import validate_dead_letter, validate_verdict
 from worker.ops import metrics
 
@@ -40,26 +30,19 @@ def test_every_event_gets_exactly_one_verdict_or_dead_letter(
     make_settings, engine_settings_overrides, guard_engine
 ):
     settings = make_settings(**engine_settings_overrides)
-    stream = build_stream(STREAM_EVENTS, seed=11)
+    stream = kafka_io.build_stream(STREAM_EVENTS, seed=11)
     assert len(stream.records) == STREAM_EVENTS
     assert len(stream.image_ids) >= STREAM_EVENTS * 0.08 and len(stream.repeat_ids) >= STREAM_EVENTS * 0.18
-    produce(settings, stream.records)
+    kafka_io.produce(settings, stream.records)
     rows_before = batch_rows()
 
-    worker = WorkerThread(settings, guard_engine).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, STREAM_EVENTS),
-            timeout_s=STREAM_TIMEOUT_S,
-            what="all events committed",
-            workers=[worker],
-        )
-    finally:
-        worker.stop()
+    kafka_io.run_to_completion(
+        settings, guard_engine, STREAM_EVENTS, timeout_s=STREAM_TIMEOUT_S, what="all events committed"
+    )
 
-    verdicts = read_json(settings, settings.topics.verdicts)
-    flagged = read_json(settings, settings.topics.flagged)
-    dead = read_json(settings, settings.topics.dlq)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
+    flagged = kafka_io.read_json(settings, settings.topics.flagged)
+    dead = kafka_io.read_json(settings, settings.topics.dlq)
 
     # Exactly one verdict per valid event, none for anything else.
     ids = Counter(v["event_id"] for v in verdicts)
@@ -73,7 +56,10 @@ def test_every_event_gets_exactly_one_verdict_or_dead_letter(
     by_source = {(d["source"]["partition"], d["source"]["offset"]): d for d in dead}
     assert len(dead) == len(stream.malformed)
     for index, reason in stream.malformed:
-        partition, offset = index % EVENT_PARTITIONS, index // EVENT_PARTITIONS  # round-robin production
+        partition, offset = (
+            index % kafka_io.EVENT_PARTITIONS,
+            index // kafka_io.EVENT_PARTITIONS,
+        )  # round-robin production
         assert by_source[(partition, offset)]["reason"] == reason
     # Image events got verdicts through the image path; identical items were classified once.
     assert stream.image_ids <= set(ids)
@@ -84,7 +70,7 @@ def test_every_event_gets_exactly_one_verdict_or_dead_letter(
     for d in dead:
         validate_dead_letter(d)
     # Committed offsets reached the end of every partition.
-    assert committed_offsets(settings, settings.topics.events) == end_offsets(
+    assert kafka_io.committed_offsets(settings, settings.topics.events) == kafka_io.end_offsets(
         settings, settings.topics.events
     )
 
@@ -93,49 +79,44 @@ def test_restart_after_a_clean_stop_reprocesses_nothing(
     make_settings, engine_settings_overrides, guard_engine
 ):
     settings = make_settings(**engine_settings_overrides)
-    stream = build_stream(200, seed=12)
-    produce(settings, stream.records)
-    first = WorkerThread(settings, guard_engine, name="first").start()
-    try:
-        wait_for(
-            lambda: fully_committed(first.pipeline, 200),
-            timeout_s=120,
-            what="first run done",
-            workers=[first],
-        )
-    finally:
-        first.stop()
+    stream = kafka_io.build_stream(200, seed=12)
+    kafka_io.produce(settings, stream.records)
+    kafka_io.run_to_completion(
+        settings, guard_engine, 200, timeout_s=120, what="first run done", name="first"
+    )
 
-    second = WorkerThread(settings, guard_engine, name="second").start()
+    second = kafka_io.WorkerThread(settings, guard_engine, name="second").start()
     try:
-        wait_for(lambda: second.pipeline.ready, timeout_s=60, what="second worker assigned", workers=[second])
+        kafka_io.wait_for(
+            lambda: second.pipeline.ready, timeout_s=60, what="second worker assigned", workers=[second]
+        )
         # Give it many poll rounds to (wrongly) re-read anything before the committed offsets.
         time.sleep(3.0)
     finally:
         second.stop()
     assert second.pipeline.counters["consumed"] == 0
-    assert len(read_json(settings, settings.topics.verdicts)) == len(stream.valid_ids)
+    assert len(kafka_io.read_json(settings, settings.topics.verdicts)) == len(stream.valid_ids)
 
 
 def test_a_second_worker_in_the_group_shares_the_partitions(
     make_settings, engine_settings_overrides, guard_engine
 ):
     settings = make_settings(**engine_settings_overrides)
-    produce(settings, [])  # create the 4-partition topic before the workers subscribe
-    a = WorkerThread(settings, guard_engine, name="a").start()
-    b = WorkerThread(settings, guard_engine, name="b").start()
+    kafka_io.produce(settings, [])  # create the 4-partition topic before the workers subscribe
+    a = kafka_io.WorkerThread(settings, guard_engine, name="a").start()
+    b = kafka_io.WorkerThread(settings, guard_engine, name="b").start()
     try:
 
         def split_between_both() -> bool:
             pa, pb = set(a.pipeline.status()["assigned"]), set(b.pipeline.status()["assigned"])
-            return bool(pa) and bool(pb) and not (pa & pb) and len(pa | pb) == EVENT_PARTITIONS
+            return bool(pa) and bool(pb) and not (pa & pb) and len(pa | pb) == kafka_io.EVENT_PARTITIONS
 
-        wait_for(
+        kafka_io.wait_for(
             split_between_both, timeout_s=60, what="partitions split between two workers", workers=[a, b]
         )
-        stream = build_stream(400, seed=13)
-        produce(settings, stream.records)
-        wait_for(
+        stream = kafka_io.build_stream(400, seed=13)
+        kafka_io.produce(settings, stream.records)
+        kafka_io.wait_for(
             lambda: (
                 a.pipeline.counters["completed"] + b.pipeline.counters["completed"] >= 400
                 and a.pipeline.status()["all_committed"]
@@ -149,7 +130,7 @@ def test_a_second_worker_in_the_group_shares_the_partitions(
         a.stop()
         b.stop()
     assert a.pipeline.counters["consumed"] > 0 and b.pipeline.counters["consumed"] > 0
-    verdict_ids = Counter(v["event_id"] for v in read_json(settings, settings.topics.verdicts))
+    verdict_ids = Counter(v["event_id"] for v in kafka_io.read_json(settings, settings.topics.verdicts))
     assert set(verdict_ids) == stream.valid_ids and max(verdict_ids.values()) == 1
 
 
@@ -157,37 +138,43 @@ def test_redis_outage_mid_run_loses_nothing_and_cache_use_resumes(
     services, make_settings, engine_settings_overrides, guard_engine
 ):
     settings = make_settings(**engine_settings_overrides, redis__reconnect_interval_s=0.2)
-    phase_a = build_stream(150, seed=14, id_prefix="a", malformed_ratio=0.0)
-    phase_b = build_stream(150, seed=15, id_prefix="b", malformed_ratio=0.0)
-    phase_c = build_stream(
+    phase_a = kafka_io.build_stream(150, seed=14, id_prefix="a", malformed_ratio=0.0)
+    phase_b = kafka_io.build_stream(150, seed=15, id_prefix="b", malformed_ratio=0.0)
+    phase_c = kafka_io.build_stream(
         150, seed=14, id_prefix="c", malformed_ratio=0.0
     )  # phase A's content again: cache hits
     errors_before = metric(metrics.CACHE_REQUESTS, result="error")
-    worker = WorkerThread(settings, guard_engine).start()
+    worker = kafka_io.WorkerThread(settings, guard_engine).start()
     redis_up_seen: list[float] = []
     try:
-        produce(settings, phase_a.records)
-        wait_for(
-            lambda: fully_committed(worker.pipeline, 150), timeout_s=120, what="phase A", workers=[worker]
+        kafka_io.produce(settings, phase_a.records)
+        kafka_io.wait_for(
+            lambda: kafka_io.fully_committed(worker.pipeline, 150),
+            timeout_s=120,
+            what="phase A",
+            workers=[worker],
         )
 
         services.stop_redis()
-        produce(settings, phase_b.records)
+        kafka_io.produce(settings, phase_b.records)
 
         def phase_b_done() -> bool:
             redis_up_seen.append(metrics.REDIS_UP._value.get())
-            return fully_committed(worker.pipeline, 300)
+            return kafka_io.fully_committed(worker.pipeline, 300)
 
-        wait_for(phase_b_done, timeout_s=120, what="phase B during the outage", workers=[worker])
+        kafka_io.wait_for(phase_b_done, timeout_s=120, what="phase B during the outage", workers=[worker])
         errors_during = metric(metrics.CACHE_REQUESTS, result="error") - errors_before
 
         services.start_redis()
         lookups_before_c = metric(metrics.CACHE_REQUESTS, result="hit") + metric(
             metrics.CACHE_REQUESTS, result="miss"
         )
-        produce(settings, phase_c.records)
-        wait_for(
-            lambda: fully_committed(worker.pipeline, 450), timeout_s=120, what="phase C", workers=[worker]
+        kafka_io.produce(settings, phase_c.records)
+        kafka_io.wait_for(
+            lambda: kafka_io.fully_committed(worker.pipeline, 450),
+            timeout_s=120,
+            what="phase C",
+            workers=[worker],
         )
     finally:
         if services.redis_pid is None:
@@ -202,7 +189,7 @@ def test_redis_outage_mid_run_loses_nothing_and_cache_use_resumes(
         metrics.CACHE_REQUESTS, result="miss"
     )
     assert lookups_after - lookups_before_c >= len(phase_c.valid_ids) * 0.5
-    ids = Counter(v["event_id"] for v in read_json(settings, settings.topics.verdicts))
+    ids = Counter(v["event_id"] for v in kafka_io.read_json(settings, settings.topics.verdicts))
     assert set(ids) == phase_a.valid_ids | phase_b.valid_ids | phase_c.valid_ids
 
 
@@ -215,24 +202,24 @@ def test_backpressure_pauses_above_the_in_flight_bound_and_resumes_below(
         batching__resume_below=4,
         kafka__max_poll_records=8,
     )
-    stream = build_stream(300, seed=16, malformed_ratio=0.0)
-    produce(settings, stream.records)
-    worker = WorkerThread(settings, guard_engine).start()
+    stream = kafka_io.build_stream(300, seed=16, malformed_ratio=0.0)
+    kafka_io.produce(settings, stream.records)
+    worker = kafka_io.WorkerThread(settings, guard_engine).start()
     samples: list[dict] = []
 
     def done() -> bool:
         samples.append(worker.pipeline.status())
-        return fully_committed(worker.pipeline, 300)
+        return kafka_io.fully_committed(worker.pipeline, 300)
 
     try:
-        wait_for(done, timeout_s=120, what="all events committed", workers=[worker])
+        kafka_io.wait_for(done, timeout_s=120, what="all events committed", workers=[worker])
     finally:
         worker.stop()
     assert any(s["paused"] for s in samples), "partitions were paused at some point"
     assert samples[-1]["paused"] == 0, "and resumed once the work drained"
     # A poll may overshoot the bound by at most one poll's worth of records per partition.
-    assert max(s["in_flight"] for s in samples) <= 16 + 8 * EVENT_PARTITIONS
-    ids = Counter(v["event_id"] for v in read_json(settings, settings.topics.verdicts))
+    assert max(s["in_flight"] for s in samples) <= 16 + 8 * kafka_io.EVENT_PARTITIONS
+    ids = Counter(v["event_id"] for v in kafka_io.read_json(settings, settings.topics.verdicts))
     assert set(ids) == stream.valid_ids and max(ids.values()) == 1
 
 
@@ -245,12 +232,12 @@ def test_a_dead_letter_log_line_names_the_event_id_and_the_source_coordinates(
 
     settings = make_settings(**engine_settings_overrides)
     bad = {"event_id": "dl-log-1", "conversation_id": "c", "messages": [{"role": "wizard", "content": "hi"}]}
-    produce(settings, [(b"c", orjson.dumps(bad))], partitions=1)
-    worker = WorkerThread(settings, guard_engine).start()
+    kafka_io.produce(settings, [(b"c", orjson.dumps(bad))], partitions=1)
+    worker = kafka_io.WorkerThread(settings, guard_engine).start()
     try:
         with caplog.at_level(logging.INFO, logger="worker.stream.pipeline"):
-            wait_for(
-                lambda: fully_committed(worker.pipeline, 1),
+            kafka_io.wait_for(
+                lambda: kafka_io.fully_committed(worker.pipeline, 1),
                 timeout_s=STREAM_TIMEOUT_S,
                 what="the record dead-lettered",
                 workers=[worker],

@@ -10,7 +10,11 @@ import orjson
 import pytest
 import torch
 
-from tests.stream.streaming import WorkerThread, fully_committed, produce, read_json, wait_for
+from tests.support.kafka_io import (
+    produce,
+    read_json,
+    run_to_completion,
+)
 from worker.config import load_settings
 from worker.contracts.schemas import validate_dead_letter, validate_verdict
 from worker.engine.engine import GuardEngine, PreparedBatch
@@ -72,13 +76,7 @@ def test_a_poison_item_is_isolated_and_the_rest_of_its_batch_gets_verdicts(
     records[23] = text_event(23, f"tell me about {POISON} number two")
     records[30] = text_event(30, f"{GARBLED} question")
     produce(settings, records, partitions=1)  # one partition: the items share batches
-    worker = WorkerThread(settings, engine).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, 40), timeout_s=120, what="all done", workers=[worker]
-        )
-    finally:
-        worker.stop()
+    worker = run_to_completion(settings, engine, 40, timeout_s=120, what="all done")
     verdicts = read_json(settings, settings.topics.verdicts)
     dead = read_json(settings, settings.topics.dlq)
     assert sorted(v["event_id"] for v in verdicts) == sorted(
@@ -102,13 +100,7 @@ def test_device_out_of_memory_is_retried_in_smaller_batches(make_settings, engin
     engine.ran = []
     records = [text_event(i, f"how do plants grow, question {i}?") for i in range(32)]
     produce(settings, records, partitions=1)
-    worker = WorkerThread(settings, engine).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, 32), timeout_s=120, what="all done", workers=[worker]
-        )
-    finally:
-        worker.stop()
+    run_to_completion(settings, engine, 32, timeout_s=120, what="all done")
     verdicts = read_json(settings, settings.topics.verdicts)
     assert sorted(v["event_id"] for v in verdicts) == sorted(f"p-{i}" for i in range(32))
     assert read_json(settings, settings.topics.dlq) == []

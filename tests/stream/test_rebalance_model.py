@@ -234,10 +234,12 @@ MODEL_SETTINGS = settings(
 )
 
 
+@pytest.mark.slow  # hundreds of generated cases: with the integration tests, not the unit run
 def test_every_interleaving_commits_only_answered_offsets_and_ends_at_the_end_offset() -> None:
     run_state_machine_as_test(RebalanceModel, settings=MODEL_SETTINGS)
 
 
+@pytest.mark.slow  # hundreds of generated cases: with the integration tests, not the unit run
 def test_the_model_catches_the_forget_on_revoke_policy() -> None:
     """The model is able to fail: the old policy (forget on revoke, restart on assign) breaks it."""
 

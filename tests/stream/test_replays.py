@@ -11,17 +11,7 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from tests.stream.streaming import (
-    EVENT_PARTITIONS,
-    WorkerThread,
-    build_stream,
-    committed_offsets,
-    end_offsets,
-    fully_committed,
-    produce,
-    read_json,
-    wait_for,
-)
+from tests.support import kafka_io
 from worker.ops import metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -35,26 +25,17 @@ def rewind_group(settings, topic: str) -> None:
         enable_auto_commit=False,
     )
     try:
-        tps = [TopicPartition(topic, p) for p in range(EVENT_PARTITIONS)]
+        tps = [TopicPartition(topic, p) for p in range(kafka_io.EVENT_PARTITIONS)]
         consumer.assign(tps)
         consumer.commit({tp: OffsetAndMetadata(0, "", -1) for tp in tps})
     finally:
         consumer.close(autocommit=False)
 
 
-def run_to_the_end(settings, engine, name: str, expected: int) -> WorkerThread:
-    worker = WorkerThread(settings, engine, name=name).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, expected), timeout_s=180, what=name, workers=[worker]
-        )
-    finally:
-        worker.stop()
-    return worker
-
-
 def outputs(settings) -> int:
-    return len(read_json(settings, settings.topics.verdicts)) + len(read_json(settings, settings.topics.dlq))
+    return len(kafka_io.read_json(settings, settings.topics.verdicts)) + len(
+        kafka_io.read_json(settings, settings.topics.dlq)
+    )
 
 
 @pytest.mark.parametrize("markers", [True, False], ids=["with-markers", "without-markers"])
@@ -62,19 +43,23 @@ def test_a_replayed_record_whose_answer_was_acknowledged_is_not_published_again(
     make_settings, engine_settings_overrides, guard_engine, markers
 ):
     settings = make_settings(**engine_settings_overrides, redis__published_markers=markers)
-    stream = build_stream(120, seed=41)
-    produce(settings, stream.records)
-    run_to_the_end(settings, guard_engine, "first", len(stream.records))
+    stream = kafka_io.build_stream(120, seed=41)
+    kafka_io.produce(settings, stream.records)
+    kafka_io.run_to_completion(
+        settings, guard_engine, len(stream.records), timeout_s=180, what="first run", name="first"
+    )
     answered = outputs(settings)
     assert answered == len(stream.records)
 
     rewind_group(settings, settings.topics.events)
-    assert set(committed_offsets(settings, settings.topics.events).values()) == {0}
+    assert set(kafka_io.committed_offsets(settings, settings.topics.events).values()) == {0}
     skipped_before = metrics.REPLAYS_SKIPPED._value.get()
-    second = run_to_the_end(settings, guard_engine, "second", len(stream.records))
+    second = kafka_io.run_to_completion(
+        settings, guard_engine, len(stream.records), timeout_s=180, what="second run", name="second"
+    )
 
     assert second.pipeline.counters["consumed"] == len(stream.records)  # everything was consumed again
-    assert committed_offsets(settings, settings.topics.events) == end_offsets(
+    assert kafka_io.committed_offsets(settings, settings.topics.events) == kafka_io.end_offsets(
         settings, settings.topics.events
     )
     if markers:

@@ -7,7 +7,11 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.stream.streaming import WorkerThread, fully_committed, produce, read_json, wait_for
+from tests.support.kafka_io import (
+    produce,
+    read_json,
+    run_to_completion,
+)
 from worker.contracts.schemas import validate_dead_letter, validate_verdict
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.engine import GuardEngine
@@ -49,16 +53,7 @@ class CountingEngine:
 
 def run_stream(settings, engine, records, expected: int) -> None:
     produce(settings, records)
-    worker = WorkerThread(settings, engine).start()
-    try:
-        wait_for(
-            lambda: fully_committed(worker.pipeline, expected),
-            timeout_s=240,
-            what="events committed",
-            workers=[worker],
-        )
-    finally:
-        worker.stop()
+    run_to_completion(settings, engine, expected, timeout_s=240, what="events committed")
 
 
 @pytest.fixture

@@ -11,14 +11,7 @@ from collections import defaultdict
 import pytest
 import yaml
 
-from tests.stream.streaming import (
-    EVENT_PARTITIONS,
-    build_stream,
-    committed_offsets,
-    produce,
-    read_all,
-    read_json,
-)
+from tests.support import kafka_io
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -36,8 +29,8 @@ def test_sigterm_during_flow_drains_commits_and_exits_zero(
         batching__max_size=4,
         kafka__max_poll_records=16,
     )
-    stream = build_stream(3000, seed=21, repeat_ratio=0.0)
-    produce(settings, stream.records)
+    stream = kafka_io.build_stream(3000, seed=21, repeat_ratio=0.0)
+    kafka_io.produce(settings, stream.records)
     config = tmp_path / "worker.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
     log_path = tmp_path / "worker.log"
@@ -49,7 +42,10 @@ def test_sigterm_during_flow_drains_commits_and_exits_zero(
         )
         try:
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and len(read_all(settings, settings.topics.verdicts)) < 100:
+            while (
+                time.monotonic() < deadline
+                and len(kafka_io.read_all(settings, settings.topics.verdicts)) < 100
+            ):
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 time.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
@@ -66,14 +62,16 @@ def test_sigterm_during_flow_drains_commits_and_exits_zero(
 
     # Committed offsets match the outputs: every offset below the commit point has a verdict or a dead
     # letter, and nothing at or beyond it was published (a clean drain completes and commits all it started).
-    outputs = read_json(settings, settings.topics.verdicts) + read_json(settings, settings.topics.dlq)
+    outputs = kafka_io.read_json(settings, settings.topics.verdicts) + kafka_io.read_json(
+        settings, settings.topics.dlq
+    )
     done: dict[int, set[int]] = defaultdict(set)
     for record in outputs:
         done[record["source"]["partition"]].add(record["source"]["offset"])
-    committed = committed_offsets(settings, settings.topics.events)
+    committed = kafka_io.committed_offsets(settings, settings.topics.events)
     assert sum(c or 0 for c in committed.values()) < len(stream.records), (
         "stopped before the end of the stream"
     )
-    for partition in range(EVENT_PARTITIONS):
+    for partition in range(kafka_io.EVENT_PARTITIONS):
         upto = committed[partition] or 0
         assert done[partition] == set(range(upto)), f"partition {partition}"

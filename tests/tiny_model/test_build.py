@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -21,6 +22,8 @@ from worker.dev.tiny_model.build import (
     ensure_tiny_model,
     read_recipe,
 )
+
+pytestmark = pytest.mark.integration  # builds and loads tiny checkpoints
 
 PROMPT = (
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Task: Check if there is unsafe content"

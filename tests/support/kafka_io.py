@@ -259,3 +259,27 @@ def outcomes_done(pipeline: StreamPipeline) -> int:
 def fully_committed(pipeline: StreamPipeline, expected: int) -> bool:
     """All ``expected`` events completed and their offsets committed."""
     return pipeline.counters["completed"] >= expected and pipeline.status()["all_committed"]
+
+
+def run_to_completion(
+    settings: Settings,
+    engine: Any,
+    expected: int,
+    *,
+    timeout_s: float,
+    what: str = "all events committed",
+    name: str = "worker",
+    **kwargs: Any,
+) -> WorkerThread:
+    """Run a pipeline until ``expected`` events are answered and committed, stop it, and return it."""
+    worker = WorkerThread(settings, engine, name=name, **kwargs).start()
+    try:
+        wait_for(
+            lambda: fully_committed(worker.pipeline, expected),
+            timeout_s=timeout_s,
+            what=what,
+            workers=[worker],
+        )
+    finally:
+        worker.stop()
+    return worker

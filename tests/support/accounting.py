@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tests.stream.streaming import end_offsets, read_json
+from tests.support.kafka_io import end_offsets, read_json
 from worker.config import Settings
 
 
