@@ -143,9 +143,9 @@ def run_pipeline(settings: Settings, engine: GuardEngine, n: int) -> float:
     try:
         while time.monotonic() < deadline:
             status = pipeline.status()
-            if started is None and status["counters"]["consumed"] > 0:
+            if started is None and status.counters["consumed"] > 0:
                 started = time.perf_counter()
-            if status["counters"]["completed"] >= n and status["all_committed"]:
+            if status.counters["completed"] >= n and status.all_committed:
                 break
             time.sleep(0.005)
         else:
@@ -154,7 +154,7 @@ def run_pipeline(settings: Settings, engine: GuardEngine, n: int) -> float:
     finally:
         pipeline.request_stop()
         thread.join(60)
-    counters = pipeline.status()["counters"]
+    counters = pipeline.status().counters
     print(
         f"  pipeline: {n} events in {elapsed:.2f}s, {counters['batches']} model batches, "
         f"{counters['cached']} cached",

@@ -62,14 +62,14 @@ class RebalanceProbe:
         original = self.pipeline._on_revoked
 
         def on_revoked(revoked: set[TopicPartition]) -> None:
-            consumer = self.pipeline._consumer
+            consumer = self.pipeline.consumer
             if not revoked:  # the first join revokes nothing
                 original(revoked)
                 return
             self.revocations.append(
                 {
                     "at": time.monotonic(),
-                    "in_flight": {tp.partition: self.pipeline._tracker.in_flight(tp) for tp in revoked},
+                    "in_flight": {tp.partition: self.pipeline.checkpoint.tracker.in_flight(tp) for tp in revoked},
                     "paused": {tp.partition for tp in consumer.paused()} if consumer is not None else set(),
                 }
             )
@@ -91,11 +91,11 @@ class RebalanceProbe:
     def state(self) -> dict[str, Any]:
         """A's client assignment, what A paused, and its in-flight offsets per partition (read from its loop)."""
         p = self.pipeline
-        assignment = p._consumer.assignment() if p._consumer is not None else set()
+        assignment = p.consumer.assignment()
         return {
             "assigned": sorted(tp.partition for tp in assignment),
-            "paused": sorted(tp.partition for tp in p._paused),
-            "in_flight": {tp.partition: p._tracker.in_flight(tp) for tp in assignment},
+            "paused": sorted(tp.partition for tp in p.partitions.paused),
+            "in_flight": {tp.partition: p.checkpoint.tracker.in_flight(tp) for tp in assignment},
             "consumed": p.counters["consumed"],
             "completed": p.counters["completed"],
         }
@@ -210,7 +210,7 @@ def _assert_all_answered_and_committed(settings: Any, a: WorkerThread, what: str
         what=f"committed offsets at the end offsets {ends}",
         workers=[a],
     )
-    wait_for(lambda: not a.pipeline.status()["paused"], timeout_s=60, what="A resumed", workers=[a])
+    wait_for(lambda: not a.pipeline.status().paused, timeout_s=60, what="A resumed", workers=[a])
     return result
 
 
@@ -227,7 +227,7 @@ def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
     b = None
     try:
         wait_for(
-            lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS,
+            lambda: len(a.pipeline.status().assigned) == PARTITIONS,
             timeout_s=60,
             what="A owns all",
             workers=[a],
@@ -235,7 +235,7 @@ def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
         probe.wait_held(120, with_work=2)
         b = WorkerProcess(config, tmp_path / "worker-b.log").start()
         wait_for(
-            lambda: len(a.pipeline.status()["assigned"]) < PARTITIONS,
+            lambda: len(a.pipeline.status().assigned) < PARTITIONS,
             timeout_s=180,
             what="B joined and took partitions",
             workers=[a],
@@ -281,7 +281,7 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
     b = WorkerProcess(config, tmp_path / "worker-b.log").start()
     try:
         wait_for(
-            lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS // 2,
+            lambda: len(a.pipeline.status().assigned) == PARTITIONS // 2,
             timeout_s=180,
             what="A and B split the partitions",
             workers=[a],
@@ -296,7 +296,7 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
             code, _ = b.terminate(timeout_s=60)
             assert code == 0, b.log_tail()
         wait_for(
-            lambda: len(a.pipeline.status()["assigned"]) == PARTITIONS,
+            lambda: len(a.pipeline.status().assigned) == PARTITIONS,
             timeout_s=120,
             what="A took over B's partitions",
             workers=[a],

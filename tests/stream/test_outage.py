@@ -59,7 +59,7 @@ def outages_declared(cause: str) -> float:
 
 
 def engine_retries(pipeline) -> int:
-    outage = pipeline.status()["outage"] or {}
+    outage = pipeline.status().outage or {}
     return outage.get("engine", {}).get("failed_retries", 0)
 
 
@@ -91,8 +91,8 @@ def test_an_engine_outage_pauses_the_stream_commits_nothing_and_every_held_event
         status = worker.pipeline.status()
         code, body = readyz(ops)
         assert code == 503 and body["reason"] == "engine_outage", body
-        assert status["ready"] is False and "engine" in status["outage"]
-        assert status["paused"] == len(status["assigned"]) > 0  # stopped consuming
+        assert status.ready is False and "engine" in status.outage
+        assert status.paused == len(status.assigned) > 0  # stopped consuming
         assert outage_value("engine") == 1
         assert outages_declared("engine") == declared_before + 1
         assert all(
@@ -110,7 +110,7 @@ def test_an_engine_outage_pauses_the_stream_commits_nothing_and_every_held_event
             workers=[worker],
         )
         kafka_io.wait_for(lambda: readyz(ops)[0] == 200, timeout_s=30, what="ready again", workers=[worker])
-        assert worker.pipeline.status()["outage"] is None
+        assert worker.pipeline.status().outage is None
         assert outage_value("engine") == 0
     finally:
         ops.stop()
@@ -185,13 +185,13 @@ def test_failing_deliveries_back_off_then_stop_the_stream_and_nothing_is_dropped
     worker = kafka_io.WorkerThread(settings, guard_engine).start()
     try:
         kafka_io.wait_for(
-            lambda: "delivery" in (worker.pipeline.status()["outage"] or {}),
+            lambda: "delivery" in (worker.pipeline.status().outage or {}),
             timeout_s=120,
             what="delivery outage",
             workers=[worker],
         )
         status = worker.pipeline.status()
-        assert status["ready"] is False and status["reason"] == "delivery_outage"
+        assert status.ready is False and status.reason == "delivery_outage"
         assert outage_value("delivery") == 1
         refused_at_outage = flaky[0].refused
         time.sleep(2.0)
@@ -244,7 +244,7 @@ def test_failed_batches_in_a_row_are_an_outage_even_when_the_probe_works(
         kafka_io.wait_for(
             lambda: engine_retries(worker.pipeline) >= 2, timeout_s=120, what="retries", workers=[worker]
         )
-        assert worker.pipeline.status()["reason"] == "engine_outage"
+        assert worker.pipeline.status().reason == "engine_outage"
         assert (
             len(kafka_io.read_json(settings, settings.topics.dlq)) == 2
         )  # the first batch, taken for poison

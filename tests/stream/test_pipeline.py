@@ -108,7 +108,7 @@ def test_a_second_worker_in_the_group_shares_the_partitions(
     try:
 
         def split_between_both() -> bool:
-            pa, pb = set(a.pipeline.status()["assigned"]), set(b.pipeline.status()["assigned"])
+            pa, pb = set(a.pipeline.status().assigned), set(b.pipeline.status().assigned)
             return bool(pa) and bool(pb) and not (pa & pb) and len(pa | pb) == kafka_io.EVENT_PARTITIONS
 
         kafka_io.wait_for(
@@ -119,8 +119,8 @@ def test_a_second_worker_in_the_group_shares_the_partitions(
         kafka_io.wait_for(
             lambda: (
                 a.pipeline.counters["completed"] + b.pipeline.counters["completed"] >= 400
-                and a.pipeline.status()["all_committed"]
-                and b.pipeline.status()["all_committed"]
+                and a.pipeline.status().all_committed
+                and b.pipeline.status().all_committed
             ),
             timeout_s=120,
             what="both workers done",

@@ -18,7 +18,7 @@ from worker.contracts.schemas import validate_dead_letter, validate_verdict
 
 def engine_outage(s: LocalStream) -> dict | None:
     """The engine outage ``status()`` reports (None when the engine is not down)."""
-    return (s.pipeline.status()["outage"] or {}).get("engine")
+    return (s.pipeline.status().outage or {}).get("engine")
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_every_event_gets_one_verdict_or_dead_letter_and_every_offset_is_committ
         validate_dead_letter(d)
     flagged = s.broker.values(s.topics.flagged)
     assert sorted(f["event_id"] for f in flagged) == [f"ev-{i}" for i in (0, 3, 6, 9)]
-    assert s.pipeline.status()["all_committed"] is True
+    assert s.pipeline.status().all_committed is True
 
 
 def test_an_offset_is_committed_only_after_its_answer_is_acknowledged(stream):
@@ -61,7 +61,7 @@ def test_an_offset_is_committed_only_after_its_answer_is_acknowledged(stream):
     s.turn_until(lambda: s.broker.unacknowledged == 6, "six answers sent")
     s.turn(20)
     assert s.committed() == {0: None, 1: None}  # sent, not acknowledged: nothing committed
-    assert s.pipeline.status()["in_flight"] == 6
+    assert s.pipeline.status().in_flight == 6
     s.broker.release_acks()
     s.turn_until(s.all_committed, "committed after the acks")
     assert s.committed() == {0: 3, 1: 3}
@@ -84,7 +84,7 @@ def test_a_failed_delivery_is_published_again_and_committed_once_acknowledged(st
     s.turn_until(s.all_committed, "all committed")
     assert Counter(v["event_id"] for v in s.verdicts()) == {f"ev-{i}": 1 for i in range(4)}
     assert s.pipeline.counters["republished"] == 2
-    assert s.pipeline.status()["outage"] is None
+    assert s.pipeline.status().outage is None
 
 
 def test_a_send_that_raises_is_published_again(stream):
@@ -100,16 +100,16 @@ def test_deliveries_failing_again_and_again_are_an_outage_that_pauses_and_recove
     s = stream(failures__max_publish_attempts=2)
     s.broker.fail_sends(10_000)
     s.send([chat_event(i) for i in range(4)])
-    s.turn_until(lambda: "delivery" in (s.pipeline.status()["outage"] or {}), "delivery outage")
+    s.turn_until(lambda: "delivery" in (s.pipeline.status().outage or {}), "delivery outage")
     status = s.pipeline.status()
-    assert status["ready"] is False and status["reason"] == "delivery_outage"
+    assert status.ready is False and status.reason == "delivery_outage"
     s.turn(5)
     assert s.consumer.paused() == s.consumer.assignment() != set()
     assert s.committed() == {0: None, 1: None} and s.verdicts() == []
     s.broker.fail_sends(0)  # the broker accepts records again
     s.turn_until(s.all_committed, "delivered after the outage")
     s.turn_until(lambda: not s.consumer.paused(), "resumed")
-    assert s.pipeline.status()["outage"] is None and s.pipeline.ready
+    assert s.pipeline.status().outage is None and s.pipeline.ready
     assert sorted(v["event_id"] for v in s.verdicts()) == [f"ev-{i}" for i in range(4)]  # none dropped
 
 
@@ -120,7 +120,7 @@ def test_backpressure_pauses_above_the_bound_and_resumes_below_the_low_mark(stre
     s.turn_until(lambda: bool(s.consumer.paused()), "paused")
     assert s.consumer.paused() == s.consumer.assignment()
     s.turn(10)
-    in_flight = s.pipeline.status()["in_flight"]
+    in_flight = s.pipeline.status().in_flight
     assert 4 < in_flight <= 4 + 2 * 3  # a poll per partition above the bound, then nothing more is fetched
     s.broker.release_acks()
     s.turn_until(lambda: not s.consumer.paused(), "resumed below the low mark")
@@ -137,14 +137,14 @@ def test_a_partition_kept_across_an_eager_rebalance_keeps_its_work_and_a_revoked
     s.broker.rebalance(s.consumer, [s.tp(0)], protocol="eager")
     s.turn()
     assert s.consumer.assignment() == {s.tp(0)}
-    assert s.pipeline.status()["assigned"] == [f"{s.topics.events}-0"]
+    assert s.pipeline.status().assigned == (f"{s.topics.events}-0",)
     completed_before = s.pipeline.counters["completed"]
     s.broker.release_acks()  # the acks of partition 1's answers arrive after it left: not counted
     s.turn_until(lambda: s.committed()[0] == 4, "kept partition committed")
     s.turn(5)
     assert s.committed()[1] is None  # the next owner of partition 1 starts at its committed offset
     assert s.pipeline.counters["completed"] - completed_before == 4
-    assert s.pipeline.status()["in_flight"] == 0
+    assert s.pipeline.status().in_flight == 0
 
 
 def test_a_cooperative_rebalance_leaves_kept_partitions_untouched(stream):
@@ -187,7 +187,7 @@ def test_a_lost_membership_forgets_everything_and_commits_nothing_for_it(stream)
     s.turn(10)
     assert len(s.broker.commits) == commits_before
     assert s.pipeline.counters["completed"] == 0
-    assert s.pipeline.status()["assigned"] == []
+    assert s.pipeline.status().assigned == ()
 
 
 def test_the_revoke_commits_what_is_complete_before_the_partitions_leave(stream):
@@ -228,13 +228,13 @@ def test_an_engine_outage_holds_the_batch_pauses_and_judges_it_after_recovery(st
     s.send([chat_event(i) for i in range(4)])
     s.turn_until(lambda: engine_outage(s) and engine_outage(s)["failed_retries"] >= 2, "retries")
     status = s.pipeline.status()
-    assert status["reason"] == "engine_outage" and status["ready"] is False
+    assert status.reason == "engine_outage" and status.ready is False
     assert s.consumer.paused() == s.consumer.assignment()
     assert s.dead_letters() == [] and s.verdicts() == [] and s.committed() == {0: None}
     s.engine.broken = False
     s.turn_until(s.all_committed, "judged after recovery")
     assert sorted(v["event_id"] for v in s.verdicts()) == [f"ev-{i}" for i in range(4)]
-    assert s.dead_letters() == [] and s.pipeline.status()["outage"] is None
+    assert s.dead_letters() == [] and s.pipeline.status().outage is None
 
 
 def test_failed_batches_in_a_row_are_an_outage_even_when_the_probe_works(stream):

@@ -258,7 +258,7 @@ def outcomes_done(pipeline: StreamPipeline) -> int:
 
 def fully_committed(pipeline: StreamPipeline, expected: int) -> bool:
     """All ``expected`` events completed and their offsets committed."""
-    return pipeline.counters["completed"] >= expected and pipeline.status()["all_committed"]
+    return pipeline.counters["completed"] >= expected and pipeline.status().all_committed
 
 
 def run_to_completion(

@@ -1,0 +1,99 @@
+"""The checkpoint: the one routine that commits, used by the interval, the revoke and the drain alike.
+
+Quix Streams' checkpoint is one readable function — flush the sinks, flush the producer, commit — and so is
+this one: ``commit(cause)`` settles the outputs (flush the producer and apply the broker's acks, except on
+the interval, which only takes what has been acknowledged already), asks the ``OffsetTracker`` for the
+committable offsets, and commits them. The cause decides only *how*:
+
+- ``interval`` (every ``COMMIT_INTERVAL_S`` from the loop) and ``drain`` (shutdown): a synchronous commit; the
+  offsets are recorded as committed only once the coordinator accepted them;
+- ``revoke`` (inside the rebalance callback): an asynchronous commit of the revoked partitions — kafka-python 3
+  raises on a blocking commit there — not recorded as committed, so a kept partition's next interval commit
+  repeats it and a lost async commit leaves no false record.
+
+A failed commit (a rebalance under way) is logged and retried by the next interval: the next owner replays at
+most the uncommitted tail. The tracker (``worker.stream.offsets``) decides *what* may be committed; this
+module is the only place that commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from kafka.errors import KafkaError
+from kafka.structs import TopicPartition
+
+from worker.ops import metrics
+from worker.stream.items import Consumed
+from worker.stream.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+COMMIT_INTERVAL_S = 0.2  # commit completed offsets at most this often (and always at revoke/drain)
+REVOKE_FLUSH_S = 5.0  # how long a revoke waits for unacknowledged outputs before committing what is complete
+
+CommitCause = Literal["interval", "revoke", "drain"]
+
+
+class Checkpoint:
+    """Owns the offset tracker and the consumer's commits; ``settle(timeout_s)`` flushes and applies acks."""
+
+    def __init__(self, consumer: Any, settle: Callable[[float], None]) -> None:
+        self.tracker = OffsetTracker()
+        self._consumer = consumer
+        self._settle = settle
+        self._last_commit = 0.0
+
+    # -- offsets ----------------------------------------------------------------------------------
+
+    def register(self, tp: TopicPartition, offset: int) -> int | None:
+        """Record a consumed offset; returns its partition's generation, None for a re-fetched one."""
+        if not self.tracker.register(tp, offset):
+            return None
+        return self.tracker.generation(tp)
+
+    def is_stale(self, record: Consumed) -> bool:
+        """Whether ``record``'s partition left since it was consumed (its next owner redoes it).
+
+        A partition kept across a rebalance keeps its generation: its in-flight records are not stale.
+        """
+        return self.tracker.generation(record.tp) != record.generation
+
+    def complete(self, record: Consumed) -> bool:
+        """Mark ``record`` answered (its outputs acknowledged, or nothing to publish); False if stale."""
+        return self.tracker.complete(record.tp, record.offset, record.generation)
+
+    # -- the commit routine -----------------------------------------------------------------------
+
+    def commit_if_due(self) -> None:
+        """The interval's commit, at most every ``COMMIT_INTERVAL_S``."""
+        if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            self.commit("interval")
+
+    def commit(
+        self,
+        cause: CommitCause,
+        partitions: Iterable[TopicPartition] | None = None,
+        *,
+        flush_s: float = REVOKE_FLUSH_S,
+    ) -> None:
+        """Settle the outputs (not on the interval), then commit every completed offset (of ``partitions``)."""
+        if cause != "interval":
+            self._settle(flush_s)
+        self._last_commit = time.monotonic()
+        offsets = self.tracker.committable(partitions)
+        if not offsets:
+            return
+        try:
+            with metrics.observe_stage("commit"):
+                if cause == "revoke":
+                    self._consumer.commit_async(offsets)
+                    return
+                self._consumer.commit(offsets)
+        except KafkaError as exc:  # e.g. a rebalance is under way: the next owner replays at most these
+            log.warning("commit on %s failed: %s", cause, type(exc).__name__, extra={"stage": "commit"})
+            return
+        self.tracker.mark_committed(offsets)
