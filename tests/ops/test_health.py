@@ -11,6 +11,7 @@ import pytest
 
 from worker.ops import metrics
 from worker.ops.health import OpsServer
+from worker.stream.status import PipelineStatus
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,7 +31,7 @@ class Probe:
     def __init__(self) -> None:
         self.ready = False
         self.live = True
-        self.status: dict[str, object] = {"model_loaded": False, "assigned_partitions": []}
+        self.status = PipelineStatus("w", ready=False, model_loaded=False)
 
 
 @pytest.fixture
@@ -77,14 +78,19 @@ def test_readyz_is_503_with_a_reason_until_ready_then_200(server: OpsServer, pro
     assert (status, content_type) == (503, "application/json")
     assert json.loads(body)["reason"] == "model_not_loaded"
 
-    probe.status = {"model_loaded": True, "assigned_partitions": []}
+    probe.status = PipelineStatus("w", ready=False, model_loaded=True)
     assert json.loads(_get(server.url + "/readyz")[2])["reason"] == "no_partitions_assigned"
 
+    probe.status = PipelineStatus(
+        "w", ready=False, model_loaded=True, assigned=("chat.events-0",), outage={"engine": {}}
+    )
+    assert json.loads(_get(server.url + "/readyz")[2])["reason"] == "engine_outage"
+
     probe.ready = True
-    probe.status = {"model_loaded": True, "assigned_partitions": ["chat.events-0"]}
+    probe.status = PipelineStatus("w", ready=True, model_loaded=True, assigned=("chat.events-0",))
     status, _, body = _get(server.url + "/readyz")
     assert status == 200
-    assert json.loads(body) == {"status": "ready", "detail": probe.status}
+    assert json.loads(body) == {"status": "ready", "detail": probe.status.as_dict()}
 
     probe.ready = False
     assert _get(server.url + "/readyz")[0] == 503

@@ -69,7 +69,9 @@ class RebalanceProbe:
             self.revocations.append(
                 {
                     "at": time.monotonic(),
-                    "in_flight": {tp.partition: self.pipeline.checkpoint.tracker.in_flight(tp) for tp in revoked},
+                    "in_flight": {
+                        tp.partition: self.pipeline.checkpoint.tracker.in_flight(tp) for tp in revoked
+                    },
                     "paused": {tp.partition for tp in consumer.paused()} if consumer is not None else set(),
                 }
             )

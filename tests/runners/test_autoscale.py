@@ -130,7 +130,7 @@ def test_actors_scale_out_on_lag_capped_at_partitions_and_back_in_with_a_gracefu
             time.sleep(0.5)
         producer.join(timeout=120)
         (final,) = fleet.drained
-        assert final["drained"] is True and final["worker_index"] == 1
+        assert final.drained is True and final.worker_index == 1
         deadline = time.monotonic() + 180
         while not trickle.valid_ids <= {v["event_id"] for v in read_json(settings, settings.topics.verdicts)}:
             assert time.monotonic() < deadline

@@ -40,22 +40,22 @@ def test_guard_worker_runs_the_pipeline_in_a_thread_reports_status_and_drains_on
         assert worker.ping()["worker_index"] == 3
         wait_until(worker.ready, 60, "model loaded and partitions assigned")
         wait_until(
-            lambda: worker.status()["counters"]["completed"] == len(stream.records), 60, "every record done"
+            lambda: worker.status().counters["completed"] == len(stream.records), 60, "every record done"
         )
         status = worker.status()
-        assert status["gpu_ids"] == ["1"] and status["device"] == "cpu"
-        assert status["model_loaded"] and sorted(status["assigned"]) == [
+        assert status.gpu_ids == ("1",) and status.device == "cpu"
+        assert status.model_loaded and sorted(status.assigned) == [
             f"{settings.topics.events}-0",
             f"{settings.topics.events}-1",
         ]
-        assert status["failed"] is None and status["running"]
+        assert status.failed is None and status.running
         # Its own /metrics on an ephemeral port (several actors share a node).
-        assert status["ops_port"] not in (None, 0, 9400)
-        with urllib.request.urlopen(f"http://127.0.0.1:{status['ops_port']}/metrics", timeout=5) as response:
+        assert status.ops_port not in (None, 0, 9400)
+        with urllib.request.urlopen(f"http://127.0.0.1:{status.ops_port}/metrics", timeout=5) as response:
             assert b"mw_events_consumed_total" in response.read()
     finally:
         final = worker.stop(deadline_s=20)
-    assert final["drained"] and final["stopped"] and not final["running"]
+    assert final.drained and final.stopped and not final.running
     assert not worker.ready()
     verdict_ids = {v["event_id"] for v in read_json(settings, settings.topics.verdicts)}
     assert verdict_ids == stream.valid_ids

@@ -17,6 +17,7 @@ import ray
 
 from tests.support.kafka_io import build_stream, produce, read_json
 from worker.config import Settings
+from worker.runners.ray_actor import WorkerStatus
 from worker.runners.ray_fleet import WorkerFleet, run_until_drained
 from worker.stream.kafka_clients import ensure_topics
 
@@ -40,17 +41,17 @@ def stream_settings(make_settings: Any, tiny_model_dir: Path, **overrides: Any) 
     return settings
 
 
-def partition_split(fleet: WorkerFleet, timeout_s: float) -> list[dict[str, Any]]:
+def partition_split(fleet: WorkerFleet, timeout_s: float) -> list[WorkerStatus]:
     """Statuses once every partition is owned by exactly one worker (after the join rebalance settles)."""
     deadline = time.monotonic() + timeout_s
-    statuses: list[dict[str, Any]] = []
+    statuses: list[WorkerStatus] = []
     while time.monotonic() < deadline:
         statuses = fleet.poll(timeout_s=5.0)
-        owned = [p for s in statuses for p in s.get("assigned", [])]
+        owned = [p for s in statuses for p in s.assigned]
         if len(statuses) == len(fleet.slots) and len(owned) == PARTITIONS and len(set(owned)) == PARTITIONS:
             return statuses
         time.sleep(0.3)
-    raise AssertionError(f"partitions never split cleanly: {[s.get('assigned') for s in statuses]}")
+    raise AssertionError(f"partitions never split cleanly: {[s.assigned for s in statuses]}")
 
 
 def test_two_gpu_actors_split_the_partitions_and_every_event_gets_exactly_one_verdict(
@@ -77,12 +78,12 @@ def test_two_gpu_actors_split_the_partitions_and_every_event_gets_exactly_one_ve
     )
     assert report.drained, report
     statuses = at_ready["statuses"]
-    assert sorted(tuple(s["gpu_ids"]) for s in statuses) == [("0",), ("1",)]
-    assert all(s["device"] == "cpu" for s in statuses)  # fake GPUs: no CUDA, so the engine runs on CPU
-    owned = [set(s["assigned"]) for s in statuses]
+    assert sorted(tuple(s.gpu_ids) for s in statuses) == [("0",), ("1",)]
+    assert all(s.device == "cpu" for s in statuses)  # fake GPUs: no CUDA, so the engine runs on CPU
+    owned = [set(s.assigned) for s in statuses]
     assert owned[0].isdisjoint(owned[1]) and all(owned)
-    assert all(s["model_loaded"] for s in statuses)
-    assert all(final["drained"] for final in report.final_statuses)
+    assert all(s.model_loaded for s in statuses)
+    assert all(final.drained for final in report.final_statuses)
 
     verdict_ids = Counter(v["event_id"] for v in read_json(settings, settings.topics.verdicts))
     assert set(verdict_ids) == stream.valid_ids
@@ -105,9 +106,9 @@ def test_an_actor_killed_mid_stream_restarts_and_every_event_still_gets_a_verdic
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             status = ray.get(victim.actor.status.remote(), timeout=10)
-            if status["counters"]["completed"] >= 20:
-                killed["incarnation"] = status["incarnation"]
-                killed["completed_before"] = status["counters"]["completed"]
+            if status.counters["completed"] >= 20:
+                killed["incarnation"] = status.incarnation
+                killed["completed_before"] = status.counters["completed"]
                 ray.kill(victim.actor, no_restart=False)  # a crash: Ray restarts it (max_restarts=-1)
                 return
             time.sleep(0.05)
@@ -125,8 +126,8 @@ def test_an_actor_killed_mid_stream_restarts_and_every_event_still_gets_a_verdic
     killed["thread"].join(timeout=130)
     assert report.drained, report
     assert "incarnation" in killed, "the victim never got busy enough to be killed mid-stream"
-    victim_final = next(s for s in report.final_statuses if s["worker_index"] == 0)
-    assert victim_final["incarnation"] != killed["incarnation"]  # Ray restarted it
+    victim_final = next(s for s in report.final_statuses if s.worker_index == 0)
+    assert victim_final.incarnation != killed["incarnation"]  # Ray restarted it
 
     verdict_ids = Counter(v["event_id"] for v in read_json(settings, settings.topics.verdicts))
     duplicates = sum(n - 1 for n in verdict_ids.values())
@@ -152,9 +153,9 @@ def test_a_worker_whose_pipeline_dies_is_restarted_by_the_driver(
         while fleet.restarts_seen == 0:
             assert time.monotonic() < deadline, [s.status for s in fleet.slots]
             for status in fleet.poll(timeout_s=5.0):
-                incarnations.add(status["incarnation"])
-                if status["failed"]:
-                    failures.append(status["failed"])
+                incarnations.add(status.incarnation)
+                if status.failed:
+                    failures.append(status.failed)
             time.sleep(0.3)
     finally:
         fleet.stop(deadline_s=5.0)
@@ -195,11 +196,11 @@ def test_split_pools_run_as_one_actor_group_each_and_every_event_gets_one_verdic
     )
     assert report.drained, report
     assert report.workers == 2
-    pools = {s["pool"]: s for s in at_ready["statuses"]}
+    pools = {s.pool: s for s in at_ready["statuses"]}
     assert set(pools) == {"text", "vision"}
-    assert sorted(tuple(s["gpu_ids"]) for s in pools.values()) == [("0",), ("1",)]
+    assert sorted(tuple(s.gpu_ids) for s in pools.values()) == [("0",), ("1",)]
     # Each pool's consumer group owns every partition: both pools read the whole topic.
-    assert all(len(s["assigned"]) == PARTITIONS for s in pools.values())
+    assert all(len(s.assigned) == PARTITIONS for s in pools.values())
 
     verdicts = read_json(settings, settings.topics.verdicts)
     ids = Counter(v["event_id"] for v in verdicts)
@@ -214,5 +215,5 @@ def test_split_pools_run_as_one_actor_group_each_and_every_event_gets_one_verdic
     # Real decisions: the tiny text guard follows the toy policy on about 9 in 10 items, the Vision one more.
     assert agree["text"] >= 0.85 * text_total and agree["vision"] >= 0.85 * len(stream.image_ids), agree
     assert len(read_json(settings, settings.topics.dlq)) == len(stream.malformed)
-    finals = {f["pool"]: f["counters"] for f in report.final_statuses}
+    finals = {f.pool: f.counters for f in report.final_statuses}
     assert finals["vision"]["dead_letters"] == 0, "the text pool owns the dead letters of undecodable input"

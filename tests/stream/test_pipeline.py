@@ -10,6 +10,7 @@ import pytest
 from tests.support import kafka_io
 from worker.contracts.schemas import validate_dead_letter, validate_verdict
 from worker.ops import metrics
+from worker.stream.status import PipelineStatus
 
 # The acceptance stream. ~2,000 events take ≈15 s on the CPU tiny model (measured: see the report).
 STREAM_EVENTS = 2000
@@ -205,7 +206,7 @@ def test_backpressure_pauses_above_the_in_flight_bound_and_resumes_below(
     stream = kafka_io.build_stream(300, seed=16, malformed_ratio=0.0)
     kafka_io.produce(settings, stream.records)
     worker = kafka_io.WorkerThread(settings, guard_engine).start()
-    samples: list[dict] = []
+    samples: list[PipelineStatus] = []
 
     def done() -> bool:
         samples.append(worker.pipeline.status())
@@ -215,10 +216,10 @@ def test_backpressure_pauses_above_the_in_flight_bound_and_resumes_below(
         kafka_io.wait_for(done, timeout_s=120, what="all events committed", workers=[worker])
     finally:
         worker.stop()
-    assert any(s["paused"] for s in samples), "partitions were paused at some point"
-    assert samples[-1]["paused"] == 0, "and resumed once the work drained"
+    assert any(s.paused for s in samples), "partitions were paused at some point"
+    assert samples[-1].paused == 0, "and resumed once the work drained"
     # A poll may overshoot the bound by at most one poll's worth of records per partition.
-    assert max(s["in_flight"] for s in samples) <= 16 + 8 * kafka_io.EVENT_PARTITIONS
+    assert max(s.in_flight for s in samples) <= 16 + 8 * kafka_io.EVENT_PARTITIONS
     ids = Counter(v["event_id"] for v in kafka_io.read_json(settings, settings.topics.verdicts))
     assert set(ids) == stream.valid_ids and max(ids.values()) == 1
 

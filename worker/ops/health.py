@@ -14,10 +14,10 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -28,25 +28,25 @@ from worker.ops.metrics import REGISTRY
 logger = logging.getLogger(__name__)
 
 Check = Callable[[], bool]
-StatusSource = Callable[[], Mapping[str, Any]]
+
+
+class Status(Protocol):
+    """What a status source returns: a typed snapshot (e.g. ``worker.stream.status.PipelineStatus``)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON body put under ``detail``."""
+        ...
+
+    def not_ready_reason(self) -> str:
+        """A machine-readable reason for "not ready"."""
+        ...
+
+
+StatusSource = Callable[[], Status]
 
 
 def _always_live() -> bool:
     return True
-
-
-def not_ready_reason(status: Mapping[str, Any] | None) -> str:
-    """A machine-readable reason for "not ready", read from a pipeline ``status()`` dict when there is one."""
-    if not status:
-        return "not_ready"
-    if status.get("model_loaded") is False:
-        return "model_not_loaded"
-    for key in ("assigned_partitions", "assigned", "partitions"):
-        if key in status and not status[key]:
-            return "no_partitions_assigned"
-    if status.get("stopping"):
-        return "stopping"
-    return str(status.get("reason") or "not_ready")
 
 
 class OpsServer:
@@ -129,16 +129,16 @@ class OpsServer:
             ready = bool(self.ready())
         except Exception as exc:  # noqa: BLE001 (a broken check must answer 503, not kill the probe thread)
             return False, {"status": "not_ready", "reason": f"check_failed: {type(exc).__name__}"}
-        status: Mapping[str, Any] | None = None
+        status: Status | None = None
         if self.status is not None:
             try:
                 status = self.status()
-                body["detail"] = _jsonable(status)
+                body["detail"] = _jsonable(status.as_dict())
             except Exception as exc:  # noqa: BLE001 (status detail is optional; readiness still answers)
                 body["detail_error"] = type(exc).__name__
         body["status"] = "ready" if ready else "not_ready"
         if not ready:
-            body["reason"] = not_ready_reason(status)
+            body["reason"] = status.not_ready_reason() if status is not None else "not_ready"
         return ready, body
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:

@@ -17,10 +17,12 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, replace
 from typing import Any
 
 from worker.config import Settings
 from worker.runners.ray_env import settings_from_payload
+from worker.stream.status import PipelineStatus
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,85 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """One actor's answer to the driver: its identity, its pipeline's status, and how it stopped.
+
+    ``pipeline`` is None when the pipeline could not report (``status_error`` says why) or when the actor did
+    not answer at all (``unanswered``). ``as_dict()`` is the flat JSON shape the driver logs.
+    """
+
+    worker_index: int
+    worker: str | None = None
+    pool: str | None = None
+    incarnation: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    gpu_ids: tuple[str, ...] = ()
+    device: str | None = None
+    ready: bool = False
+    running: bool = False
+    failed: str | None = None  # why the pipeline thread died (None while it runs)
+    stopped: bool = False
+    ops_port: int | None = None
+    lag: int = 0  # this actor's partitions' mw_consumer_lag
+    pipeline: PipelineStatus | None = None
+    status_error: str | None = None
+    drained: bool | None = None  # set by stop(): whether the pipeline drained within the deadline
+
+    @classmethod
+    def unanswered(cls, worker_index: int) -> WorkerStatus:
+        """What the driver records for an actor that did not answer its stop in time."""
+        return cls(worker_index, drained=False)
+
+    @property
+    def model_loaded(self) -> bool:
+        return self.pipeline is not None and self.pipeline.model_loaded
+
+    @property
+    def in_flight(self) -> int:
+        return self.pipeline.in_flight if self.pipeline is not None else 0
+
+    @property
+    def assigned(self) -> tuple[str, ...]:
+        return self.pipeline.assigned if self.pipeline is not None else ()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.pipeline.counters if self.pipeline is not None else {}
+
+    def not_ready_reason(self) -> str:
+        """Why the actor is not ready (its pipeline's reason, or that it failed or cannot report)."""
+        if self.failed:
+            return "pipeline_failed"
+        return self.pipeline.not_ready_reason() if self.pipeline is not None else "not_ready"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat JSON shape: the pipeline's status, then the actor's identity over it."""
+        body: dict[str, Any] = (
+            self.pipeline.as_dict() if self.pipeline is not None else {"status_error": self.status_error}
+        )
+        body.update(
+            worker=self.worker,
+            worker_index=self.worker_index,
+            pool=self.pool,
+            incarnation=self.incarnation,
+            pid=self.pid,
+            started_at=self.started_at,
+            gpu_ids=list(self.gpu_ids),
+            device=self.device,
+            ready=self.ready,
+            running=self.running,
+            failed=self.failed,
+            stopped=self.stopped,
+            ops_port=self.ops_port,
+            lag=self.lag,
+        )
+        if self.drained is not None:
+            body["drained"] = self.drained
+        return body
 
 
 class GuardWorker:
@@ -140,31 +221,34 @@ class GuardWorker:
         """True when the model is loaded and partitions are assigned (the pipeline's own readiness)."""
         return self._failure is None and bool(self.pipeline.ready)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> WorkerStatus:
         """The pipeline's status (model loaded, partitions, counters, in flight) plus the actor's identity."""
+        pipeline: PipelineStatus | None = None
+        error = None
         try:
-            pipeline_status = dict(self.pipeline.status())
+            pipeline = self.pipeline.status()
         except Exception as exc:  # noqa: BLE001 (status must answer even when the pipeline is in a bad state)
-            pipeline_status = {"status_error": type(exc).__name__}
-        return {
-            **pipeline_status,
-            "worker": self.name,
-            "worker_index": self.worker_index,
-            "pool": self.settings.pool,
-            "incarnation": self.incarnation,
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "gpu_ids": self.gpu_ids,
-            "device": self.settings.model.device,
-            "ready": self.ready(),
-            "running": self._thread.is_alive(),
-            "failed": self._failure,
-            "stopped": self._stopped,
-            "ops_port": self._ops.port if self._ops is not None else None,
-            "lag": _own_lag(),
-        }
+            error = type(exc).__name__
+        return WorkerStatus(
+            worker_index=self.worker_index,
+            worker=self.name,
+            pool=self.settings.pool,
+            incarnation=self.incarnation,
+            pid=os.getpid(),
+            started_at=self.started_at,
+            gpu_ids=tuple(self.gpu_ids),
+            device=self.settings.model.device,
+            ready=self.ready(),
+            running=self._thread.is_alive(),
+            failed=self._failure,
+            stopped=self._stopped,
+            ops_port=self._ops.port if self._ops is not None else None,
+            lag=_own_lag(),
+            pipeline=pipeline,
+            status_error=error,
+        )
 
-    def stop(self, deadline_s: float | None = None) -> dict[str, Any]:
+    def stop(self, deadline_s: float | None = None) -> WorkerStatus:
         """Drain and stop the pipeline within ``deadline_s`` (default ``shutdown.drain_timeout_s``).
 
         The pipeline finishes in-flight batches, publishes, commits and closes its consumer, so the
@@ -183,7 +267,7 @@ class GuardWorker:
 
         stop_export()
         self._stopped = drained
-        return {**self.status(), "drained": drained}
+        return replace(self.status(), drained=drained)
 
 
 def _own_lag() -> int:

@@ -32,11 +32,11 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from worker.config import Settings
-from worker.runners.ray_actor import remote_guard_worker
+from worker.runners.ray_actor import WorkerStatus, remote_guard_worker
 from worker.runners.ray_env import init_ray, settings_payload
 
 if TYPE_CHECKING:
@@ -51,6 +51,23 @@ RESTART_BACKOFF_BASE_S = 2.0  # a pipeline that keeps failing is restarted after
 RESTART_BACKOFF_MAX_S = 120.0  # never a tight crash loop (e.g. a bad model path)
 
 
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    """What the driver's ``/readyz`` reports: its workers, how many are ready, restarts noticed."""
+
+    workers: int
+    ready: int
+    restarts_seen: int
+
+    def not_ready_reason(self) -> str:
+        """Not every worker is ready (the driver is ready when all are)."""
+        return "not_ready"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON body under ``detail``."""
+        return {"workers": self.workers, "ready": self.ready, "restarts_seen": self.restarts_seen}
+
+
 @dataclass
 class WorkerSlot:
     """What the driver knows about one actor: its handle and its last answer."""
@@ -62,7 +79,7 @@ class WorkerSlot:
     restarts_seen: int = 0
     ready: bool = False
     reachable: bool = False
-    status: dict[str, Any] = field(default_factory=dict)
+    status: WorkerStatus | None = None  # its last answer
     consecutive_failures: int = 0
     next_restart_at: float = 0.0  # monotonic time before which a failed pipeline is left alone
 
@@ -252,9 +269,9 @@ class WorkerFleet:
         ``mw_consumer_lag`` plus their in-flight events (fetched, not yet committed). Lag alone drops to 0
         as soon as a backlog is fetched into memory, long before it is moderated."""
         return sum(
-            int(slot.status.get("lag") or 0) + int(slot.status.get("in_flight") or 0)
+            slot.status.lag + slot.status.in_flight
             for slot in self.slots
-            if slot.reachable
+            if slot.reachable and slot.status is not None
         )
 
     def scale_to(self, count: int, drain_deadline_s: float | None = None) -> None:
@@ -276,7 +293,7 @@ class WorkerFleet:
             refs = {slot.actor.stop.remote(deadline_s): slot for slot in leaving}
             done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=deadline_s + STOP_MARGIN_S)
             for ref, slot in refs.items():
-                final: dict[str, Any] = {"worker_index": slot.index, "drained": False}
+                final = WorkerStatus.unanswered(slot.index)
                 if ref in done:
                     try:
                         final = ray.get(ref, timeout=1.0)
@@ -289,7 +306,7 @@ class WorkerFleet:
                 log.info(
                     "scaling in: guard worker %d drained=%s",
                     slot.index,
-                    final.get("drained"),
+                    final.drained,
                     extra={"stage": "ray_driver"},
                 )
         self._publish_metrics()
@@ -330,7 +347,7 @@ class WorkerFleet:
         """Workers that answered their last poll."""
         return sum(s.reachable for s in self.slots)
 
-    def poll(self, timeout_s: float = STATUS_TIMEOUT_S) -> list[dict[str, Any]]:
+    def poll(self, timeout_s: float = STATUS_TIMEOUT_S) -> list[WorkerStatus]:
         """Ask every worker for its status at once (bounded by ``timeout_s``); log changes; heal failures.
 
         Returns the statuses that arrived. A worker that does not answer is marked unreachable (Ray is
@@ -367,8 +384,8 @@ class WorkerFleet:
         slot.ready = False
         self._all_ready_logged = False
 
-    def _record(self, slot: WorkerSlot, status: dict[str, Any]) -> None:
-        incarnation = status.get("incarnation")
+    def _record(self, slot: WorkerSlot, status: WorkerStatus) -> None:
+        incarnation = status.incarnation
         if slot.incarnation is not None and incarnation != slot.incarnation:
             slot.restarts_seen += 1
             self._all_ready_logged = False
@@ -383,25 +400,25 @@ class WorkerFleet:
             log.info(
                 "guard worker %d reachable: gpu_ids=%s device=%s pid=%s",
                 slot.index,
-                status.get("gpu_ids"),
-                status.get("device"),
-                status.get("pid"),
+                status.gpu_ids,
+                status.device,
+                status.pid,
                 extra={"stage": "ray_driver"},
             )
-        ready = bool(status.get("ready"))
+        ready = status.ready
         if ready != slot.ready:
             log.info(
                 "guard worker %d %s: model_loaded=%s partitions=%s",
                 slot.index,
                 "ready" if ready else "not ready",
-                status.get("model_loaded"),
-                _partitions_of(status),
+                status.model_loaded,
+                list(status.assigned),
                 extra={"stage": "ray_driver"},
             )
         slot.incarnation, slot.reachable, slot.ready, slot.status = incarnation, True, ready, status
         if ready:
             slot.consecutive_failures = 0
-        if status.get("failed") and not status.get("stopped"):
+        if status.failed and not status.stopped:
             # The pipeline thread died but the process lives: restart the whole actor through Ray
             # (max_restarts), which gives the worker a fresh consumer, engine and incarnation — after a
             # backoff that grows with consecutive failures, so a permanent fault is not a crash loop.
@@ -417,7 +434,7 @@ class WorkerFleet:
                 "guard worker %d pipeline failed (%s); restarting the actor (failure %d; next restart no sooner "
                 "than %.0fs)",
                 slot.index,
-                status.get("failed"),
+                status.failed,
                 slot.consecutive_failures,
                 delay,
                 extra={"stage": "ray_driver", "reason": "pipeline_failed"},
@@ -457,7 +474,7 @@ class WorkerFleet:
         )
         refs = [slot.actor.stop.remote(deadline_s) for slot in self.slots]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=deadline_s + STOP_MARGIN_S)
-        finals: list[dict[str, Any]] = []
+        finals: list[WorkerStatus] = []
         for ref in done:
             try:
                 finals.append(ray.get(ref, timeout=1.0))
@@ -466,8 +483,8 @@ class WorkerFleet:
         for final in finals:
             log.info(
                 "guard worker %s stopped (drained=%s)",
-                final.get("worker_index"),
-                final.get("drained"),
+                final.worker_index,
+                final.drained,
                 extra={"stage": "ray_driver"},
             )
         for slot in self.slots:
@@ -475,13 +492,6 @@ class WorkerFleet:
         self.slots = []
         self._publish_metrics()
         return finals
-
-
-def _partitions_of(status: dict[str, Any]) -> Any:
-    for key in ("assigned_partitions", "assigned", "partitions"):
-        if key in status:
-            return status[key]
-    return None
 
 
 def run_on_ray(settings: Settings) -> int:
@@ -533,12 +543,8 @@ def _start_driver_ops(settings: Settings, fleet: WorkerFleet) -> Any:
         return None
     from worker.ops.health import OpsServer
 
-    def summary() -> dict[str, Any]:
-        return {
-            "workers": len(fleet.slots),
-            "ready": sum(s.ready for s in fleet.slots),
-            "restarts_seen": fleet.restarts_seen,
-        }
+    def summary() -> FleetStatus:
+        return FleetStatus(len(fleet.slots), sum(s.ready for s in fleet.slots), fleet.restarts_seen)
 
     from worker.ops.metrics import DRIVER_REGISTRY
 
@@ -663,7 +669,7 @@ class DrainReport:
     elapsed_s: float
     workers: int
     restarts_seen: int
-    final_statuses: list[dict[str, Any]]
+    final_statuses: list[WorkerStatus]
 
 
 def run_until_drained(
@@ -690,7 +696,7 @@ def run_until_drained(
     begin = time.monotonic()
     completed = 0
     drained = False
-    finals: list[dict[str, Any]] = []
+    finals: list[WorkerStatus] = []
     try:
         fleet.start()
         if not fleet.wait_ready(ready_timeout_s):

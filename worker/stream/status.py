@@ -33,6 +33,14 @@ class PipelineStatus:
             return None
         return "+".join(f"{cause}_outage" for cause in self.outage)
 
+    def not_ready_reason(self) -> str:
+        """Why the worker is not ready, machine-readable (what ``/readyz`` answers with its 503)."""
+        if not self.model_loaded:
+            return "model_not_loaded"
+        if not self.assigned:
+            return "no_partitions_assigned"
+        return self.reason or "not_ready"
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of the status (``reason`` present only during an outage)."""
         body: dict[str, Any] = {
