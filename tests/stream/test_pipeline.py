@@ -236,7 +236,7 @@ def test_a_dead_letter_log_line_names_the_event_id_and_the_source_coordinates(
     kafka_io.produce(settings, [(b"c", orjson.dumps(bad))], partitions=1)
     worker = kafka_io.WorkerThread(settings, guard_engine).start()
     try:
-        with caplog.at_level(logging.INFO, logger="worker.stream.pipeline"):
+        with caplog.at_level(logging.INFO, logger="worker.stream"):
             kafka_io.wait_for(
                 lambda: kafka_io.fully_committed(worker.pipeline, 1),
                 timeout_s=STREAM_TIMEOUT_S,
