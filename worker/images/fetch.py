@@ -86,6 +86,7 @@ def fetch_image(
     ``image_blocked_address``, ``image_fetch_failed``, ``image_fetch_timeout``,
     ``image_too_many_redirects``, ``image_bad_content_type``, ``image_too_large``.
     """
+    _parse_target(url, fetch.allowed_schemes)  # an unsupported scheme is refused first, fetching on or off
     if not fetch.enabled:
         raise RejectedError(
             Reason.IMAGE_FETCH_DISABLED, "image URL fetching is disabled (image_fetch.enabled)"
