@@ -16,8 +16,9 @@ import pytest
 import ray
 
 from tests.stream.streaming import build_stream, produce, read_json
+from tests.support.ray_drain import run_until_drained
 from worker.config import Settings
-from worker.runners.ray_fleet import WorkerFleet, run_until_drained
+from worker.runners.ray_fleet import WorkerFleet
 from worker.stream.kafka_clients import ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -53,7 +53,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
     """Serve deployment options from ``serve.*``.
 
     ``max_ongoing_requests`` is raised to at least ``max_batch_size`` × concurrent batches: below that a
-    replica can never fill a batch and Serve's default of 5 collapses throughput (ARCHITECTURE.md).
+    replica can never fill a batch and Serve's default of 5 collapses throughput (a replica holding at most
+    5 requests never runs a batch of more than 5 events).
     """
     from worker.serve.deployment import MAX_CONCURRENT_BATCHES
 
@@ -73,7 +74,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "graceful_shutdown_wait_loop_s": 0.5,
         # Serve's own access/replica lines as JSON too (our records already are).
         **({"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}),
-        # num_cpus=0 for GPU replicas, like the stream actors: a small node must not starve (ARCHITECTURE.md).
+        # num_cpus=0 for GPU replicas, like the stream actors: a GPU node's few CPUs must not leave a replica
+        # waiting for a CPU slot it never uses.
         "ray_actor_options": {
             "num_gpus": serve_settings.num_gpus,
             "num_cpus": 0 if serve_settings.num_gpus else 1,
