@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from worker.config import Settings
 from worker.runners.ray_actor import remote_guard_worker
 from worker.runners.ray_env import init_ray, settings_payload
+from worker.runners.signals import stop_on_signals
 
 if TYPE_CHECKING:
     pass
@@ -496,33 +497,28 @@ def run_on_ray(settings: Settings) -> int:
     started_local = init_ray(settings)
     # After ray.init: Ray's core installs its own SIGTERM handler (log and die), ours must replace it.
     stop_requested = threading.Event()
-    previous = _install_stop_handlers(stop_requested)
     fleet = WorkerFleet(settings)
     ops = None
-    try:
-        fleet.start()
-        ops = _start_driver_ops(settings, fleet)
-        next_scale = time.monotonic() + settings.ray.autoscale_interval_s
-        while not stop_requested.is_set():
-            fleet.poll()
-            if fleet.scaler is not None and time.monotonic() >= next_scale:
-                try:
-                    fleet.autoscale()
-                except Exception:  # a failed plan (e.g. broker metadata timeout) must not stop the stream
-                    log.exception("autoscaling step failed", extra={"stage": "ray_driver"})
-                next_scale = time.monotonic() + settings.ray.autoscale_interval_s
-            stop_requested.wait(POLL_INTERVAL_S)
-        log.info("stop requested; draining guard workers", extra={"stage": "shutdown"})
-    finally:
-        if fleet.slots:
-            fleet.stop()
-        if ops is not None:
-            ops.stop()
-        _restore_handlers(previous)
-        if started_local:
-            import ray
-
-            ray.shutdown()
+    with stop_on_signals(stop_requested.set), _shutdown_ray_after(started_local):
+        try:
+            fleet.start()
+            ops = _start_driver_ops(settings, fleet)
+            next_scale = time.monotonic() + settings.ray.autoscale_interval_s
+            while not stop_requested.is_set():
+                fleet.poll()
+                if fleet.scaler is not None and time.monotonic() >= next_scale:
+                    try:
+                        fleet.autoscale()
+                    except Exception:  # a failed plan (e.g. broker metadata timeout) must not stop the stream
+                        log.exception("autoscaling step failed", extra={"stage": "ray_driver"})
+                    next_scale = time.monotonic() + settings.ray.autoscale_interval_s
+                stop_requested.wait(POLL_INTERVAL_S)
+            log.info("stop requested; draining guard workers", extra={"stage": "shutdown"})
+        finally:
+            if fleet.slots:
+                fleet.stop()
+            if ops is not None:
+                ops.stop()
     return 0
 
 
@@ -549,21 +545,16 @@ def _start_driver_ops(settings: Settings, fleet: WorkerFleet) -> Any:
     ).start()
 
 
-def _install_stop_handlers(stop_requested: threading.Event) -> dict[int, Any]:
-    """SIGTERM/SIGINT set ``stop_requested`` (main thread only; elsewhere the caller stops the fleet)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
+@contextmanager
+def _shutdown_ray_after(started_local: bool) -> Iterator[None]:
+    """Shut down the Ray instance this process started (a joined cluster is left running)."""
+    try:
+        yield
+    finally:
+        if started_local:
+            import ray
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s", signal.Signals(signum).name, extra={"stage": "shutdown"})
-        stop_requested.set()
-
-    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+            ray.shutdown()
 
 
 # --- the demo's entry points ----------------------------------------------------------------------

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from typing import Any
 
 from worker.config import ConfigError, Settings, load_settings
 from worker.runners.ray_env import init_ray, settings_payload
+from worker.runners.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -124,27 +124,19 @@ def serve_command(settings: Settings) -> int:
     from ray import serve
 
     stop_requested = threading.Event()
-    # Replaces Ray's own SIGTERM handler (installed by ray.init: exit with a traceback): from here on, a
-    # signal means "stop in order", even during start-up.
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {
-            sig: signal.signal(sig, lambda *_: stop_requested.set())
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
     status = 0
-    try:
-        json_logs = {"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}
-        serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port}, **json_logs)
-        status = _deploy_and_wait(settings, stop_requested)
-        if status == 0:
-            while not stop_requested.wait(1.0):
-                pass  # a timed wait lets the signal handler run promptly
-            log.info("stop requested; draining in-flight requests", extra={"stage": "shutdown"})
-    finally:
-        _stop_in_order(settings, started_local)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # From here on a signal means "stop in order", even during start-up (it replaces Ray's own handler).
+    with stop_on_signals(stop_requested.set):
+        try:
+            json_logs = {"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}
+            serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port}, **json_logs)
+            status = _deploy_and_wait(settings, stop_requested)
+            if status == 0:
+                while not stop_requested.wait(1.0):
+                    pass  # a timed wait lets the signal handler run promptly
+                log.info("stop requested; draining in-flight requests", extra={"stage": "shutdown"})
+        finally:
+            _stop_in_order(settings, started_local)
     return status
 
 

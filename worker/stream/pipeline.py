@@ -253,16 +253,21 @@ class StreamPipeline:
             "outage": self._guard.status(),
         }
 
-    def run(self) -> None:
-        """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
-        from worker.stream.kafka_clients import make_consumer, make_producer
-
+    def load_models(self) -> ModelRegistry:
+        """Load every model this worker holds, once (``run`` calls it; a runner may call it earlier)."""
         if self.models is None:
             self.models = ModelRegistry.from_settings(self.settings)
             self.engine = self.models.first
             metrics.register_models(self.models.names)
             self.moderator = Moderator(self.models, self.settings)
-        metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
+        return self.models
+
+    def run(self) -> None:
+        """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
+        from worker.stream.kafka_clients import make_consumer, make_producer
+
+        models = self.load_models()
+        metrics.MODEL_LOAD_SECONDS.set(models.load_seconds)
         from worker.moderation.language import warm_up
 
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
