@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from tests.support.contracts import validate_dead_letter, validate_event, validate_verdict
-from worker.contracts.dead_letters import Reason, Rejection, SourceCoordinates, build_dead_letter
+from worker.contracts.dead_letters import SourceCoordinates, build_dead_letter
 from worker.contracts.events import ChatEvent, ImageRef, Turn
+from worker.contracts.rejections import Reason, Rejection
 from worker.contracts.schemas import (
     SCHEMAS_DIR,
     dead_letter_schema_version,

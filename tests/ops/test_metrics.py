@@ -9,7 +9,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from tests.support import metrics as metric_reader
 from worker.config import CATEGORY_CODES
-from worker.contracts.dead_letters import Reason
+from worker.contracts.rejections import Reason
 from worker.ops import metrics
 
 # The agreed list in the interfaces brief (mw_duplicates_skipped_total is the optional one, exported too).

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
-from worker.contracts.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates
+from worker.contracts.dead_letters import SourceCoordinates
 from worker.contracts.events import ChatEvent, Turn
+from worker.contracts.rejections import Reason, RejectedError, Rejection
 from worker.contracts.verdicts import verdict_for
 from worker.engine.isolation import run_isolated
 from worker.engine.policy import resolve_event_policy

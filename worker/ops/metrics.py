@@ -34,7 +34,7 @@ from prometheus_client import (
 from prometheus_client.gc_collector import GCCollector
 
 from worker.config import CATEGORY_CODES
-from worker.contracts.dead_letters import Reason
+from worker.contracts.rejections import Reason
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)

@@ -40,13 +40,10 @@ from kafka.structs import TopicPartition
 from worker.cache.published import PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
-from worker.contracts.dead_letters import (
-    Rejection,
-    SourceCoordinates,
-    build_dead_letter,
-)
+from worker.contracts.dead_letters import SourceCoordinates, build_dead_letter
 from worker.contracts.decode import decode_event, salvage_event_id
 from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Rejection
 from worker.contracts.verdicts import event_lag_seconds
 from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardResult
