@@ -121,7 +121,12 @@ def test_an_actor_killed_mid_stream_restarts_and_every_event_still_gets_a_verdic
 
     started = time.monotonic()
     report = run_until_drained(
-        settings, expected_events=len(stream.records), timeout_s=300, ready_timeout_s=180, on_ready=on_ready
+        settings,
+        expected_events=len(stream.records),
+        timeout_s=300,
+        ready_timeout_s=180,
+        on_ready=on_ready,
+        ready_again_timeout_s=180,  # on a busy machine the victim may still be reloading its model
     )
     killed["thread"].join(timeout=130)
     assert report.drained, report

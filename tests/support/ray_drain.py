@@ -87,6 +87,7 @@ def run_until_drained(
     ready_timeout_s: float = 120.0,
     on_ready: Callable[[WorkerFleet], None] | None = None,
     poll_interval_s: float = 0.5,
+    ready_again_timeout_s: float = 0.0,
 ) -> DrainReport:
     """Run the stream through GuardWorker actors until ``expected_events`` more events are committed.
 
@@ -96,6 +97,8 @@ def run_until_drained(
     advanced by ``expected_events`` or ``timeout_s`` (counted from readiness) passes, and drains the
     actors. Events already on the topic count, as long as the group had not committed them before
     the call. Returns a ``DrainReport``; ``drained`` is False on timeout (never raises for it).
+    ``ready_again_timeout_s``: once drained, wait up to that long for every worker to be ready again (a worker
+    Ray is still restarting then reports its new incarnation in the final statuses).
     """
     started_local = init_ray(settings)
     fleet = WorkerFleet(settings)
@@ -116,6 +119,8 @@ def run_until_drained(
             completed = progress.completed()
             if completed >= expected_events:
                 drained = True
+                if ready_again_timeout_s:
+                    fleet.wait_ready(ready_again_timeout_s)
                 break
             time.sleep(poll_interval_s)
         restarts = fleet.restarts_seen
