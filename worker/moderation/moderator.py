@@ -269,10 +269,10 @@ class Moderator:
         if prepared is not None or prepare_error is not None:  # one batch, prepared by the caller
             results = isolate(requests, prepared=prepared, prepare_error=prepare_error)
         else:
-            results = [None] * len(requests)
+            by_index: dict[int, GuardResult | EngineError] = {}
             for chunk in engine.batches(requests):
-                for i, result in zip(chunk, isolate([requests[i] for i in chunk]), strict=True):
-                    results[i] = result
+                by_index.update(zip(chunk, isolate([requests[i] for i in chunk]), strict=True))
+            results = [by_index[i] for i in range(len(requests))]
         answered: list[GuardResult | EngineError] = []
         for item, result in zip(ready, results, strict=True):
             if isinstance(result, GuardResult):
