@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from tests.support import kafka_io
-from worker.contracts.schemas import validate_dead_letter, validate_verdict
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.registry import ModelRegistry
 from worker.moderation.routing import consumer_group_id, settings_for_pool

@@ -27,9 +27,9 @@ import yaml
 from tests.ops.helpers import REPO
 from tests.ops.test_dashboard import _queries, promql_references
 from tests.support.kafka_io import build_stream, produce, read_json
+from tests.support.metrics import parse_exposition
 from tests.support.multinode import WORKER_NODES, MultiNodeCluster
 from worker.dev.services import free_port
-from worker.ops.metrics import parse_exposition
 from worker.runners.ray_env import LOCAL_RAY_ENV
 from worker.stream.kafka_clients import ensure_topics
 

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from tests.support import kafka_io
-from worker.contracts.schemas import validate_dead_letter, validate_verdict
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from worker.ops import metrics
 from worker.stream.status import PipelineStatus
 

@@ -10,13 +10,13 @@ import orjson
 import pytest
 import torch
 
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from tests.support.kafka_io import (
     produce,
     read_json,
     run_to_completion,
 )
 from worker.config import load_settings
-from worker.contracts.schemas import validate_dead_letter, validate_verdict
 from worker.engine.engine import GuardEngine, PreparedBatch
 from worker.engine.types import EngineError
 

@@ -7,12 +7,12 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from tests.support.kafka_io import (
     produce,
     read_json,
     run_to_completion,
 )
-from worker.contracts.schemas import validate_dead_letter, validate_verdict
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.engine import GuardEngine
 from worker.engine.policy import load_policies

@@ -1,5 +1,6 @@
 """The stream's delivery rules on the in-memory broker: each test runs the real ``StreamPipeline`` loop for
-a few milliseconds with ``LocalBroker``, ``InMemoryCache`` and ``ScriptedEngine`` (``tests.support``).
+a few milliseconds with ``LocalBroker``, ``DictCache`` and ``FakeEngine`` (``tests.support``): a text with
+``kill`` is unsafe, ``POISON`` fails its forward pass, ``GARBLED`` gets an answer that does not parse.
 
 The same rules are exercised end to end against tansu, Redis and the tiny checkpoints in the integration
 tests beside this file; here every failure and rebalance lands exactly between two loop turns.
@@ -11,9 +12,8 @@ from collections import Counter
 
 import pytest
 
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from tests.support.local_stream import LocalStream, chat_event
-from tests.support.scripted_engine import POISON, UNSAFE
-from worker.contracts.schemas import validate_dead_letter, validate_verdict
 
 
 def engine_outage(s: LocalStream) -> dict | None:
@@ -39,7 +39,7 @@ def stream():
 
 def test_every_event_gets_one_verdict_or_dead_letter_and_every_offset_is_committed(stream):
     s = stream()
-    events = [chat_event(i, f"{UNSAFE} text {i}" if i % 3 == 0 else None) for i in range(10)]
+    events = [chat_event(i, f"how to kill, text {i}" if i % 3 == 0 else None) for i in range(10)]
     s.send([*events, b"{not json"])
     s.turn_until(s.all_committed, "all committed")
     verdicts, dead = s.verdicts(), s.dead_letters()
@@ -70,7 +70,7 @@ def test_an_offset_is_committed_only_after_its_answer_is_acknowledged(stream):
 
 def test_commit_point_waits_for_the_slowest_earlier_answer_of_its_partition(stream):
     s = stream(partitions=1)
-    s.send([chat_event(0, f"{POISON} first")])  # its batch fails, is isolated, dead-lettered: later than 1..3
+    s.send([chat_event(0, "POISON first")])  # its batch fails, is isolated, dead-lettered: later than 1..3
     s.send([chat_event(i) for i in range(1, 4)], partition=0)
     s.turn_until(s.all_committed, "all committed")
     assert s.committed() == {0: 4}
@@ -205,7 +205,7 @@ def test_the_revoke_commits_what_is_complete_before_the_partitions_leave(stream)
 
 def test_a_poison_item_is_isolated_into_one_dead_letter(stream):
     s = stream(partitions=1, batching__max_size=8, batching__max_wait_ms=50)
-    events = [chat_event(i, f"{POISON} here" if i == 5 else None) for i in range(8)]
+    events = [chat_event(i, "POISON here" if i == 5 else None) for i in range(8)]
     s.send(events)
     s.turn_until(s.all_committed, "all committed")
     dead = s.dead_letters()
@@ -239,7 +239,7 @@ def test_an_engine_outage_holds_the_batch_pauses_and_judges_it_after_recovery(st
 
 def test_failed_batches_in_a_row_are_an_outage_even_when_the_probe_works(stream):
     s = stream(partitions=1, batching__max_size=2, failures__max_failed_batches=2)
-    s.send([chat_event(i, f"{POISON} {i}") for i in range(6)])
+    s.send([chat_event(i, f"POISON {i}") for i in range(6)])
     s.turn_until(lambda: engine_outage(s), "engine outage")
     assert len(s.dead_letters()) == 2  # the first failed batch was taken for poison
 
@@ -271,7 +271,7 @@ def test_identical_content_is_classified_once_and_cache_hits_skip_the_model(stre
     s = stream(partitions=1)
     s.send([chat_event(i, "the same question") for i in range(5)])
     s.turn_until(s.all_committed, "all committed")
-    assert sum(s.engine.batches) == 1
+    assert sum(s.engine.forward_passes) == 1
     s.send([chat_event(i, "the same question", prefix="again") for i in range(3)])
     s.turn_until(s.all_committed, "all committed again")
-    assert sum(s.engine.batches) == 1 and s.pipeline.counters["cached"] == 3
+    assert sum(s.engine.forward_passes) == 1 and s.pipeline.counters["cached"] == 3

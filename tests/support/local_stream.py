@@ -1,7 +1,7 @@
-"""A ``StreamPipeline`` on the in-memory broker, cache and scripted engine, stepped by the test itself.
+"""A ``StreamPipeline`` on the in-memory broker, cache and engine, stepped by the test itself.
 
-``LocalStream`` builds the pipeline with ``LocalClients`` (``tests.support.local_broker``),
-``InMemoryCache`` and ``ScriptedEngine``, opens it, and lets a test inject events, drive loop turns
+``LocalStream`` builds the pipeline with ``LocalClients`` (``tests.support.local_broker``), a ``DictCache``
+and a ``FakeEngine`` (``tests.support.fake_engine``), opens it, and lets a test inject events, drive loop turns
 until a condition holds (``turn_until``), read the outputs and the group's commits, and drain. The
 test thread runs the loop, so every rebalance and failure lands exactly between two turns.
 """
@@ -15,9 +15,8 @@ from typing import Any
 import orjson
 from kafka.structs import TopicPartition
 
+from tests.support.fake_engine import DictCache, FakeEngine
 from tests.support.local_broker import LocalBroker, LocalClients, LocalConsumer
-from tests.support.memory_cache import InMemoryCache
-from tests.support.scripted_engine import ScriptedEngine
 from worker.config import Settings, load_settings
 from worker.moderation.routing import consumer_group_id
 from worker.stream.pipeline import StreamPipeline
@@ -54,7 +53,7 @@ class LocalStream:
         *,
         broker: LocalBroker | None = None,
         engine: Any = None,
-        cache: InMemoryCache | None = None,
+        cache: DictCache | None = None,
         name: str = "local",
         max_poll_records: int = 500,
         **overrides: Any,
@@ -64,8 +63,8 @@ class LocalStream:
         self.topics = self.settings.topics
         self.broker.create_topic(self.topics.events, partitions)
         self.partitions = partitions
-        self.engine = engine if engine is not None else ScriptedEngine(self.settings)
-        self.cache = cache if cache is not None else InMemoryCache(key_prefix=self.settings.redis.key_prefix)
+        self.engine = engine if engine is not None else FakeEngine(self.settings)
+        self.cache = cache if cache is not None else DictCache()
         self.group = consumer_group_id(self.settings)
         self.clients = LocalClients(self.broker, group=self.group, max_poll_records=max_poll_records)
         self.pipeline = StreamPipeline(

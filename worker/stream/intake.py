@@ -2,9 +2,10 @@
 
 For every record: register its offset with the checkpoint (a re-fetched one is ignored); a replayed record
 whose answer the broker already acknowledged (its published marker is in Redis, one MGET per poll) is
-completed without output; anything else is decoded (bad input → a ``Rejection``), given its tenant's policy
-and routed to the model that judges it. A record another pool's model judges is completed without output;
-one no model can judge is a dead letter in exactly one pool (``ModelRegistry.owns_unrouted``).
+completed without output; anything else is decoded (bad input → a ``Rejection``) and routed by the core
+(``Moderator.route``: its tenant's policy, the model that judges it). A record another pool's model judges is
+completed without output; one no model can judge is a dead letter in exactly one pool
+(``ModelRegistry.owns_unrouted``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from kafka.structs import TopicPartition
 
 from worker.cache.published import PublishedMarkers, record_digest
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, RejectedError, Rejection
 from worker.contracts.decode import decode_event
 from worker.contracts.events import ChatEvent
-from worker.engine.policy import resolve_event_policy
-from worker.engine.registry import ModelRegistry
+from worker.contracts.rejections import Rejection
+from worker.moderation.moderator import Elsewhere, Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
-from worker.stream.items import Consumed, Routed
+from worker.stream.items import Consumed, RoutedRecord
 
 
 @dataclass(slots=True)
@@ -40,7 +40,7 @@ class Rejected:
 class Accepted:
     """One poll after intake: events for the lookup, records for the dead-letter topic."""
 
-    routed: list[Routed] = field(default_factory=list)
+    routed: list[RoutedRecord] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
 
 
@@ -50,13 +50,13 @@ class Intake:
     def __init__(
         self,
         settings: Settings,
-        models: ModelRegistry,
+        moderator: Moderator,
         checkpoint: Checkpoint,
         markers: PublishedMarkers,
         counters: Counter[str],
     ) -> None:
         self._settings = settings
-        self._models = models
+        self._moderator = moderator
         self._checkpoint = checkpoint
         self._markers = markers
         self._counters = counters
@@ -95,39 +95,18 @@ class Intake:
         if isinstance(decoded, Rejection):
             self._unrouted(Rejected(consumed, decoded), accepted)
             return
-        models = self._models
-        try:
-            # Tenants first (their policy boundary), then the registry's own lookup and routing.
-            first = models.first
-            policy_id = resolve_event_policy(
-                first.policies,
-                self._settings.tenants,
-                decoded.tenant,
-                decoded.policy,
-                first.default_policy_id,
-            ).id
-            policy = models.policy_for(policy_id)
-        except RejectedError as exc:
-            self._unrouted(Rejected(consumed, exc.rejection, decoded), accepted)
-            return
-        model = models.model_for(policy, decoded.image_count)
-        if model is None:
-            rejection = Rejection(
-                Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images"
-            )
-            self._unrouted(Rejected(consumed, rejection, decoded), accepted)
-            return
-        if not models.holds(model):
+        routed = self._moderator.route(decoded)
+        if isinstance(routed, Rejection):
+            self._unrouted(Rejected(consumed, routed, decoded), accepted)
+        elif isinstance(routed, Elsewhere):
             self._counters["routed_elsewhere"] += 1
             self._complete_without_output(consumed)
-            return
-        model_policy = models.engine(model).policy_for(policy_id)
-        hits = model_policy.blocklists.match(decoded.turns[-1].texts) if model_policy.blocklists else ()
-        accepted.routed.append(Routed(consumed, decoded, model_policy, model, hits))
+        else:
+            accepted.routed.append(RoutedRecord(consumed, routed))
 
     def _unrouted(self, rejected: Rejected, accepted: Accepted) -> None:
         """No model was chosen: one pool (``worker.moderation.routing``) dead-letters it, the others skip it."""
-        if self._models.owns_unrouted:
+        if self._moderator.models.owns_unrouted:
             accepted.rejected.append(rejected)
         else:
             self._counters["routed_elsewhere"] += 1

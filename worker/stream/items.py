@@ -1,9 +1,10 @@
-"""What moves between the stream's steps: one typed stage per step, each complete when it is made.
+"""What moves between the stream's steps: a record's coordinates beside the core's typed stage.
 
-``Consumed`` (intake: a record and where it came from) → ``Routed`` (decoded, with the model and policy that
-judge it) → ``Keyed`` (image bytes fetched, cache key computed: ready for the lookup) → an ``Outcome`` (the
-verdict or dead letter published for it). A stage never has a field "filled in later": a step that needs
-something takes the stage that has it.
+The moderation core (``worker.moderation.moderator``) takes an event through ``Routed`` → ``Keyed`` →
+``Ready``; on the stream each stage also carries the record it came from, so every step can publish, complete
+and commit it: ``Consumed`` (intake) → ``RoutedRecord`` → ``KeyedRecord`` (lookup, classify) → ``Outcome``
+(outputs). A stage never has a field "filled in later": a step that needs something takes the stage that has
+it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from worker.contracts.dead_letters import SourceCoordinates
 
 if TYPE_CHECKING:
     from worker.contracts.events import ChatEvent
-    from worker.engine.blocklist import BlocklistHit
-    from worker.engine.policy import Policy
+    from worker.moderation.moderator import Keyed, Routed
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -56,31 +56,23 @@ class Consumed:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Routed:
-    """A decoded event with the configured model that judges it, its policy and its blocklist hits."""
+class RoutedRecord:
+    """A record whose event is routed: the policy, the model that judges it, its blocklist hits."""
 
     record: Consumed
-    event: ChatEvent
-    policy: Policy
-    model: str
-    hits: tuple[BlocklistHit, ...] = ()
+    routed: Routed
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Keyed:
-    """A routed event with its images' bytes (in order; empty for text) and its cache key."""
+class KeyedRecord:
+    """A record whose event has its images' bytes and its cache key: ready for the lookup."""
 
-    routed: Routed
-    images: tuple[bytes, ...]
-    cache_key: str
-
-    @property
-    def record(self) -> Consumed:
-        return self.routed.record
+    record: Consumed
+    keyed: Keyed
 
     @property
-    def modality(self) -> Literal["image", "text"]:
-        return "image" if self.images else "text"
+    def event(self) -> ChatEvent:
+        return self.keyed.routed.event
 
 
 @dataclass(slots=True, eq=False)

@@ -1,6 +1,6 @@
 """Outputs: verdicts and dead letters built, published, acknowledged — or published again after a backoff.
 
-An answered event's verdict (``verdict_for``) or a rejected record's dead letter (``build_dead_letter``) is
+An answered event's verdict (the core's ``Moderator.verdict``) or a rejected record's dead letter is
 sent through the ``Publisher``; ``apply_acks`` reads the broker's answers: an acknowledged record is
 completed at the checkpoint (and its published marker written to Redis, one pipelined write per call), a
 failed delivery is published again after a backoff. An event that failed ``failures.max_publish_attempts``
@@ -19,15 +19,15 @@ from kafka.errors import KafkaError
 
 from worker.cache.published import PublishedMarkers
 from worker.config import Settings
-from worker.contracts.dead_letters import Rejection, build_dead_letter
+from worker.contracts.dead_letters import build_dead_letter
 from worker.contracts.decode import salvage_event_id
 from worker.contracts.events import ChatEvent
-from worker.contracts.verdicts import event_lag_seconds, verdict_for
-from worker.engine.registry import ModelRegistry
-from worker.engine.types import GuardResult
+from worker.contracts.rejections import Rejection
+from worker.contracts.verdicts import event_lag_seconds
+from worker.moderation.moderator import Answer, Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
-from worker.stream.items import Consumed, Keyed, Outcome
+from worker.stream.items import Consumed, KeyedRecord, Outcome
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
 
@@ -42,7 +42,7 @@ class Outputs:
     def __init__(
         self,
         settings: Settings,
-        models: ModelRegistry,
+        moderator: Moderator,
         publisher: Publisher,
         markers: PublishedMarkers,
         checkpoint: Checkpoint,
@@ -50,7 +50,7 @@ class Outputs:
         counters: Counter[str],
     ) -> None:
         self._settings = settings
-        self._models = models
+        self._moderator = moderator
         self.publisher = publisher
         self._markers = markers
         self._checkpoint = checkpoint
@@ -65,30 +65,18 @@ class Outputs:
 
     # -- publishing --------------------------------------------------------------------------------------
 
-    def verdict(self, item: Keyed, result: GuardResult, *, cached: bool) -> None:
+    def verdict(self, item: KeyedRecord, answer: Answer) -> None:
         """Publish the verdict of ``item`` (unless its partition left)."""
-        record, routed = item.record, item.routed
+        record, keyed = item.record, item.keyed
         if self._checkpoint.is_stale(record):
             self._counters["dropped_revoked"] += 1
             return
-        verdict = verdict_for(
-            routed.event,
-            result,
-            routed.policy,
-            self._models.info(routed.model),
-            cached=cached,
-            latency_ms=(time.monotonic() - record.received) * 1000.0,
-            hits=routed.hits,
-            source=record.source,
-        )
-        if routed.hits:
-            metrics.record_blocklist_hits(routed.hits, halted=result.halted)
-        if verdict.get("review"):
-            metrics.REVIEW_BAND.inc()
+        latency_ms = (time.monotonic() - record.received) * 1000.0
+        verdict = self._moderator.verdict(keyed, answer, latency_ms=latency_ms, source=record.source)
         codes = tuple(c["code"] for c in verdict["categories"])
-        self._tally[(verdict["decision"], codes, cached, routed.model)] += 1
-        self._counters["cached" if cached else "verdicts"] += 1
-        self._publish(Outcome(record, "verdict", verdict, routed.event))
+        self._tally[(verdict["decision"], codes, answer.cached, keyed.routed.model)] += 1
+        self._counters["cached" if answer.cached else "verdicts"] += 1
+        self._publish(Outcome(record, "verdict", verdict, keyed.routed.event))
 
     def dead_letter(self, record: Consumed, rejection: Rejection, event: ChatEvent | None = None) -> None:
         """Publish a dead letter for ``record`` (unless its partition left)."""

@@ -12,7 +12,10 @@ a small thread pool fetches image bytes and prepares the next batch while the mo
 | checkpoint | ``worker.stream.checkpoint`` | the one commit routine (interval, revoke, drain) over ``OffsetTracker`` |
 | partitions | ``worker.stream.partitions`` | rebalance callbacks, backpressure and outage pauses, lag |
 
-Items move through typed stages (``worker.stream.items``): ``Consumed`` → ``Routed`` → ``Keyed`` → ``Outcome``.
+The steps run the moderation core (``worker.moderation.moderator.Moderator``: route, images, key, cache answers,
+prepare, classify with the one failure-isolation routine, verdict); they decide when it runs on the stream.
+Items move through typed stages (``worker.stream.items``): ``Consumed`` → ``RoutedRecord`` → ``KeyedRecord`` →
+``Outcome``, each carrying the core's stage beside the record it came from.
 
 Delivery guarantee (at-least-once, one place): an offset is completed only when the broker has acknowledged
 its verdict or dead letter; the committed offset per partition is the highest contiguous completed one.
@@ -39,11 +42,12 @@ from worker.cache.published import PublishedMarkers
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.engine.registry import ModelRegistry
+from worker.moderation.moderator import Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
 from worker.stream.classify import Classify
 from worker.stream.intake import Intake
-from worker.stream.items import Keyed
+from worker.stream.items import KeyedRecord
 from worker.stream.lookup import Lookup
 from worker.stream.outage import FailureGuard
 from worker.stream.outputs import Outputs
@@ -121,10 +125,10 @@ class StreamPipeline:
     ) -> None:
         self.settings = settings
         # The models this worker judges with (a single engine is the one model); ``engine`` is the first.
-        self.models: ModelRegistry | None = ModelRegistry.of(engine, settings) if engine is not None else None
-        self.engine = self.models.first if self.models is not None else None
-        if self.models is not None:
-            metrics.register_models(self.models.names)
+        self.models: ModelRegistry | None = None
+        self.engine: GuardEngine | None = None
+        if engine is not None:
+            self._use(ModelRegistry.of(engine, settings))
         self.worker_name = worker_name
         self._cache = cache
         self._clients = clients  # None: the real Kafka clients, looked up when the pipeline opens
@@ -179,15 +183,15 @@ class StreamPipeline:
             for rejected in accepted.rejected + looked_up.rejected:
                 self.outputs.dead_letter(rejected.record, rejected.rejection, rejected.event)
             with metrics.observe_stage("publish"):  # cache hits are answered right here
-                for answer in looked_up.answered:
-                    self.outputs.verdict(answer.item, answer.result, cached=answer.cached)
+                for item, answer in looked_up.answered:
+                    self.outputs.verdict(item, answer)
             self.classify.submit(looked_up.misses)
             judged = self.classify.run(flush_all=draining)
             for item, rejection in judged.rejected:
-                self.outputs.dead_letter(item.record, rejection, item.routed.event)
+                self.outputs.dead_letter(item.record, rejection, item.event)
             with metrics.observe_stage("publish"):
-                for item, result in judged.verdicts:
-                    self.outputs.verdict(item, result, cached=False)
+                for item, answer in judged.answered:
+                    self.outputs.verdict(item, answer)
             self.outputs.apply_acks()
             self.outputs.republish_due()
             self.checkpoint.commit_if_due()
@@ -265,7 +269,7 @@ class StreamPipeline:
         for tp in gone:
             self.intake.forget(tp)
 
-        def stale(item: Keyed) -> bool:
+        def stale(item: KeyedRecord) -> bool:
             return self.checkpoint.is_stale(item.record)
 
         self.classify.forget_held(stale)
@@ -275,13 +279,21 @@ class StreamPipeline:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _use(self, models: ModelRegistry) -> None:
+        self.models, self.engine = models, models.first
+        self.moderator = Moderator(models, self.settings)
+        metrics.register_models(models.names)
+
+    def load_models(self) -> ModelRegistry:
+        """Load every model this worker holds, once (``open`` calls it; a runner may call it earlier)."""
+        if self.models is None:
+            self._use(ModelRegistry.from_settings(self.settings))
+        assert self.models is not None
+        return self.models
+
     def open(self) -> None:
         """Load the models (unless given), connect the cache and the Kafka clients, build the steps, subscribe."""
-        if self.models is None:
-            self.models = ModelRegistry.from_settings(self.settings)
-            self.engine = self.models.first
-            metrics.register_models(self.models.names)
-        models = self.models
+        models = self.load_models()
         metrics.MODEL_LOAD_SECONDS.set(models.load_seconds)
         from worker.moderation.language import warm_up
 
@@ -298,14 +310,14 @@ class StreamPipeline:
         self._model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{self.worker_name}-model")
         self.checkpoint = Checkpoint(self.consumer, settle=lambda timeout_s: self.outputs.settle(timeout_s))
         publisher = Publisher(self._producer, self.settings.topics)
+        moderator = self.moderator
         self.outputs = Outputs(
-            self.settings, models, publisher, markers, self.checkpoint, self._guard, self.counters
+            self.settings, moderator, publisher, markers, self.checkpoint, self._guard, self.counters
         )
-        self.intake = Intake(self.settings, models, self.checkpoint, markers, self.counters)
-        self.lookup = Lookup(self.settings, models, cache, self._pool.submit)
+        self.intake = Intake(self.settings, moderator, self.checkpoint, markers, self.counters)
+        self.lookup = Lookup(moderator, cache, self._pool.submit)
         self.classify = Classify(
-            self.settings,
-            models,
+            moderator,
             cache,
             self._guard,
             self._pool,
