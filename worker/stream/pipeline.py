@@ -286,10 +286,11 @@ class StreamPipeline:
 
     def load_models(self) -> ModelRegistry:
         """Load every model this worker holds, once (``open`` calls it; a runner may call it earlier)."""
-        if self.models is None:
-            self._use(ModelRegistry.from_settings(self.settings))
-        assert self.models is not None
-        return self.models
+        models = self.models
+        if models is None:
+            models = ModelRegistry.from_settings(self.settings)
+            self._use(models)
+        return models
 
     def open(self) -> None:
         """Load the models (unless given), connect the cache and the Kafka clients, build the steps, subscribe."""
