@@ -61,11 +61,11 @@ class Lookup:
             return out
         with metrics.observe_stage("cache"):
             answers = self._moderator.answers(self._cache, [k.keyed for k in keyed])
-        for item, answer in zip(keyed, answers, strict=True):
+        for looked_up, answer in zip(keyed, answers, strict=True):
             if answer is not None:
-                out.answered.append((item, answer))
+                out.answered.append((looked_up, answer))
             else:
-                out.misses.append(item)
+                out.misses.append(looked_up)
         return out
 
     def _collect_fetched(self, out: LookedUp) -> list[KeyedRecord]:
