@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+from worker.engine.families.mllama_cross_attention import apply_reference_cross_attention
 from worker.tiny_model.synthetic import synthetic_examples
 from worker.tiny_model.train import generate_answers, parse_answer, policy_accuracy
 
@@ -15,6 +16,8 @@ from worker.tiny_model.train import generate_answers, parse_answer, policy_accur
 def trained(tiny_model_dir: Path):
     processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
     model = MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    # Trained under the reference cross-attention masking, and served with it: evaluated with it too.
+    assert apply_reference_cross_attention(model) >= 1
     return model, processor
 
 
