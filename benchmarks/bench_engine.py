@@ -29,11 +29,11 @@ from collections.abc import Callable
 import torch
 
 from worker.config import load_settings
+from worker.dev.tiny_model.build import ensure_tiny_model
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import example_image, example_turns
 from worker.engine.engine import GuardEngine, PreparedBatch
 from worker.engine.types import GuardRequest, GuardResult
-from worker.tiny_model.build import ensure_tiny_model
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import example_image, example_turns
 
 
 def best_rate(items: int, fn: Callable[[], object], repeats: int) -> float:
@@ -58,7 +58,9 @@ def main() -> int:
     # One intra-op thread by default: on a small shared box more threads make timings swing by 10x.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     parser.add_argument(
-        "--skip-modes", action="store_true", help="skip single pass vs generate; only the Vision batching figures"
+        "--skip-modes",
+        action="store_true",
+        help="skip single pass vs generate; only the Vision batching figures",
     )
     args = parser.parse_args()
     if args.threads:
@@ -85,7 +87,7 @@ def main() -> int:
     )
     print(header)
     print("-" * len(header))
-    for modality, pool in (by_modality.items() if not args.skip_modes else ()):
+    for modality, pool in by_modality.items() if not args.skip_modes else ():
         for size in (1, 8, 32):
             chosen = pool[: max(size, min(len(pool), args.items if size > 1 else max(8, args.items // 4)))]
             chunks = batches_of(chosen, size)

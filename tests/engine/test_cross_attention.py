@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
+from worker.contracts.events import Turn
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import example_image, example_turns
 from worker.engine.engine import GuardEngine
 from worker.engine.families import mllama_cross_attention as xattn
 from worker.engine.loading import ModelLoadError, load_model
 from worker.engine.policy import Policy
 from worker.engine.types import GuardRequest, GuardResult
-from worker.events import Turn
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import example_image, example_turns
 
 from .conftest import engine_settings
 
@@ -146,7 +146,9 @@ def test_the_patch_can_be_switched_off(untrained_model_dir: Path) -> None:
     ]
     with pytest.raises(ValueError, match="mix"):
         engine.prepare(mixed)
-    assert all(isinstance(r, GuardResult) or r.detail.get("kind") == "truncated" for r in engine.classify(mixed))
+    assert all(
+        isinstance(r, GuardResult) or r.detail.get("kind") == "truncated" for r in engine.classify(mixed)
+    )
 
 
 def test_an_untested_transformers_forward_is_refused_by_name(
@@ -201,7 +203,9 @@ def test_image_rows_share_their_prompt_start_exactly(trained_engine: GuardEngine
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])
-def test_a_mixed_batch_gives_the_results_of_split_batches(trained_engine: GuardEngine, share_prefix: bool) -> None:
+def test_a_mixed_batch_gives_the_results_of_split_batches(
+    trained_engine: GuardEngine, share_prefix: bool
+) -> None:
     engine = trained_engine.with_mode("single_pass", share_prefix=share_prefix)
     requests = _requests(engine, 60, seed=37)[:20]
     assert any(r.has_image for r in requests) and not all(r.has_image for r in requests)

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, MllamaForConditionalGeneration, MllamaProcessor
 
-from worker.tiny_model.build import (
+from worker.dev.tiny_model.build import (
     IMAGE_TOKEN,
     SPECIAL_TOKENS,
     build_tiny_model,
@@ -146,8 +146,8 @@ def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(
 ) -> None:
     from transformers import AutoConfig, AutoTokenizer, Llama4ForConditionalGeneration
 
+    from worker.dev.tiny_model.build import LLAMA4_SPECIAL_TOKENS
     from worker.engine.families.llama4_images import Llama4PilProcessor
-    from worker.tiny_model.build import LLAMA4_SPECIAL_TOKENS
 
     again = build_tiny_model(tmp_path / "lg4", train=False, family="llama-guard-4")
     assert weights_digest(again) == weights_digest(untrained_lg4_dir)
@@ -179,16 +179,20 @@ def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(
 def test_the_vision_recipe_trains_under_the_reference_cross_attention() -> None:
     import dataclasses
 
+    from worker.dev.tiny_model.build import build_config, build_model, build_tokenizer
     from worker.engine.families.mllama_cross_attention import uses_reference_cross_attention
-    from worker.tiny_model.build import build_config, build_model, build_tokenizer
 
-    recipe = dataclasses.replace(default_recipe(train=False), tokenizer_corpus_examples=50, template_corpus_weight=5)
+    recipe = dataclasses.replace(
+        default_recipe(train=False), tokenizer_corpus_examples=50, template_corpus_weight=5
+    )
     config = build_config(recipe, build_tokenizer(recipe))
     assert uses_reference_cross_attention(build_model(recipe, config))
     off = dataclasses.replace(recipe, reference_cross_attention=False)
     assert not uses_reference_cross_attention(build_model(off, config))
     # The switch names another Vision checkpoint; the other families' recipes (and caches) do not see it.
-    assert default_recipe().hash != dataclasses.replace(default_recipe(), reference_cross_attention=False).hash
+    assert (
+        default_recipe().hash != dataclasses.replace(default_recipe(), reference_cross_attention=False).hash
+    )
     for family in ("llama-guard-3-1b", "llama-guard-4"):
         recipe = default_recipe(family=family)
         assert recipe.hash == dataclasses.replace(recipe, reference_cross_attention=False).hash

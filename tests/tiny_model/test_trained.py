@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import generate_answers, parse_answer, policy_accuracy
 from worker.engine.families.mllama_cross_attention import apply_reference_cross_attention
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import generate_answers, parse_answer, policy_accuracy
 
 
 @pytest.fixture(scope="module")

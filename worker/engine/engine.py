@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from worker.contracts.events import Turn
 from worker.engine import scoring
 from worker.engine.category_scores import category_scores, code_first_tokens
 from worker.engine.families import get_family
@@ -47,12 +48,11 @@ from worker.engine.policy import Policy, load_policies, resolve_policy
 from worker.engine.prompt import Segment, judged_role, render_segments, shared_text_prefix
 from worker.engine.tokenize import PromptTokenizer, left_pad
 from worker.engine.types import EngineError, GuardRequest, GuardResult
-from worker.events import Turn
 
 if TYPE_CHECKING:
     from worker.config import Settings
+    from worker.contracts.verdicts import ModelInfo
     from worker.engine.loading import LoadedModel
-    from worker.verdicts import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +463,9 @@ class GuardEngine:
         inputs["aspect_ratio_ids"] = torch.cat([im["aspect_ratio_ids"] for im in present])
         inputs["aspect_ratio_mask"] = torch.cat([im["aspect_ratio_mask"] for im in present])
         num_tiles = [im["num_tiles"][0] if im is not None else [] for im in images]
-        token_masks = [get_cross_attention_token_mask(row, self.tokens.image_id) for row in input_ids.tolist()]
+        token_masks = [
+            get_cross_attention_token_mask(row, self.tokens.image_id) for row in input_ids.tolist()
+        ]
         inputs["cross_attention_mask"] = torch.from_numpy(
             convert_sparse_cross_attention_mask_to_dense(
                 token_masks,

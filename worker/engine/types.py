@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker.events import Turn
+from worker.contracts.events import Turn
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -56,7 +56,9 @@ class GuardResult:
     # Per enabled code: P(unsafe) x P(first code | unsafe), see worker.engine.category_scores; None if unknown.
     category_scores: dict[str, float] | None = None
     halted: bool = False  # decided by a halting blocklist: no model call (score 1.0)
-    language: dict[str, Any] | None = None  # of the judged text (worker.language), set by the caller
+    language: dict[str, Any] | None = (
+        None  # of the judged text (worker.moderation.language), set by the caller
+    )
 
 
 class EngineError(Exception):
@@ -70,7 +72,7 @@ class EngineError(Exception):
 
 def halt_result(event: Any, optimized_languages: Any) -> GuardResult:
     """The answer for an event a halting blocklist decided: unsafe, score 1.0, no model call."""
-    from worker.language import detect_language
+    from worker.moderation.language import detect_language
 
     return GuardResult(
         score=1.0,

@@ -13,7 +13,7 @@ import binascii
 import re
 from urllib.parse import unquote_to_bytes
 
-from worker.dead_letters import Reason, RejectedError
+from worker.contracts.dead_letters import Reason, RejectedError
 
 _WHITESPACE = re.compile(r"[ \t\r\n\f]+")
 

@@ -41,20 +41,26 @@ from worker.cache.keys import cache_key
 from worker.cache.published import PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
-from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
-from worker.decode import decode_event, salvage_event_id
+from worker.contracts.dead_letters import (
+    Reason,
+    RejectedError,
+    Rejection,
+    SourceCoordinates,
+    build_dead_letter,
+)
+from worker.contracts.decode import decode_event, salvage_event_id
+from worker.contracts.events import ChatEvent, Turn
+from worker.contracts.verdicts import event_lag_seconds, verdict_for
 from worker.engine.policy import resolve_event_policy
 from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
-from worker.events import ChatEvent, Turn
-from worker.language import detect_language
+from worker.moderation.batching import Batch, BatchEntry, MicroBatcher
+from worker.moderation.language import detect_language
+from worker.moderation.routing import guard_request, images_hash
 from worker.ops import metrics
-from worker.routing import guard_request, images_hash
-from worker.stream.batcher import Batch, BatchEntry, MicroBatcher
 from worker.stream.offsets import OffsetTracker
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
-from worker.verdicts import event_lag_seconds, verdict_for
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer, KafkaProducer
@@ -292,7 +298,7 @@ class StreamPipeline:
             self.engine = self.models.first
             metrics.register_models(self.models.names)
         metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
-        from worker.language import warm_up
+        from worker.moderation.language import warm_up
 
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
         if self._cache is None:
@@ -515,7 +521,7 @@ class StreamPipeline:
             self._key_ready.append(item)
 
     def _reject_unrouted(self, item: WorkItem, rejection: Rejection) -> None:
-        """A record no model was chosen for: one pool (``worker.routing``) dead-letters it, the others skip it."""
+        """A record no model was chosen for: one pool (``worker.moderation.routing``) dead-letters it, the others skip it."""
         assert self.models is not None
         if self.models.owns_unrouted:
             self._dead_letter(item, rejection)
