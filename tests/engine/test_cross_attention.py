@@ -189,7 +189,7 @@ def _same(a: list, b: list) -> None:
 def test_image_rows_share_their_prompt_start_exactly(trained_engine: GuardEngine) -> None:
     requests = [r for r in _requests(trained_engine, 80, seed=31) if r.has_image][:12]
     assert len(requests) >= 8 and len({id(r.image) for r in requests}) == len(requests)
-    assert len({r.policy.name for r in requests}) == 2
+    assert len({r.policy.hash for r in requests}) == 2
     shared_batch = trained_engine.prepare(requests)
     assert shared_batch.prefix_keys and {k[0] for k in shared_batch.prefix_keys} == {"before-image"}
     assert "pixel_values" in shared_batch.inputs and "image_rows" not in shared_batch.inputs
