@@ -595,8 +595,19 @@ Toy policy (trained on `worker.dev.tiny_model.synthetic`, answers in the Llama G
 Sizes: text hidden {recipe.text_hidden}, {recipe.text_layers} layers (cross-attention at
 {list(recipe.cross_attention_layers)}), vision hidden {recipe.vision_hidden}, {recipe.tile_size}-px tiles,
 up to {recipe.max_image_tiles} tiles, BPE vocabulary {recipe.bpe_vocab_size} + {len(SPECIAL_TOKENS) + 1} specials.
-The full recipe is in `recipe.json`.
+{_cross_attention_note(recipe)}The full recipe is in `recipe.json`.
 {accuracy}"""
+
+
+def _cross_attention_note(recipe: TinyRecipe) -> str:
+    """The Vision model card's line on the cross-attention forward the checkpoint was trained with."""
+    if not recipe.reference_cross_attention:
+        return "Trained with transformers' own Mllama cross-attention forward.\n"
+    return (
+        "Trained under Meta's reference cross-attention masking (tokens that see no image get no cross-attention\n"
+        "output); the worker's engine loads it that way. A plain `from_pretrained` gives transformers' forward:\n"
+        "apply `worker.engine.families.mllama_cross_attention.apply_reference_cross_attention` to match.\n"
+    )
 
 
 def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
