@@ -125,8 +125,8 @@ def _data_url(data: bytes, media_type: str) -> str:
 
 def test_images_the_worker_rejects_offline_are_rejected_with_its_reason_and_field(tmp_path: Path) -> None:
     from worker.config import load_settings
-    from worker.contracts.dead_letters import RejectedError
     from worker.contracts.decode import decode_event
+    from worker.contracts.rejections import RejectedError
     from worker.images.load import decode_image, image_bytes
 
     jpeg = _jpeg()
@@ -144,12 +144,20 @@ def test_images_the_worker_rejects_offline_are_rejected_with_its_reason_and_fiel
     out = result.stdout.splitlines()
     field = "messages[0].content[1].image_url.url"
     assert out[0].startswith(f"INVALID line 1: image_undecodable: {field}: ")
-    assert out[1].startswith(f"INVALID line 2: image_bad_content_type: {field}: ")
+    assert out[1].startswith(
+        f"INVALID line 2: image_bad_content_type: {field} has media type 'image/svg+xml'"
+    )
     assert out[2].startswith(f"INVALID line 3: image_blocked_address: {field}: ")
     assert out[3].startswith("OK fine ")
-    # The stream's own steps (image_bytes in the fetch pool, decode_image in prepare) give the same reasons.
+    # The stream's own steps give the same reasons: decoding the record refuses the media type (as above);
+    # image_bytes in the fetch pool and decode_image in prepare refuse the truncated image.
     settings = load_settings()
-    for event, expected in zip(events[:2], ["image_undecodable", "image_bad_content_type"], strict=True):
+    svg_rejection = decode_event(orjson.dumps(events[1]), settings)
+    assert (
+        getattr(svg_rejection, "reason", None) is not None
+        and svg_rejection.reason.value == "image_bad_content_type"
+    )
+    for event, expected in zip(events[:1], ["image_undecodable"], strict=True):
         decoded = decode_event(orjson.dumps(event), settings)
         try:
             decode_image(image_bytes(decoded.image, settings), settings.limits)

@@ -16,7 +16,6 @@ such escapes, records too deep for ``orjson.dumps``, and to name the duplicate k
 
 from __future__ import annotations
 
-import binascii
 import json
 import logging
 import re
@@ -28,8 +27,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, Rejection
 from worker.contracts.events import ChatEvent, ImageRef, Turn
+from worker.contracts.rejections import Reason, RejectedError, Rejection
 from worker.contracts.schemas import CHAT_EVENT, field_path, validator
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ logger = logging.getLogger(__name__)
 # Not part of Llama Guard's conversation format: left out of the model's view and counted.
 DROPPED_ROLES = frozenset({"system", "tool", "developer"})
 
-_DATA_URL_PREFIX = re.compile(r"data:image/[a-z0-9][a-z0-9.+-]{0,63};base64,", re.IGNORECASE)
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal, escapes included
 _BRACKET_TABLE = bytes.maketrans(b"{[}]", b"(())")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
@@ -549,30 +547,14 @@ def _check_image_url(url: str, field: str, settings: Settings) -> Rejection | by
 
 
 def _check_data_url(url: str, field: str, settings: Settings) -> Rejection | bytes:
-    prefix = _DATA_URL_PREFIX.match(url)
-    if prefix is None:
-        return Rejection(
-            Reason.BAD_DATA_URL, f"{field} is not of the form data:image/<type>;base64,<base64 data>", field
-        )
-    payload = url[prefix.end() :]
-    if not payload:
-        return Rejection(Reason.BAD_DATA_URL, f"{field} has no image data after base64,", field)
-    max_bytes = settings.limits.max_image_bytes
-    if len(payload) // 4 * 3 > max_bytes + 2:
-        return Rejection(
-            Reason.IMAGE_TOO_LARGE,
-            f"{field} holds about {len(payload) // 4 * 3} image bytes, above limits.max_image_bytes ({max_bytes})",
-            field,
-        )
+    from worker.images.data_url import data_url_bytes
+
     try:
-        return binascii.a2b_base64(payload, strict_mode=True)
-    except (binascii.Error, ValueError) as exc:
-        return Rejection(Reason.BAD_DATA_URL, f"{field} is not valid base64 ({_base64_fault(exc)})", field)
-
-
-def _base64_fault(exc: Exception) -> str:
-    # binascii's messages are about the encoding, never the content; non-ASCII input raises ValueError.
-    return str(exc).rstrip(".").lower() if isinstance(exc, binascii.Error) else "non-ASCII characters"
+        return data_url_bytes(
+            url, settings.image_fetch.allowed_content_types, settings.limits.max_image_bytes
+        )
+    except RejectedError as exc:
+        return Rejection(exc.rejection.reason, f"{field} {exc.rejection.message}", field)
 
 
 def _json_type(value: Any) -> str:

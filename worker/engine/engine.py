@@ -12,9 +12,10 @@ Modalities. Llama Guard 3 Vision loads with Meta's reference cross-attention mas
 (``model.reference_cross_attention``, see ``worker.engine.families.mllama_cross_attention``): a token that
 sees no image gets no cross-attention contribution, so a text-only row computes the same in a batch with
 image rows as alone, and the tokens before ``<|image|>`` do not depend on the image. Then a single-pass batch
-may mix image and text-only rows (``mixes_modalities``, exact; the vision encoder runs on the image rows only
-and the text rows read zero vision states) — exact, but not cheaper per item (see ``mixes_modalities``). Without the patch (transformers masks only the MLP branch), and in the
-``generate`` reference mode, a batch holds one modality and ``classify`` splits by modality.
+may mix image and text-only rows (``mixes_modalities``; the vision encoder runs on the image rows only and the
+text rows read zero vision states) — exact, but not cheaper per item, so ``batches`` and ``classify`` still
+split by modality. Without the patch (transformers masks only the MLP branch), and in the ``generate``
+reference mode, ``prepare`` refuses a mixed batch.
 
 Shared prompt start (``model.share_prompt_prefix``, single-pass): the part of a prompt that is the same for
 every row of a policy and task is computed once and its keys/values reused (exact). Text-only rows share the
@@ -23,8 +24,9 @@ for the Llama Guard 3 Vision template only the header, since its ``<|image|>`` c
 and every later token attends to the image.
 
 Errors are values: an item that cannot be prepared, a batch whose forward pass fails, or an answer that does
-not parse becomes an ``EngineError`` for the items concerned; the process keeps going. A batch that runs the
-device out of memory is retried in halves by ``classify``.
+not parse becomes an ``EngineError`` (with its ``ErrorKind``) for the items concerned; the process keeps going.
+``classify`` runs each batch through ``worker.engine.isolation.run_isolated``: a batch that fails as a whole
+(raised, or ran the device out of memory) is bisected until the failing items stand alone.
 """
 
 from __future__ import annotations
@@ -685,41 +687,27 @@ class GuardEngine:
 
     # -- convenience ----------------------------------------------------------------------------------------
 
-    def classify(self, requests: Sequence[GuardRequest]) -> list[GuardResult | EngineError]:
-        """Classify any list: chunked by ``batching.max_size`` (grouped by modality first unless
-        ``mixes_modalities``), results in input order."""
-        results: list[GuardResult | EngineError | None] = [None] * len(requests)
-        groups = (
-            [list(range(len(requests)))]
-            if self.mixes_modalities
-            else [[i for i, r in enumerate(requests) if r.has_image == m] for m in (False, True)]
-        )
-        for indices in groups:
-            for start in range(0, len(indices), self.max_batch_size):
-                chunk = indices[start : start + self.max_batch_size]
-                for i, result in zip(chunk, self._classify_chunk([requests[i] for i in chunk])):
-                    results[i] = result
-        return results  # type: ignore[return-value]
+    def batches(self, requests: Sequence[GuardRequest]) -> list[list[int]]:
+        """Indices of ``requests`` in the batches this engine runs: one modality each, ``batching.max_size`` at most.
 
-    def _classify_chunk(self, requests: list[GuardRequest]) -> list[GuardResult | EngineError]:
-        try:
-            batch = self.prepare(requests)
-        except Exception as exc:
-            log.exception("preparing a batch failed", extra={"stage": "prepare", "reason": "engine_error"})
-            return [
-                EngineError(f"cannot prepare the batch: {exc!r}", detail={"kind": "prepare"})
-                for _ in requests
-            ]
-        results = self.run(batch)
-        out_of_memory = all(
-            isinstance(r, EngineError)
-            and isinstance(r.detail, dict)
-            and r.detail.get("kind") == "out_of_memory"
-            for r in results
-        )
-        if out_of_memory and len(requests) > 1:
-            if self._loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(requests) // 2
-            return self._classify_chunk(requests[:half]) + self._classify_chunk(requests[half:])
-        return results
+        One modality each even where ``mixes_modalities`` allows both: a split pair of passes measured faster
+        per item than one mixed pass (see ``mixes_modalities``).
+        """
+        chunks = []
+        for has_image in (False, True):
+            indices = [i for i, r in enumerate(requests) if r.has_image == has_image]
+            chunks.extend(
+                indices[start : start + self.max_batch_size]
+                for start in range(0, len(indices), self.max_batch_size)
+            )
+        return chunks
+
+    def classify(self, requests: Sequence[GuardRequest]) -> list[GuardResult | EngineError]:
+        """Classify any list: in ``batches``, each run by ``run_isolated`` (a batch failing as a whole is bisected)."""
+        from worker.engine.isolation import run_isolated
+
+        results: list[GuardResult | EngineError | None] = [None] * len(requests)
+        for chunk in self.batches(requests):
+            for i, result in zip(chunk, run_isolated(self, [requests[i] for i in chunk]), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]

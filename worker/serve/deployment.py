@@ -1,14 +1,14 @@
-"""The Ray Serve deployment: the stream's engine, policies and cache behind ``POST /v1/moderate``.
+"""The Ray Serve deployment: ``POST /v1/moderate`` and ``/v1/moderations`` over the moderation core.
+
+HTTP only: admission (readiness, API key, content type, body size), request parsing, tenant binding and the
+response shapes live here; every moderation step — route, image bytes, cache key, cache answers, halting
+blocklists, the model request, failure isolation, the verdict — is ``worker.moderation.moderator``'s, the
+same code the Kafka stream runs, so both paths share cache entries and give the same verdicts.
 
 One replica holds every configured model the routes name (``ModelRegistry``: co-located; HTTP has no
-pools) and routes each event like the stream does (``worker.moderation.routing``). Each event of each request is one
-item of the ``@serve.batch`` method, so events of concurrent requests share a forward pass; the batch is
-split by model, and ``GuardEngine.classify`` splits each part by modality (image and text-only rows never
-share a forward pass, see ARCHITECTURE.md). Before
-batching, events are decoded exactly like Kafka records (``http_contract.parse_request``), images are
-fetched and hashed, and the Redis cache is asked in one MGET; only misses reach the model, and their
-answers are stored in the same format the stream uses (``worker.cache.entries``), so
-the two paths share cache entries.
+pools). Each cache miss of each request is one item of the ``@serve.batch`` method, so events of concurrent
+requests share a forward pass; the batch is split by model, and by the engine's ``batches`` rule inside.
+Images are decoded in the replica's own small pool under a pixel budget, never in the event loop's executor.
 
 No ``from __future__ import annotations`` here: FastAPI (through ``serve.ingress``) must see real types.
 Importing this module imports Ray Serve: import it only after ``worker.runners.ray_env`` has set the
@@ -22,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -32,16 +32,11 @@ from fastapi.responses import Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from worker.cache.entries import from_entry, to_entry
-from worker.cache.keys import cache_key
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, RejectedError, Rejection
 from worker.contracts.events import ChatEvent
-from worker.contracts.verdicts import verdict_for
-from worker.engine.blocklist import BlocklistHit
-from worker.engine.policy import Policy, resolve_event_policy
-from worker.engine.types import GuardRequest, GuardResult, halt_result
-from worker.moderation.routing import guard_request, images_hash
+from worker.contracts.rejections import Reason, Rejection
+from worker.engine.types import GuardResult
+from worker.moderation.moderator import Answer, Elsewhere, Keyed, Moderator, Ready, engine_error_rejection
 from worker.runners.ray_env import settings_from_payload
 from worker.serve.auth import FORBIDDEN, ApiKeys, Caller, Denied
 from worker.serve.http_contract import (
@@ -137,21 +132,6 @@ def _bind_tenant(events: list[ChatEvent], caller: Caller) -> list[ChatEvent] | R
     return bound
 
 
-@dataclass(slots=True)
-class _Item:
-    """One decoded event on its way to a verdict."""
-
-    event: ChatEvent
-    policy: Policy
-    model: str
-    key: str
-    image_data: bytes | None  # the event's last image (the only one unless Llama Guard 4 judges it)
-    cached: GuardResult | None = None
-    hits: tuple[BlocklistHit, ...] = ()
-    halted_now: bool = False  # answered by a halting blocklist in this request (not read from the cache)
-    earlier_image_data: tuple[bytes, ...] = ()  # the images before it, in order (several-image events)
-
-
 @serve.deployment(name="Moderation")
 @serve.ingress(api)
 class ModerationDeployment:
@@ -166,6 +146,7 @@ class ModerationDeployment:
         configure_logging(self.settings.logging, worker="serve")
         export_to_ray(f"serve-{serve.get_replica_context().replica_id.unique_id}")
         self.models: Any = None  # the ModelRegistry, once loaded
+        self.moderator: Any = None  # the moderation flow over it
         self.engine: Any = None  # its first engine; set last: it is the readiness flag
         self.load_error: str | None = None
         self.cache = VerdictCache(self.settings.redis)
@@ -198,6 +179,7 @@ class ModerationDeployment:
             return
         metrics.register_models(models.names)
         self.models = models
+        self.moderator = Moderator(models, self.settings)
         engine = self.engine = models.first
         log.info(
             "serve replica ready",
@@ -338,185 +320,115 @@ class ModerationDeployment:
         self, events: list[ChatEvent], received: float
     ) -> list[tuple[dict[str, Any], int] | RequestError]:
         """Verdict and model batch size per event (cache first), or the error of that event."""
-        items = await asyncio.to_thread(self._lookup, events)
-        misses = [item for item in items if isinstance(item, _Item) and item.cached is None]
-        answers = await asyncio.gather(*(self._classify_one(item) for item in misses))
-        answer_of = {id(item): answer for item, answer in zip(misses, answers, strict=True)}
-        batch_index = len(events) > 1
+        keyed = await asyncio.to_thread(self._lookup, events)
+        if isinstance(keyed, RequestError):
+            return [keyed] * len(events)
+        found = [k for k in keyed if isinstance(k, Keyed)]
+        answers = await asyncio.to_thread(self.moderator.answers, self.cache, found)
+        answer_of = {id(k): a for k, a in zip(found, answers, strict=True)}
+        misses = [k for k in found if answer_of[id(k)] is None]
+        computed = await asyncio.gather(*(self._classify_one(k) for k in misses))
+        computed_of = {id(k): c for k, c in zip(misses, computed, strict=True)}
+        await asyncio.to_thread(
+            self.moderator.store,
+            self.cache,
+            [(k, c[0]) for k, c in zip(misses, computed, strict=True) if isinstance(c[0], GuardResult)],
+        )
+        index = len(events) > 1
         outcomes: list[tuple[dict[str, Any], int] | RequestError] = []
-        to_cache = []
-        for i, item in enumerate(items):
-            if isinstance(item, _Item) and item.cached is not None:
-                outcomes.append((self._verdict(item, item.cached, not item.halted_now, received), 0))
+        for i, item in enumerate(keyed):
+            if isinstance(item, Keyed) and answer_of[id(item)] is not None:
+                outcomes.append((self._verdict(item, answer_of[id(item)], received), 0))
                 continue
-            answer, batch_size = answer_of[id(item)] if isinstance(item, _Item) else (item, 0)
-            if isinstance(answer, RequestError):
+            outcome, batch_size = computed_of[id(item)] if isinstance(item, Keyed) else (item, 0)
+            if isinstance(outcome, RequestError):
                 outcomes.append(
-                    RequestError(answer.reason, answer.message, answer.field, i if batch_index else None)
+                    RequestError(outcome.reason, outcome.message, outcome.field, i if index else None)
                 )
-                continue
-            to_cache.append((item.key, to_entry(answer)))
-            outcomes.append((self._verdict(item, answer, False, received), batch_size))
-        if to_cache:
-            await asyncio.to_thread(self.cache.set_many, to_cache)
+            else:
+                outcomes.append((self._verdict(item, Answer(outcome, cached=False), received), batch_size))
         return outcomes
 
-    def _lookup(self, events: list[ChatEvent]) -> list[_Item | RequestError]:
-        """Blocking part before the model (runs in a thread): policy, image bytes, cache key, one MGET."""
-        from worker.images.load import image_bytes
-
-        items: list[_Item | RequestError] = []
+    def _lookup(self, events: list[ChatEvent]) -> list[Keyed | RequestError] | RequestError:
+        """Blocking part before the cache (runs in a thread): route, image bytes, cache key; the pixel bound."""
+        keyed: list[Keyed | RequestError] = []
         for event in events:
-            try:
-                # Tenants first (their policy boundary), then the registry's own lookup and routing.
-                first = self.models.first
-                policy_id = resolve_event_policy(
-                    first.policies, self.settings.tenants, event.tenant, event.policy, first.default_policy_id
-                ).id
-                policy = self.models.policy_for(policy_id)
-                model = self.models.model_for(policy, event.image_count)
-                if model is None:
-                    raise RejectedError(
-                        Rejection(
-                            Reason.TOO_MANY_IMAGES,
-                            "the event has an image and no configured model reads images",
-                        )
-                    )
-                policy = self.models.engine(model).policy_for(policy_id)
-                datas = tuple(image_bytes(ref, self.settings) for ref in event.images)
-            except RejectedError as exc:
-                items.append(from_rejection(exc.rejection, None))
+            routed = self.moderator.route(event)
+            if isinstance(
+                routed, Elsewhere
+            ):  # only with `pool` set: Serve otherwise holds every routed model
+                keyed.append(RequestError(NOT_READY, "no model of this replica judges this event"))
                 continue
-            info = self.models.info(model)
-            key = cache_key(info, policy, event, images_hash(event, datas))
-            hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
-            items.append(
-                _Item(
-                    event,
-                    policy,
-                    model,
-                    key,
-                    datas[-1] if datas else None,
-                    hits=hits,
-                    earlier_image_data=datas[:-1],
-                )
+            item = routed if isinstance(routed, Rejection) else self.moderator.load_images(routed)
+            keyed.append(from_rejection(item, None) if isinstance(item, Rejection) else item)
+        return (
+            request_pixels_error(
+                [data for k in keyed if isinstance(k, Keyed) for data in k.images], self.settings.serve
             )
-        pixels_error = request_pixels_error(
-            [
-                data
-                for item in items
-                if isinstance(item, _Item)
-                for data in (*item.earlier_image_data, item.image_data)
-            ],
-            self.settings.serve,
+            or keyed
         )
-        if pixels_error is not None:
-            return [pixels_error] * len(items)
-        found = [item for item in items if isinstance(item, _Item)]
-        to_cache = []
-        for item, value in zip(found, self.cache.get_many([i.key for i in found]), strict=True):
-            item.cached = from_entry(value) if value is not None else None
-            if item.cached is None and item.hits and item.hits[0].action == "halt":
-                # Decided by the blocklist without the model; stored like any verdict.
-                halted = halt_result(item.event, self.settings.model.optimized_languages)
-                to_cache.append((item.key, to_entry(halted)))
-                item.cached, item.halted_now = halted, True
-        if to_cache:
-            self.cache.set_many(to_cache)
-        return items
 
-    async def _classify_one(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
-        """Decode the images (if any), detect the language, and queue the event for the next model batch."""
-        from worker.moderation.language import detect_language
-
-        language = await asyncio.to_thread(
-            detect_language, item.event.turns[-1].texts, self.settings.model.optimized_languages
-        )
-        answer, size = await self._classify_images_or_text(item)
-        if isinstance(answer, GuardResult):
-            answer = replace(answer, language=language)
-        return answer, size
-
-    async def _classify_images_or_text(self, item: _Item) -> tuple[GuardResult | RequestError, int]:
-        images: list[Any] = []
-        if item.image_data is not None:
-            from worker.images.load import decode_image
-
-            loop = asyncio.get_running_loop()
-            try:
-                for ref, data in zip(
-                    item.event.images, (*item.earlier_image_data, item.image_data), strict=True
-                ):
-                    async with self.decode_budget.hold(data):
-                        images.append(
-                            await loop.run_in_executor(
-                                self.decode_pool,
-                                partial(decode_image, data, self.settings.limits, field=ref.field_path),
-                            )
-                        )
-            except RejectedError as exc:
+    async def _classify_one(self, keyed: Keyed) -> tuple[GuardResult | RequestError, int]:
+        """Decode the images under the replica's pixel budget, then queue the event for the next model batch."""
+        loop = asyncio.get_running_loop()
+        images = []
+        for ref, data in zip(keyed.routed.event.images, keyed.images, strict=True):
+            async with self.decode_budget.hold(data):
+                image = await loop.run_in_executor(
+                    self.decode_pool, partial(self.moderator.decode_image, data, ref.field_path)
+                )
+            if isinstance(image, Rejection):
                 log.info(
                     "image rejected",
                     extra={
-                        "event_id": item.event.event_id,
+                        "event_id": keyed.routed.event.event_id,
                         "stage": "prepare",
-                        "reason": exc.rejection.reason.value,
+                        "reason": image.reason.value,
                     },
                 )
-                return from_rejection(exc.rejection, None), 0
-        return await self.classify_batch((item.model, guard_request(item.event, item.policy, tuple(images))))
+                return from_rejection(image, None), 0
+            images.append(image)
+        ready = await asyncio.to_thread(self.moderator.ready, keyed, tuple(images))
+        return await self.classify_batch(ready)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def classify_batch(self, routed: list[tuple[str, GuardRequest]]) -> list[tuple[Any, int]]:
+    async def classify_batch(self, ready: list[Ready]) -> list[tuple[Any, int]]:
         """One model call per model for events of many requests (sizes set from ``serve.*`` at start)."""
         from worker.ops import metrics
 
-        size = len(routed)
+        size = len(ready)
         for (model, modality), count in Counter(
-            (m, "image" if r.has_image else "text") for m, r in routed
+            (r.keyed.routed.model, r.keyed.modality) for r in ready
         ).items():
             metrics.BATCH_SIZE.labels(model=model, modality=modality).observe(count)
         log.debug("serve batch", extra={"stage": "model", "batch_size": size})
         results: list[Any] = [None] * size
-        for model in dict.fromkeys(m for m, _ in routed):
-            rows = [i for i, (m, _) in enumerate(routed) if m == model]
+        for model in dict.fromkeys(r.keyed.routed.model for r in ready):
+            rows = [i for i, r in enumerate(ready) if r.keyed.routed.model == model]
             with metrics.observe_stage("model"):
-                part = await asyncio.to_thread(
-                    self.models.engine(model).classify, [routed[i][1] for i in rows]
-                )
+                part = await asyncio.to_thread(self.moderator.classify, model, [ready[i] for i in rows])
             for i, result in zip(rows, part, strict=True):
                 results[i] = result
         answers: list[tuple[Any, int]] = []
         for result in results:
             if isinstance(result, GuardResult):
                 answers.append((result, size))
-            else:
-                log.warning("engine error", extra={"stage": "model", "reason": Reason.ENGINE_ERROR.value})
-                answers.append(
-                    (
-                        RequestError(Reason.ENGINE_ERROR.value, f"the model failed on this event: {result}"),
-                        size,
-                    )
-                )
+                continue
+            log.warning("engine error", extra={"stage": "model", "reason": Reason.ENGINE_ERROR.value})
+            rejection = engine_error_rejection(result)
+            answers.append(
+                (RequestError(rejection.reason.value, f"the model failed on this event: {result}"), size)
+            )
         return answers
 
-    def _verdict(self, item: _Item, result: GuardResult, cached: bool, received: float) -> dict[str, Any]:
+    def _verdict(self, keyed: Keyed, answer: Answer, received: float) -> dict[str, Any]:
         from worker.ops import metrics
 
-        verdict = verdict_for(
-            item.event,
-            result,
-            item.policy,
-            self.models.info(item.model),
-            cached=cached,
-            latency_ms=(time.monotonic() - received) * 1000.0,
-            hits=item.hits,
-        )
-        if item.hits:
-            metrics.record_blocklist_hits(item.hits, halted=result.halted)
-        if verdict.get("review"):
-            metrics.REVIEW_BAND.inc()
+        verdict = self.moderator.verdict(keyed, answer, latency_ms=(time.monotonic() - received) * 1000.0)
         metrics.record_verdict(
-            verdict["decision"], [c["code"] for c in verdict["categories"]], cached=cached, model=item.model
+            verdict["decision"],
+            [c["code"] for c in verdict["categories"]],
+            cached=answer.cached,
+            model=keyed.routed.model,
         )
         return verdict
