@@ -193,8 +193,9 @@ class GuardEngine:
         both modalities in one pass. Whether that pays is a cost question: in a mixed pass the text rows go
         through the cross-attention layers (exactly no contribution, full compute) and are padded to the image
         rows' length (image rows share only the header, text rows the whole policy text); on the tiny CPU
-        guard one mixed pass per window measured 0.6–0.8x the items/s of a text pass plus an image pass. Mix
-        to fill a pass that would otherwise run nearly empty, not by default.
+        guard one mixed pass per window measured 0.54–0.71x the items/s of a text pass plus an image pass with
+        the shared prompt start on, 0.71–0.97x with it off. Mix to fill a pass that would otherwise run nearly
+        empty, not by default.
         """
         if self.mode != "single_pass":
             return False
