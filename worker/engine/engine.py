@@ -2,7 +2,7 @@
 
 One engine contract for every Llama Guard family (``model.family``): the prompt comes from the family's rules
 (``worker.engine.families``), the scoring (single-pass P(unsafe), decode only if unsafe, exact sharing of the
-text prompt's start) is the same for all. Text-only families refuse image requests item by item.
+prompt's start) is the same for all. Text-only families refuse image requests item by item.
 
 Two steps, so CPU work overlaps the model: ``prepare`` (render prompts, tokenize, tile images; CPU only,
 thread-safe) and ``run`` (forward pass + decoding of unsafe rows; serialized by a lock). ``classify`` chunks
