@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support.engines import engine_settings
 from worker.contracts.events import Turn
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.dev.tiny_model.train import example_image, example_turns
@@ -23,8 +24,6 @@ from worker.engine.families import mllama_cross_attention as xattn
 from worker.engine.loading import ModelLoadError, load_model
 from worker.engine.policy import Policy
 from worker.engine.types import GuardRequest, GuardResult
-
-from .conftest import engine_settings
 
 
 def _images() -> list[Image.Image]:
