@@ -275,8 +275,12 @@ class ConfluentConsumer:
         try:
             if self._cooperative:
                 consumer.incremental_assign(partitions)
+                # librdkafka remembers a partition's paused flag across unassign/assign; a partition
+                # that comes back starts unpaused, as with kafka-python.
+                consumer.resume(partitions)
                 self._assignment |= added
                 self._live |= added
+                self._paused -= added
             else:
                 kept = self._revoked_positions
                 consumer.assign(
@@ -288,9 +292,14 @@ class ConfluentConsumer:
                     ]
                 )
                 self._assignment, self._live = set(added), set(added)
+                # Kept partitions stay paused, as kafka-python keeps their flag; every other one starts
+                # unpaused (librdkafka would otherwise keep a paused flag from an earlier assignment).
                 self._paused &= added
-                if self._paused:  # kept partitions stay paused, as kafka-python keeps their flag
+                if self._paused:
                     consumer.pause(self._to_ck(self._paused))
+                unpaused = added - self._paused
+                if unpaused:
+                    consumer.resume(self._to_ck(unpaused))
                 self._revoked_positions = {}
             if self._listener is not None:
                 self._listener.on_partitions_assigned(added)
