@@ -201,7 +201,11 @@ def _setup(
     ensure_topics(settings, [settings.topics.events], partitions=PARTITIONS)
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
     config = write_config(settings, tmp_path / "worker-b.yaml")
+    # librdkafka restarts fetching a resumed partition a few hundred ms later (kafka-python keeps what it
+    # fetched for paused partitions): resuming A earlier keeps its work in flight across that gap.
+    client_specific = {"batching__resume_below": 6} if kafka_client == "confluent-kafka" else {}
     a_settings = make_settings(
+        **client_specific,
         kafka__client=kafka_client,
         model__path=str(tiny_model_dir),
         model__device="cpu",
