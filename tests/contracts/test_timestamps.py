@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.dead_letters import utc_now_rfc3339
+from worker.contracts.dead_letters import utc_now_rfc3339
 
 
 def reference(now_ns: int) -> str:

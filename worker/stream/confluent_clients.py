@@ -116,7 +116,7 @@ def _connection_config(kafka: KafkaSettings) -> dict[str, Any]:
 
 def consumer_properties(settings: Settings) -> dict[str, Any]:
     """librdkafka properties of the worker's consumer: its group, manual commits, group and fetch tuning."""
-    from worker.routing import consumer_group_id
+    from worker.moderation.routing import consumer_group_id
 
     kafka = settings.kafka
     config = {

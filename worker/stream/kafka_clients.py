@@ -13,7 +13,7 @@ present the same kafka-python interface, so callers and their keyword overrides 
 - security: SASL and TLS settings pass through; secrets are unwrapped from ``SecretStr`` only here.
 
 Against the embedded tansu broker: LATEST offset lookups, ``create_partitions`` and
-``describe_groups`` are broken (see ARCHITECTURE.md), so nothing here relies on them.
+``describe_groups`` are broken, so nothing here relies on them.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 
     A worker of a pool (split deployment) joins its pool's own group, so every pool reads every event.
     """
-    from worker.routing import consumer_group_id
+    from worker.moderation.routing import consumer_group_id
 
     kafka = settings.kafka
     return {
@@ -161,6 +161,18 @@ def admin_config(settings: Settings) -> dict[str, Any]:
     return _connection_config(settings.kafka)
 
 
+def _confluent() -> Any:
+    """The confluent-kafka adapters' module, or a clear error naming the missing extra."""
+    try:
+        from worker.stream import confluent_clients
+    except ImportError as exc:
+        raise RuntimeError(
+            "kafka.client is confluent-kafka, but the confluent-kafka package is not installed: "
+            "pip install 'moderation-worker[confluent]'"
+        ) from exc
+    return confluent_clients
+
+
 def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaConsumer | ConfluentConsumer:
     """The consumer of ``kafka.client``, from :func:`consumer_config`; ``overrides`` (kafka-python names) win.
 
@@ -168,18 +180,14 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaCo
     confluent-kafka the overrides are translated to librdkafka's names (a name without one is an error).
     """
     if settings.kafka.client == "confluent-kafka":
-        from worker.stream.confluent_clients import make_confluent_consumer
-
-        return make_confluent_consumer(settings, *topics, **overrides)
+        return _confluent().make_confluent_consumer(settings, *topics, **overrides)
     return KafkaConsumer(*topics, **{**consumer_config(settings), **overrides})
 
 
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer | ConfluentProducer:
     """The producer of ``kafka.client``, from :func:`producer_config`; ``overrides`` (kafka-python names) win."""
     if settings.kafka.client == "confluent-kafka":
-        from worker.stream.confluent_clients import make_confluent_producer
-
-        return make_confluent_producer(settings, **overrides)
+        return _confluent().make_confluent_producer(settings, **overrides)
     return KafkaProducer(**{**producer_config(settings), **overrides})
 
 
