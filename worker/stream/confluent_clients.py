@@ -16,10 +16,13 @@ What is mapped, and why:
   semantics (``worker.stream.offsets`` relies on them):
 
   * eager protocol (``range``/``roundrobin``): ``on_partitions_revoked(all)`` runs while the client still
-    holds them; librdkafka then drops its state for every partition, where kafka-python keeps the fetch
+    holds them, and ``assignment()`` keeps naming them until the new assignment arrives (kafka-python's
+    rejoin completes inside one ``poll``; librdkafka's takes several, and the pipeline must not drop held
+    work in between). librdkafka drops its state for every partition, where kafka-python keeps the fetch
     position and the paused flag of each partition that stays. The adapter restores both: it records the
     positions at the revocation and assigns kept partitions at those positions, paused again if they
-    were. No other member owned them in between (eager assignments are handed out together).
+    were; every other partition starts unpaused (librdkafka would keep an old paused flag). No other
+    member owned a kept partition in between (eager assignments are handed out together).
   * cooperative protocol (``cooperative-sticky``): revoked partitions are unassigned *before*
     ``on_partitions_revoked`` (kafka-python runs it after the client dropped them), and
     ``on_partitions_assigned`` names only the added ones; kept partitions are untouched by librdkafka.
