@@ -90,9 +90,9 @@ def test_every_event_gets_exactly_one_verdict_or_dead_letter(
 
 
 def test_restart_after_a_clean_stop_reprocesses_nothing(
-    make_settings, engine_settings_overrides, guard_engine, kafka_client
+    make_settings, engine_settings_overrides, guard_engine
 ):
-    settings = make_settings(kafka__client=kafka_client, **engine_settings_overrides)
+    settings = make_settings(**engine_settings_overrides)
     stream = build_stream(200, seed=12)
     produce(settings, stream.records)
     first = WorkerThread(settings, guard_engine, name="first").start()
