@@ -171,6 +171,14 @@ class BatchingSettings(Section):
     prepare_threads: int = Field(
         2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
     )
+    length_lookahead: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="group similar lengths: a model's queue may hold up to max_size x this many distinct "
+        "items (never past max_wait_ms) and batches similar-length ones together, so forward passes compute "
+        "little padding; 1 = strict arrival order (a batch leaves as soon as it holds max_size)",
+    )
 
     @model_validator(mode="after")
     def _resume_below_bound(self) -> BatchingSettings:

@@ -44,13 +44,14 @@ from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
 from worker.decode import decode_event, salvage_event_id
 from worker.engine.policy import resolve_event_policy
+from worker.engine.padding import batch_padding
 from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
 from worker.events import ChatEvent, Turn
 from worker.language import detect_language
 from worker.ops import metrics
 from worker.routing import guard_request, images_hash
-from worker.stream.batcher import Batch, BatchEntry, MicroBatcher
+from worker.stream.batcher import Batch, BatchEntry, MicroBatcher, conversation_chars
 from worker.stream.offsets import OffsetTracker
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
@@ -200,7 +201,14 @@ class StreamPipeline:
         self._max_in_flight = b.max_in_flight
         self._resume_below = b.resume_below if b.resume_below is not None else b.max_in_flight // 2
         self._tracker = OffsetTracker()
-        self._batcher: MicroBatcher[WorkItem] = MicroBatcher(b.max_size, b.max_wait_ms / 1000.0)
+        self._batcher: MicroBatcher[WorkItem] = MicroBatcher(
+            b.max_size,
+            b.max_wait_ms / 1000.0,
+            lookahead=b.length_lookahead,
+            length_of=lambda item: conversation_chars(item.event.turns),
+            mixes_modalities=lambda model: self.models is not None
+            and bool(getattr(self.models.engine(model), "mixes_modalities", False)),
+        )
         self._next_fetch: dict[TopicPartition, int] = {}
         self._fetching: list[tuple[WorkItem, cf.Future[bytes]]] = []
         self._key_ready: list[WorkItem] = []
@@ -802,6 +810,7 @@ class StreamPipeline:
         with metrics.observe_stage("model"):
             results = self._forward(prepared, model)
         metrics.BATCH_SIZE.labels(model=model, modality=modality).observe(len(requests))
+        metrics.record_padding(model, modality, *batch_padding(prepared))
         self.counters["batches"] += 1
         if len(requests) > 1:
             failure = next((r for r in results if is_batch_failure(r)), None)
