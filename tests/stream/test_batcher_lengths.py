@@ -151,7 +151,9 @@ def test_identical_items_still_join_one_entry_while_waiting_for_company():
     assert b.add("other", "text", ("e3", 10))
     assert b.ready() == []
     assert len(b) == 3
-    clock.now += 0.5  # due by the entry's first item: the follower leaves with it, earlier than its own deadline
+    clock.now += (
+        0.5  # due by the entry's first item: the follower leaves with it, earlier than its own deadline
+    )
     [batch] = b.ready()
     assert [e.items for e in batch.entries] == [[("e1", 10), ("e2", 10)], [("e3", 10)]]
 

@@ -43,8 +43,8 @@ from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
 from worker.decode import decode_event, salvage_event_id
-from worker.engine.policy import resolve_event_policy
 from worker.engine.padding import batch_padding
+from worker.engine.policy import resolve_event_policy
 from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
 from worker.events import ChatEvent, Turn
@@ -205,9 +205,11 @@ class StreamPipeline:
             b.max_size,
             b.max_wait_ms / 1000.0,
             lookahead=b.length_lookahead,
-            length_of=lambda item: conversation_chars(item.event.turns),
-            mixes_modalities=lambda model: self.models is not None
-            and bool(getattr(self.models.engine(model), "mixes_modalities", False)),
+            length_of=lambda item: conversation_chars(item.event.turns if item.event is not None else ()),
+            mixes_modalities=lambda model: (
+                self.models is not None
+                and bool(getattr(self.models.engine(model), "mixes_modalities", False))
+            ),
         )
         self._next_fetch: dict[TopicPartition, int] = {}
         self._fetching: list[tuple[WorkItem, cf.Future[bytes]]] = []
