@@ -171,6 +171,13 @@ class BatchingSettings(Section):
     prepare_threads: int = Field(
         2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="torch intra-op threads for the model's CPU work; None = the cores left after "
+        "prepare_threads (at least 1), so preparing images never oversubscribes the cores the model runs on",
+    )
     length_lookahead: int = Field(
         4,
         ge=1,
