@@ -1,6 +1,6 @@
 """Stream pipeline throughput against its baselines, measured in one run on the embedded services.
 
-    .venv/bin/python benchmarks/bench_stream.py [--scale 1.0] [--repeat 1] [--only p1,p2,p3,p5]
+    .venv/bin/python benchmarks/bench_stream.py [--scale 1.0] [--repeat 1] [--only p1,p2,p3,p5,padding]
                                                 [--set batching__max_size=64 ...]
 
 Prints a table of events/s and the ratios of issue 4 (goals in brackets):
@@ -21,8 +21,15 @@ What is compared (so that neither side is favoured):
   to the flagged topic (≈1.5 records per event). The "echo" loop of earlier versions (each input
   record sent back once, unkeyed, without headers) is printed too, for reference: it does less Kafka
   work than the product has to do, so it is not the denominator of the goal.
-- P5 also prints the CPU time per event of each stage alone (all threads): on a machine with few
-  cores the two stages cannot overlap for free, and ``cores ÷ (CPU ms of both)`` bounds the pipeline.
+- P5 also prints the CPU time per event of each stage alone and of the pipeline (all threads): on a
+  machine with few cores the two stages cannot overlap for free, and ``cores ÷ (CPU ms of both)`` bounds
+  the pipeline. It prints the wall time per event of the model stage inside the pipeline next to the
+  model alone: their ratio is how much preparation running beside the model slows it.
+- Padding: a chat-like length mix (one-liners, paragraphs, long pastes) arriving at a quiet rate, a busy
+  rate and as a backlog, batched in arrival order (``length_lookahead`` 1) and length-aware; prints the
+  fraction of computed token positions that are padding (from the prepared tensors), the positions
+  computed and the model time of each. Every pipeline run also prints the padding it computed (from
+  ``mw_forward_padding_positions_total``).
 
 Pipeline rates run from the first consumed record to the moment every offset is committed (so they
 include publishing, acks and the commit interval; not the group join). Raw loops run from their first
