@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from worker.contracts.events import Turn
 from worker.engine.engine import GuardEngine
 from worker.engine.padding import batch_padding, padding_fraction, padding_positions
 from worker.engine.tokenize import left_pad
 from worker.engine.types import GuardRequest
-from worker.events import Turn
 
 
 def test_padding_positions_of_left_padded_rows():

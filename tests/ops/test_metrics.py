@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from worker.config import CATEGORY_CODES
-from worker.dead_letters import Reason
+from worker.contracts.dead_letters import Reason
 from worker.ops import metrics
 
 # The agreed list in the interfaces brief (mw_duplicates_skipped_total is the optional one, exported too).

@@ -11,7 +11,7 @@ import pytest
 
 from tests.reliability.accounting import WorkerProcess, wait_until_answered, write_config
 from tests.stream.streaming import build_stream, produce
-from worker.dev_services import free_port
+from worker.dev.services import free_port
 from worker.ops.metrics import sample_key, scrape
 from worker.stream.kafka_clients import ensure_topics
 

@@ -38,7 +38,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.config import CATEGORY_CODES
-from worker.dead_letters import Reason
+from worker.contracts.dead_letters import Reason
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)

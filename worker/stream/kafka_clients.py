@@ -68,7 +68,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 
     A worker of a pool (split deployment) joins its pool's own group, so every pool reads every event.
     """
-    from worker.routing import consumer_group_id
+    from worker.moderation.routing import consumer_group_id
 
     kafka = settings.kafka
     return {

@@ -1,0 +1,342 @@
+"""Teach the tiny checkpoint the toy policy: brief, seeded CPU training on synthetic conversations.
+
+Inputs are exactly what the engine feeds the model: ``worker.engine.prompt.render_prompt`` under the default
+policy of the checkpoint's family (the text guard: of each family it serves, alternating), tokenized without
+adding a second BOS (the prompt carries ``<|begin_of_text|>``), images through the processor's real tiling
+path, left padding, one modality per batch. A text guard (no image processor) trains on text examples only. The target is the Llama Guard 3 answer: whitespace (``\\n\\n``), then ``safe`` or ``unsafe\\nS9``,
+then ``<|eot_id|>``; the loss covers the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from transformers import MllamaForConditionalGeneration, MllamaProcessor
+
+from worker.config import PolicySettings
+from worker.contracts.events import Turn
+from worker.dev.tiny_model.synthetic import LabelledExample, synthetic_examples
+from worker.engine.families import DEFAULT_FAMILY
+from worker.engine.policy import policy_from_settings
+from worker.engine.prompt import render_prompt
+
+if TYPE_CHECKING:
+    from worker.dev.tiny_model.build import TrainRecipe
+
+logger = logging.getLogger(__name__)
+
+# What the model emits before the verdict word (Llama Guard 3 does the same).
+ANSWER_PREFIX = "\n\n"
+ANSWER_SUFFIX = "<|eot_id|>"
+LLAMA4_ANSWER_SUFFIX = "<|eot|>"  # Llama Guard 4's end of turn
+IGNORE_INDEX = -100
+
+
+def example_turns(event: dict) -> tuple[Turn, ...]:
+    """Turns of a synthetic event (already alternating, starting with the user, no system messages)."""
+    turns = []
+    for message in event["messages"]:
+        content = message["content"]
+        texts = (
+            (content,)
+            if isinstance(content, str)
+            else tuple(p["text"] for p in content if p["type"] == "text")
+        )
+        turns.append(Turn(role=message["role"], texts=texts))
+    return tuple(turns)
+
+
+def example_image(event: dict) -> Image.Image | None:
+    """The synthetic event's image (decoded from its PNG data URL), or None."""
+    for message in event["messages"]:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    payload = part["image_url"]["url"].split(",", 1)[1]
+                    return Image.open(io.BytesIO(base64.b64decode(payload))).convert("RGB")
+    return None
+
+
+def example_prompt(example: LabelledExample, family: str = DEFAULT_FAMILY) -> str:
+    """The exact prompt the engine renders for this example under ``family``'s default policy."""
+    policy = policy_from_settings("default", PolicySettings(), family)
+    return render_prompt(example_turns(example.event), policy, has_image=example.has_image, family=family)
+
+
+def _is_llama4(processor: object) -> bool:
+    return hasattr(processor, "image_processor") and hasattr(processor, "downsample_ratio")
+
+
+def _encode_llama4_batch(
+    processor: object, examples: Sequence[LabelledExample], *, with_targets: bool, family: str
+) -> _Batch:
+    """Llama Guard 4 rows the way the engine builds them: rendered segments, control tokens by id, each
+    ``<|image|>`` expanded into its tiles' patch tokens; the answer ends with ``<|eot|>``."""
+    from worker.engine.families.llama4_images import expand_image_ids, expansion_token_ids, patches_per_tile
+    from worker.engine.prompt import render_segments
+    from worker.engine.tokenize import PromptTokenizer, left_pad
+
+    tokenizer = processor.tokenizer
+    tokens = PromptTokenizer(tokenizer, family)
+    policy = policy_from_settings("default", PolicySettings(), family)
+    segments = [
+        render_segments(example_turns(e.event), policy, has_image=e.has_image, family=family)
+        for e in examples
+    ]
+    rows = tokens.encode_many(segments)
+    inputs: dict[str, torch.Tensor] = {}
+    images = [example_image(e.event) for e in examples]
+    if images[0] is not None:
+        out = processor.image_processor(images, return_tensors="pt")
+        per_tile = patches_per_tile(
+            int(out["pixel_values"].shape[-1]), processor.patch_size, processor.downsample_ratio
+        )
+        ids = expansion_token_ids(tokenizer)
+        rows = [
+            expand_image_ids(r, [ratio], per_tile, ids)
+            for r, ratio in zip(rows, out["aspect_ratios"].tolist())
+        ]
+        inputs["pixel_values"] = out["pixel_values"].float()
+    answer_ids = [
+        tokenizer(ANSWER_PREFIX + e.answer + LLAMA4_ANSWER_SUFFIX, add_special_tokens=False)["input_ids"]
+        if with_targets
+        else []
+        for e in examples
+    ]
+    input_ids, attention_mask, position_ids = left_pad(
+        [r + a for r, a in zip(rows, answer_ids)], tokens.pad_id
+    )
+    inputs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, ids_ in enumerate(answer_ids):
+        if ids_:
+            labels[row, -len(ids_) :] = torch.tensor(ids_)
+    return _Batch(inputs=inputs, labels=labels)
+
+
+def _reads_images(processor: object) -> bool:
+    return hasattr(processor, "image_processor")
+
+
+def examples_for(processor: object, examples: Sequence[LabelledExample]) -> list[LabelledExample]:
+    """The examples a checkpoint can read: all of them, or the text-only ones for a text guard."""
+    return list(examples) if _reads_images(processor) else [e for e in examples if not e.has_image]
+
+
+@dataclass
+class _Batch:
+    inputs: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+
+def _encode_batch(
+    processor: MllamaProcessor,
+    examples: Sequence[LabelledExample],
+    *,
+    with_targets: bool,
+    families: Sequence[str] = (DEFAULT_FAMILY,),
+    offset: int = 0,
+) -> _Batch:
+    """Tokenize prompts (+ answers) and images for one same-modality batch, left padded.
+
+    Row ``i`` uses the prompt of ``families[(offset + i) % len(families)]``.
+    """
+    if _is_llama4(processor):
+        return _encode_llama4_batch(processor, examples, with_targets=with_targets, family=families[0])
+    tokenizer = getattr(processor, "tokenizer", processor)
+    prompts = [example_prompt(e, families[(offset + i) % len(families)]) for i, e in enumerate(examples)]
+    answers = (
+        [ANSWER_PREFIX + e.answer + ANSWER_SUFFIX for e in examples] if with_targets else [""] * len(examples)
+    )
+    images = [example_image(e.event) for e in examples]
+    has_image = images[0] is not None
+    # The answer is tokenized on its own: the prompt ends in a special token, so the split is the same as
+    # tokenizing the whole string, and we know exactly which ids are answer ids.
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] if a else [] for a in answers]
+    texts = [p + a for p, a in zip(prompts, answers)]
+    if _reads_images(processor):
+        inputs = processor(
+            text=texts,
+            images=[[image] for image in images] if has_image else None,
+            add_special_tokens=False,
+            padding=True,
+            return_tensors="pt",
+        )
+    else:
+        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    labels = torch.full_like(inputs["input_ids"], IGNORE_INDEX)
+    for row, ids in enumerate(answer_ids):
+        if ids:
+            labels[row, -len(ids) :] = torch.tensor(ids)
+    return _Batch(inputs=dict(inputs), labels=labels)
+
+
+def _batches(examples: Sequence[LabelledExample], batch_size: int) -> Iterator[list[LabelledExample]]:
+    """Same-modality batches (never mix image and text-only rows: transformers issue #39379)."""
+    for has_image in (False, True):
+        group = [e for e in examples if e.has_image == has_image]
+        for start in range(0, len(group), batch_size):
+            yield group[start : start + batch_size]
+
+
+def _answer_loss(model: MllamaForConditionalGeneration, batch: _Batch) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens; with left padding they are the last columns, so only the
+    last few positions need logits (the LM head over every prompt position would dominate the step)."""
+    answer_columns = int((batch.labels != IGNORE_INDEX).any(dim=0).sum())
+    logits = model(**batch.inputs, logits_to_keep=answer_columns + 1).logits
+    # Position t predicts token t+1: logits of the last (answer_columns + 1) positions, minus the final one,
+    # predict the last answer_columns tokens.
+    predicted = logits[:, :-1, :].float()
+    targets = batch.labels[:, -answer_columns:]
+    return torch.nn.functional.cross_entropy(
+        predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_model(
+    model: MllamaForConditionalGeneration,
+    processor: MllamaProcessor,
+    recipe: TrainRecipe,
+    *,
+    families: Sequence[str] = (DEFAULT_FAMILY,),
+) -> float:
+    """Train ``model`` in place on the toy policy, on the prompts of ``families`` (alternating rows);
+    returns the final epoch's mean answer-token loss."""
+    examples = examples_for(processor, synthetic_examples(recipe.examples, seed=recipe.seed, split="train"))
+    with _torch_threads(recipe.threads):
+        torch.manual_seed(recipe.seed)
+        batches = [
+            _encode_batch(processor, chunk, with_targets=True, families=families, offset=n)
+            for n, chunk in enumerate(_batches(examples, recipe.batch_size))
+        ]
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+        )
+        total_steps = recipe.epochs * len(batches)
+
+        def lr_factor(step: int) -> float:
+            # Linear warm-up, then cosine decay to zero: stable and quick for a short run.
+            if step < recipe.warmup_steps:
+                return (step + 1) / recipe.warmup_steps
+            progress = (step - recipe.warmup_steps) / max(1, total_steps - recipe.warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        generator = torch.Generator().manual_seed(recipe.seed)
+        model.train()
+        epoch_loss = 0.0
+        for epoch in range(recipe.epochs):
+            order = torch.randperm(len(batches), generator=generator).tolist()
+            losses = []
+            for index in order:
+                batch = batches[index]
+                loss = _answer_loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                losses.append(loss.item())
+            epoch_loss = sum(losses) / len(losses)
+            logger.info(
+                "tiny model training epoch", extra={"stage": "train", "epoch": epoch, "loss": epoch_loss}
+            )
+        model.eval()
+    return epoch_loss
+
+
+def parse_answer(text: str) -> tuple[str, tuple[str, ...]] | None:
+    """Parse a generated Llama Guard answer into (decision, codes); None when malformed."""
+    lines = text.strip().split("\n")
+    if lines[0] == "safe" and len(lines) == 1:
+        return "safe", ()
+    if lines[0] == "unsafe" and len(lines) == 2 and lines[1]:
+        return "unsafe", tuple(code.strip() for code in lines[1].split(","))
+    return None
+
+
+def generate_answers(
+    model: MllamaForConditionalGeneration,
+    processor: MllamaProcessor,
+    examples: Sequence[LabelledExample],
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 10,
+    family: str = DEFAULT_FAMILY,
+) -> list[str]:
+    """Greedy ``generate`` on each example (batched by modality) with ``family``'s prompt; returns the decoded
+    answers in input order."""
+    answers: dict[int, str] = {}
+    indexed = list(enumerate(examples))
+    for has_image in (False, True):
+        group = [(i, e) for i, e in indexed if e.has_image == has_image]
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            batch = _encode_batch(processor, [e for _, e in chunk], with_targets=False, families=(family,))
+            # generate derives positions from the attention mask itself.
+            kwargs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
+            with torch.inference_mode():
+                output = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False)
+            new_tokens = output[:, batch.inputs["input_ids"].shape[1] :]
+            tokenizer = getattr(processor, "tokenizer", processor)
+            decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for (i, _), text in zip(chunk, decoded):
+                answers[i] = text
+    return [answers[i] for i in range(len(examples))]
+
+
+def policy_accuracy(examples: Sequence[LabelledExample], answers: Sequence[str]) -> dict[str, float]:
+    """Decision and exact-codes accuracy overall and for text-only / image examples."""
+    metrics: dict[str, float] = {}
+    groups = {
+        "all": list(range(len(examples))),
+        "text": [i for i, e in enumerate(examples) if not e.has_image],
+        "image": [i for i, e in enumerate(examples) if e.has_image],
+    }
+    for name, indices in groups.items():
+        if not indices:
+            continue
+        parsed = [parse_answer(answers[i]) for i in indices]
+        decision_ok = sum(p is not None and p[0] == examples[i].decision for p, i in zip(parsed, indices))
+        exact_ok = sum(
+            p is not None and p == (examples[i].decision, examples[i].codes) for p, i in zip(parsed, indices)
+        )
+        metrics[f"{name}_decision_accuracy"] = decision_ok / len(indices)
+        metrics[f"{name}_exact_accuracy"] = exact_ok / len(indices)
+        metrics[f"{name}_count"] = float(len(indices))
+    return metrics
+
+
+def evaluate_heldout(
+    model: MllamaForConditionalGeneration,
+    processor: MllamaProcessor,
+    recipe: TrainRecipe,
+    *,
+    family: str = DEFAULT_FAMILY,
+) -> dict[str, float]:
+    """Greedy-generate on the held-out split (what the checkpoint can read) and score it against the toy policy."""
+    examples = examples_for(
+        processor, synthetic_examples(recipe.heldout_examples, seed=recipe.heldout_seed, split="heldout")
+    )
+    with _torch_threads(recipe.threads):
+        answers = generate_answers(model, processor, examples, family=family)
+    return policy_accuracy(examples, answers)
