@@ -121,8 +121,8 @@ BATCH_SIZE = Histogram(
 )
 FORWARD_POSITIONS = Counter(
     "forward_positions_total",
-    "Token positions computed by model forward passes (rows x padded length of each batch), by model and "
-    "batch modality. Padding fraction = rate(mw_forward_padding_positions_total) / rate(this).",
+    "Token positions computed by the stream's model forward passes (rows x padded length of each batch), by "
+    "model and batch modality. Padding fraction = rate(mw_forward_padding_positions_total) / rate(this).",
     ["model", "modality"],
     namespace=NAMESPACE,
     registry=REGISTRY,
