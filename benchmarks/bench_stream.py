@@ -362,7 +362,7 @@ def image_stages(
 
 def mixed_length_events(n: int, seed: int) -> list[dict[str, Any]]:
     """``n`` unique text-only events with a chat-like length mix: the synthetic one-liners as they are (~65%),
-    a paragraph appended to the last message (~25%: 3–8 sentences) or a long paste (~10%: 20–60 sentences)."""
+    a paragraph appended to the last message (~25%: 3–8 sentences) or a long paste (~10%: 10–30 sentences)."""
     rng = random.Random(seed)
     base = events(n, images=False, seed=seed)
     sentences = [
@@ -373,7 +373,7 @@ def mixed_length_events(n: int, seed: int) -> list[dict[str, Any]]:
     ]
     for event in base:
         roll = rng.random()
-        extra = 0 if roll < 0.65 else rng.randint(3, 8) if roll < 0.9 else rng.randint(20, 60)
+        extra = 0 if roll < 0.65 else rng.randint(3, 8) if roll < 0.9 else rng.randint(10, 30)
         if extra:
             last = event["messages"][-1]
             addition = " " + " ".join(rng.choice(sentences) for _ in range(extra))
@@ -420,6 +420,37 @@ def padding_runs(
     return padding_fraction(padding, computed), computed, len(batches), time.perf_counter() - start
 
 
+def gil_slowdown(work: Callable[[], Any], rounds: int) -> float:
+    """How much slower ``work`` runs beside one busy pure-Python thread than alone (median of ``rounds``,
+    each alone / beside / alone). About 2 when ``work`` needs the GIL all the time, about 1 when it runs
+    outside it (the machine has a core to spare for the busy thread)."""
+    ratios = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        alone = time.perf_counter() - start
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                pass
+
+        busy = threading.Thread(target=spin, daemon=True)
+        busy.start()
+        try:
+            start = time.perf_counter()
+            work()
+            beside = time.perf_counter() - start
+        finally:
+            stop.set()
+            busy.join()
+        start = time.perf_counter()
+        work()
+        alone = (alone + time.perf_counter() - start) / 2
+        ratios.append(beside / alone)
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def in_thread(fn: Any, *args: Any) -> Any:
     """Run ``fn`` in a fresh thread, as the pipeline runs its loop: torch's intra-op thread pool behaves
     differently on the main thread of a busy machine, and baselines must run under the same conditions."""
@@ -445,7 +476,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     n_hit, n_text, n_naive, n_image, n_padding = (
-        max(20, int(c * args.scale)) for c in (20000, 2000, 100, 600, 600)
+        max(20, int(c * args.scale)) for c in (20000, 2000, 100, 600, 400)
     )
     model_dir = ensure_tiny_model(train=True)
     with EmbeddedServices() as services:
@@ -569,6 +600,26 @@ def p5(
     results["p5_prepare_cpu_ms"] = min(r[2] for r in runs)
     results["p5_model_cpu_ms"] = min(r[3] for r in runs)
     results["p5_model_alone_wall_ms"] = 1000 / results["p5_model_alone"]
+    # Where the stages contend: on the GIL when each is slowed about 2x by one busy pure-Python thread.
+    decoded = requests_for(stages, engine, image_events[: stages.batching.max_size * 2])
+    requests = [
+        GuardRequest(e.turns, engine.policy_for(e.policy), decode_image(d, stages.limits)) for e, d in decoded
+    ]
+    size = stages.batching.max_size
+    batches = [engine.prepare(requests[i : i + size]) for i in range(0, len(requests), size)]
+
+    def model() -> None:
+        for batch in batches:
+            engine.run(batch)
+
+    def prepare() -> None:
+        for e, d in decoded:
+            engine.prepare(
+                [GuardRequest(e.turns, engine.policy_for(e.policy), decode_image(d, stages.limits))]
+            )
+
+    results["p5_model_gil_slowdown"] = in_thread(gil_slowdown, model, 3)
+    results["p5_prepare_gil_slowdown"] = in_thread(gil_slowdown, prepare, 3)
 
 
 PADDING_RATES = (500.0, 2000.0, float("inf"))  # events/s: quiet, busy, a backlog
@@ -622,6 +673,8 @@ def report(r: dict[str, float]) -> None:
             print(f"{name:<36} {value:10.2f} CPU ms/event (all threads)")
         elif name.endswith("_wall_ms"):
             print(f"{name:<36} {value:10.2f} wall ms/event in that stage")
+        elif name.endswith("_gil_slowdown"):
+            print(f"{name:<36} {value:10.2f} x slower beside one busy pure-Python thread (GIL-bound: ~2)")
         elif name.startswith("padding_") and name.endswith(("_order", "_aware")):
             print(f"{name:<36} {value:10.1%} of computed token positions")
         elif name.startswith("padding_"):
@@ -665,6 +718,15 @@ def report(r: dict[str, float]) -> None:
         bound = 1000 * cores / (r["p5_prepare_cpu_ms"] + r["p5_model_cpu_ms"])
         note = f"CPU bound: {cores} cores / ({r['p5_prepare_cpu_ms']:.2f}+{r['p5_model_cpu_ms']:.2f}) ms"
         rows.append(("   (ceiling from CPU time of both stages)", min(bound, slower) / slower, 0.0, note))
+        gil_bound = 1000 / (r["p5_model_alone_wall_ms"] + r["p5_prepare_cpu_ms"])
+        rows.append(
+            (
+                "   (ceiling if both stages hold the GIL throughout)",
+                min(gil_bound, slower) / slower,
+                0.0,
+                f"1 / ({r['p5_model_alone_wall_ms']:.2f} model + {r['p5_prepare_cpu_ms']:.2f} prepare) ms per event",
+            )
+        )
         rows.append(
             (
                 "   (model stage: in the pipeline / alone)",
