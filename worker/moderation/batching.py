@@ -15,7 +15,7 @@ mixes a one-line message with a long one is mostly padding. Each entry carries a
 the batcher picks batches of similar lengths out of the pool: a full pool hands out the ``max_size`` window
 of the length-sorted pool that contains the oldest entry (first-come first-served still holds: the oldest
 waiting entry is in the next batch of its pool) and pads least; a due pool is cut into the fewest batches,
-of near-equal size, in length order. ``lookahead = 1`` is plain arrival order (a batch leaves as soon as it
+in length order, where the cuts pad least (``least_padding_sizes``). ``lookahead = 1`` is plain arrival order (a batch leaves as soon as it
 holds ``max_size`` entries); a larger lookahead lets items wait, never past ``max_wait_s``, for
 similar-length company.
 
