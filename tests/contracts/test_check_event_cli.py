@@ -125,8 +125,8 @@ def _data_url(data: bytes, media_type: str) -> str:
 
 def test_images_the_worker_rejects_offline_are_rejected_with_its_reason_and_field(tmp_path: Path) -> None:
     from worker.config import load_settings
-    from worker.contracts.dead_letters import RejectedError
     from worker.contracts.decode import decode_event
+    from worker.contracts.rejections import RejectedError
     from worker.images.load import decode_image, image_bytes
 
     jpeg = _jpeg()

@@ -11,16 +11,15 @@ import jsonschema_rs
 import orjson
 import pytest
 
-from worker.contracts.dead_letters import Reason, Rejection, SourceCoordinates, build_dead_letter
+from tests.support.contracts import validate_dead_letter, validate_event, validate_verdict
+from worker.contracts.dead_letters import SourceCoordinates, build_dead_letter
 from worker.contracts.events import ChatEvent, ImageRef, Turn
+from worker.contracts.rejections import Reason, Rejection
 from worker.contracts.schemas import (
     SCHEMAS_DIR,
     dead_letter_schema_version,
     event_schema_version,
     load_schema,
-    validate_dead_letter,
-    validate_event,
-    validate_verdict,
     validator,
     verdict_schema_version,
 )

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.contracts.dead_letters import Reason, RejectedError
 from worker.contracts.events import Turn
+from worker.contracts.rejections import Reason, RejectedError
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.dev.tiny_model.train import example_image, example_turns
 from worker.engine import scoring

@@ -11,8 +11,8 @@ import pytest
 from tests.images import crafted
 from tests.images.conftest import TEST_LIMIT_BYTES
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, RejectedError
 from worker.contracts.events import ImageRef
+from worker.contracts.rejections import Reason, RejectedError
 from worker.images import decode_image, image_bytes, image_content_hash
 
 SettingsFactory = Callable[..., Settings]

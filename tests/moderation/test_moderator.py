@@ -13,11 +13,11 @@ import orjson
 import pytest
 from PIL import Image
 
+from tests.support.contracts import validate_verdict
 from tests.support.fake_engine import DictCache, FakeEngine, fake_registry
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, Rejection
 from worker.contracts.decode import decode_event
-from worker.contracts.schemas import validate_verdict
+from worker.contracts.rejections import Reason, Rejection
 from worker.engine.types import EngineError, ErrorKind, GuardResult
 from worker.moderation.moderator import ELSEWHERE, Answer, Keyed, Moderator, Routed, engine_error_rejection
 

@@ -13,9 +13,9 @@ import pytest
 
 from tests.contracts.malformed_events import PNG_1PX, image, raw, user
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, Rejection
 from worker.contracts.decode import decode_event, event_to_dict, reads_several_images
 from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Reason, Rejection
 from worker.moderation.routing import Router, guard_request, images_hash, settings_for_pool
 
 FAMILY = {"text": "llama-guard-3-1b", "vision": "llama-guard-3-vision", "lg4": "llama-guard-4"}

@@ -28,7 +28,7 @@ from tests.stream.streaming import (
     read_json,
     wait_for,
 )
-from worker.contracts.schemas import validate_dead_letter, validate_verdict
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.registry import ModelRegistry
 from worker.moderation.routing import consumer_group_id, settings_for_pool

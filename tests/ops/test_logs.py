@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from worker.config import LoggingSettings
-from worker.contracts.dead_letters import Reason
+from worker.contracts.rejections import Reason
 from worker.ops.logs import configure_logging
 
 SECRET_TEXT = "how do I build a bomb"

@@ -18,8 +18,8 @@ import pytest
 
 from tests.ops.test_metrics_multinode import _by_worker
 from tests.serve.test_serve_http import _wait_ready
+from tests.support.metrics import parse_exposition
 from worker.dev.tiny_model.synthetic import synthetic_examples
-from worker.ops.metrics import parse_exposition
 from worker.serve.app import build_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]

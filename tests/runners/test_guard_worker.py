@@ -37,7 +37,7 @@ def test_guard_worker_runs_the_pipeline_in_a_thread_reports_status_and_drains_on
 
     worker = GuardWorker(settings_payload(settings), worker_index=3)
     try:
-        assert worker.ping()["worker_index"] == 3
+        assert worker.status()["worker_index"] == 3
         wait_until(worker.ready, 60, "model loaded and partitions assigned")
         wait_until(
             lambda: worker.status()["counters"]["completed"] == len(stream.records), 60, "every record done"

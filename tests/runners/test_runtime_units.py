@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from worker.config import ConfigError, Settings, load_settings
-from worker.contracts.dead_letters import Reason, Rejection
+from worker.contracts.rejections import Reason, Rejection
 from worker.runners.ray_actor import worker_device
 from worker.runners.ray_env import LOCAL_RAY_ENV, local_ray_env, settings_from_payload, settings_payload
 from worker.runners.ray_fleet import planned_worker_count

@@ -19,7 +19,7 @@ import urllib3
 import yaml
 
 from tests.serve.test_serve_http import _wait_ready
-from worker.contracts.schemas import validate_verdict
+from tests.support.contracts import validate_verdict
 from worker.dev.tiny_model.synthetic import synthetic_examples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

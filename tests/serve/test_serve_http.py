@@ -19,7 +19,7 @@ import orjson
 import pytest
 import yaml
 
-from worker.contracts.schemas import validate_verdict
+from tests.support.contracts import validate_verdict
 from worker.dev.tiny_model.synthetic import synthetic_examples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -254,7 +254,7 @@ def test_concurrent_requests_share_model_batches(moderation_url: str) -> None:
     assert max(batch_sizes) > 1
     status, text = get(moderation_url, "/metrics")
     assert status == 200
-    from worker.ops.metrics import parse_exposition
+    from tests.support.metrics import parse_exposition
 
     samples = parse_exposition(text)
     count = samples['mw_batch_size_count{modality="text",model="text"}']

@@ -30,9 +30,9 @@ from typing import TextIO
 import orjson
 
 from worker.config import Settings
-from worker.contracts.dead_letters import RejectedError, Rejection
 from worker.contracts.decode import decode_event, event_to_dict
 from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import RejectedError, Rejection
 
 EXIT_ALL_VALID = 0
 EXIT_SOME_INVALID = 1

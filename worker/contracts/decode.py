@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, RejectedError, Rejection
 from worker.contracts.events import ChatEvent, ImageRef, Turn
+from worker.contracts.rejections import Reason, RejectedError, Rejection
 from worker.contracts.schemas import CHAT_EVENT, field_path, validator
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ major version once (jsonschema-rs, draft 2020-12, with ``format`` asserted) and 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -79,33 +79,6 @@ def field_path(instance_path: Iterable[str | int]) -> str:
         else:
             out.append("[" + orjson.dumps(key).decode() + "]")
     return "".join(out)
-
-
-def _validate(name: str, record: Mapping[str, Any]) -> None:
-    compiled = validator(name)
-    if compiled.is_valid(record):
-        return
-    error = next(iter(compiled.iter_errors(record)))
-    where = field_path(error.instance_path) or "<record>"
-    raise ValueError(f"{name} record does not match {schema_file(name).name} at {where}: {error.message}")
-
-
-def validate_event(record: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the field path if ``record`` does not match the chat-event schema.
-
-    Schema only; the worker's full check (conversation rules, limits) is ``worker.contracts.decode.decode_event``.
-    """
-    _validate(CHAT_EVENT, record)
-
-
-def validate_verdict(record: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the field path if ``record`` does not match the verdict schema."""
-    _validate(VERDICT, record)
-
-
-def validate_dead_letter(record: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the field path if ``record`` does not match the dead-letter schema."""
-    _validate(DEAD_LETTER, record)
 
 
 # Major versions, e.g. for the ``schema-version`` header of published records.

@@ -113,8 +113,8 @@ def prompt_command(
     No weights are loaded: the prompt is what the template writes (images as ``<|image|>``, before a
     processor expands them).
     """
-    from worker.contracts.dead_letters import RejectedError, Rejection
     from worker.contracts.decode import decode_event  # lazily: the contracts module loads schemas
+    from worker.contracts.rejections import RejectedError, Rejection
     from worker.engine.policy import load_policies, resolve_policy
 
     family = family or settings.model.family

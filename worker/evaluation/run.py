@@ -18,7 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from worker.config import Settings
-from worker.contracts.dead_letters import RejectedError
+from worker.contracts.rejections import RejectedError
 from worker.engine.policy import Policy
 from worker.engine.types import EngineError, GuardRequest
 from worker.evaluation.dataset import BadLine, LabelledEvent, read_labelled

@@ -13,7 +13,7 @@ from __future__ import annotations
 import binascii
 import re
 
-from worker.contracts.dead_letters import Reason, RejectedError
+from worker.contracts.rejections import Reason, RejectedError
 
 _PREFIX = re.compile(r"data:(image/[a-z0-9][a-z0-9.+-]{0,63});base64,", re.IGNORECASE)
 

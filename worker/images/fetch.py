@@ -39,7 +39,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from worker.config import ImageFetchSettings
-from worker.contracts.dead_letters import Reason, RejectedError
+from worker.contracts.rejections import Reason, RejectedError
 from worker.images.ssrf import AddressPolicy, IPAddress, Resolver, parse_ip_literal, resolve_and_vet
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 
 from worker.config import Settings
-from worker.contracts.dead_letters import RejectedError
 from worker.contracts.events import ImageRef
+from worker.contracts.rejections import RejectedError
 from worker.images.data_url import data_url_bytes
 from worker.images.decode import decode_image
 from worker.images.fetch import fetch_image, vet_url_offline

@@ -36,6 +36,7 @@ from itertools import accumulate
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 Modality = Literal["text", "image"]
 BatchModality = Literal["text", "image", "mixed"]
@@ -113,7 +114,7 @@ def least_padding_sizes(lengths: Sequence[int], max_size: int) -> list[int]:
     row_len = np.asarray(lengths, dtype=np.float64)
     best = np.full(n + 1, np.inf)
     best[0] = 0.0
-    last_size = np.zeros((count, n + 1), dtype=np.int64)
+    last_size: npt.NDArray[np.int64] = np.zeros((count, n + 1), dtype=np.int64)
     for j in range(count):
         step = np.full(n + 1, np.inf)
         for size in range(1, min(max_size, n) + 1):

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from worker.cache.entries import from_entry, to_entry
 from worker.cache.keys import cache_key
-from worker.contracts.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates
+from worker.contracts.dead_letters import SourceCoordinates
 from worker.contracts.events import ChatEvent, Turn
+from worker.contracts.rejections import Reason, RejectedError, Rejection
 from worker.contracts.verdicts import verdict_for
 from worker.engine.isolation import run_isolated
 from worker.engine.policy import resolve_event_policy
@@ -268,10 +269,10 @@ class Moderator:
         if prepared is not None or prepare_error is not None:  # one batch, prepared by the caller
             results = isolate(requests, prepared=prepared, prepare_error=prepare_error)
         else:
-            results = [None] * len(requests)
+            by_index: dict[int, GuardResult | EngineError] = {}
             for chunk in engine.batches(requests):
-                for i, result in zip(chunk, isolate([requests[i] for i in chunk]), strict=True):
-                    results[i] = result
+                by_index.update(zip(chunk, isolate([requests[i] for i in chunk]), strict=True))
+            results = [by_index[i] for i in range(len(requests))]
         answered: list[GuardResult | EngineError] = []
         for item, result in zip(ready, results, strict=True):
             if isinstance(result, GuardResult):

@@ -3,38 +3,44 @@
 from __future__ import annotations
 
 import logging
-import signal
 import threading
-from types import FrameType
+from typing import TYPE_CHECKING
 
 from worker.config import Settings
+from worker.runners.signals import stop_on_signals
+
+if TYPE_CHECKING:
+    from worker.stream.pipeline import StreamPipeline
 
 log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings) -> int:
     """Run one stream pipeline until SIGTERM/SIGINT, drain it, and return the exit status (0 = clean)."""
-    from worker.engine.engine import GuardEngine
-    from worker.engine.loading import ModelLoadError
-    from worker.ops import metrics
-    from worker.ops.health import OpsServer
     from worker.ops.logs import configure_logging
     from worker.ops.preflight import check_redis
-    from worker.stream.kafka_clients import ensure_topics
     from worker.stream.pipeline import StreamPipeline
-    from worker.stream.publisher import output_topics
 
     configure_logging(settings.logging, worker="worker")
     check_redis(settings)  # optional: one warning saying the worker runs uncached, never a stop
     pipeline = StreamPipeline(settings, worker_name="worker")
     stop_requested = threading.Event()
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s; draining", signal.Signals(signum).name, extra={"stage": "stop"})
+    def on_stop() -> None:
         stop_requested.set()
         pipeline.request_stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with stop_on_signals(on_stop, stage="stop"):
+        return _serve_pipeline(settings, pipeline, stop_requested)
+
+
+def _serve_pipeline(settings: Settings, pipeline: StreamPipeline, stop_requested: threading.Event) -> int:
+    """Ops endpoint, models, output topics, then the pipeline's loop on its own thread; the exit status."""
+    from worker.engine.loading import ModelLoadError
+    from worker.ops.health import OpsServer
+    from worker.stream.kafka_clients import ensure_topics
+    from worker.stream.publisher import output_topics
+
     ops = None
     try:
         if settings.ops.port:
@@ -42,9 +48,7 @@ def run_worker(settings: Settings) -> int:
                 settings.ops.host, settings.ops.port, ready=lambda: pipeline.ready, status=pipeline.status
             )
             ops.start()
-        engine = GuardEngine.from_settings(settings)
-        metrics.MODEL_LOAD_SECONDS.set(engine.load_seconds)
-        pipeline.engine = engine
+        pipeline.load_models()  # before the loop starts: a load failure is one clear line (exit 2)
         ensure_topics(settings, output_topics(settings.topics))
         if stop_requested.is_set():
             return 0
@@ -73,6 +77,4 @@ def run_worker(settings: Settings) -> int:
     finally:
         if ops is not None:
             ops.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0

@@ -132,10 +132,6 @@ class GuardWorker:
     def _live(self) -> bool:
         return self._failure is None
 
-    def ping(self) -> dict[str, Any]:
-        """Cheap liveness probe: which worker and which incarnation answered."""
-        return {"worker_index": self.worker_index, "incarnation": self.incarnation, "pid": os.getpid()}
-
     def ready(self) -> bool:
         """True when the model is loaded and partitions are assigned (the pipeline's own readiness)."""
         return self._failure is None and bool(self.pipeline.ready)

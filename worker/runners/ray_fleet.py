@@ -12,8 +12,6 @@ topic's partitions (an actor without a partition only holds a GPU). Scaling in d
 SIGTERM does (in-flight batches published and committed, consumer closed) before it is killed, so its
 partitions move without a burst of duplicates. New actors wait for a GPU; on KubeRay the Ray autoscaler
 adds a GPU pod for them and removes the pod an actor left once it is idle.
-``run_until_drained(...)`` runs the stream through local actors until a known number of new events
-has been committed by the consumer group — what the demo uses to show the production shape.
 
 Deployment shapes (``worker.moderation.routing``): co-located — one group of actors, each holding every routed model;
 split pools (``pools`` configured) — one group of actors per pool, each group sized and given GPUs on its
@@ -28,19 +26,20 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from worker.config import Settings
 from worker.runners.ray_actor import remote_guard_worker
 from worker.runners.ray_env import init_ray, settings_payload
+from worker.runners.signals import stop_on_signals
 
 if TYPE_CHECKING:
-    from kafka import TopicPartition
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -498,33 +497,28 @@ def run_on_ray(settings: Settings) -> int:
     started_local = init_ray(settings)
     # After ray.init: Ray's core installs its own SIGTERM handler (log and die), ours must replace it.
     stop_requested = threading.Event()
-    previous = _install_stop_handlers(stop_requested)
     fleet = WorkerFleet(settings)
     ops = None
-    try:
-        fleet.start()
-        ops = _start_driver_ops(settings, fleet)
-        next_scale = time.monotonic() + settings.ray.autoscale_interval_s
-        while not stop_requested.is_set():
-            fleet.poll()
-            if fleet.scaler is not None and time.monotonic() >= next_scale:
-                try:
-                    fleet.autoscale()
-                except Exception:  # a failed plan (e.g. broker metadata timeout) must not stop the stream
-                    log.exception("autoscaling step failed", extra={"stage": "ray_driver"})
-                next_scale = time.monotonic() + settings.ray.autoscale_interval_s
-            stop_requested.wait(POLL_INTERVAL_S)
-        log.info("stop requested; draining guard workers", extra={"stage": "shutdown"})
-    finally:
-        if fleet.slots:
-            fleet.stop()
-        if ops is not None:
-            ops.stop()
-        _restore_handlers(previous)
-        if started_local:
-            import ray
-
-            ray.shutdown()
+    with stop_on_signals(stop_requested.set), _shutdown_ray_after(started_local):
+        try:
+            fleet.start()
+            ops = _start_driver_ops(settings, fleet)
+            next_scale = time.monotonic() + settings.ray.autoscale_interval_s
+            while not stop_requested.is_set():
+                fleet.poll()
+                if fleet.scaler is not None and time.monotonic() >= next_scale:
+                    try:
+                        fleet.autoscale()
+                    except Exception:  # a failed plan (e.g. broker metadata timeout) must not stop the stream
+                        log.exception("autoscaling step failed", extra={"stage": "ray_driver"})
+                    next_scale = time.monotonic() + settings.ray.autoscale_interval_s
+                stop_requested.wait(POLL_INTERVAL_S)
+            log.info("stop requested; draining guard workers", extra={"stage": "shutdown"})
+        finally:
+            if fleet.slots:
+                fleet.stop()
+            if ops is not None:
+                ops.stop()
     return 0
 
 
@@ -551,21 +545,16 @@ def _start_driver_ops(settings: Settings, fleet: WorkerFleet) -> Any:
     ).start()
 
 
-def _install_stop_handlers(stop_requested: threading.Event) -> dict[int, Any]:
-    """SIGTERM/SIGINT set ``stop_requested`` (main thread only; elsewhere the caller stops the fleet)."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
+@contextmanager
+def _shutdown_ray_after(started_local: bool) -> Iterator[None]:
+    """Shut down the Ray instance this process started (a joined cluster is left running)."""
+    try:
+        yield
+    finally:
+        if started_local:
+            import ray
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s", signal.Signals(signum).name, extra={"stage": "shutdown"})
-        stop_requested.set()
-
-    return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_handlers(previous: dict[int, Any]) -> None:
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+            ray.shutdown()
 
 
 # --- the demo's entry points ----------------------------------------------------------------------
@@ -606,122 +595,3 @@ def start_local_workers(
                 ray.shutdown()
 
     return stop
-
-
-class GroupProgress:
-    """Events the consumer group has committed on the events topic since this object was created.
-
-    Counting committed offsets (not worker counters) stays right across actor restarts and duplicate
-    processing: an offset is committed only once its verdict or dead letter is published.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        from worker.stream.kafka_clients import make_consumer
-
-        self._topic = settings.topics.events
-        # Reads committed offsets of the group without joining it (never subscribes or polls).
-        self._consumer = make_consumer(settings, enable_auto_commit=False)
-        self._partitions: list[TopicPartition] = []
-        self._baseline = self.committed_offsets()
-        # Split pools: every pool's group reads every event; an event is done when the slowest pool has it.
-        self._pools = (
-            [GroupProgress(group) for _, group in WorkerFleet(settings).groups()]
-            if settings.pools and settings.pool is None
-            else []
-        )
-
-    def committed_offsets(self) -> dict[int, int]:
-        """Committed offset per partition (0 when the group has none yet)."""
-        if not self._partitions:  # the topic may not exist yet, or metadata may not be fetched yet
-            from kafka import TopicPartition
-
-            partitions = self._consumer.partitions_for_topic(self._topic) or set()
-            self._partitions = [TopicPartition(self._topic, p) for p in sorted(partitions)]
-        return {tp.partition: self._consumer.committed(tp) or 0 for tp in self._partitions}
-
-    def completed(self) -> int:
-        """Events committed since the baseline (split pools: by every pool's group)."""
-        if self._pools:
-            return min(pool.completed() for pool in self._pools)
-        now = self.committed_offsets()
-        return sum(now[p] - self._baseline.get(p, 0) for p in now)
-
-    def close(self) -> None:
-        """Close the offset readers."""
-        self._consumer.close(autocommit=False)
-        for pool in self._pools:
-            pool.close()
-
-
-@dataclass
-class DrainReport:
-    """What ``run_until_drained`` saw."""
-
-    drained: bool
-    completed_events: int
-    expected_events: int
-    elapsed_s: float
-    workers: int
-    restarts_seen: int
-    final_statuses: list[dict[str, Any]]
-
-
-def run_until_drained(
-    settings: Settings,
-    expected_events: int,
-    timeout_s: float,
-    *,
-    ready_timeout_s: float = 120.0,
-    on_ready: Callable[[WorkerFleet], None] | None = None,
-    poll_interval_s: float = 0.5,
-) -> DrainReport:
-    """Run the stream through GuardWorker actors until ``expected_events`` more events are committed.
-
-    Joins or starts Ray like ``run_on_ray`` (a local instance is shut down at the end), waits up to
-    ``ready_timeout_s`` for every worker to be ready, calls ``on_ready(fleet)`` (e.g. to start
-    producing the events), then polls until the group's committed offsets on ``topics.events`` have
-    advanced by ``expected_events`` or ``timeout_s`` (counted from readiness) passes, and drains the
-    actors. Events already on the topic count, as long as the group had not committed them before
-    the call. Returns a ``DrainReport``; ``drained`` is False on timeout (never raises for it).
-    """
-    started_local = init_ray(settings)
-    fleet = WorkerFleet(settings)
-    progress = GroupProgress(settings)
-    begin = time.monotonic()
-    completed = 0
-    drained = False
-    finals: list[dict[str, Any]] = []
-    try:
-        fleet.start()
-        if not fleet.wait_ready(ready_timeout_s):
-            log.warning("guard workers not ready after %.0fs; continuing", ready_timeout_s)
-        if on_ready is not None:
-            on_ready(fleet)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            fleet.poll()
-            completed = progress.completed()
-            if completed >= expected_events:
-                drained = True
-                break
-            time.sleep(poll_interval_s)
-        restarts = fleet.restarts_seen
-        workers = len(fleet.slots)
-        finals = fleet.stop()
-    finally:
-        progress.close()
-        if fleet.slots:
-            fleet.stop()
-        if started_local:
-            import ray
-
-            ray.shutdown()
-    return DrainReport(
-        drained=drained,
-        completed_events=completed,
-        expected_events=expected_events,
-        elapsed_s=time.monotonic() - begin,
-        workers=workers,
-        restarts_seen=restarts,
-        final_statuses=finals,
-    )

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 from typing import Any
 
 from worker.config import ConfigError, Settings, load_settings
 from worker.runners.ray_env import init_ray, settings_payload
+from worker.runners.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
     """Serve deployment options from ``serve.*``.
 
     ``max_ongoing_requests`` is raised to at least ``max_batch_size`` × concurrent batches: below that a
-    replica can never fill a batch and Serve's default of 5 collapses throughput (ARCHITECTURE.md).
+    replica can never fill a batch and Serve's default of 5 collapses throughput (a replica holding at most
+    5 requests never runs a batch of more than 5 events).
     """
     from worker.serve.deployment import MAX_CONCURRENT_BATCHES
 
@@ -73,7 +74,8 @@ def deployment_options(settings: Settings) -> dict[str, Any]:
         "graceful_shutdown_wait_loop_s": 0.5,
         # Serve's own access/replica lines as JSON too (our records already are).
         **({"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}),
-        # num_cpus=0 for GPU replicas, like the stream actors: a small node must not starve (ARCHITECTURE.md).
+        # num_cpus=0 for GPU replicas, like the stream actors: a GPU node's few CPUs must not leave a replica
+        # waiting for a CPU slot it never uses.
         "ray_actor_options": {
             "num_gpus": serve_settings.num_gpus,
             "num_cpus": 0 if serve_settings.num_gpus else 1,
@@ -122,27 +124,19 @@ def serve_command(settings: Settings) -> int:
     from ray import serve
 
     stop_requested = threading.Event()
-    # Replaces Ray's own SIGTERM handler (installed by ray.init: exit with a traceback): from here on, a
-    # signal means "stop in order", even during start-up.
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {
-            sig: signal.signal(sig, lambda *_: stop_requested.set())
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
     status = 0
-    try:
-        json_logs = {"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}
-        serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port}, **json_logs)
-        status = _deploy_and_wait(settings, stop_requested)
-        if status == 0:
-            while not stop_requested.wait(1.0):
-                pass  # a timed wait lets the signal handler run promptly
-            log.info("stop requested; draining in-flight requests", extra={"stage": "shutdown"})
-    finally:
-        _stop_in_order(settings, started_local)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # From here on a signal means "stop in order", even during start-up (it replaces Ray's own handler).
+    with stop_on_signals(stop_requested.set):
+        try:
+            json_logs = {"logging_config": {"encoding": "JSON"}} if settings.logging.format == "json" else {}
+            serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port}, **json_logs)
+            status = _deploy_and_wait(settings, stop_requested)
+            if status == 0:
+                while not stop_requested.wait(1.0):
+                    pass  # a timed wait lets the signal handler run promptly
+                log.info("stop requested; draining in-flight requests", extra={"stage": "shutdown"})
+        finally:
+            _stop_in_order(settings, started_local)
     return status
 
 

@@ -33,8 +33,8 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker.config import Settings
-from worker.contracts.dead_letters import Reason, Rejection
 from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Reason, Rejection
 from worker.engine.types import GuardResult
 from worker.moderation.moderator import Answer, Elsewhere, Keyed, Moderator, Ready, engine_error_rejection
 from worker.runners.ray_env import settings_from_payload

@@ -29,8 +29,8 @@ from typing import Any
 import orjson
 
 from worker.config import ServeSettings, Settings
-from worker.contracts.dead_letters import Reason, Rejection
 from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Reason, Rejection
 
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 TOO_MANY_EVENTS = "too_many_events"

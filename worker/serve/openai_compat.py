@@ -40,8 +40,8 @@ from typing import Any
 import orjson
 
 from worker.config import CATEGORY_CODES, OPENAI_CATEGORY_NAMES, Settings
-from worker.contracts.dead_letters import Reason, Rejection
 from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Reason, Rejection
 from worker.serve.http_contract import TOO_MANY_EVENTS, RequestError, from_rejection
 
 # MLCommons hazard code -> the OpenAI categories it counts for (see the module docstring for the reasons).

@@ -39,13 +39,10 @@ from kafka.structs import TopicPartition
 from worker.cache.published import PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
-from worker.contracts.dead_letters import (
-    Rejection,
-    SourceCoordinates,
-    build_dead_letter,
-)
+from worker.contracts.dead_letters import SourceCoordinates, build_dead_letter
 from worker.contracts.decode import decode_event, salvage_event_id
 from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Rejection
 from worker.contracts.verdicts import event_lag_seconds
 from worker.engine.padding import batch_padding
 from worker.engine.registry import ModelRegistry
@@ -262,16 +259,21 @@ class StreamPipeline:
             "outage": self._guard.status(),
         }
 
-    def run(self) -> None:
-        """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
-        from worker.stream.kafka_clients import make_consumer, make_producer
-
+    def load_models(self) -> ModelRegistry:
+        """Load every model this worker holds, once (``run`` calls it; a runner may call it earlier)."""
         if self.models is None:
             self.models = ModelRegistry.from_settings(self.settings)
             self.engine = self.models.first
             metrics.register_models(self.models.names)
             self.moderator = Moderator(self.models, self.settings)
-        metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
+        return self.models
+
+    def run(self) -> None:
+        """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
+        from worker.stream.kafka_clients import make_consumer, make_producer
+
+        models = self.load_models()
+        metrics.MODEL_LOAD_SECONDS.set(models.load_seconds)
         from worker.moderation.language import warm_up
 
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
