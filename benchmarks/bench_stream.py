@@ -187,16 +187,20 @@ LAST_PIPELINE: dict[str, float] = {}  # figures of the last run_pipeline call
 
 def pipeline_counters() -> dict[str, float]:
     """The worker's metrics this benchmark reads around a pipeline run (summed over models and modalities)."""
-    values = metrics.scrape_values()
 
-    def total(prefix: str) -> float:
-        return sum(v for k, v in values.items() if k == prefix or k.startswith(prefix + "{"))
+    def total(metric: Any, suffix: str, **labels: str) -> float:
+        return sum(
+            sample.value
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.name.endswith(suffix) and labels.items() <= sample.labels.items()
+        )
 
     return {
-        "positions": total("mw_forward_positions_total"),
-        "padding": total("mw_forward_padding_positions_total"),
-        "prepare_s": values[metrics.sample_key("mw_stage_seconds_sum", {"stage": "prepare"})],
-        "model_s": values[metrics.sample_key("mw_stage_seconds_sum", {"stage": "model"})],
+        "positions": total(metrics.FORWARD_POSITIONS, "_total"),
+        "padding": total(metrics.FORWARD_PADDING_POSITIONS, "_total"),
+        "prepare_s": total(metrics.STAGE_SECONDS, "_sum", stage="prepare"),
+        "model_s": total(metrics.STAGE_SECONDS, "_sum", stage="model"),
     }
 
 
@@ -321,14 +325,22 @@ def requests_for(
 
 
 def bare_scoring(settings: Settings, engine: GuardEngine, evs: list[dict[str, Any]]) -> float:
-    """Events/s of engine.prepare + engine.run over the same events in batches of batching.max_size."""
+    """Events/s of engine.prepare + engine.run over the same events in batches of batching.max_size, grouped
+    as the pipeline's batcher groups a backlog (similar lengths together), so both pad alike."""
     decoded = requests_for(settings, engine, evs)
-    requests = [GuardRequest(e.turns, engine.policy_for(e.policy)) for e, _ in decoded]
-    size = settings.batching.max_size
+    batcher: MicroBatcher[GuardRequest] = MicroBatcher(
+        settings.batching.max_size,
+        settings.batching.max_wait_ms / 1000,
+        lookahead=settings.batching.length_lookahead,
+        length_of=lambda request: conversation_chars(request.turns),
+        clock=lambda: 0.0,
+    )
+    for i, (e, _) in enumerate(decoded):
+        batcher.add(str(i), "text", GuardRequest(e.turns, engine.policy_for(e.policy)))
     start = time.perf_counter()
-    for i in range(0, len(requests), size):
-        engine.run(engine.prepare(requests[i : i + size]))
-    return len(requests) / (time.perf_counter() - start)
+    for batch in batcher.ready(flush_all=True):
+        engine.run(engine.prepare([entry.leader for entry in batch.entries]))
+    return len(decoded) / (time.perf_counter() - start)
 
 
 def image_stages(
