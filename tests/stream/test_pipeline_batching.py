@@ -26,14 +26,17 @@ def _batches(engine, **settings) -> list:
     return batcher.ready()
 
 
-def test_modalities_stay_apart_unless_the_engine_mixes_them(guard_engine):
-    assert not getattr(guard_engine, "mixes_modalities", False)
-    assert sorted(b.modality for b in _batches(guard_engine)) == ["image", "text"]
+def test_modalities_share_a_batch_only_when_configured_and_the_engine_mixes_them(guard_engine):
     mixing = copy.copy(guard_engine)
-    # A class attribute, so this also overrides an engine whose mixes_modalities is a read-only property.
+    # A class attribute, so this also overrides the engine's read-only property.
     mixing.__class__ = type("MixingEngine", (type(guard_engine),), {"mixes_modalities": True})
-    [batch] = _batches(mixing)
+    # Mixing is opt-in: an engine that can still gets split batches by default.
+    assert sorted(b.modality for b in _batches(mixing)) == ["image", "text"]
+    [batch] = _batches(mixing, batching__mix_modalities=True)
     assert batch.modality == "mixed" and len(batch.entries) == 2
+    not_mixing = copy.copy(guard_engine)
+    not_mixing.__class__ = type("SplitEngine", (type(guard_engine),), {"mixes_modalities": False})
+    assert len(_batches(not_mixing, batching__mix_modalities=True)) == 2
 
 
 def test_the_pipeline_batches_by_conversation_length(guard_engine):

@@ -173,7 +173,8 @@ class StreamPipeline:
             lookahead=b.length_lookahead,
             length_of=lambda item: conversation_chars(item.event.turns if item.event is not None else ()),
             mixes_modalities=lambda model: (
-                self.models is not None
+                b.mix_modalities
+                and self.models is not None
                 and bool(getattr(self.models.engine(model), "mixes_modalities", False))
             ),
         )
