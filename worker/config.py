@@ -117,6 +117,11 @@ class Section(BaseModel):
 class KafkaSettings(Section):
     """Broker connection, consumer group and producer tuning (kafka-python names)."""
 
+    client: Literal["kafka-python", "confluent-kafka"] = Field(
+        "kafka-python",
+        description="the Kafka client library of the stream: kafka-python (pure Python) or confluent-kafka "
+        "(librdkafka, a faster cache-hit path; the `confluent` extra). Same settings, same delivery rule",
+    )
     bootstrap_servers: StrList = ["127.0.0.1:9092"]
     client_id: str = "moderation-worker"
     group_id: str = "moderation-worker"
@@ -130,6 +135,11 @@ class KafkaSettings(Section):
     ssl_password: SecretStr | None = None
     ssl_check_hostname: bool = True
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    partition_assignment_strategy: Literal["range", "roundrobin", "cooperative-sticky"] | None = Field(
+        None,
+        description="the group's partition assignor; cooperative-sticky rebalances incrementally. "
+        "Default: the client's own (range, then roundrobin)",
+    )
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(2000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
@@ -170,6 +180,27 @@ class BatchingSettings(Section):
     resume_below: int | None = Field(None, ge=0, description="resume below this; default max_in_flight // 2")
     prepare_threads: int = Field(
         2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="torch intra-op threads for the model's CPU work; None = the cores left after "
+        "prepare_threads (at least 1), so preparing images never oversubscribes the cores the model runs on",
+    )
+    mix_modalities: bool = Field(
+        False,
+        description="let text-only and image items share a batch for a model whose engine computes mixed batches "
+        "exactly (fewer, fuller batches); off by default: a mixed pass runs text rows through the "
+        "cross-attention layers and pads them to the image rows, slower per item on the tiny CPU guard",
+    )
+    length_lookahead: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="group similar lengths: a model's queue may hold up to max_size x this many distinct "
+        "items (never past max_wait_ms) and batches similar-length ones together, so forward passes compute "
+        "little padding; 1 = strict arrival order (a batch leaves as soon as it holds max_size)",
     )
 
     @model_validator(mode="after")

@@ -38,11 +38,18 @@ def outputs(settings) -> int:
     )
 
 
-@pytest.mark.parametrize("markers", [True, False], ids=["with-markers", "without-markers"])
+# confluent-kafka replays with markers only: what markers remove does not depend on the client.
+@pytest.mark.parametrize(
+    "markers,kafka_client",
+    [(True, "kafka-python"), (False, "kafka-python"), (True, "confluent-kafka")],
+    ids=["with-markers", "without-markers", "with-markers-confluent-kafka"],
+)
 def test_a_replayed_record_whose_answer_was_acknowledged_is_not_published_again(
-    make_settings, engine_settings_overrides, guard_engine, markers
+    make_settings, engine_settings_overrides, guard_engine, markers, kafka_client
 ):
-    settings = make_settings(**engine_settings_overrides, redis__published_markers=markers)
+    settings = make_settings(
+        kafka__client=kafka_client, **engine_settings_overrides, redis__published_markers=markers
+    )
     stream = kafka_io.build_stream(120, seed=41)
     kafka_io.produce(settings, stream.records)
     kafka_io.run_to_completion(

@@ -22,13 +22,15 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from worker.cache.redis_cache import VerdictCache
+from worker.config import Settings
 from worker.contracts.rejections import Rejection
+from worker.engine.padding import batch_padding
+from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardRequest, GuardResult
-from worker.moderation.batching import Batch, BatchEntry, MicroBatcher
+from worker.moderation.batching import Batch, BatchEntry, MicroBatcher, conversation_chars
 from worker.moderation.moderator import (
     ENGINE_ERROR_MESSAGE_CHARS,
     Answer,
@@ -70,6 +72,21 @@ class Judged:
     rejected: list[tuple[KeyedRecord, Rejection]] = field(default_factory=list)
 
 
+def make_batcher(settings: Settings, models: ModelRegistry) -> MicroBatcher[KeyedRecord]:
+    """The stream's micro-batcher: by model, modality (mixed only when configured and the engine can) and
+    conversation length (``batching.length_lookahead``)."""
+    b = settings.batching
+    return MicroBatcher(
+        b.max_size,
+        b.max_wait_ms / 1000.0,
+        lookahead=b.length_lookahead,
+        length_of=lambda item: conversation_chars(item.event.turns),
+        mixes_modalities=lambda model: (
+            b.mix_modalities and bool(getattr(models.engine(model), "mixes_modalities", False))
+        ),
+    )
+
+
 def _is_fault(result: GuardResult | EngineError) -> bool:
     """Whether ``result`` says the model itself failed on the item (not that its answer did not parse)."""
     return isinstance(result, EngineError) and result.is_fault
@@ -88,7 +105,6 @@ class Classify:
         counters: Counter[str],
         while_waiting: Callable[[], None],
     ) -> None:
-        b = moderator.settings.batching
         self._moderator = moderator
         self._cache = cache
         self._guard = guard
@@ -96,7 +112,7 @@ class Classify:
         self._model_thread = model_thread
         self._counters = counters
         self._while_waiting = while_waiting
-        self.batcher: MicroBatcher[KeyedRecord] = MicroBatcher(b.max_size, b.max_wait_ms / 1000.0)
+        self.batcher = make_batcher(moderator.settings, moderator.models)
         self._prepared: deque[cf.Future[PreparedWork]] = deque()
         self._running: dict[str, Entry] = {}  # cache key → its entry, from batching until its answer
         self._held: PreparedWork | None = None  # the batch waiting out an engine outage
@@ -215,13 +231,17 @@ class Classify:
         def on_split(size: int, error: BaseException) -> None:
             self._counters["isolations"] += 1
 
+        def forward(batch: Any) -> Results:
+            metrics.record_padding(work.model, work.modality, *batch_padding(batch))
+            return self._forward(batch, model=work.model)
+
         with metrics.observe_stage("model"):
             return self._moderator.classify(
                 work.model,
                 work.ready,
                 prepared=prepared,
                 prepare_error=prepare_error,
-                forward=partial(self._forward, model=work.model),
+                forward=forward,
                 on_batch=on_batch,
                 on_split=on_split,
             )
