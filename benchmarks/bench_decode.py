@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 
 from worker.config import Settings
-from worker.contracts import CHAT_EVENT, validator
-from worker.decode import _duplicate_key, decode_event
-from worker.events import ChatEvent
+from worker.contracts.decode import _duplicate_key, decode_event
+from worker.contracts.events import ChatEvent
+from worker.contracts.schemas import CHAT_EVENT, validator
 
 
 def sample_events(n: int) -> list[bytes]:

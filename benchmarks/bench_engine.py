@@ -21,11 +21,11 @@ from collections.abc import Callable
 import torch
 
 from worker.config import load_settings
+from worker.dev.tiny_model.build import ensure_tiny_model
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import example_image, example_turns
 from worker.engine.engine import GuardEngine, PreparedBatch
 from worker.engine.types import GuardRequest, GuardResult
-from worker.tiny_model.build import ensure_tiny_model
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import example_image, example_turns
 
 
 def best_rate(items: int, fn: Callable[[], object], repeats: int) -> float:

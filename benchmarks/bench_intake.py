@@ -21,9 +21,9 @@ import time
 import orjson
 
 from worker.config import BlocklistSettings, Settings
-from worker.decode import decode_event
+from worker.contracts.decode import decode_event
 from worker.engine.blocklist import compile_blocklists
-from worker.language import _detect, detect_language, warm_up
+from worker.moderation.language import _detect, detect_language, warm_up
 
 WORDS = [
     "the",
@@ -94,11 +94,11 @@ def scoring_overhead() -> None:
     import torch
 
     from worker.config import load_settings
+    from worker.contracts.events import Turn
+    from worker.dev.tiny_model.build import ensure_tiny_model
     from worker.engine import scoring
     from worker.engine.engine import GuardEngine
     from worker.engine.types import GuardRequest
-    from worker.events import Turn
-    from worker.tiny_model.build import ensure_tiny_model
 
     engine = GuardEngine.from_settings(load_settings(None, model__path=str(ensure_tiny_model(train=True))))
     policy = engine.policy_for(None)

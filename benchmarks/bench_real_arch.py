@@ -47,14 +47,14 @@ import torch
 from PIL import Image
 
 from worker.config import load_settings
+from worker.contracts.verdicts import ModelInfo
+from worker.dev.tiny_model.build import ensure_tiny_model
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import example_turns
 from worker.engine.engine import GuardEngine
 from worker.engine.loading import LoadedModel, ModelLoadError, quiet_transformers, resolve_device
 from worker.engine.policy import load_policies
 from worker.engine.types import GuardRequest
-from worker.tiny_model.build import ensure_tiny_model
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import example_turns
-from worker.verdicts import ModelInfo
 
 # ---------------------------------------------------------------------------------------------- configs
 # Values of the published config.json files (Hugging Face meta-llama/*), written out so nothing is fetched.

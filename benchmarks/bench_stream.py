@@ -47,15 +47,15 @@ from kafka import KafkaConsumer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from worker.config import Settings, load_settings
-from worker.decode import decode_event
-from worker.dev_services import EmbeddedServices
+from worker.contracts.decode import decode_event
+from worker.dev.services import EmbeddedServices
+from worker.dev.tiny_model.build import ensure_tiny_model
+from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.engine import GuardEngine
 from worker.engine.types import GuardRequest
 from worker.images.load import decode_image, image_bytes
 from worker.stream.kafka_clients import consumer_config, ensure_topics, make_producer
 from worker.stream.pipeline import StreamPipeline
-from worker.tiny_model.build import ensure_tiny_model
-from worker.tiny_model.synthetic import synthetic_examples
 
 PARTITIONS = 4
 TIMEOUT_S = 600.0

@@ -7,6 +7,8 @@ scripts/bootstrap.sh test || exit 1
 # Lint and format first: a finding fails the run, like a test (ruff's settings are in pyproject.toml).
 .venv/bin/ruff check . || exit 1
 .venv/bin/ruff format --check . || exit 1
+# Types of the pure core (the files listed under [tool.mypy] in pyproject.toml).
+.venv/bin/mypy || exit 1
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from worker.config import Settings, load_settings
-from worker.dev_services import EmbeddedServices
+from worker.dev.services import EmbeddedServices
 
 # Fixture modules written by other parts of the project; loaded when present.
 pytest_plugins = ["pytester"] + [

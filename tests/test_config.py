@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
+from tools.config_reference import REFERENCE_PATH, render
 from worker.config import ConfigError, load_settings
-from worker.config_reference import REFERENCE_PATH, render
 
 
 def test_defaults_point_at_the_embedded_services_on_loopback():
@@ -84,7 +84,7 @@ def test_config_command_masks_secrets_and_rejects_bad_keys(tmp_path):
 
 
 def test_config_reference_is_up_to_date():
-    assert REFERENCE_PATH.read_text() == render(), "run: python -m worker.config_reference"
+    assert REFERENCE_PATH.read_text() == render(), "run: python -m tools.config_reference"
 
 
 def test_a_bad_override_names_the_full_key():

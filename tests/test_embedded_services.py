@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.dev_services import (
+from worker.dev.services import (
     EmbeddedServices,
     ServicesError,
     dev_services_command,

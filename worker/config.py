@@ -48,7 +48,7 @@ GUARD_FAMILIES: tuple[str, ...] = (
     "llama-guard-4",
 )
 
-# The category names of OpenAI's moderation API (worker/runtime/openai_compat.py maps the codes onto them).
+# The category names of OpenAI's moderation API (worker/serve/openai_compat.py maps the codes onto them).
 OPENAI_CATEGORY_NAMES: tuple[str, ...] = (
     "harassment",
     "harassment/threatening",
@@ -389,7 +389,7 @@ class PoolSettings(Section):
 
 
 class ModelsMixin(BaseModel):
-    """Checks and look-ups of the ``models`` / ``routing`` / ``pools`` / ``pool`` settings (see ``worker.routing``)."""
+    """Checks and look-ups of the ``models`` / ``routing`` / ``pools`` / ``pool`` settings (see ``worker.moderation.routing``)."""
 
     def guard_models(self) -> dict[str, ModelSettings]:
         """Every configured model by name: ``models``, or the single ``model`` section as ``default``."""

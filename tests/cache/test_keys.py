@@ -3,9 +3,9 @@
 import pytest
 
 from worker.cache.keys import cache_key
+from worker.contracts.events import ChatEvent, ImageRef, Turn
+from worker.contracts.verdicts import ModelInfo
 from worker.engine.policy import DEFAULT_CATEGORIES, Policy
-from worker.events import ChatEvent, ImageRef, Turn
-from worker.verdicts import ModelInfo
 
 MODEL = ModelInfo("tiny-guard", "abc123")
 POLICY = Policy("default", DEFAULT_CATEGORIES, 0.5)

@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 
 from tests.contracts.malformed_events import CASES, raw
-from worker.contracts import SCHEMAS_DIR
+from worker.contracts.schemas import SCHEMAS_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 VALID_EXAMPLES = sorted((SCHEMAS_DIR / "examples" / "chat_event" / "valid").glob("*.json"))
@@ -125,8 +125,8 @@ def _data_url(data: bytes, media_type: str) -> str:
 
 def test_images_the_worker_rejects_offline_are_rejected_with_its_reason_and_field(tmp_path: Path) -> None:
     from worker.config import load_settings
-    from worker.dead_letters import RejectedError
-    from worker.decode import decode_event
+    from worker.contracts.decode import decode_event
+    from worker.contracts.rejections import RejectedError
     from worker.images.load import decode_image, image_bytes
 
     jpeg = _jpeg()
@@ -144,12 +144,20 @@ def test_images_the_worker_rejects_offline_are_rejected_with_its_reason_and_fiel
     out = result.stdout.splitlines()
     field = "messages[0].content[1].image_url.url"
     assert out[0].startswith(f"INVALID line 1: image_undecodable: {field}: ")
-    assert out[1].startswith(f"INVALID line 2: image_bad_content_type: {field}: ")
+    assert out[1].startswith(
+        f"INVALID line 2: image_bad_content_type: {field} has media type 'image/svg+xml'"
+    )
     assert out[2].startswith(f"INVALID line 3: image_blocked_address: {field}: ")
     assert out[3].startswith("OK fine ")
-    # The stream's own steps (image_bytes in the fetch pool, decode_image in prepare) give the same reasons.
+    # The stream's own steps give the same reasons: decoding the record refuses the media type (as above);
+    # image_bytes in the fetch pool and decode_image in prepare refuse the truncated image.
     settings = load_settings()
-    for event, expected in zip(events[:2], ["image_undecodable", "image_bad_content_type"], strict=True):
+    svg_rejection = decode_event(orjson.dumps(events[1]), settings)
+    assert (
+        getattr(svg_rejection, "reason", None) is not None
+        and svg_rejection.reason.value == "image_bad_content_type"
+    )
+    for event, expected in zip(events[:1], ["image_undecodable"], strict=True):
         decoded = decode_event(orjson.dumps(event), settings)
         try:
             decode_image(image_bytes(decoded.image, settings), settings.limits)
@@ -203,7 +211,7 @@ def test_a_missing_file_is_exit_2_with_one_line_in_check_event_and_prompt(tmp_pa
 
 def test_an_unsupported_schema_version_says_which_versions_are_supported() -> None:
     from worker.config import load_settings
-    from worker.decode import decode_event
+    from worker.contracts.decode import decode_event
 
     event = _event("v2")
     event["schema_version"] = 2
@@ -214,8 +222,8 @@ def test_an_unsupported_schema_version_says_which_versions_are_supported() -> No
 
 def test_nesting_too_deep_to_parse_is_too_deeply_nested_for_records_and_http_batches() -> None:
     from worker.config import load_settings
-    from worker.decode import decode_event
-    from worker.runtime.http_contract import parse_request
+    from worker.contracts.decode import decode_event
+    from worker.serve.http_contract import parse_request
 
     settings = load_settings()
     for depth in (40, 100_000):

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from tests.contracts.malformed_events import CASES, PNG_1PX, Case, event, image, raw, user
 from worker.config import Settings, load_settings
-from worker.contracts import SCHEMAS_DIR
-from worker.dead_letters import Reason, Rejection
-from worker.decode import _duplicate_key, _too_deep, decode_event, event_to_dict, salvage_event_id
-from worker.events import ChatEvent, ImageRef, Task, Turn
+from worker.contracts.decode import _duplicate_key, _too_deep, decode_event, event_to_dict, salvage_event_id
+from worker.contracts.events import ChatEvent, ImageRef, Task, Turn
+from worker.contracts.rejections import Reason, Rejection
+from worker.contracts.schemas import SCHEMAS_DIR
 
 DEFAULTS = load_settings(None)
 

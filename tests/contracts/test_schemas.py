@@ -11,21 +11,20 @@ import jsonschema_rs
 import orjson
 import pytest
 
-from worker.contracts import (
+from tests.support.contracts import validate_dead_letter, validate_event, validate_verdict
+from worker.contracts.dead_letters import SourceCoordinates, build_dead_letter
+from worker.contracts.events import ChatEvent, ImageRef, Turn
+from worker.contracts.rejections import Reason, Rejection
+from worker.contracts.schemas import (
     SCHEMAS_DIR,
     dead_letter_schema_version,
     event_schema_version,
     load_schema,
-    validate_dead_letter,
-    validate_event,
-    validate_verdict,
     validator,
     verdict_schema_version,
 )
-from worker.dead_letters import Reason, Rejection, SourceCoordinates, build_dead_letter
+from worker.contracts.verdicts import VERDICT_SCHEMA_VERSION, ModelInfo, build_verdict
 from worker.engine.blocklist import BlocklistHit
-from worker.events import ChatEvent, ImageRef, Turn
-from worker.verdicts import VERDICT_SCHEMA_VERSION, ModelInfo, build_verdict
 
 OUR_SCHEMAS = ("chat_event", "verdict", "dead_letter")
 SCHEMA_FILES = sorted(SCHEMAS_DIR.glob("*.v*.json"))

@@ -7,8 +7,8 @@ import os
 import pytest
 from rich.console import Console
 
+from worker.commands.demo import demo_command, verdicts_per_model
 from worker.config import Settings
-from worker.demo import demo_command, verdicts_per_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

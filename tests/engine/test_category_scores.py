@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from worker.config import CATEGORY_CODES
+from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.category_scores import category_scores
 from worker.engine.engine import GuardEngine
 from worker.engine.policy import Policy
 from worker.engine.types import GuardResult
-from worker.tiny_model.synthetic import synthetic_examples
 
 from .test_engine import requests_from_examples
 

@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.dead_letters import Reason, RejectedError
+from worker.contracts.events import Turn
+from worker.contracts.rejections import Reason, RejectedError
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import example_image, example_turns
 from worker.engine import scoring
 from worker.engine.engine import GuardEngine
 from worker.engine.loading import ModelLoadError, load_model
 from worker.engine.policy import Policy
 from worker.engine.prompt import render_segments
 from worker.engine.types import EngineError, GuardRequest, GuardResult
-from worker.events import Turn
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import example_image, example_turns
 
 from .conftest import engine_settings
 

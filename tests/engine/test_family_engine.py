@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from worker.config import PolicySettings, load_settings
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import example_turns
 from worker.engine.engine import GuardEngine
 from worker.engine.loading import ModelLoadError, load_model
 from worker.engine.policy import policy_from_settings
 from worker.engine.types import EngineError, GuardRequest, GuardResult
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import example_turns
 
 
 def text_examples(n: int, seed: int):
@@ -61,7 +61,7 @@ def test_text_guard_follows_the_toy_policy_in_both_modes(
     print(
         f"{which}: toy-policy decisions {decided}/{len(examples)}, decisions+codes {correct}/{len(examples)}"
     )
-    # The text guard's short CPU training (see worker.tiny_model.build) learns the decision better than codes.
+    # The text guard's short CPU training (see worker.dev.tiny_model.build) learns the decision better than codes.
     assert len(examples) >= 80 and decided / len(examples) >= 0.9 and correct / len(examples) >= 0.6
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from worker.config import ConfigError, PolicySettings
+from worker.contracts.events import Turn
 from worker.engine.families import FAMILY_NAMES, LG3_1B, LG3_8B, LG4, VISION, get_family
 from worker.engine.policy import Policy, policy_from_settings
 from worker.engine.prompt import render_prompt, render_segments
-from worker.events import Turn
 
 TEMPLATES = Path(__file__).resolve().parents[2] / ".." / "shared" / "templates"
 TEMPLATE_FILES = {

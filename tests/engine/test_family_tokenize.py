@@ -8,12 +8,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from worker.config import PolicySettings
+from worker.contracts.events import Turn
+from worker.dev.tiny_model.build import ensure_tiny_model
 from worker.engine.families import LG3_1B, LG3_8B, LG4, get_family
 from worker.engine.policy import policy_from_settings
 from worker.engine.prompt import render_prompt, render_segments
 from worker.engine.tokenize import PromptTokenizer, TokenizerMismatch
-from worker.events import Turn
-from worker.tiny_model.build import ensure_tiny_model
 
 LG4_TOKENS = ["<|header_start|>", "<|header_end|>", "<|eot|>", "<|image|>", "<|finetune_right_pad|>"]
 EVERY_CONTROL_STRING = (

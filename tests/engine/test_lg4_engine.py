@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from worker.config import load_settings
+from worker.contracts.events import Turn
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import example_image, example_turns
 from worker.engine.engine import GuardEngine
 from worker.engine.types import GuardRequest, GuardResult
-from worker.events import Turn
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import example_image, example_turns
 
-# What the briefly CPU-trained tiny guard reaches on held-out items (see worker.tiny_model.build).
+# What the briefly CPU-trained tiny guard reaches on held-out items (see worker.dev.tiny_model.build).
 MIN_DECISION_ACCURACY = 0.95
 
 

@@ -117,9 +117,9 @@ def test_loader_reads_the_checkpoint_files_with_the_right_processor(untrained_lg
 def test_untrained_lg4_forward_reads_several_images(untrained_lg4_dir: Path) -> None:
     """Smoke test of the whole image path (engine prepare -> Llama 4 forward), independent of training."""
     from worker.config import load_settings
+    from worker.contracts.events import Turn
     from worker.engine.engine import GuardEngine
     from worker.engine.types import GuardRequest, GuardResult
-    from worker.events import Turn
 
     engine = GuardEngine.from_settings(
         load_settings(model__path=str(untrained_lg4_dir), model__device="cpu", model__family="llama-guard-4")

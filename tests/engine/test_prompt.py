@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from worker.config import ConfigError, PolicySettings, load_settings
+from worker.contracts.events import Turn
 from worker.engine.policy import DEFAULT_POLICY, Policy, load_policies, policy_from_settings
 from worker.engine.prompt import render_prompt, render_segments
-from worker.events import Turn
 
 HEAD = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
 ALL_CATEGORIES = (

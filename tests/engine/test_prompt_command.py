@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from worker.config import load_settings
+from worker.contracts.events import Turn
 from worker.engine.policy import DEFAULT_POLICY
 from worker.engine.prompt import prompt_command, render_prompt
-from worker.events import Turn
 
 PNG_1PX = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 

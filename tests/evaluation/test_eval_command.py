@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from worker.config import load_settings
-from worker.contracts import validator
+from worker.contracts.schemas import validator
 from worker.evaluation.run import eval_command
 from worker.evaluation.sample_set import SAMPLE_PATH, sample_lines
 

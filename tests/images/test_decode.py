@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.images import crafted
 from worker.config import LimitsSettings
-from worker.dead_letters import Reason, RejectedError
+from worker.contracts.rejections import Reason, RejectedError
 from worker.images import decode_image
 from worker.images.decode import processor_target_size, to_rgb
 

@@ -17,8 +17,8 @@ from tests.images.image_server import GOOD_JPEG, GOOD_PNG, ImageServer
 from tests.images.network_guard import LoopbackOnlyNetwork, OutboundConnectionBlocked, install_socket_spy
 from tests.images.tls import LocalPKI
 from worker.config import Settings
-from worker.dead_letters import Reason, RejectedError
-from worker.events import ImageRef
+from worker.contracts.events import ImageRef
+from worker.contracts.rejections import Reason, RejectedError
 from worker.images import image_bytes
 from worker.images.fetch import fetch_image
 

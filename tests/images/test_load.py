@@ -11,8 +11,8 @@ import pytest
 from tests.images import crafted
 from tests.images.conftest import TEST_LIMIT_BYTES
 from worker.config import Settings
-from worker.dead_letters import Reason, RejectedError
-from worker.events import ImageRef
+from worker.contracts.events import ImageRef
+from worker.contracts.rejections import Reason, RejectedError
 from worker.images import decode_image, image_bytes, image_content_hash
 
 SettingsFactory = Callable[..., Settings]
@@ -27,18 +27,10 @@ def load(url: str, settings: Settings) -> bytes:
     return image_bytes(ImageRef(url=url, turn_index=0), settings)
 
 
-def test_bytes_decoded_by_decode_event_are_used_not_decoded_again(image_settings: SettingsFactory) -> None:
+def test_bytes_decoded_by_decode_event_are_used_not_parsed_again(image_settings: SettingsFactory) -> None:
     settings = image_settings()
-    url = data_url(PNG)
     already = b"bytes the decoder kept"
-    assert image_bytes(ImageRef(url=url, turn_index=0, data=already), settings) == already
-    # The media-type and size gates still apply to bytes decoded earlier.
-    with pytest.raises(RejectedError) as caught:
-        image_bytes(ImageRef(url=data_url(PNG, "image/svg+xml"), turn_index=0, data=PNG), settings)
-    assert caught.value.rejection.reason is Reason.IMAGE_BAD_CONTENT_TYPE
-    with pytest.raises(RejectedError) as caught:
-        image_bytes(ImageRef(url=url, turn_index=0, data=b"x" * (TEST_LIMIT_BYTES + 1)), settings)
-    assert caught.value.rejection.reason is Reason.IMAGE_TOO_LARGE
+    assert image_bytes(ImageRef(url=data_url(PNG), turn_index=0, data=already), settings) == already
 
 
 def reason_of(url: str, settings: Settings) -> Reason:
@@ -54,24 +46,24 @@ def test_base64_data_url_yields_its_bytes_and_decodes(image_settings: SettingsFa
     assert decode_image(data, settings.limits).getpixel((4, 4)) == crafted.RED
 
 
+def test_scheme_and_media_type_are_case_insensitive(image_settings: SettingsFactory) -> None:
+    assert load("DATA:IMAGE/PNG;BASE64," + base64.b64encode(PNG).decode(), image_settings()) == PNG
+
+
 @pytest.mark.parametrize(
     "url",
     [
-        "DATA:IMAGE/PNG;BASE64," + base64.b64encode(PNG).decode(),  # case-insensitive scheme and type
         "data:image/png;name=x.png;base64," + base64.b64encode(PNG).decode(),  # extra parameters
         "data:image/png;base64,"
         + "\n".join(base64.b64encode(PNG).decode()[i : i + 76] for i in range(0, 200, 76))
         + base64.b64encode(PNG).decode()[228:],  # line-wrapped
-        "data:image/png;base64," + base64.b64encode(PNG).decode().rstrip("="),  # padding left out
+        "data:image/png;base64," + base64.b64encode(PNG + b"\0").decode().rstrip("="),  # padding left out
+        "data:image/png," + "".join(f"%{b:02x}" for b in PNG),  # percent-encoded, not base64
     ],
 )
-def test_data_url_variants_are_accepted(url: str, image_settings: SettingsFactory) -> None:
-    assert load(url, image_settings()) == PNG
-
-
-def test_percent_encoded_data_url_is_accepted(image_settings: SettingsFactory) -> None:
-    encoded = "".join(f"%{b:02x}" for b in PNG)
-    assert load(f"data:image/png,{encoded}", image_settings()) == PNG
+def test_data_urls_outside_the_contract_are_bad_data_urls(url: str, image_settings: SettingsFactory) -> None:
+    """The chat-event contract: exactly data:image/<type>;base64,<strict base64> (schemas/README.md)."""
+    assert reason_of(url, image_settings()) is Reason.BAD_DATA_URL
 
 
 @pytest.mark.parametrize(
@@ -82,13 +74,13 @@ def test_percent_encoded_data_url_is_accepted(image_settings: SettingsFactory) -
         ("data:image/png;base64,aGVsbG8=ZXh0cmE=", Reason.BAD_DATA_URL),
         (
             "data:text/html;base64," + base64.b64encode(crafted.HTML_BYTES).decode(),
-            Reason.IMAGE_BAD_CONTENT_TYPE,
+            Reason.BAD_DATA_URL,  # the contract allows data:image/<type> only
         ),
         (
             "data:image/svg+xml;base64," + base64.b64encode(crafted.SVG_BYTES).decode(),
             Reason.IMAGE_BAD_CONTENT_TYPE,
         ),
-        ("data:;base64," + base64.b64encode(PNG).decode(), Reason.IMAGE_BAD_CONTENT_TYPE),
+        ("data:;base64," + base64.b64encode(PNG).decode(), Reason.BAD_DATA_URL),
         (data_url(b"\0" * (TEST_LIMIT_BYTES + 1)), Reason.IMAGE_TOO_LARGE),
         (data_url(b"\0" * (TEST_LIMIT_BYTES * 50)), Reason.IMAGE_TOO_LARGE),
     ],

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tests.images import crafted
 from worker.config import LimitsSettings
-from worker.dead_letters import RejectedError
+from worker.contracts.rejections import RejectedError
 from worker.images import decode_image
 from worker.images.ssrf import AddressPolicy, parse_ip_literal
 

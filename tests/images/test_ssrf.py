@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from worker.config import ConfigError, load_settings
-from worker.dead_letters import Reason, RejectedError
+from worker.contracts.rejections import Reason, RejectedError
 from worker.images.ssrf import AddressPolicy, parse_ip_literal, resolve_and_vet, system_resolver
 
 NO_ALLOW = AddressPolicy.from_cidrs([])

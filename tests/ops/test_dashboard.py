@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.ops.helpers import DASHBOARD
-from worker.ops import metrics
+from tests.support import metrics as metric_reader
 
 PROMQL_KEYWORDS = {
     "by",
@@ -89,7 +89,7 @@ EXPORTER_LABELS = {"worker"}
 
 @pytest.mark.parametrize(("title", "expr"), _queries())
 def test_every_query_names_only_exported_metrics_and_their_labels(title: str, expr: str) -> None:
-    exported = {name: labels | EXPORTER_LABELS for name, labels in metrics.metric_labels().items()}
+    exported = {name: labels | EXPORTER_LABELS for name, labels in metric_reader.metric_labels().items()}
     names, labels = promql_references(expr)
     assert names, f"{title}: no metric in {expr!r}"
     unknown = names - set(exported)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import metrics as metric_reader
 from worker.ops import metrics
 from worker.ops.health import OpsServer
 
@@ -56,18 +57,20 @@ def test_metrics_endpoint_serves_the_registry_in_text_format(server: OpsServer) 
     status, content_type, body = _get(server.url + "/metrics")
     assert status == 200
     assert content_type.startswith("text/plain")
-    scraped = metrics.parse_exposition(body)
+    scraped = metric_reader.parse_exposition(body)
     assert (
-        scraped["mw_duplicates_skipped_total"] == metrics.scrape_values()["mw_duplicates_skipped_total"] >= 2
+        scraped["mw_duplicates_skipped_total"]
+        == metric_reader.scrape_values()["mw_duplicates_skipped_total"]
+        >= 2
     )
     assert "process_cpu_seconds_total" in scraped  # process collector registered on the private registry
 
 
 def test_scrape_helper_reads_the_endpoint_and_counters_move(server: OpsServer) -> None:
-    key = metrics.sample_key("mw_events_consumed_total", {"outcome": "dead_letter"})
-    before = metrics.scrape(server.url + "/metrics")
+    key = metric_reader.sample_key("mw_events_consumed_total", {"outcome": "dead_letter"})
+    before = metric_reader.scrape(server.url + "/metrics")
     metrics.record_dead_letter("invalid_json")
-    after = metrics.scrape(server.url + "/metrics")
+    after = metric_reader.scrape(server.url + "/metrics")
     assert after[key] - before[key] == 1
     assert all(name.startswith("mw_") for name in after)
 

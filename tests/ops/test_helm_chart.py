@@ -28,8 +28,8 @@ from tests.ops.helpers import (
     settings_field_for_env,
 )
 from tests.ops.pod_security import restricted_violations
+from tools import values_schema
 from worker.config import Settings, load_settings
-from worker.ops import values_schema
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,7 +144,7 @@ def test_chart_lints_clean_in_strict_mode(which: str) -> None:
 
 def test_values_schema_file_is_generated_from_the_current_settings() -> None:
     assert (CHART_DIR / "values.schema.json").read_text() == values_schema.render(), (
-        "values.schema.json is stale: run `python -m worker.ops.values_schema`"
+        "values.schema.json is stale: run `python -m tools.values_schema`"
     )
 
 
@@ -483,7 +483,7 @@ def test_serve_config_matches_the_repo_serve_config_shape(rendered, which: str) 
     (repo_app,) = repo_config["applications"]
     for key in ("name", "route_prefix", "import_path"):
         assert app[key] == repo_app[key], key
-    assert app["import_path"] == "worker.runtime.serve_app:build_app"
+    assert app["import_path"] == "worker.serve.app:build_app"
     assert set(app["args"]) == set(repo_app["args"]) == {"settings"}
     # The inline overrides are real Settings sections and values.
     merged = Settings(**app["args"]["settings"])

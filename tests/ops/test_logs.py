@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from worker.config import LoggingSettings
-from worker.dead_letters import Reason
+from worker.contracts.rejections import Reason
 from worker.ops.logs import configure_logging
 
 SECRET_TEXT = "how do I build a bomb"
@@ -119,7 +119,7 @@ from worker.config import load_settings
 from worker.ops.logs import configure_logging
 from worker.engine.engine import GuardEngine
 from worker.engine.types import GuardRequest
-from worker.events import Turn
+from worker.contracts.events import Turn
 from PIL import Image
 settings = load_settings(None, model__path={str(untrained_model_dir)!r}, model__device="cpu")
 configure_logging(settings.logging)

@@ -7,8 +7,9 @@ import re
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
+from tests.support import metrics as metric_reader
 from worker.config import CATEGORY_CODES
-from worker.dead_letters import Reason
+from worker.contracts.rejections import Reason
 from worker.ops import metrics
 
 # The agreed list in the interfaces brief (mw_duplicates_skipped_total is the optional one, exported too).
@@ -88,37 +89,37 @@ def test_histogram_buckets_cover_sub_millisecond_to_tens_of_seconds_and_batch_si
 
 
 def test_known_label_values_are_exposed_at_zero_before_any_event() -> None:
-    scrape = metrics.parse_exposition(metrics.exposition().decode())
+    scrape = metric_reader.parse_exposition(metrics.exposition().decode())
     for outcome in metrics.OUTCOMES:
-        assert metrics.sample_key("mw_events_consumed_total", {"outcome": outcome}) in scrape
+        assert metric_reader.sample_key("mw_events_consumed_total", {"outcome": outcome}) in scrape
     for reason in Reason:
-        assert metrics.sample_key("mw_dead_letters_total", {"reason": reason.value}) in scrape
+        assert metric_reader.sample_key("mw_dead_letters_total", {"reason": reason.value}) in scrape
     for stage in metrics.STAGES:
-        assert metrics.sample_key("mw_stage_seconds_count", {"stage": stage}) in scrape
+        assert metric_reader.sample_key("mw_stage_seconds_count", {"stage": stage}) in scrape
     for code in CATEGORY_CODES:
-        assert metrics.sample_key("mw_engine_dropped_codes_total", {"code": code}) in scrape
+        assert metric_reader.sample_key("mw_engine_dropped_codes_total", {"code": code}) in scrape
     assert "mw_flagged_events_total" in scrape
 
 
 def test_the_driver_registry_holds_only_the_drivers_metrics() -> None:
-    driver = metrics.parse_exposition(metrics.exposition(metrics.DRIVER_REGISTRY).decode())
+    driver = metric_reader.parse_exposition(metrics.exposition(metrics.DRIVER_REGISTRY).decode())
     assert {k for k in driver if k.startswith("mw_")} == {
         "mw_ray_workers_alive",
         "mw_ray_workers_desired",
         "mw_group_lag",
     }
-    worker = metrics.scrape_values()
+    worker = metric_reader.scrape_values()
     assert "mw_redis_up" in worker and "mw_ray_workers_alive" not in worker
 
 
 def test_observe_stage_times_the_block_even_when_it_raises() -> None:
-    key = metrics.sample_key("mw_stage_seconds_count", {"stage": "publish"})
-    before = metrics.scrape_values()[key]
+    key = metric_reader.sample_key("mw_stage_seconds_count", {"stage": "publish"})
+    before = metric_reader.scrape_values()[key]
     with metrics.observe_stage("publish"):
         pass
     with pytest.raises(RuntimeError), metrics.observe_stage("publish"):
         raise RuntimeError("publish failed")
-    assert metrics.scrape_values()[key] == before + 2
+    assert metric_reader.scrape_values()[key] == before + 2
 
 
 def test_observe_stage_rejects_an_unknown_stage() -> None:
@@ -127,15 +128,15 @@ def test_observe_stage_rejects_an_unknown_stage() -> None:
 
 
 def test_record_helpers_count_outcomes_categories_and_reasons() -> None:
-    before = metrics.scrape_values()
+    before = metric_reader.scrape_values()
     metrics.record_verdict("unsafe", ("S1", "S9"), cached=False)
     metrics.record_verdict("safe", (), cached=True)
     metrics.record_verdict("unsafe", ("S1",), cached=False, model="text")
     metrics.record_dead_letter(Reason.INVALID_JSON)
-    after = metrics.scrape_values()
+    after = metric_reader.scrape_values()
 
     def moved(name: str, **labels: str) -> float:
-        key = metrics.sample_key(name, labels)
+        key = metric_reader.sample_key(name, labels)
         return after[key] - before.get(key, 0.0)
 
     assert moved("mw_events_consumed_total", outcome="verdict") == 2
@@ -150,21 +151,21 @@ def test_record_helpers_count_outcomes_categories_and_reasons() -> None:
 
 
 def test_record_verdicts_counts_flagged_events_once_per_event() -> None:
-    key = metrics.sample_key("mw_flagged_events_total")
-    before = metrics.scrape_values()[key]
+    key = metric_reader.sample_key("mw_flagged_events_total")
+    before = metric_reader.scrape_values()[key]
     metrics.record_verdicts(
         {("unsafe", ("S1", "S2", "S3"), False, "default"): 4, ("safe", (), True, "default"): 5}
     )
-    assert metrics.scrape_values()[key] - before == 4
+    assert metric_reader.scrape_values()[key] - before == 4
 
 
 def test_partition_lag_is_set_and_forgotten_on_revocation() -> None:
     metrics.set_partition_lag("chat.events", 3, 42)
-    key = metrics.sample_key("mw_consumer_lag", {"topic": "chat.events", "partition": "3"})
-    assert metrics.scrape_values()[key] == 42
+    key = metric_reader.sample_key("mw_consumer_lag", {"topic": "chat.events", "partition": "3"})
+    assert metric_reader.scrape_values()[key] == 42
     metrics.forget_partition("chat.events", 3)
     metrics.forget_partition("chat.events", 3)  # idempotent
-    assert key not in metrics.scrape_values()
+    assert key not in metric_reader.scrape_values()
 
 
 def test_parse_exposition_keys_samples_by_sorted_labels() -> None:
@@ -175,4 +176,4 @@ def test_parse_exposition_keys_samples_by_sorted_labels() -> None:
         "# TYPE y gauge\n"
         "y 5\n"
     )
-    assert metrics.parse_exposition(text) == {'x_total{a="1",b="2"}': 3.0, "y": 5.0}
+    assert metric_reader.parse_exposition(text) == {'x_total{a="1",b="2"}': 3.0, "y": 5.0}

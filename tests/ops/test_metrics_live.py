@@ -11,8 +11,8 @@ import pytest
 
 from tests.reliability.accounting import WorkerProcess, wait_until_answered, write_config
 from tests.stream.streaming import build_stream, produce
-from worker.dev_services import free_port
-from worker.ops.metrics import sample_key, scrape
+from tests.support.metrics import sample_key, scrape
+from worker.dev.services import free_port
 from worker.stream.kafka_clients import ensure_topics
 
 pytestmark = pytest.mark.integration

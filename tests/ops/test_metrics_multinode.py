@@ -29,8 +29,8 @@ from tests.fixtures.ray_cluster import free_port
 from tests.ops.helpers import REPO
 from tests.ops.test_dashboard import _queries, promql_references
 from tests.stream.streaming import build_stream, produce, read_json
-from worker.ops.metrics import parse_exposition
-from worker.runtime.ray_env import LOCAL_RAY_ENV
+from tests.support.metrics import parse_exposition
+from worker.runners.ray_env import LOCAL_RAY_ENV
 from worker.stream.kafka_clients import ensure_topics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]

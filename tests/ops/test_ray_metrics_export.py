@@ -7,7 +7,8 @@ import urllib.request
 
 import pytest
 
-from worker.ops.metrics import parse_exposition, sample_key
+from tests.support import metrics as metric_reader
+from tests.support.metrics import parse_exposition, sample_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -43,7 +44,7 @@ def test_bridge_in_an_actor_exports_counters_gauges_and_histograms_through_ray(r
             metrics.BATCH_SIZE.labels(model="default", modality="text").observe(8)
             metrics.REDIS_UP.set(1)
             self.bridge = RayMetricsBridge(constant_tags={"worker": worker}, interval_s=1.0).start()
-            return metrics.scrape_values()
+            return metric_reader.scrape_values()
 
     actor = MetricsActor.remote()
     try:

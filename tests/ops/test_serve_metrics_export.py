@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from tests.ops.test_metrics_multinode import _by_worker
-from tests.runtime.test_serve_http import _wait_ready
-from worker.ops.metrics import parse_exposition
-from worker.runtime.serve_app import build_app
-from worker.tiny_model.synthetic import synthetic_examples
+from tests.serve.test_serve_http import _wait_ready
+from tests.support.metrics import parse_exposition
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.serve.app import build_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 

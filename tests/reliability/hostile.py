@@ -7,7 +7,7 @@ import base64
 import orjson
 from hypothesis import strategies as st
 
-from worker.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.synthetic import synthetic_examples
 
 _PNG_1PX = base64.b64encode(
     bytes.fromhex(

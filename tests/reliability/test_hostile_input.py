@@ -9,9 +9,9 @@ from tests.reliability.accounting import env_int, report, wait_until_answered
 from tests.reliability.hostile import records
 from tests.stream.streaming import WorkerThread, produce
 from worker.config import load_settings
-from worker.dead_letters import Reason, Rejection
-from worker.decode import decode_event
-from worker.events import ChatEvent
+from worker.contracts.decode import decode_event
+from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Reason, Rejection
 
 FUZZ_CASES = env_int("MW_FUZZ_CASES", 1500)
 PIPELINE_FUZZ_RECORDS = env_int("MW_PIPELINE_FUZZ_RECORDS", 1000)

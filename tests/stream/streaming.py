@@ -13,9 +13,9 @@ from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 
 from worker.config import Settings
+from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.stream.kafka_clients import ensure_topics, make_producer
 from worker.stream.pipeline import StreamPipeline
-from worker.tiny_model.synthetic import synthetic_examples
 
 EVENT_PARTITIONS = 4
 

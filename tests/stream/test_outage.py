@@ -28,9 +28,9 @@ from tests.stream.streaming import (
     wait_for,
 )
 from tests.stream.test_poison import POISON, PoisonEngine
+from tests.support import metrics as metric_reader
 from worker.config import load_settings
 from worker.engine.engine import GuardEngine
-from worker.ops import metrics
 from worker.ops.health import OpsServer
 from worker.stream import kafka_clients
 
@@ -58,11 +58,11 @@ def readyz(ops: OpsServer) -> tuple[int, dict]:
 
 
 def outage_value(cause: str) -> float:
-    return metrics.scrape_values()[metrics.sample_key("mw_outage", {"cause": cause})]
+    return metric_reader.scrape_values()[metric_reader.sample_key("mw_outage", {"cause": cause})]
 
 
 def outages_declared(cause: str) -> float:
-    return metrics.scrape_values()[metrics.sample_key("mw_outages_total", {"cause": cause})]
+    return metric_reader.scrape_values()[metric_reader.sample_key("mw_outages_total", {"cause": cause})]
 
 
 def engine_retries(pipeline) -> int:

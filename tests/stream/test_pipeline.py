@@ -18,7 +18,7 @@ from tests.stream.streaming import (
     read_json,
     wait_for,
 )
-from worker.contracts import validate_dead_letter, validate_verdict
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from worker.ops import metrics
 
 # The acceptance stream. ~2,000 events take ≈15 s on the CPU tiny model (measured: see the report).

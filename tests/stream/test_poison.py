@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.stream.streaming import WorkerThread, fully_committed, produce, read_json, wait_for
+from tests.support.contracts import validate_dead_letter, validate_verdict
 from worker.config import load_settings
-from worker.contracts import validate_dead_letter, validate_verdict
 from worker.engine.engine import GuardEngine, PreparedBatch
 from worker.engine.types import EngineError
 

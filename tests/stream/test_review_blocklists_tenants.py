@@ -8,10 +8,10 @@ import orjson
 import pytest
 
 from tests.stream.streaming import WorkerThread, fully_committed, produce, read_json, wait_for
-from worker.contracts import validate_dead_letter, validate_verdict
+from tests.support.contracts import validate_dead_letter, validate_verdict
+from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.engine import GuardEngine
 from worker.engine.policy import load_policies
-from worker.tiny_model.synthetic import synthetic_examples
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, MllamaForConditionalGeneration, MllamaProcessor
 
-from worker.tiny_model.build import (
+from worker.dev.tiny_model.build import (
     IMAGE_TOKEN,
     SPECIAL_TOKENS,
     build_tiny_model,
@@ -146,8 +146,8 @@ def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(
 ) -> None:
     from transformers import AutoConfig, AutoTokenizer, Llama4ForConditionalGeneration
 
+    from worker.dev.tiny_model.build import LLAMA4_SPECIAL_TOKENS
     from worker.engine.families.llama4_images import Llama4PilProcessor
-    from worker.tiny_model.build import LLAMA4_SPECIAL_TOKENS
 
     again = build_tiny_model(tmp_path / "lg4", train=False, family="llama-guard-4")
     assert weights_digest(again) == weights_digest(untrained_lg4_dir)

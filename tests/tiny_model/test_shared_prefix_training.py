@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.engine.families.common import judged_role
-from worker.tiny_model import build
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import (
+from worker.dev.tiny_model import build
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import (
     _answer_loss,
     _encode_batch,
     _encode_prefix_batch,
@@ -17,6 +16,7 @@ from worker.tiny_model.train import (
     _training_batches,
     example_turns,
 )
+from worker.engine.families.common import judged_role
 
 
 def _model_and_processor(family: str):

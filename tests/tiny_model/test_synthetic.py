@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from worker.tiny_model.synthetic import (
+from worker.dev.tiny_model.synthetic import (
     GENERATOR_FINGERPRINT,
     GENERATOR_VERSION,
     IMAGE_MARKER_CODE,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
-from worker.tiny_model.synthetic import synthetic_examples
-from worker.tiny_model.train import generate_answers, parse_answer, policy_accuracy
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.train import generate_answers, parse_answer, policy_accuracy
 
 
 @pytest.fixture(scope="module")

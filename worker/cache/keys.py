@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from worker.events import ChatEvent
-from worker.verdicts import ModelInfo
+from worker.contracts.events import ChatEvent
+from worker.contracts.verdicts import ModelInfo
 
 if TYPE_CHECKING:
     from worker.engine.policy import Policy

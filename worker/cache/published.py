@@ -26,7 +26,7 @@ from kafka.structs import TopicPartition
 
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
-from worker.routing import consumer_group_id
+from worker.moderation.routing import consumer_group_id
 
 DIGEST_BYTES = 8  # a record's identity at its coordinates, not a security boundary
 

@@ -10,8 +10,9 @@ modality only: transformers' Mllama does not mask the cross-attention output of 
 rows in an image batch get wrong logits. ``classify`` groups, chunks and orders for callers that do not care.
 
 Errors are values: an item that cannot be prepared, a batch whose forward pass fails, or an answer that does
-not parse becomes an ``EngineError`` for the items concerned; the process keeps going. A batch that runs the
-device out of memory is retried in halves by ``classify``.
+not parse becomes an ``EngineError`` (with its ``ErrorKind``) for the items concerned; the process keeps going.
+``classify`` runs each batch through ``worker.engine.isolation.run_isolated``: a batch that fails as a whole
+(raised, or ran the device out of memory) is bisected until the failing items stand alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from worker.contracts.events import Turn
 from worker.engine import scoring
 from worker.engine.category_scores import category_scores, code_first_tokens
 from worker.engine.families import get_family
@@ -34,12 +36,11 @@ from worker.engine.policy import Policy, load_policies, resolve_policy
 from worker.engine.prompt import Segment, judged_role, render_segments, shared_text_prefix
 from worker.engine.tokenize import PromptTokenizer, left_pad
 from worker.engine.types import EngineError, GuardRequest, GuardResult
-from worker.events import Turn
 
 if TYPE_CHECKING:
     from worker.config import Settings
+    from worker.contracts.verdicts import ModelInfo
     from worker.engine.loading import LoadedModel
-    from worker.verdicts import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -566,36 +567,23 @@ class GuardEngine:
 
     # -- convenience ----------------------------------------------------------------------------------------
 
-    def classify(self, requests: Sequence[GuardRequest]) -> list[GuardResult | EngineError]:
-        """Classify any list: grouped by modality, chunked by ``batching.max_size``, results in input order."""
-        results: list[GuardResult | EngineError | None] = [None] * len(requests)
+    def batches(self, requests: Sequence[GuardRequest]) -> list[list[int]]:
+        """Indices of ``requests`` in the batches this engine runs: one modality each, ``batching.max_size`` at most."""
+        chunks = []
         for has_image in (False, True):
             indices = [i for i, r in enumerate(requests) if r.has_image == has_image]
-            for start in range(0, len(indices), self.max_batch_size):
-                chunk = indices[start : start + self.max_batch_size]
-                for i, result in zip(chunk, self._classify_chunk([requests[i] for i in chunk])):
-                    results[i] = result
-        return results  # type: ignore[return-value]
+            chunks.extend(
+                indices[start : start + self.max_batch_size]
+                for start in range(0, len(indices), self.max_batch_size)
+            )
+        return chunks
 
-    def _classify_chunk(self, requests: list[GuardRequest]) -> list[GuardResult | EngineError]:
-        try:
-            batch = self.prepare(requests)
-        except Exception as exc:
-            log.exception("preparing a batch failed", extra={"stage": "prepare", "reason": "engine_error"})
-            return [
-                EngineError(f"cannot prepare the batch: {exc!r}", detail={"kind": "prepare"})
-                for _ in requests
-            ]
-        results = self.run(batch)
-        out_of_memory = all(
-            isinstance(r, EngineError)
-            and isinstance(r.detail, dict)
-            and r.detail.get("kind") == "out_of_memory"
-            for r in results
-        )
-        if out_of_memory and len(requests) > 1:
-            if self._loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = len(requests) // 2
-            return self._classify_chunk(requests[:half]) + self._classify_chunk(requests[half:])
-        return results
+    def classify(self, requests: Sequence[GuardRequest]) -> list[GuardResult | EngineError]:
+        """Classify any list: in ``batches``, each run by ``run_isolated`` (a batch failing as a whole is bisected)."""
+        from worker.engine.isolation import run_isolated
+
+        results: list[GuardResult | EngineError | None] = [None] * len(requests)
+        for chunk in self.batches(requests):
+            for i, result in zip(chunk, run_isolated(self, [requests[i] for i in chunk]), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]

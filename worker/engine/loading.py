@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.verdicts import ModelInfo
+from worker.contracts.verdicts import ModelInfo
 
 if TYPE_CHECKING:
     import torch

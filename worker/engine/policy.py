@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from worker.config import CATEGORY_CODES, ConfigError
-from worker.dead_letters import Reason, RejectedError
+from worker.contracts.rejections import Reason, RejectedError
 from worker.engine.blocklist import NO_BLOCKLISTS, Blocklists, compile_blocklists
 from worker.engine.families import DEFAULT_FAMILY, RenderedCategory, get_family
 

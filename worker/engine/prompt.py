@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from worker.contracts.events import Turn
 from worker.engine.families import DEFAULT_FAMILY, Segment, get_family
 from worker.engine.families import llama_guard_3_vision as _vision
 from worker.engine.families.common import conversation, judged_role
 from worker.engine.policy import Policy
-from worker.events import Turn
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -113,8 +113,8 @@ def prompt_command(
     No weights are loaded: the prompt is what the template writes (images as ``<|image|>``, before a
     processor expands them).
     """
-    from worker.dead_letters import RejectedError, Rejection
-    from worker.decode import decode_event  # lazily: the contracts module loads schemas
+    from worker.contracts.decode import decode_event  # lazily: the contracts module loads schemas
+    from worker.contracts.rejections import RejectedError, Rejection
     from worker.engine.policy import load_policies, resolve_policy
 
     family = family or settings.model.family

@@ -1,7 +1,7 @@
 """The guard models of one worker: each configured model loaded once, by name, with its router.
 
 A co-located worker holds every model its routes name; a pool's worker holds its pool's models only
-(``worker.routing.local_models``). The stream pipeline and the Serve deployment ask the registry which
+(``worker.moderation.routing.local_models``). The stream pipeline and the Serve deployment ask the registry which
 model judges an event, then use that model's engine — one ``GuardEngine`` per model, never shared.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from worker.config import DEFAULT_MODEL_NAME, Settings
-from worker.routing import Router, local_models, owns_unrouted_dead_letters
-from worker.verdicts import ModelInfo
+from worker.contracts.verdicts import ModelInfo
+from worker.moderation.routing import Router, local_models, owns_unrouted_dead_letters
 
 if TYPE_CHECKING:
     from worker.engine.engine import GuardEngine

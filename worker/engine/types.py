@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from worker.events import Turn
+from worker.contracts.events import Turn
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -56,21 +57,65 @@ class GuardResult:
     # Per enabled code: P(unsafe) x P(first code | unsafe), see worker.engine.category_scores; None if unknown.
     category_scores: dict[str, float] | None = None
     halted: bool = False  # decided by a halting blocklist: no model call (score 1.0)
-    language: dict[str, Any] | None = None  # of the judged text (worker.language), set by the caller
+    language: dict[str, Any] | None = (
+        None  # of the judged text (worker.moderation.language), set by the caller
+    )
+
+
+class ErrorKind(StrEnum):
+    """Why the engine gave no answer for an item."""
+
+    PREPARE = "prepare"  # the prompt or the image could not be prepared for the model
+    MODEL = "model"  # the forward pass raised
+    OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory
+    NON_FINITE = "non_finite"  # the model produced a NaN/inf score
+    TRUNCATED = "truncated"  # decoding stopped before the answer was complete
+    MALFORMED = "malformed"  # the model's answer does not parse
+
+
+# Kinds that say the model itself failed on the item (not that its answer did not parse).
+FAULT_KINDS = frozenset({ErrorKind.MODEL, ErrorKind.OUT_OF_MEMORY, ErrorKind.NON_FINITE})
+# Kinds the engine reports on every row of a batch whose forward pass failed as a whole.
+BATCH_FAILURE_KINDS = frozenset({ErrorKind.MODEL, ErrorKind.OUT_OF_MEMORY})
 
 
 class EngineError(Exception):
-    """The model produced something we cannot parse, or failed on an item. Carries the raw text."""
+    """The model produced something we cannot parse, or failed on an item. Carries the raw text.
 
-    def __init__(self, message: str, raw_output: str | None = None, detail: Any = None) -> None:
+    ``kind`` says why (``ErrorKind``); ``detail`` may carry more (e.g. the score read before parsing failed).
+    A ``detail`` dict with a ``"kind"`` key sets the kind when ``kind`` is not given.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        raw_output: str | None = None,
+        detail: Any = None,
+        kind: ErrorKind | str | None = None,
+    ) -> None:
         super().__init__(message)
         self.raw_output = raw_output
         self.detail = detail
+        self._kind = ErrorKind(kind) if kind is not None else None
+
+    @property
+    def kind(self) -> ErrorKind:
+        """Why there is no answer (read from ``detail["kind"]`` when not given; default ``malformed``)."""
+        if self._kind is not None:
+            return self._kind
+        if isinstance(self.detail, dict) and self.detail.get("kind") in ErrorKind._value2member_map_:
+            return ErrorKind(self.detail["kind"])
+        return ErrorKind.MALFORMED
+
+    @property
+    def is_fault(self) -> bool:
+        """The model itself failed on the item (a raised or non-finite forward pass, not a parse)."""
+        return self.kind in FAULT_KINDS
 
 
 def halt_result(event: Any, optimized_languages: Any) -> GuardResult:
     """The answer for an event a halting blocklist decided: unsafe, score 1.0, no model call."""
-    from worker.language import detect_language
+    from worker.moderation.language import detect_language
 
     return GuardResult(
         score=1.0,

@@ -15,9 +15,9 @@ from pathlib import Path
 import orjson
 
 from worker.config import CATEGORY_CODES, Settings
-from worker.dead_letters import Rejection
-from worker.decode import decode_event
-from worker.events import ChatEvent
+from worker.contracts.decode import decode_event
+from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Rejection
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from worker.config import Settings
-from worker.dead_letters import RejectedError
+from worker.contracts.rejections import RejectedError
 from worker.engine.policy import Policy
 from worker.engine.types import EngineError, GuardRequest
 from worker.evaluation.dataset import BadLine, LabelledEvent, read_labelled
@@ -37,7 +37,7 @@ TASKS = ("prompt", "response", "all")
 
 def _request(item: LabelledEvent, policy: Policy, settings: Settings) -> GuardRequest:
     from worker.images.load import decode_image, image_bytes
-    from worker.routing import guard_request
+    from worker.moderation.routing import guard_request
 
     images = tuple(decode_image(image_bytes(ref, settings), settings.limits) for ref in item.event.images)
     return guard_request(item.event, policy, images)
@@ -300,7 +300,7 @@ def eval_command(
         "plots": {k: v.name for k, v in plots.items()},
         "items": rows,
     }
-    from worker.contracts import validator
+    from worker.contracts.schemas import validator
 
     validator("eval_report").validate(orjson.loads(orjson.dumps(report)))
     (out_dir / "report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))

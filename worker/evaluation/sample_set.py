@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 
-from worker.tiny_model.synthetic import synthetic_examples
+from worker.dev.tiny_model.synthetic import synthetic_examples
 
 SAMPLE_PATH = Path(__file__).resolve().parents[2] / "examples" / "eval" / "synthetic_heldout.jsonl"
 SAMPLE_SIZE = 120

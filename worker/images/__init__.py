@@ -2,7 +2,7 @@
 
 ``load`` is the stage's entry point; ``ssrf`` decides which addresses may be contacted, ``fetch``
 downloads under limits, ``data_url`` decodes ``data:`` URLs and ``decode`` turns bytes into an upright
-RGB image under pixel limits. Every failure raises ``worker.dead_letters.RejectedError`` with a
+RGB image under pixel limits. Every failure raises ``worker.contracts.dead_letters.RejectedError`` with a
 specific ``Reason``.
 """
 

@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from worker.config import LimitsSettings
-from worker.dead_letters import Reason, RejectedError
+from worker.contracts.rejections import Reason, RejectedError
 
 logger = logging.getLogger(__name__)
 

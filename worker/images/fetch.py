@@ -39,7 +39,7 @@ from urllib3.exceptions import (
 from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 
 from worker.config import ImageFetchSettings
-from worker.dead_letters import Reason, RejectedError
+from worker.contracts.rejections import Reason, RejectedError
 from worker.images.ssrf import AddressPolicy, IPAddress, Resolver, parse_ip_literal, resolve_and_vet
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ def fetch_image(
     ``image_blocked_address``, ``image_fetch_failed``, ``image_fetch_timeout``,
     ``image_too_many_redirects``, ``image_bad_content_type``, ``image_too_large``.
     """
+    _parse_target(url, fetch.allowed_schemes)  # an unsupported scheme is refused first, fetching on or off
     if not fetch.enabled:
         raise RejectedError(
             Reason.IMAGE_FETCH_DISABLED, "image URL fetching is disabled (image_fetch.enabled)"

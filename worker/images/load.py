@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 
 from worker.config import Settings
-from worker.dead_letters import Reason, RejectedError
-from worker.events import ImageRef
+from worker.contracts.events import ImageRef
+from worker.contracts.rejections import RejectedError
 from worker.images.data_url import data_url_bytes
 from worker.images.decode import decode_image
 from worker.images.fetch import fetch_image, vet_url_offline
@@ -39,12 +39,8 @@ def image_bytes(ref: ImageRef, settings: Settings, *, resolver: Resolver | None 
 def _image_bytes(ref: ImageRef, settings: Settings, resolver: Resolver | None) -> bytes:
     allowed_types = settings.image_fetch.allowed_content_types
     max_bytes = settings.limits.max_image_bytes
-    if ref.is_data_url:
-        return data_url_bytes(ref.url, allowed_types, max_bytes, decoded=ref.data)
-    scheme = ref.url.split(":", 1)[0].lower() if ":" in ref.url else ""
-    if scheme not in settings.image_fetch.allowed_schemes:
-        shown = scheme or "(none)"
-        raise RejectedError(Reason.UNSUPPORTED_URL_SCHEME, f"image URL scheme {shown!r} is not supported")
+    if ref.is_data_url:  # decoding the record parsed it already: its bytes travel on the reference
+        return ref.data if ref.data is not None else data_url_bytes(ref.url, allowed_types, max_bytes)
     return fetch_image(ref.url, settings.image_fetch, max_bytes, resolver=resolver).data
 
 

@@ -1,3 +1,3 @@
 """Operations: Prometheus metrics (``metrics``), the health/metrics HTTP server (``health``), JSON logs
-(``logs``), the bridge that mirrors metrics into Ray's metrics system (``ray_export``) and the Helm
-values-schema generator (``values_schema``)."""
+(``logs``), the bridge that mirrors metrics into Ray's metrics system (``ray_export``) and the startup checks
+(``preflight``)."""

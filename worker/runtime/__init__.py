@@ -1,6 +1,5 @@
-"""Ray runtime: GuardWorker actors pinned to GPUs (the stream) and the Ray Serve HTTP endpoint.
+"""Deprecated package: its modules moved to ``worker.serve`` (HTTP) and ``worker.runners`` (Ray actors, the fleet).
 
-The pipeline and the engine are plain Python; this package only places them on a Ray cluster,
-restarts them when they die and serves the engine over HTTP. ``ray`` is imported lazily, after
-``worker.runtime.ray_env.local_ray_env`` has set the environment it reads at import time.
+Only ``worker.runtime.serve_app:build_app`` is kept, because Serve config files name it as their
+``import_path``; it warns and forwards to ``worker.serve.app:build_app``.
 """

@@ -9,7 +9,7 @@ pipeline, Ray actors, demo, tests, benchmarks) talks to the broker the same way:
 - security: SASL and TLS settings pass through; secrets are unwrapped from ``SecretStr`` only here.
 
 Against the embedded tansu broker: LATEST offset lookups, ``create_partitions`` and
-``describe_groups`` are broken (see ARCHITECTURE.md), so nothing here relies on them.
+``describe_groups`` are broken, so nothing here relies on them.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
 
     A worker of a pool (split deployment) joins its pool's own group, so every pool reads every event.
     """
-    from worker.routing import consumer_group_id
+    from worker.moderation.routing import consumer_group_id
 
     kafka = settings.kafka
     return {

@@ -29,39 +29,44 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
-from worker.cache.entries import from_entry, to_entry
-from worker.cache.keys import cache_key
 from worker.cache.published import PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
-from worker.dead_letters import Reason, RejectedError, Rejection, SourceCoordinates, build_dead_letter
-from worker.decode import decode_event, salvage_event_id
-from worker.engine.policy import resolve_event_policy
+from worker.contracts.dead_letters import SourceCoordinates, build_dead_letter
+from worker.contracts.decode import decode_event, salvage_event_id
+from worker.contracts.events import ChatEvent
+from worker.contracts.rejections import Rejection
+from worker.contracts.verdicts import event_lag_seconds
 from worker.engine.registry import ModelRegistry
-from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
-from worker.events import ChatEvent, Turn
-from worker.language import detect_language
+from worker.engine.types import EngineError, GuardResult
+from worker.moderation.batching import Batch, BatchEntry, MicroBatcher
+from worker.moderation.moderator import (
+    ENGINE_ERROR_MESSAGE_CHARS,
+    Answer,
+    Elsewhere,
+    Keyed,
+    Moderator,
+    Ready,
+    Routed,
+    engine_error_rejection,
+)
 from worker.ops import metrics
-from worker.routing import guard_request, images_hash
-from worker.stream.batcher import Batch, BatchEntry, MicroBatcher
 from worker.stream.offsets import OffsetTracker
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
-from worker.verdicts import event_lag_seconds, verdict_for
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer, KafkaProducer
 
-    from worker.engine.blocklist import BlocklistHit
     from worker.engine.engine import GuardEngine
-    from worker.engine.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +77,6 @@ IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
 # what lets offsets complete and paused partitions resume (≈ linger_ms + one round trip away).
 ACK_POLL_MS = 5
 PREPARE_AHEAD = 2  # prepared batches queued for the model: the one running next and one being prepared
-ENGINE_ERROR_MESSAGE_CHARS = 400  # raw model output quoted in an engine_error dead letter, at most
-# Engine error kinds that say the model itself failed (not that its answer did not parse).
-ENGINE_FAULT_KINDS = frozenset({"model", "out_of_memory", "non_finite"})
-# A request every working engine answers: tells an outage from a batch of poison items.
-PROBE_TEXT = "Hello! What is the capital of France?"
 
 
 @dataclass(eq=False, slots=True)
@@ -90,15 +90,10 @@ class WorkItem:
     record_key: bytes | None
     timestamp_ms: int
     received: float  # time.monotonic() when consumed
-    event: ChatEvent | None = None
-    policy: Policy | None = None
-    image_data: bytes | None = None  # the event's last image (the only one unless Llama Guard 4 judges it)
-    earlier_image_data: tuple[bytes, ...] = ()  # the images before it, in order (several-image events)
-    cache_key: str | None = None
-    model: str | None = None  # the configured model that judges it (chosen by the router)
+    event: ChatEvent | None = None  # once decoded
+    routed: Routed | None = None  # once its policy and model are chosen
+    keyed: Keyed | None = None  # once its image bytes and cache key are known
     output: tuple[str, dict[str, Any]] | None = None  # what was published, kept to re-publish on failure
-    hits: tuple[BlocklistHit, ...] = ()  # the policy's blocklists matching the judged text
-    language: dict[str, Any] | None = None  # of the judged text; detected off the loop thread for the model
     digest: bytes = b""  # record_digest(raw), what its published marker stores
     failed_deliveries: int = 0
 
@@ -118,45 +113,15 @@ class PreparedWork:
     model: str
     modality: str
     entries: list[BatchEntry[WorkItem]]
-    requests: list[GuardRequest]
+    ready: list[Ready]
     prepared: Any = None
     error: BaseException | None = None
     rejected: list[tuple[BatchEntry[WorkItem], Rejection]] = field(default_factory=list)
 
 
-class BatchFailedError(Exception):
-    """The engine failed a whole batch (every row got the same forward-pass error)."""
-
-    def __init__(self, message: str, *, out_of_memory: bool = False) -> None:
-        super().__init__(message)
-        self.out_of_memory = out_of_memory
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A device out-of-memory error (torch.OutOfMemoryError, a RuntimeError saying so, or the engine's report)."""
-    if isinstance(exc, BatchFailedError):
-        return exc.out_of_memory
-    return type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc)
-    )
-
-
-def is_engine_fault(result: GuardResult | EngineError) -> bool:
-    """Whether ``result`` says the model failed on the item (a raised or non-finite forward pass, not a parse)."""
-    return (
-        isinstance(result, EngineError)
-        and isinstance(result.detail, dict)
-        and result.detail.get("kind") in ENGINE_FAULT_KINDS
-    )
-
-
-def is_batch_failure(result: GuardResult | EngineError) -> bool:
-    """Whether ``result`` is the engine's report of a failed forward pass (not a per-item answer problem)."""
-    return (
-        isinstance(result, EngineError)
-        and isinstance(result.detail, dict)
-        and result.detail.get("kind") in ("model", "out_of_memory")
-    )
+def _is_fault(result: GuardResult | EngineError) -> bool:
+    """Whether ``result`` says the model itself failed on the item (not that its answer did not parse)."""
+    return isinstance(result, EngineError) and result.is_fault
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -190,8 +155,10 @@ class StreamPipeline:
         # The models this worker judges with (a single engine is the one model); ``engine`` is the first.
         self.models: ModelRegistry | None = ModelRegistry.of(engine, settings) if engine is not None else None
         self.engine = self.models.first if self.models is not None else None
+        self.moderator: Moderator | None = None
         if self.models is not None:
             metrics.register_models(self.models.names)
+            self.moderator = Moderator(self.models, settings)
         self.worker_name = worker_name
         self._cache = cache
         self._stop = threading.Event()
@@ -283,16 +250,22 @@ class StreamPipeline:
             "outage": self._guard.status(),
         }
 
-    def run(self) -> None:
-        """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
-        from worker.stream.kafka_clients import make_consumer, make_producer
-
+    def load_models(self) -> ModelRegistry:
+        """Load every model this worker holds, once (``run`` calls it; a runner may call it earlier)."""
         if self.models is None:
             self.models = ModelRegistry.from_settings(self.settings)
             self.engine = self.models.first
             metrics.register_models(self.models.names)
-        metrics.MODEL_LOAD_SECONDS.set(self.models.load_seconds)
-        from worker.language import warm_up
+            self.moderator = Moderator(self.models, self.settings)
+        return self.models
+
+    def run(self) -> None:
+        """Consume and moderate until ``request_stop()``; then drain, flush, commit and close."""
+        from worker.stream.kafka_clients import make_consumer, make_producer
+
+        models = self.load_models()
+        metrics.MODEL_LOAD_SECONDS.set(models.load_seconds)
+        from worker.moderation.language import warm_up
 
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
         if self._cache is None:
@@ -481,41 +454,22 @@ class StreamPipeline:
             self._reject_unrouted(item, decoded)
             return
         item.event = decoded
-        assert self.models is not None
-        try:
-            # Tenants first (their policy boundary), then the registry's own lookup and routing.
-            first = self.models.first
-            policy_id = resolve_event_policy(
-                first.policies, self.settings.tenants, decoded.tenant, decoded.policy, first.default_policy_id
-            ).id
-            policy = self.models.policy_for(policy_id)
-        except RejectedError as exc:
-            self._reject_unrouted(item, exc.rejection)
-            return
-        model = self.models.model_for(policy, decoded.image_count)
-        if model is None:
-            self._reject_unrouted(
-                item,
-                Rejection(
-                    Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images"
-                ),
-            )
-            return
-        if not self.models.holds(model):
+        assert self.moderator is not None
+        routed = self.moderator.route(decoded)
+        if isinstance(routed, Rejection):
+            self._reject_unrouted(item, routed)
+        elif isinstance(routed, Elsewhere):
             self._complete_without_output(item)
-            return
-        item.model = model
-        item.policy = self.models.engine(model).policy_for(policy_id)
-        if item.policy.blocklists:
-            item.hits = item.policy.blocklists.match(decoded.turns[-1].texts)
-        if decoded.image is not None:
-            self._fetching.append((item, self._pool.submit(self._fetch_images, decoded.images)))
+        elif decoded.image is not None:
+            item.routed = routed
+            self._fetching.append((item, self._pool.submit(self.moderator.load_images, routed)))
         else:
-            item.cache_key = cache_key(self.models.info(model), item.policy, decoded, None)
+            item.routed = routed
+            item.keyed = self.moderator.key(routed)
             self._key_ready.append(item)
 
     def _reject_unrouted(self, item: WorkItem, rejection: Rejection) -> None:
-        """A record no model was chosen for: one pool (``worker.routing``) dead-letters it, the others skip it."""
+        """A record no model was chosen for: one pool (``worker.moderation.routing``) dead-letters it, the others skip it."""
         assert self.models is not None
         if self.models.owns_unrouted:
             self._dead_letter(item, rejection)
@@ -528,11 +482,6 @@ class StreamPipeline:
         if self._tracker.complete(item.tp, item.offset, item.generation):
             self.counters["completed"] += 1
 
-    def _fetch_images(self, refs: tuple[Any, ...]) -> tuple[bytes, ...]:
-        from worker.images.load import image_bytes
-
-        return tuple(image_bytes(ref, self.settings) for ref in refs)
-
     def _collect_fetched_images(self) -> None:
         """Move items whose image bytes arrived on to the cache lookup (or to the DLQ)."""
         if not self._fetching:
@@ -542,68 +491,39 @@ class StreamPipeline:
             if not future.done():
                 waiting.append((item, future))
                 continue
-            try:
-                data = future.result()
-            except RejectedError as exc:
-                self._dead_letter(item, exc.rejection)
+            keyed = future.result()  # never raises: a failed fetch is a Rejection
+            if isinstance(keyed, Rejection):
+                self._dead_letter(item, keyed)
                 continue
-            except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
-                log.warning(
-                    "image fetch raised %s",
-                    type(exc).__name__,
-                    extra={"event_id": item.event_id, "stage": "prepare"},
-                )
-                self._dead_letter(
-                    item,
-                    Rejection(
-                        Reason.IMAGE_FETCH_FAILED, f"the image could not be fetched ({type(exc).__name__})."
-                    ),
-                )
-                continue
-            assert item.event is not None and item.policy is not None and item.model is not None
-            assert self.models is not None
-            item.image_data, item.earlier_image_data = data[-1], data[:-1]
-            item.cache_key = cache_key(
-                self.models.info(item.model), item.policy, item.event, images_hash(item.event, data)
-            )
+            item.keyed = keyed
             self._key_ready.append(item)
         self._fetching = waiting
 
     def _lookup_cache(self) -> None:
-        """One MGET for every item that got its key this turn; hits are answered, misses batched."""
+        """One cache read for every item that got its key this turn; hits are answered, misses batched."""
         if not self._key_ready:
             return
         items, self._key_ready = self._key_ready, []
-        assert self._cache is not None
+        assert self._cache is not None and self.moderator is not None
         with metrics.observe_stage("cache"):
-            values = self._cache.get_many([i.cache_key for i in items])  # type: ignore[misc]
+            answers = self.moderator.answers(self._cache, [i.keyed for i in items])  # type: ignore[misc]
         with metrics.observe_stage("publish"):  # hits are answered right here
-            self._answer_or_batch(items, values)
+            for item, answer in zip(items, answers, strict=True):
+                if answer is not None:
+                    self._emit_verdict(item, answer)
+                else:
+                    self._batch(item)
 
-    def _answer_or_batch(self, items: list[WorkItem], values: list[dict[str, Any] | None]) -> None:
-        for item, value in zip(items, values, strict=True):
-            # An entry of an unexpected shape is a miss; the fresh verdict overwrites it.
-            hit = from_entry(value) if value is not None else None
-            if hit is not None:
-                self._emit_verdict(item, hit, cached=True)
-                continue
-            assert item.cache_key is not None
-            if item.hits and item.hits[0].action == "halt":
-                # Decided by the blocklist: no model call; cached like any verdict.
-                assert item.event is not None
-                halted = halt_result(item.event, self.settings.model.optimized_languages)
-                self._cache.set_many([(item.cache_key, to_entry(halted))])  # type: ignore[union-attr]
-                self._emit_verdict(item, halted, cached=False)
-                continue
-            running = self._running_entries.get(item.cache_key)
-            if running is not None:  # the same content is already being classified: share its answer
-                running.items.append(item)
-                metrics.DUPLICATES_SKIPPED.inc()
-                continue
-            modality = "image" if item.image_data is not None else "text"
-            assert item.model is not None
-            if not self._batcher.add(item.cache_key, modality, item, model=item.model):
-                metrics.DUPLICATES_SKIPPED.inc()
+    def _batch(self, item: WorkItem) -> None:
+        """A miss joins the item classifying the same content, or the micro-batcher."""
+        keyed = item.keyed
+        assert keyed is not None
+        running = self._running_entries.get(keyed.key)
+        if running is not None:  # the same content is already being classified: share its answer
+            running.items.append(item)
+            metrics.DUPLICATES_SKIPPED.inc()
+        elif not self._batcher.add(keyed.key, keyed.modality, item, model=keyed.routed.model):
+            metrics.DUPLICATES_SKIPPED.inc()
 
     def _dispatch_ready_batches(self, *, flush_all: bool = False) -> None:
         """Hand due batches to the thread pool for preparation, keeping at most PREPARE_AHEAD queued."""
@@ -615,45 +535,22 @@ class StreamPipeline:
             self._prepared.append(self._pool.submit(self._prepare, batch))
 
     def _prepare(self, batch: Batch[WorkItem]) -> PreparedWork:
-        """CPU preparation of one batch (runs in the pool): decode images, then ``engine.prepare``."""
-        from worker.images.load import decode_image
-
-        assert self.models is not None
-        engine = self.models.engine(batch.model)
+        """CPU preparation of one batch (runs in the pool): decode images, the request, then ``engine.prepare``."""
+        assert self.models is not None and self.moderator is not None
         work = PreparedWork(batch.model, batch.modality, [], [])
         with metrics.observe_stage("prepare"):
             for entry in batch.entries:
-                leader = entry.leader
-                assert leader.event is not None and leader.policy is not None
-                images: tuple[Any, ...] = ()
-                if leader.image_data is not None:
-                    try:
-                        images = tuple(
-                            decode_image(data, self.settings.limits)
-                            for data in (*leader.earlier_image_data, leader.image_data)
-                        )
-                    except RejectedError as exc:
-                        work.rejected.append((entry, exc.rejection))
-                        continue
-                    except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
-                        work.rejected.append(
-                            (
-                                entry,
-                                Rejection(
-                                    Reason.IMAGE_UNDECODABLE,
-                                    f"the image could not be decoded ({type(exc).__name__}).",
-                                ),
-                            )
-                        )
-                        continue
-                leader.language = detect_language(
-                    leader.event.turns[-1].texts, self.settings.model.optimized_languages
-                )
+                keyed = entry.leader.keyed
+                assert keyed is not None
+                images = self.moderator.decode_images(keyed) if keyed.images else ()
+                if isinstance(images, Rejection):
+                    work.rejected.append((entry, images))
+                    continue
                 work.entries.append(entry)
-                work.requests.append(guard_request(leader.event, leader.policy, images))
-            if work.requests:
+                work.ready.append(self.moderator.ready(keyed, images))
+            if work.ready:
                 try:
-                    work.prepared = engine.prepare(work.requests)
+                    work.prepared = self.models.engine(batch.model).prepare([r.request for r in work.ready])
                 except Exception as exc:  # noqa: BLE001 — isolated item by item on the loop thread
                     work.error = exc
         return work
@@ -680,30 +577,37 @@ class StreamPipeline:
             for item in entry.items:
                 self._dead_letter(item, rejection)
         work.rejected = []
-        if not work.requests:
+        if not work.ready:
             return
-        results: list[GuardResult | EngineError] | None = None
-        error = work.error
-        if error is None:
-            try:
-                results = self._run_batch(work.requests, work.prepared, work.modality, work.model)
-            except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
-                error = exc
-        if results is None:
-            assert error is not None
-            self.counters["isolations"] += 1
-            log.warning(
-                "engine failed on a batch of %d (%s%s); splitting it to isolate the cause",
-                len(work.requests),
-                type(error).__name__,
-                ", out of memory" if is_out_of_memory(error) else "",
-                extra={"stage": "model"},
-            )
-            results = self._isolate(work.requests, error, work.model)
+        results = self._classify(work, prepared=work.prepared, prepare_error=work.error)
         if self._engine_down(results, work.model):
             self._hold(work, results)
             return
         self._finish(work.entries, results)
+
+    def _classify(
+        self, work: PreparedWork, *, prepared: Any = None, prepare_error: BaseException | None = None
+    ) -> list[GuardResult | EngineError]:
+        """The moderator's classify on the model thread (failures isolated), counting batches and splits."""
+        assert self.moderator is not None
+
+        def on_batch(requests: Any) -> None:
+            metrics.BATCH_SIZE.labels(model=work.model, modality=work.modality).observe(len(requests))
+            self.counters["batches"] += 1
+
+        def on_split(size: int, error: BaseException) -> None:
+            self.counters["isolations"] += 1
+
+        with metrics.observe_stage("model"):
+            return self.moderator.classify(
+                work.model,
+                work.ready,
+                prepared=prepared,
+                prepare_error=prepare_error,
+                forward=partial(self._forward, model=work.model),
+                on_batch=on_batch,
+                on_split=on_split,
+            )
 
     def _engine_down(self, results: list[GuardResult | EngineError], model: str) -> bool:
         """Whether a batch's results mean an engine outage rather than poison items.
@@ -711,7 +615,7 @@ class StreamPipeline:
         Every item failed in the model → probe the engine with a request any working model answers: a
         failed probe, or ``failures.max_failed_batches`` such batches in a row, is an outage.
         """
-        if not all(is_engine_fault(r) for r in results):
+        if not all(_is_fault(r) for r in results):
             self._guard.batch_succeeded()
             return False
         limit_reached = self._guard.batch_failed()
@@ -719,15 +623,8 @@ class StreamPipeline:
 
     def _probe_engine(self, model: str) -> bool:
         """Run one known-good request on ``model``; True when the engine answers it."""
-        assert self.models is not None
-        engine = self.models.engine(model)
-        request = GuardRequest(turns=(Turn("user", (PROBE_TEXT,)),), policy=engine.policy_for(None))
-        try:
-            (result,) = engine.run(engine.prepare([request]))
-        except Exception as exc:  # noqa: BLE001 — a probe that raises is the answer
-            log.warning("engine probe raised %s", type(exc).__name__, extra={"stage": "model"})
-            return False
-        return isinstance(result, GuardResult)
+        assert self.moderator is not None
+        return self.moderator.probe(model)
 
     def _hold(self, work: PreparedWork, results: list[GuardResult | EngineError]) -> None:
         """Keep ``work`` out of the dead-letter topic: declare an engine outage and retry it later."""
@@ -754,29 +651,25 @@ class StreamPipeline:
             return
         # A revoke may have taken some of its events to another worker since: do not judge those.
         live = [
-            (entry, request)
-            for entry, request in zip(work.entries, work.requests, strict=True)
+            (entry, ready)
+            for entry, ready in zip(work.entries, work.ready, strict=True)
             if not all(self._stale(item) for item in entry.items)
         ]
         if not live:
             self._held = None
             self._guard.leave("engine")
             return
-        work.entries, work.requests = [e for e, _ in live], [r for _, r in live]
+        work.entries, work.ready = [e for e, _ in live], [r for _, r in live]
         # Probe first: the held batch then runs only on an engine that works again, so a failure of it
         # after that (with the engine still answering the probe) is its own items' fault, not the outage's.
         if not self._probe_engine(work.model):
             self._guard.retry_failed("engine", "the probe request still fails")
             return
-        try:
-            engine = self.models.engine(work.model)
-            results = self._run_batch(work.requests, engine.prepare(work.requests), work.modality, work.model)
-        except Exception as exc:  # noqa: BLE001 — still isolated: poison stays one dead letter
-            results = self._isolate(work.requests, exc, work.model)
+        results = self._classify(work)  # still isolated: poison stays one dead letter
         # Failed again: still down if the probe fails now, or if the run of failed batches is at the limit
         # (the probe works but batches like this one do not, e.g. only images fail); otherwise its items
         # are poison and become dead letters.
-        if all(is_engine_fault(r) for r in results) and (
+        if all(_is_fault(r) for r in results) and (
             not self._probe_engine(work.model) or self._guard.batch_failed()
         ):
             self._hold(work, results)
@@ -790,28 +683,7 @@ class StreamPipeline:
         )
         self._finish(work.entries, results)
 
-    def _run_batch(
-        self, requests: list[GuardRequest], prepared: Any, modality: str, model: str
-    ) -> list[GuardResult | EngineError]:
-        """``engine.run`` on one prepared batch; raises ``BatchFailedError`` when the batch as a whole failed.
-
-        The engine reports a failed forward pass as the same error on every row (kind ``model`` or
-        ``out_of_memory``); with more than one row that says nothing about which item is at fault.
-        """
-        assert self.models is not None
-        with metrics.observe_stage("model"):
-            results = self._forward(prepared, model)
-        metrics.BATCH_SIZE.labels(model=model, modality=modality).observe(len(requests))
-        self.counters["batches"] += 1
-        if len(requests) > 1:
-            failure = next((r for r in results if is_batch_failure(r)), None)
-            if failure is not None:
-                raise BatchFailedError(
-                    str(failure), out_of_memory=failure.detail.get("kind") == "out_of_memory"
-                )
-        return results
-
-    def _forward(self, prepared: Any, model: str) -> list[GuardResult | EngineError]:
+    def _forward(self, prepared: Any, *, model: str) -> list[GuardResult | EngineError]:
         """``engine.run`` on the model thread; meanwhile this thread applies the acks that arrive."""
         assert self.models is not None
         running = self._model_thread.submit(self.models.engine(model).run, prepared)
@@ -822,61 +694,24 @@ class StreamPipeline:
                 if self._publisher is not None and self._publisher.awaiting_acks:
                     self._apply_acks()
 
-    def _isolate(
-        self, requests: list[GuardRequest], error: BaseException, model: str
-    ) -> list[GuardResult | EngineError]:
-        """Results for ``requests`` after a failed batch: bisect until the failing items stand alone.
-
-        A device out-of-memory is handled the same way — the halves are smaller batches.
-        """
-        if len(requests) == 1:
-            return [
-                EngineError(
-                    f"the engine failed on this item ({type(error).__name__}: {error})",
-                    detail={"kind": "out_of_memory" if is_out_of_memory(error) else "model"},
-                )
-            ]
-        assert self.models is not None
-        engine = self.models.engine(model)
-        mid = len(requests) // 2
-        results: list[GuardResult | EngineError] = []
-        for half in (requests[:mid], requests[mid:]):
-            try:
-                results.extend(
-                    self._run_batch(
-                        half, engine.prepare(half), "image" if half[0].has_image else "text", model
-                    )
-                )
-            except Exception as exc:  # noqa: BLE001 — one bad item must not stop the stream
-                results.extend(self._isolate(half, exc, model))
-        return results
-
     def _finish(self, entries: list[BatchEntry[WorkItem]], results: list[GuardResult | EngineError]) -> None:
-        """Publish the model's answers for every item of every entry, and cache the good ones."""
-        if len(results) != len(entries):
-            raise RuntimeError(f"engine returned {len(results)} results for {len(entries)} requests")
-        to_cache = []
+        """Publish a batch's answers (every item sharing an entry gets its answer) and cache the fresh ones."""
+        assert self.moderator is not None and self._cache is not None
+        fresh = []
         for entry, result in zip(entries, results, strict=True):
             self._running_entries.pop(entry.key, None)
             if isinstance(result, EngineError):
-                detail = str(result)
-                if result.raw_output is not None:
-                    detail += f"; raw output: {result.raw_output[:ENGINE_ERROR_MESSAGE_CHARS]!r}"
-                rejection = Rejection(Reason.ENGINE_ERROR, detail[: ENGINE_ERROR_MESSAGE_CHARS * 2])
+                rejection = engine_error_rejection(result)
                 for item in entry.items:
                     self._dead_letter(item, rejection)
                 continue
-            for code in result.dropped_codes:
-                metrics.ENGINE_DROPPED_CODES.labels(code=code).inc()
-            result = replace(result, language=entry.leader.language)
-            to_cache.append((entry.key, to_entry(result)))
+            fresh.append((entry.leader.keyed, result))
             with metrics.observe_stage("publish"):
                 for item in entry.items:
-                    self._emit_verdict(item, result, cached=False)
-        if to_cache:
-            assert self._cache is not None
+                    self._emit_verdict(item, Answer(result, cached=False))
+        if fresh:
             with metrics.observe_stage("cache"):
-                self._cache.set_many(to_cache)
+                self.moderator.store(self._cache, fresh)
 
     # ------------------------------------------------------------------ outputs
 
@@ -887,30 +722,23 @@ class StreamPipeline:
         """
         return self._tracker.generation(item.tp) != item.generation
 
-    def _emit_verdict(self, item: WorkItem, result: GuardResult, *, cached: bool) -> None:
+    def _emit_verdict(self, item: WorkItem, answer: Answer) -> None:
         if self._stale(item):
             self.counters["dropped_revoked"] += 1
             return
-        assert item.event is not None and item.policy is not None and item.model is not None
-        assert self.models is not None
-        verdict = verdict_for(
-            item.event,
-            result,
-            item.policy,
-            self.models.info(item.model),
-            cached=cached,
-            latency_ms=(time.monotonic() - item.received) * 1000.0,
-            hits=item.hits,
-            source=item.source,
+        assert item.keyed is not None and self.moderator is not None
+        verdict = self.moderator.verdict(
+            item.keyed, answer, latency_ms=(time.monotonic() - item.received) * 1000.0, source=item.source
         )
-        if item.hits:
-            metrics.record_blocklist_hits(item.hits, halted=result.halted)
-        if verdict.get("review"):
-            metrics.REVIEW_BAND.inc()
         self._verdict_tally[
-            (verdict["decision"], tuple(c["code"] for c in verdict["categories"]), cached, item.model)
+            (
+                verdict["decision"],
+                tuple(c["code"] for c in verdict["categories"]),
+                answer.cached,
+                item.keyed.routed.model,
+            )
         ] += 1
-        self.counters["cached" if cached else "verdicts"] += 1
+        self.counters["cached" if answer.cached else "verdicts"] += 1
         item.output = ("verdict", verdict)
         self._publish(item)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.events import Turn
+from worker.contracts.events import Turn
 
 _ROLE_LABEL = {"user": "User", "assistant": "Agent"}
 

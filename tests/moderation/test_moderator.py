@@ -1,0 +1,214 @@
+"""The moderation flow's steps on fake engines and a dict cache: route, key, answers, classify, verdict.
+
+Fast logic tests (no server, no model). The same steps run against Kafka, Redis and the tiny checkpoints in
+tests/stream, tests/serve and tests/reliability.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import orjson
+import pytest
+from PIL import Image
+
+from tests.support.contracts import validate_verdict
+from tests.support.fake_engine import DictCache, FakeEngine, fake_registry
+from worker.config import Settings
+from worker.contracts.decode import decode_event
+from worker.contracts.rejections import Reason, Rejection
+from worker.engine.types import EngineError, ErrorKind, GuardResult
+from worker.moderation.moderator import ELSEWHERE, Answer, Keyed, Moderator, Routed, engine_error_rejection
+
+
+def png_data_url(color: tuple[int, int, int] = (200, 10, 10)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def event(text: str, *, image: str | None = None, policy: str | None = None, i: int = 0) -> dict:
+    content: object = text
+    if image is not None:
+        content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image}}]
+    record = {
+        "event_id": f"e-{i}",
+        "conversation_id": "c-1",
+        "messages": [{"role": "user", "content": content}],
+    }
+    if policy is not None:
+        record["policy"] = policy
+    return record
+
+
+def decoded(settings: Settings, record: dict):
+    result = decode_event(orjson.dumps(record), settings)
+    assert not isinstance(result, Rejection), result
+    return result
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(
+        policies={
+            "default": {},
+            "strict": {
+                "threshold": 0.3,
+                "blocklists": {"slurs": {"terms": ["forbiddenword"], "category": "S10"}},
+            },
+        }
+    )
+
+
+@pytest.fixture
+def moderator(settings: Settings) -> Moderator:
+    return Moderator(fake_registry(settings), settings)
+
+
+def keyed_of(moderator: Moderator, settings: Settings, record: dict) -> Keyed:
+    routed = moderator.route(decoded(settings, record))
+    assert isinstance(routed, Routed), routed
+    keyed = moderator.load_images(routed)
+    assert isinstance(keyed, Keyed), keyed
+    return keyed
+
+
+def test_route_picks_policy_and_model(settings, moderator) -> None:
+    routed = moderator.route(decoded(settings, event("hello", policy="strict")))
+    assert isinstance(routed, Routed) and routed.policy.id == "strict" and routed.model == "default"
+    assert not routed.halts and not moderator.route(decoded(settings, event("hello"))).hits
+
+
+def test_route_applies_tenant_boundaries_first(settings) -> None:
+    settings = Settings.model_validate({**settings.model_dump(), "tenants": {"acme": {"policy": "strict"}}})
+    moderator = Moderator(fake_registry(settings), settings)
+    own = moderator.route(decoded(settings, {**event("hi"), "tenant": "acme"}))
+    assert isinstance(own, Routed) and own.policy.id == "strict", "the tenant's own policy"
+    stranger = moderator.route(decoded(settings, {**event("hi"), "tenant": "globex"}))
+    assert isinstance(stranger, Rejection) and stranger.reason is Reason.UNKNOWN_TENANT
+    other = moderator.route(decoded(settings, {**event("hi", policy="default"), "tenant": "acme"}))
+    assert isinstance(other, Rejection) and other.reason is Reason.POLICY_NOT_ALLOWED
+
+
+def test_route_sends_events_of_another_pools_model_elsewhere() -> None:
+    settings = Settings(
+        models={"text": {"family": "llama-guard-3-1b", "path": "/t"}, "vision": {"path": "/v"}},
+        pools={"txt": {"models": ["text"]}, "img": {"models": ["vision"]}},
+        pool="txt",
+    )
+    moderator = Moderator(
+        fake_registry(settings, text=FakeEngine(settings, family="llama-guard-3-1b")), settings
+    )
+    assert isinstance(moderator.route(decoded(settings, event("hi"))), Routed)
+    assert moderator.route(decoded(settings, event("hi", image=png_data_url()))) is ELSEWHERE
+
+
+def test_text_only_models_reject_image_events_with_a_reason() -> None:
+    settings = Settings(models={"text": {"family": "llama-guard-3-1b", "path": "/t"}})
+    moderator = Moderator(fake_registry(settings), settings)
+    rejected = moderator.route(decoded(settings, event("look", image=png_data_url())))
+    assert isinstance(rejected, Rejection) and rejected.reason is Reason.TOO_MANY_IMAGES
+
+
+def test_the_cache_key_follows_text_image_bytes_and_policy(settings, moderator) -> None:
+    a = keyed_of(moderator, settings, event("hello", image=png_data_url()))
+    same = keyed_of(moderator, settings, event("hello", image=png_data_url(), i=9))
+    other_image = keyed_of(moderator, settings, event("hello", image=png_data_url((0, 0, 255))))
+    other_policy = keyed_of(moderator, settings, event("hello", image=png_data_url(), policy="strict"))
+    assert a.key == same.key, "event ids are not content"
+    assert len({a.key, other_image.key, other_policy.key}) == 3
+    assert (
+        a.modality == "image" and a.images and keyed_of(moderator, settings, event("hi")).modality == "text"
+    )
+
+
+def test_answers_hit_the_cache_halt_on_blocklists_and_leave_misses_to_the_model(settings, moderator) -> None:
+    cache = DictCache()
+    hit = keyed_of(moderator, settings, event("seen before"))
+    cache.entries[hit.key] = {"unsafe": False, "score": 0.1, "codes": [], "dropped": []}
+    broken = keyed_of(moderator, settings, event("odd entry"))
+    cache.entries[broken.key] = {"unsafe": "?"}  # missing fields: a miss, overwritten later
+    halting = keyed_of(moderator, settings, event("a forbiddenword here", policy="strict"))
+    miss = keyed_of(moderator, settings, event("new text"))
+
+    answers = moderator.answers(cache, [hit, broken, halting, miss])
+
+    assert answers[0] == Answer(GuardResult(score=0.1, unsafe=False, codes=()), cached=True)
+    assert answers[1] is None and answers[3] is None
+    assert answers[2] is not None and answers[2].result.halted and not answers[2].cached
+    assert cache.entries[halting.key]["halted"] is True, "a halting decision is cached like any verdict"
+    assert cache.reads == 1, "one read for the whole list"
+
+
+def test_classify_isolates_a_poison_item_and_answers_the_rest(settings) -> None:
+    engine = FakeEngine(settings)
+    moderator = Moderator(fake_registry(settings, default=engine), settings)
+    texts = ["fine", "kill them", "POISON here", "also fine"]
+    ready = [moderator.ready(keyed_of(moderator, settings, event(t, i=i))) for i, t in enumerate(texts)]
+    splits = []
+
+    results = moderator.classify("default", ready, on_split=lambda n, exc: splits.append(n))
+
+    assert [type(r) for r in results] == [GuardResult, GuardResult, EngineError, GuardResult]
+    assert results[1].unsafe and results[1].codes == ("S1",) and not results[0].unsafe
+    assert results[2].kind is ErrorKind.MODEL and results[2].is_fault
+    assert splits == [4], "split once, at the top"
+    assert engine.forward_passes[0] == 4 and 1 in engine.forward_passes
+    assert all(r.language is not None for r in results if isinstance(r, GuardResult)), "language attached"
+
+
+def test_an_out_of_memory_batch_becomes_smaller_batches(settings) -> None:
+    engine = FakeEngine(settings)
+    moderator = Moderator(fake_registry(settings, default=engine), settings)
+    ready = [
+        moderator.ready(keyed_of(moderator, settings, event(t, i=i))) for i, t in enumerate(["OOM a", "b"])
+    ]
+    results = moderator.classify("default", ready)
+    assert all(isinstance(r, GuardResult) for r in results), "alone, each item fits"
+    assert engine.forward_passes == [2, 1, 1]
+
+
+def test_a_batch_whose_preparation_raised_is_isolated_too(settings) -> None:
+    moderator = Moderator(fake_registry(settings), settings)
+    ready = [moderator.ready(keyed_of(moderator, settings, event(t, i=i))) for i, t in enumerate(["a", "b"])]
+    results = moderator.classify("default", ready, prepare_error=ValueError("tokenizer broke"))
+    assert all(isinstance(r, GuardResult) for r in results), "prepared again half by half"
+
+
+def test_an_unparsable_answer_is_an_engine_error_rejection_quoting_the_output(settings, moderator) -> None:
+    ready = [moderator.ready(keyed_of(moderator, settings, event("GARBLED")))]
+    (result,) = moderator.classify("default", ready)
+    assert isinstance(result, EngineError) and result.kind is ErrorKind.MALFORMED and not result.is_fault
+    rejection = engine_error_rejection(result)
+    assert rejection.reason is Reason.ENGINE_ERROR and "maybe?" in rejection.message
+
+
+def test_the_probe_tells_a_broken_engine_from_a_working_one(settings) -> None:
+    engine = FakeEngine(settings)
+    moderator = Moderator(fake_registry(settings, default=engine), settings)
+    assert moderator.probe("default")
+    engine.broken = True
+    assert not moderator.probe("default")
+
+
+def test_an_undecodable_image_is_a_rejection_naming_its_field(settings, moderator) -> None:
+    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()
+    keyed = keyed_of(moderator, settings, event("look", image=broken))
+    rejected = moderator.decode_images(keyed)
+    assert isinstance(rejected, Rejection) and rejected.reason.value.startswith("image")
+    assert rejected.field and "image_url" in rejected.field
+
+
+def test_verdicts_validate_against_the_schema_and_say_where_the_answer_came_from(settings, moderator) -> None:
+    cache = DictCache()
+    keyed = keyed_of(moderator, settings, event("kill them", image=png_data_url()))
+    (result,) = moderator.classify("default", [moderator.ready(keyed, moderator.decode_images(keyed))])
+    moderator.store(cache, [(keyed, result)])
+    fresh = moderator.verdict(keyed, Answer(result, cached=False), latency_ms=3.0)
+    (again,) = moderator.answers(cache, [keyed])
+    cached = moderator.verdict(keyed, again, latency_ms=1.0)
+    for verdict in (fresh, cached):
+        validate_verdict(verdict)
+        assert verdict["decision"] == "unsafe" and [c["code"] for c in verdict["categories"]] == ["S1"]
+    assert (fresh["cached"], cached["cached"]) == (False, True)

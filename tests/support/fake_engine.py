@@ -1,0 +1,121 @@
+"""A rule-based stand-in for ``GuardEngine`` and a dict verdict cache, for fast logic tests of the flow.
+
+Not a model: a text containing ``kill`` is unsafe (S1), anything else safe. Markers in the text drive failures
+the way a real model fails: ``POISON`` makes every forward pass containing it raise, ``OOM`` makes a pass of more
+than one row containing it run out of memory, ``GARBLED`` gives an answer that does not parse. The integration
+tests run the real transformers classes; these fakes only make the logic around them fast to exercise.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.config import Settings
+from worker.contracts.verdicts import ModelInfo
+from worker.engine.policy import Policy, load_policies, resolve_policy
+from worker.engine.registry import ModelRegistry
+from worker.engine.types import EngineError, ErrorKind, GuardRequest, GuardResult
+
+
+class FakeOutOfMemoryError(RuntimeError):
+    """What torch raises when the device runs out of memory (matched by name and message)."""
+
+    def __init__(self) -> None:
+        super().__init__("CUDA out of memory (fake)")
+
+
+@dataclass
+class FakePrepared:
+    requests: list[GuardRequest]
+
+
+@dataclass
+class FakeEngine:
+    """Duck-types the parts of ``GuardEngine`` the moderation flow uses (prepare/run/batches/policies)."""
+
+    settings: Settings
+    family: str = "llama-guard-3-vision"
+    name: str = "fake-guard"
+    max_batch_size: int = 8
+    supports_images: bool = True
+    load_seconds: float = 0.0
+    forward_passes: list[int] = field(default_factory=list)  # rows per forward pass run
+    broken: bool = False  # every forward pass raises (an engine outage)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.policies: dict[str, Policy] = load_policies(self.settings, self.family)
+        self.default_policy_id = self.settings.default_policy
+        self.model_info = ModelInfo(self.name, "test")
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def policy_for(self, policy_id: str | None) -> Policy:
+        return resolve_policy(self.policies, policy_id, self.default_policy_id)
+
+    def batches(self, requests: list[GuardRequest]) -> list[list[int]]:
+        chunks = []
+        for has_image in (False, True):
+            idx = [i for i, r in enumerate(requests) if r.has_image == has_image]
+            chunks.extend(idx[s : s + self.max_batch_size] for s in range(0, len(idx), self.max_batch_size))
+        return chunks
+
+    def prepare(self, requests: list[GuardRequest]) -> FakePrepared:
+        return FakePrepared(list(requests))
+
+    def run(self, prepared: FakePrepared) -> list[GuardResult | EngineError]:
+        texts = [" ".join(t for turn in r.turns for t in turn.texts) for r in prepared.requests]
+        with self._lock:
+            self.forward_passes.append(len(texts))
+        if self.broken or any("POISON" in t for t in texts):
+            raise RuntimeError("forward pass failed (fake)")
+        if len(texts) > 1 and any("OOM" in t for t in texts):
+            return [EngineError("out of memory", kind=ErrorKind.OUT_OF_MEMORY) for _ in texts]
+        results: list[GuardResult | EngineError] = []
+        for text, request in zip(texts, prepared.requests, strict=True):
+            if "GARBLED" in text:
+                results.append(EngineError("model answer does not parse", raw_output="maybe?"))
+            elif "kill" in text:
+                codes = ("S1",) if "S1" in request.policy.codes else ()
+                results.append(GuardResult(score=0.97, unsafe=True, codes=codes))
+            else:
+                results.append(GuardResult(score=0.02, unsafe=False, codes=()))
+        return results
+
+    def classify(self, requests: list[GuardRequest]) -> list[GuardResult | EngineError]:
+        from worker.engine.isolation import run_isolated
+
+        out: list[Any] = [None] * len(requests)
+        for chunk in self.batches(requests):
+            for i, r in zip(chunk, run_isolated(self, [requests[i] for i in chunk]), strict=True):  # type: ignore[arg-type]
+                out[i] = r
+        return out
+
+
+def fake_registry(settings: Settings, **engines: FakeEngine) -> ModelRegistry:
+    """A registry of fake engines by model name (default: one fake engine per configured model)."""
+    if not engines:
+        engines = {
+            name: FakeEngine(settings, family=model.family, name=f"fake-{name}")
+            for name, model in settings.guard_models().items()
+        }
+    return ModelRegistry(engines, settings)  # type: ignore[arg-type]
+
+
+class DictCache:
+    """The verdict cache's interface over a dict (``VerdictCache`` is the Redis edge)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.reads = 0
+
+    def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]:
+        self.reads += 1
+        return [self.entries.get(k) for k in keys]
+
+    def set_many(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        self.entries.update(items)

@@ -1,0 +1,162 @@
+"""Verdicts: the output contract (``schemas/verdict.v1.json``), built from an engine result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from worker.contracts.dead_letters import SourceCoordinates, utc_now_rfc3339
+from worker.contracts.events import ChatEvent
+
+if TYPE_CHECKING:
+    from worker.engine.blocklist import BlocklistHit
+
+VERDICT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Which weights decided: reported in every verdict and part of the cache key.
+
+    ``name`` is the configured model name (``models.<name>``; ``default`` for the single ``model`` section)
+    and ``family`` its Llama Guard family; both are None only where no configuration named the model.
+    """
+
+    id: str
+    revision: str | None = None
+    name: str | None = None
+    family: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The verdict's ``model`` block (``name`` and ``family`` when known)."""
+        block: dict[str, Any] = {"id": self.id, "revision": self.revision}
+        if self.name is not None:
+            block["name"] = self.name
+        if self.family is not None:
+            block["family"] = self.family
+        return block
+
+
+def build_verdict(
+    event: ChatEvent,
+    *,
+    unsafe: bool,
+    score: float,
+    categories: list[dict[str, str]],
+    threshold: float,
+    policy_id: str,
+    policy_hash: str,
+    model: ModelInfo,
+    cached: bool,
+    latency_ms: float,
+    source: SourceCoordinates | None = None,
+    dropped_codes: list[str] | None = None,
+    category_scores: dict[str, float] | None = None,
+    review_threshold: float | None = None,
+    review: bool = False,
+    blocklist: tuple[BlocklistHit, ...] = (),
+    halted: bool = False,
+    language: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The verdict record for one event. ``categories`` are ``[{"code": "S9", "name": "..."}]``.
+
+    Fields after ``dropped_codes`` are optional within schema v1: absent when there is nothing to say
+    (no category scores in generate mode, no review band configured, no blocklist hit).
+    """
+    decided_at = utc_now_rfc3339()
+    verdict: dict[str, Any] = {
+        "schema_version": VERDICT_SCHEMA_VERSION,
+        "event_id": event.event_id,
+        "conversation_id": event.conversation_id,
+        "task": event.task.value,
+        "decision": "unsafe" if unsafe else "safe",
+        "flagged": unsafe,
+        "categories": categories,
+        "score": min(1.0, max(0.0, float(score))),
+        "threshold": threshold,
+        "policy": {"id": policy_id, "hash": policy_hash},
+        "model": model.as_dict(),
+        "cached": cached,
+        "latency_ms": round(float(latency_ms), 3),
+        "decided_at": decided_at,
+        "dropped": {
+            "messages": event.dropped_messages,
+            "images": event.dropped_images,
+            "merged_messages": event.merged_messages,
+        },
+    }
+    if event.created_at is not None:
+        verdict["created_at"] = event.created_at
+    if event.tenant is not None:
+        verdict["tenant"] = event.tenant
+    if dropped_codes:
+        verdict["dropped_codes"] = dropped_codes
+    if category_scores is not None:
+        verdict["category_scores"] = category_scores
+    if review_threshold is not None:
+        verdict["review_threshold"] = review_threshold
+        verdict["review"] = review
+    if blocklist:
+        verdict["blocklist"] = {"halted": halted, "hits": [hit.as_dict() for hit in blocklist]}
+    if language is not None:
+        verdict["language"] = language
+    if source is not None:
+        verdict["source"] = source.as_dict()
+    return verdict
+
+
+def verdict_for(
+    event: ChatEvent,
+    result: Any,
+    policy: Any,
+    model: ModelInfo,
+    *,
+    cached: bool,
+    latency_ms: float,
+    hits: tuple[BlocklistHit, ...] = (),
+    source: SourceCoordinates | None = None,
+) -> dict[str, Any]:
+    """``build_verdict`` from a ``GuardResult`` and its ``Policy`` (stream and HTTP build verdicts the same way).
+
+    A halting blocklist hit names its categories (S-codes in the policy's wording, or custom ids) itself.
+    """
+    if result.halted:
+        categories = list(
+            {h.category: {"code": h.category, "name": h.name} for h in hits if h.action == "halt"}.values()
+        )
+    else:
+        categories = policy.verdict_categories(result.codes)
+    return build_verdict(
+        event,
+        unsafe=result.unsafe,
+        score=result.score,
+        categories=categories,
+        threshold=policy.threshold,
+        policy_id=policy.id,
+        policy_hash=policy.hash,
+        model=model,
+        cached=cached,
+        latency_ms=latency_ms,
+        source=source,
+        dropped_codes=list(result.dropped_codes) or None,
+        category_scores=result.category_scores,
+        review_threshold=policy.review_threshold,
+        review=policy.in_review_band(result.score, result.unsafe),
+        blocklist=hits,
+        halted=result.halted,
+        language=result.language,
+    )
+
+
+def event_lag_seconds(created_at: str | None, now: float) -> float | None:
+    """Seconds from the event's ``created_at`` (RFC 3339) to ``now`` (epoch seconds); None if absent/unreadable."""
+    if not created_at:
+        return None
+    try:
+        created = datetime.fromisoformat(created_at)
+    except ValueError:
+        return None
+    if created.tzinfo is None:
+        return None
+    return max(0.0, now - created.timestamp())

@@ -1,0 +1,346 @@
+"""The moderation flow, written once: a decoded event in, a verdict (or a rejection) out.
+
+    ChatEvent ─route─► Routed ─load_images/key─► Keyed ─answers (cache, blocklist)─► hit → verdict
+                                                         └ miss ─decode_images/ready─► Ready ─classify─► verdict
+
+The stream (``worker.stream``) and HTTP (``worker.serve``) are edges over this: they decide *when* each step
+runs (threads, micro-batches, ``@serve.batch``), where its input comes from and where its output goes (Kafka
+records, HTTP responses); the steps themselves — which policy and model, the image bytes, the cache key, what a
+cache entry means, a halting blocklist, the model request, the failure isolation, the verdict record — live
+here only. Each step returns the next typed stage or a ``Rejection`` (a dead letter on the stream, a 4xx over
+HTTP); nothing is filled in later, so no stage has optional fields waiting to be set.
+
+Plain Python: the engines come in a ``ModelRegistry``, the cache is anything with ``get_many``/``set_many``
+(``worker.cache.redis_cache.VerdictCache`` in production, a dict in tests), and images are loaded through
+``worker.images`` (the SSRF-guarded fetch). Blocking steps (``load_images``, ``answers``, ``decode_images``,
+``classify``) are meant to run off an event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from worker.cache.entries import from_entry, to_entry
+from worker.cache.keys import cache_key
+from worker.contracts.dead_letters import SourceCoordinates
+from worker.contracts.events import ChatEvent, Turn
+from worker.contracts.rejections import Reason, RejectedError, Rejection
+from worker.contracts.verdicts import verdict_for
+from worker.engine.isolation import run_isolated
+from worker.engine.policy import resolve_event_policy
+from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
+from worker.moderation.language import detect_language
+from worker.moderation.routing import guard_request, images_hash
+from worker.ops import metrics
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from worker.config import Settings
+    from worker.engine.blocklist import BlocklistHit
+    from worker.engine.policy import Policy
+    from worker.engine.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+ENGINE_ERROR_MESSAGE_CHARS = 400  # raw model output quoted in an engine_error rejection, at most
+# A request every working engine answers: tells an engine outage from a batch of poison items.
+PROBE_TEXT = "Hello! What is the capital of France?"
+
+Modality = Literal["text", "image"]
+
+
+class Cache(Protocol):
+    """What the flow needs of the verdict cache (``VerdictCache``; never a dependency: errors are misses)."""
+
+    def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]: ...
+
+    def set_many(self, items: list[tuple[str, dict[str, Any]]]) -> None: ...
+
+
+class Elsewhere:
+    """The event is judged by a model another pool holds: no output here (see ``worker.moderation.routing``)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ELSEWHERE"
+
+
+ELSEWHERE = Elsewhere()
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """An event with the policy it is judged under, the model that judges it and the blocklists it hits."""
+
+    event: ChatEvent
+    policy: Policy
+    model: str
+    hits: tuple[BlocklistHit, ...] = ()
+
+    @property
+    def halts(self) -> bool:
+        """A halting blocklist decides this event: no model call."""
+        return bool(self.hits) and self.hits[0].action == "halt"
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A routed event with its images' encoded bytes (in event order) and its verdict cache key."""
+
+    routed: Routed
+    images: tuple[bytes, ...]
+    key: str
+
+    @property
+    def modality(self) -> Modality:
+        return "image" if self.images else "text"
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A cache miss prepared for the model: the engine request and the language of the judged text."""
+
+    keyed: Keyed
+    request: GuardRequest
+    language: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A verdict's substance: the result, and whether it came from the cache (not computed now)."""
+
+    result: GuardResult
+    cached: bool
+
+
+class Moderator:
+    """The flow's steps for one worker's models and settings (see the module docstring)."""
+
+    def __init__(self, models: ModelRegistry, settings: Settings) -> None:
+        self.models = models
+        self.settings = settings
+
+    # -- route ------------------------------------------------------------------------------------------------
+
+    def route(self, event: ChatEvent) -> Routed | Rejection | Elsewhere:
+        """The policy (tenants first, then the event's ``policy``) and the model for ``event``.
+
+        A ``Rejection`` is an event no model was chosen for (unknown policy or tenant, images no model reads);
+        ``ELSEWHERE`` an event whose model another pool holds.
+        """
+        first = self.models.first
+        try:
+            policy_id = resolve_event_policy(
+                first.policies, self.settings.tenants, event.tenant, event.policy, first.default_policy_id
+            ).id
+            policy = self.models.policy_for(policy_id)
+        except RejectedError as exc:
+            return exc.rejection
+        model = self.models.model_for(policy, event.image_count)
+        if model is None:
+            return Rejection(
+                Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images"
+            )
+        if not self.models.holds(model):
+            return ELSEWHERE
+        policy = self.models.engine(model).policy_for(policy_id)
+        hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
+        return Routed(event, policy, model, hits)
+
+    # -- images and key ---------------------------------------------------------------------------------------
+
+    def load_images(self, routed: Routed) -> Keyed | Rejection:
+        """Fetch or decode-from-URL every image's bytes (blocking; SSRF-guarded), then the cache key."""
+        from worker.images.load import image_bytes
+
+        try:
+            data = tuple(image_bytes(ref, self.settings) for ref in routed.event.images)
+        except RejectedError as exc:
+            return exc.rejection
+        except Exception as exc:  # noqa: BLE001 — one bad item must not stop the others
+            log.warning(
+                "image fetch raised %s",
+                type(exc).__name__,
+                extra={"event_id": routed.event.event_id, "stage": "prepare"},
+            )
+            return Rejection(
+                Reason.IMAGE_FETCH_FAILED, f"the image could not be fetched ({type(exc).__name__})."
+            )
+        return self.key(routed, data)
+
+    def key(self, routed: Routed, images: tuple[bytes, ...] = ()) -> Keyed:
+        """The verdict cache key of ``routed`` with its images' bytes (none for a text-only event)."""
+        info = self.models.info(routed.model)
+        return Keyed(
+            routed, images, cache_key(info, routed.policy, routed.event, images_hash(routed.event, images))
+        )
+
+    # -- cache and blocklists ---------------------------------------------------------------------------------
+
+    def answers(self, cache: Cache, keyed: Sequence[Keyed]) -> list[Answer | None]:
+        """One cache read for ``keyed``; a halting blocklist decides a miss (stored like any verdict).
+
+        ``None``: the model must judge that item. An entry of an unexpected shape is a miss (the fresh answer
+        overwrites it).
+        """
+        if not keyed:
+            return []
+        values = cache.get_many([k.key for k in keyed])
+        answers: list[Answer | None] = []
+        to_store: list[tuple[str, dict[str, Any]]] = []
+        for item, value in zip(keyed, values, strict=True):
+            hit = from_entry(value) if value is not None else None
+            if hit is not None:
+                answers.append(Answer(hit, cached=True))
+            elif item.routed.halts:
+                halted = halt_result(item.routed.event, self.settings.model.optimized_languages)
+                to_store.append((item.key, to_entry(halted)))
+                answers.append(Answer(halted, cached=False))
+            else:
+                answers.append(None)
+        if to_store:
+            cache.set_many(to_store)
+        return answers
+
+    def store(self, cache: Cache, answered: Sequence[tuple[Keyed, GuardResult]]) -> None:
+        """Keep fresh model answers in the cache (one pipelined write)."""
+        if answered:
+            cache.set_many([(keyed.key, to_entry(result)) for keyed, result in answered])
+
+    # -- prepare ----------------------------------------------------------------------------------------------
+
+    def decode_image(self, data: bytes, field: str | None = None) -> Image | Rejection:
+        """One image's bytes as RGB pixels under ``limits`` (a pixel bomb or broken file is a rejection)."""
+        from worker.images.load import decode_image
+
+        try:
+            return decode_image(data, self.settings.limits, field=field)
+        except RejectedError as exc:
+            return exc.rejection
+        except Exception as exc:  # noqa: BLE001 — one bad item must not stop the others
+            return Rejection(
+                Reason.IMAGE_UNDECODABLE, f"the image could not be decoded ({type(exc).__name__})."
+            )
+
+    def decode_images(self, keyed: Keyed) -> tuple[Image, ...] | Rejection:
+        """Every image of ``keyed`` decoded, in order; the first that fails rejects the event."""
+        images = []
+        for ref, data in zip(keyed.routed.event.images, keyed.images, strict=True):
+            image = self.decode_image(data, ref.field_path)
+            if isinstance(image, Rejection):
+                return image
+            images.append(image)
+        return tuple(images)
+
+    def ready(self, keyed: Keyed, images: tuple[Image, ...] = ()) -> Ready:
+        """The engine request for ``keyed`` with its decoded ``images``, and the judged text's language."""
+        event = keyed.routed.event
+        language = detect_language(event.turns[-1].texts, self.settings.model.optimized_languages)
+        return Ready(keyed, guard_request(event, keyed.routed.policy, images), language)
+
+    # -- classify ---------------------------------------------------------------------------------------------
+
+    def classify(
+        self,
+        model: str,
+        ready: Sequence[Ready],
+        *,
+        prepared: Any = None,
+        prepare_error: BaseException | None = None,
+        forward: Callable[[Any], list[GuardResult | EngineError]] | None = None,
+        on_batch: Callable[[Sequence[GuardRequest]], None] | None = None,
+        on_split: Callable[[int, BaseException], None] | None = None,
+    ) -> list[GuardResult | EngineError]:
+        """``model``'s answers for ``ready``, in order, each with its item's language; failures isolated.
+
+        Without ``prepared``, ``ready`` is split into the engine's ``batches`` (modality, size) first.
+        ``prepared``/``prepare_error``/``forward``/``on_batch``/``on_split``: see
+        ``worker.engine.isolation.run_isolated`` (the stream prepares ahead and runs on its model thread).
+        """
+        engine = self.models.engine(model)
+        requests = [r.request for r in ready]
+        isolate = partial(run_isolated, engine, forward=forward, on_batch=on_batch, on_split=on_split)
+        if prepared is not None or prepare_error is not None:  # one batch, prepared by the caller
+            results = isolate(requests, prepared=prepared, prepare_error=prepare_error)
+        else:
+            by_index: dict[int, GuardResult | EngineError] = {}
+            for chunk in engine.batches(requests):
+                by_index.update(zip(chunk, isolate([requests[i] for i in chunk]), strict=True))
+            results = [by_index[i] for i in range(len(requests))]
+        answered: list[GuardResult | EngineError] = []
+        for item, result in zip(ready, results, strict=True):
+            if isinstance(result, GuardResult):
+                for code in result.dropped_codes:
+                    metrics.ENGINE_DROPPED_CODES.labels(code=code).inc()
+                result = replace(result, language=item.language)
+            answered.append(result)
+        return answered
+
+    def probe(self, model: str) -> bool:
+        """Whether ``model`` answers a request any working engine answers (an outage, or poison items?)."""
+        engine = self.models.engine(model)
+        request = GuardRequest(turns=(Turn("user", (PROBE_TEXT,)),), policy=engine.policy_for(None))
+        try:
+            (result,) = engine.run(engine.prepare([request]))
+        except Exception as exc:  # noqa: BLE001 — a probe that raises is the answer
+            log.warning("engine probe raised %s", type(exc).__name__, extra={"stage": "model"})
+            return False
+        return isinstance(result, GuardResult)
+
+    # -- outcome ----------------------------------------------------------------------------------------------
+
+    def verdict(
+        self,
+        keyed: Keyed,
+        answer: Answer,
+        *,
+        latency_ms: float,
+        source: SourceCoordinates | None = None,
+    ) -> dict[str, Any]:
+        """The verdict record (``schemas/verdict.v1.json``) for ``keyed``; counts blocklist hits and the review band.
+
+        Verdict counts by decision and category are left to the edge (the stream tallies them per loop turn).
+        """
+        routed = keyed.routed
+        verdict = verdict_for(
+            routed.event,
+            answer.result,
+            routed.policy,
+            self.models.info(routed.model),
+            cached=answer.cached,
+            latency_ms=latency_ms,
+            hits=routed.hits,
+            source=source,
+        )
+        if routed.hits:
+            metrics.record_blocklist_hits(routed.hits, halted=answer.result.halted)
+        if verdict.get("review"):
+            metrics.REVIEW_BAND.inc()
+        return verdict
+
+
+def engine_error_rejection(error: EngineError) -> Rejection:
+    """The ``engine_error`` rejection for an item the model gave no answer for (raw output quoted, bounded)."""
+    detail = str(error)
+    if error.raw_output is not None:
+        detail += f"; raw output: {error.raw_output[:ENGINE_ERROR_MESSAGE_CHARS]!r}"
+    return Rejection(Reason.ENGINE_ERROR, detail[: ENGINE_ERROR_MESSAGE_CHARS * 2])
+
+
+__all__ = [
+    "ELSEWHERE",
+    "Answer",
+    "Cache",
+    "Elsewhere",
+    "Keyed",
+    "Moderator",
+    "Ready",
+    "Routed",
+    "engine_error_rejection",
+]
