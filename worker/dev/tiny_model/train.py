@@ -231,10 +231,14 @@ def _encode_prefix_batch(
     row_keys: list[tuple[str, str]] = []
     rests: list[list[int]] = []
     answers: list[list[int]] = []
+    # Building a PromptTokenizer or a policy costs milliseconds: once per family, not per row.
+    per_family = {
+        f: (PromptTokenizer(tokenizer, f), policy_from_settings("default", PolicySettings(), f))
+        for f in dict.fromkeys(families)
+    }
     for i, example in enumerate(examples):
         family = families[(offset + i) % len(families)]
-        tokens = PromptTokenizer(tokenizer, family)
-        policy = policy_from_settings("default", PolicySettings(), family)
+        tokens, policy = per_family[family]
         turns = example_turns(example.event)
         key = (family, judged_role(turns))
         if key not in starts:
