@@ -54,7 +54,9 @@ def test_cut_down_keeps_a_cross_attention_layer_and_real_widths() -> None:
 
 
 def test_benchmark_runs_cut_down_on_cpu_and_prints_every_row(tmp_path: Path) -> None:
-    """Smallest settings: one layer, small tiles, batch 1 — proves the script and its rows, times nothing."""
+    """Smallest settings: one layer, small tiles, one batch of 2 — proves the script and its rows, times nothing.
+
+    Every width stays real, so this costs some CPU-seconds: a one-layer 8B slice is ~0.2B parameters."""
     out = tmp_path / "rows.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [
@@ -67,7 +69,7 @@ def test_benchmark_runs_cut_down_on_cpu_and_prints_every_row(tmp_path: Path) -> 
         "--tile-size",
         "56",
         "--batch-sizes",
-        "1,2",
+        "2",
         "--batches",
         "1",
         "--repeats",
@@ -84,9 +86,7 @@ def test_benchmark_runs_cut_down_on_cpu_and_prints_every_row(tmp_path: Path) -> 
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["dtype"] == "float32" and report["layers"] == 1
     rows = {(r["model"], r["modality"], r["batch"]): r for r in report["rows"]}
-    expected = {(m, "text", b) for m in ("vision", "1b", "8b") for b in (1, 2)} | {
-        ("vision", "image", b) for b in (1, 2)
-    }
+    expected = {("vision", "text", 2), ("vision", "image", 2), ("1b", "text", 2), ("8b", "text", 2)}
     assert set(rows) == expected
     for key, row in rows.items():
         assert row["items_per_s"] > 0 and row["forward_ms_p50"] > 0, key
