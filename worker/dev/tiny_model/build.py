@@ -191,8 +191,6 @@ class TrainRecipe:
     threads: int = 2
     heldout_examples: int = 240
     heldout_seed: int = 99
-    # Share of the examples that carry an image (None: as generated); left out of the recipe hash when None.
-    image_share: float | None = None
 
 
 @dataclass(frozen=True)
@@ -231,8 +229,6 @@ class TinyRecipe:
     def as_dict(self) -> dict[str, object]:
         """The recipe as plain JSON-able data (what ``recipe.json`` records)."""
         data = asdict(self)
-        if isinstance(data["train"], dict) and data["train"]["image_share"] is None:
-            del data["train"]["image_share"]  # recipes that never set it keep their hash
         if self.family == VISION:
             del data["family"]  # the Vision recipe predates families: keep its hash (and cached builds)
         elif self.train is not None:

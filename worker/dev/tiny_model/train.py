@@ -132,18 +132,6 @@ def examples_for(processor: object, examples: Sequence[LabelledExample]) -> list
     return list(examples) if _reads_images(processor) else [e for e in examples if not e.has_image]
 
 
-def training_examples(processor: object, recipe: TrainRecipe) -> list[LabelledExample]:
-    """``recipe.examples`` training examples the checkpoint can read. With ``recipe.image_share`` set (an
-    image-reading checkpoint), that share of them carries an image: more of the steps go to what is slower
-    to learn than the text policy, at the same count."""
-    share = getattr(recipe, "image_share", None)
-    if share is None or not _reads_images(processor):
-        return examples_for(processor, synthetic_examples(recipe.examples, seed=recipe.seed, split="train"))
-    pool = synthetic_examples(recipe.examples * 4, seed=recipe.seed, split="train")
-    images = [e for e in pool if e.has_image][: round(recipe.examples * share)]
-    return [e for e in pool if not e.has_image][: recipe.examples - len(images)] + images
-
-
 @dataclass
 class _Batch:
     inputs: dict[str, torch.Tensor]
@@ -345,7 +333,7 @@ def train_model(
 ) -> float:
     """Train ``model`` in place on the toy policy, on the prompts of ``families`` (alternating rows);
     returns the final epoch's mean answer-token loss."""
-    examples = training_examples(processor, recipe)
+    examples = examples_for(processor, synthetic_examples(recipe.examples, seed=recipe.seed, split="train"))
     with _torch_threads(recipe.threads):
         torch.manual_seed(recipe.seed)
         batches = _training_batches(processor, examples, recipe.batch_size, families)
