@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             best = max(mine, key=lambda r: r.items_per_s)
             print(
                 f"{MODEL_NAMES[name]}: best {best.items_per_s:.2f} items/s ({best.modality}, batch {best.batch}); "
-                f"batch-1 latency "
+                f"batch-{min(batch_sizes)} latency "
                 + ", ".join(
                     f"{r.modality} {r.forward_ms_p50:.0f} ms" for r in mine if r.batch == min(batch_sizes)
                 )
