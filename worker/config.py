@@ -313,8 +313,15 @@ class ModelSettings(Section):
     )
     share_prompt_prefix: bool = Field(
         True,
-        description="text-only batches: compute the instructions+categories part of the prompt once per policy "
-        "and task, and share its keys/values across rows (exact; image prompts cannot share it)",
+        description="compute once the prompt start that rows share and reuse its keys/values (exact): text-only "
+        "rows share their policy's instructions and categories (per task); image rows, only with "
+        "reference_cross_attention, the tokens before <|image|> (on Vision's template just the header)",
+    )
+    reference_cross_attention: bool = Field(
+        True,
+        description="Llama Guard 3 Vision: mask the cross-attention output of tokens that see no image, as Meta's "
+        "reference does (transformers masks only the MLP branch); makes text-only and image rows exact in one "
+        "batch. Loading refuses a transformers release whose Mllama layer the patch was not checked against",
     )
     answer_prefix: str | None = Field(
         None,

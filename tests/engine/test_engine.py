@@ -190,10 +190,11 @@ def test_shared_prompt_start_gives_the_same_results_as_whole_prompts(trained_eng
         assert (a.unsafe, a.codes, a.dropped_codes) == (b.unsafe, b.codes, b.dropped_codes)
 
 
-def test_prepare_refuses_mixed_modalities(untrained_engine: GuardEngine) -> None:
+def test_prepare_refuses_mixed_modalities_where_they_are_not_exact(untrained_engine: GuardEngine) -> None:
+    # The generate reference mode never mixes (no reference masking: see test_cross_attention.py).
     policy = untrained_engine.policy_for(None)
     with pytest.raises(ValueError, match="mix"):
-        untrained_engine.prepare(
+        untrained_engine.with_mode("generate").prepare(
             [
                 text_request(policy, "hi"),
                 GuardRequest((Turn("user", ("look",)),), policy, Image.new("RGB", (40, 30))),

@@ -174,3 +174,25 @@ def test_lg4_builds_deterministically_and_loads_like_a_hub_checkpoint(
         default_recipe().hash,
         default_recipe(family="llama-guard-3-1b").hash,
     }
+
+
+def test_the_vision_recipe_trains_under_the_reference_cross_attention() -> None:
+    import dataclasses
+
+    from worker.dev.tiny_model.build import build_config, build_model, build_tokenizer
+    from worker.engine.families.mllama_cross_attention import uses_reference_cross_attention
+
+    recipe = dataclasses.replace(
+        default_recipe(train=False), tokenizer_corpus_examples=50, template_corpus_weight=5
+    )
+    config = build_config(recipe, build_tokenizer(recipe))
+    assert uses_reference_cross_attention(build_model(recipe, config))
+    off = dataclasses.replace(recipe, reference_cross_attention=False)
+    assert not uses_reference_cross_attention(build_model(off, config))
+    # The switch names another Vision checkpoint; the other families' recipes (and caches) do not see it.
+    assert (
+        default_recipe().hash != dataclasses.replace(default_recipe(), reference_cross_attention=False).hash
+    )
+    for family in ("llama-guard-3-1b", "llama-guard-4"):
+        recipe = default_recipe(family=family)
+        assert recipe.hash == dataclasses.replace(recipe, reference_cross_attention=False).hash

@@ -9,12 +9,15 @@ from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.dev.tiny_model.train import generate_answers, parse_answer, policy_accuracy
+from worker.engine.families.mllama_cross_attention import apply_reference_cross_attention
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir: Path):
     processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
     model = MllamaForConditionalGeneration.from_pretrained(tiny_model_dir, local_files_only=True).eval()
+    # Trained under the reference cross-attention masking, and served with it: evaluated with it too.
+    assert apply_reference_cross_attention(model) >= 1
     return model, processor
 
 

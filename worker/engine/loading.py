@@ -7,7 +7,9 @@ match the family's: a Vision config under ``family: llama-guard-3-1b`` is a conf
 silent mis-prompting.
 
 ``model.path`` is a local directory or a hub id. The dtype follows the device unless configured (bf16 on
-CUDA, fp32 on CPU); the model is put in eval mode and used only under ``torch.inference_mode``. Every
+CUDA, fp32 on CPU); the model is put in eval mode and used only under ``torch.inference_mode``. An Mllama
+model gets Meta's reference cross-attention masking unless ``model.reference_cross_attention`` is off (see
+``worker.engine.families.mllama_cross_attention``). Every
 failure to find or recognise a checkpoint becomes a ``ModelLoadError`` whose message names ``model.path``.
 """
 
@@ -49,6 +51,8 @@ class LoadedModel:
     info: ModelInfo
     load_seconds: float
     parameters: int
+    # Mllama only: the cross-attention layers use Meta's reference output masking (``model.reference_cross_attention``).
+    reference_cross_attention: bool = False
 
 
 def resolve_device(device: str) -> torch.device:
@@ -213,6 +217,17 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    reference_cross_attention = False
+    if family.model_type == "mllama" and settings.reference_cross_attention:
+        from worker.engine.families.mllama_cross_attention import (
+            UntestedTransformersError,
+            apply_reference_cross_attention,
+        )
+
+        try:
+            reference_cross_attention = apply_reference_cross_attention(model) > 0
+        except UntestedTransformersError as exc:
+            raise ModelLoadError(str(exc)) from exc
     seconds = time.perf_counter() - started
     parameters = sum(p.numel() for p in model.parameters())
     revision = settings.revision or getattr(config, "_commit_hash", None) or local_revision(Path(source))
@@ -228,6 +243,16 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             "dtype": str(dtype).removeprefix("torch."),
             "load_seconds": round(seconds, 3),
             "parameters": parameters,
+            "reference_cross_attention": reference_cross_attention,
         },
     )
-    return LoadedModel(processor, model, device, dtype, ModelInfo(model_id, revision), seconds, parameters)
+    return LoadedModel(
+        processor,
+        model,
+        device,
+        dtype,
+        ModelInfo(model_id, revision),
+        seconds,
+        parameters,
+        reference_cross_attention,
+    )

@@ -61,7 +61,8 @@ def to_device(
 
 
 def model_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The forward-pass arguments of a prepared batch (text-only batches carry no image tensors)."""
+    """The forward-pass arguments of a prepared batch (text-only batches carry no image tensors; a mixed Mllama
+    batch carries the image rows' ``cross_attention_states`` instead of tiles)."""
     keys = (
         "input_ids",
         "attention_mask",
@@ -70,6 +71,7 @@ def model_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "aspect_ratio_ids",
         "aspect_ratio_mask",
         "cross_attention_mask",
+        "cross_attention_states",
     )
     return {k: inputs[k] for k in keys if k in inputs}
 

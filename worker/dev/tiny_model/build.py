@@ -218,6 +218,8 @@ class TinyRecipe:
     max_image_tiles: int = 4
     # tanh(1.0) ≈ 0.76: the image reaches the text stream from the start (zero gates would ignore it).
     cross_attention_gate: float = 1.0
+    # Vision: train (and evaluate) under Meta's reference cross-attention masking, the engine's default forward.
+    reference_cross_attention: bool = True
     tokenizer_corpus_examples: int = 600
     template_corpus_weight: int = 200
     synthetic_version: int = synthetic.GENERATOR_VERSION
@@ -231,9 +233,11 @@ class TinyRecipe:
         data = asdict(self)
         if self.family == VISION:
             del data["family"]  # the Vision recipe predates families: keep its hash (and cached builds)
-        elif self.train is not None:
-            # Changes to the text guard's and Llama Guard 4's training code rebuild only those checkpoints.
-            data["family_train_version"] = FAMILY_TRAIN_VERSION
+        else:
+            del data["reference_cross_attention"]  # Mllama-only: the other recipes keep their hashes
+            if self.train is not None:
+                # Changes to the text guard's and Llama Guard 4's training code rebuild only those checkpoints.
+                data["family_train_version"] = FAMILY_TRAIN_VERSION
         return data
 
     @property
@@ -495,7 +499,11 @@ def build_lg4_model(recipe: TinyRecipe, config: Llama4Config) -> GuardLlama4ForC
 
 
 def build_model(recipe: TinyRecipe, config: MllamaConfig) -> MllamaForConditionalGeneration:
-    """Seeded random init; cross-attention gates opened so images influence the text stream."""
+    """Seeded random init; cross-attention gates opened so images influence the text stream.
+
+    With ``recipe.reference_cross_attention`` the layers use the reference masking the engine loads them with,
+    so training and held-out evaluation see the forward pass the checkpoint is served with.
+    """
     torch.manual_seed(recipe.seed)
     model = MllamaForConditionalGeneration(config)
     with torch.no_grad():
@@ -504,6 +512,10 @@ def build_model(recipe: TinyRecipe, config: MllamaConfig) -> MllamaForConditiona
                 layer.cross_attn_attn_gate.fill_(recipe.cross_attention_gate)
                 layer.cross_attn_mlp_gate.fill_(recipe.cross_attention_gate)
     model.generation_config = greedy_generation_config(config.text_config)
+    if recipe.reference_cross_attention:
+        from worker.engine.families.mllama_cross_attention import apply_reference_cross_attention
+
+        apply_reference_cross_attention(model)
     return model.eval()
 
 
@@ -592,8 +604,19 @@ Toy policy (trained on `worker.dev.tiny_model.synthetic`, answers in the Llama G
 Sizes: text hidden {recipe.text_hidden}, {recipe.text_layers} layers (cross-attention at
 {list(recipe.cross_attention_layers)}), vision hidden {recipe.vision_hidden}, {recipe.tile_size}-px tiles,
 up to {recipe.max_image_tiles} tiles, BPE vocabulary {recipe.bpe_vocab_size} + {len(SPECIAL_TOKENS) + 1} specials.
-The full recipe is in `recipe.json`.
+{_cross_attention_note(recipe)}The full recipe is in `recipe.json`.
 {accuracy}"""
+
+
+def _cross_attention_note(recipe: TinyRecipe) -> str:
+    """The Vision model card's line on the cross-attention forward the checkpoint was trained with."""
+    if not recipe.reference_cross_attention:
+        return "Trained with transformers' own Mllama cross-attention forward.\n"
+    return (
+        "Trained under Meta's reference cross-attention masking (tokens that see no image get no cross-attention\n"
+        "output); the worker's engine loads it that way. A plain `from_pretrained` gives transformers' forward:\n"
+        "apply `worker.engine.families.mllama_cross_attention.apply_reference_cross_attention` to match.\n"
+    )
 
 
 def _write_checkpoint(recipe: TinyRecipe, out_dir: Path) -> BuildReport:
