@@ -1,6 +1,6 @@
 """Stream pipeline throughput against its baselines, measured in one run on the embedded services.
 
-    .venv/bin/python benchmarks/bench_stream.py [--scale 1.0] [--repeat 1] [--only p1,p2,p3,p5]
+    .venv/bin/python benchmarks/bench_stream.py [--scale 1.0] [--repeat 1] [--only p1,p2,p3,p5,padding]
                                                 [--set batching__max_size=64 ...]
 
 Prints a table of events/s and the ratios of issue 4 (goals in brackets):
@@ -21,8 +21,15 @@ What is compared (so that neither side is favoured):
   to the flagged topic (≈1.5 records per event). The "echo" loop of earlier versions (each input
   record sent back once, unkeyed, without headers) is printed too, for reference: it does less Kafka
   work than the product has to do, so it is not the denominator of the goal.
-- P5 also prints the CPU time per event of each stage alone (all threads): on a machine with few
-  cores the two stages cannot overlap for free, and ``cores ÷ (CPU ms of both)`` bounds the pipeline.
+- P5 also prints the CPU time per event of each stage alone and of the pipeline (all threads): on a
+  machine with few cores the two stages cannot overlap for free, and ``cores ÷ (CPU ms of both)`` bounds
+  the pipeline. It prints the wall time per event of the model stage inside the pipeline next to the
+  model alone: their ratio is how much preparation running beside the model slows it.
+- Padding: a chat-like length mix (one-liners, paragraphs, long pastes) arriving at a quiet rate, a busy
+  rate and as a backlog, batched in arrival order (``length_lookahead`` 1) and length-aware; prints the
+  fraction of computed token positions that are padding (from the prepared tensors), the positions
+  computed and the model time of each. Every pipeline run also prints the padding it computed (from
+  ``mw_forward_padding_positions_total``).
 
 Pipeline rates run from the first consumed record to the moment every offset is committed (so they
 include publishing, acks and the commit interval; not the group join). Raw loops run from their first
@@ -36,6 +43,7 @@ import argparse
 import concurrent.futures as cf
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -52,8 +60,11 @@ from worker.dev.services import EmbeddedServices
 from worker.dev.tiny_model.build import ensure_tiny_model
 from worker.dev.tiny_model.synthetic import synthetic_examples
 from worker.engine.engine import GuardEngine
+from worker.engine.padding import batch_padding, padding_fraction
 from worker.engine.types import GuardRequest
 from worker.images.load import decode_image, image_bytes
+from worker.moderation.batching import MicroBatcher, conversation_chars
+from worker.ops import metrics
 from worker.stream.kafka_clients import consumer_config, ensure_topics, make_producer
 from worker.stream.pipeline import StreamPipeline
 
@@ -136,31 +147,61 @@ def best_of(repeat: int, measure: Callable[[], float]) -> float:
 def run_pipeline(settings: Settings, engine: GuardEngine, n: int) -> float:
     """Events/s of a StreamPipeline over ``n`` pre-produced events (first consume → all committed)."""
     pipeline = StreamPipeline(settings, engine, worker_name="bench")
+    before = pipeline_counters()
     thread = threading.Thread(target=pipeline.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT_S
     started = None
+    cpu_started = 0.0
     try:
         while time.monotonic() < deadline:
             status = pipeline.status()
             if started is None and status["counters"]["consumed"] > 0:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
             if status["counters"]["completed"] >= n and status["all_committed"]:
                 break
             time.sleep(0.005)
         else:
             raise TimeoutError(f"pipeline did not finish {n} events: {pipeline.status()}")
         elapsed = time.perf_counter() - (started or time.perf_counter())
+        cpu_ms = (time.process_time() - cpu_started) * 1000 / n
     finally:
         pipeline.request_stop()
         thread.join(60)
     counters = pipeline.status()["counters"]
+    moved = {k: v - before[k] for k, v in pipeline_counters().items()}
+    padding = padding_fraction(moved["padding"], moved["positions"])
     print(
         f"  pipeline: {n} events in {elapsed:.2f}s, {counters['batches']} model batches, "
-        f"{counters['cached']} cached",
+        f"{counters['cached']} cached; CPU {cpu_ms:.2f} ms/event (all threads); stage wall per event: "
+        f"prepare {moved['prepare_s'] * 1000 / n:.2f} ms, model {moved['model_s'] * 1000 / n:.2f} ms; "
+        f"padding {padding:.1%} of {moved['positions']:.0f} token positions",
         flush=True,
     )
+    LAST_PIPELINE.update(moved, cpu_ms=cpu_ms, n=n, padding_fraction=padding)
     return n / elapsed
+
+
+LAST_PIPELINE: dict[str, float] = {}  # figures of the last run_pipeline call
+
+
+def pipeline_counters() -> dict[str, float]:
+    """The worker's metrics this benchmark reads around a pipeline run (summed over models and modalities)."""
+
+    def total(metric: Any, suffix: str, **labels: str) -> float:
+        return sum(
+            sample.value
+            for family in metric.collect()
+            for sample in family.samples
+            if sample.name.endswith(suffix) and labels.items() <= sample.labels.items()
+        )
+
+    return {
+        "positions": total(metrics.FORWARD_POSITIONS, "_total"),
+        "padding": total(metrics.FORWARD_PADDING_POSITIONS, "_total"),
+        "prepare_s": total(metrics.STAGE_SECONDS, "_sum", stage="prepare"),
+        "model_s": total(metrics.STAGE_SECONDS, "_sum", stage="model"),
+    }
 
 
 def read_outputs(settings: Settings, n: int) -> dict[tuple[int, int], list[OutputRecord]]:
@@ -284,14 +325,22 @@ def requests_for(
 
 
 def bare_scoring(settings: Settings, engine: GuardEngine, evs: list[dict[str, Any]]) -> float:
-    """Events/s of engine.prepare + engine.run over the same events in batches of batching.max_size."""
+    """Events/s of engine.prepare + engine.run over the same events in batches of batching.max_size, grouped
+    as the pipeline's batcher groups a backlog (similar lengths together), so both pad alike."""
     decoded = requests_for(settings, engine, evs)
-    requests = [GuardRequest(e.turns, engine.policy_for(e.policy)) for e, _ in decoded]
-    size = settings.batching.max_size
+    batcher: MicroBatcher[GuardRequest] = MicroBatcher(
+        settings.batching.max_size,
+        settings.batching.max_wait_ms / 1000,
+        lookahead=settings.batching.length_lookahead,
+        length_of=lambda request: conversation_chars(request.turns),
+        clock=lambda: 0.0,
+    )
+    for i, (e, _) in enumerate(decoded):
+        batcher.add(str(i), "text", GuardRequest(e.turns, engine.policy_for(e.policy)))
     start = time.perf_counter()
-    for i in range(0, len(requests), size):
-        engine.run(engine.prepare(requests[i : i + size]))
-    return len(requests) / (time.perf_counter() - start)
+    for batch in batcher.ready(flush_all=True):
+        engine.run(engine.prepare([entry.leader for entry in batch.entries]))
+    return len(decoded) / (time.perf_counter() - start)
 
 
 def image_stages(
@@ -323,6 +372,97 @@ def image_stages(
     return prep_rate, model_rate, prep_cpu_ms, model_cpu_ms
 
 
+def mixed_length_events(n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` unique text-only events with a chat-like length mix: the synthetic one-liners as they are (~65%),
+    a paragraph appended to the last message (~25%: 3–8 sentences) or a long paste (~10%: 10–30 sentences)."""
+    rng = random.Random(seed)
+    base = events(n, images=False, seed=seed)
+    sentences = [
+        text
+        for e in synthetic_examples(400, seed=seed + 1, split="train")
+        for m in e.event["messages"]
+        for text in ([m["content"]] if isinstance(m["content"], str) else [])
+    ]
+    for event in base:
+        roll = rng.random()
+        extra = 0 if roll < 0.65 else rng.randint(3, 8) if roll < 0.9 else rng.randint(10, 30)
+        if extra:
+            last = event["messages"][-1]
+            addition = " " + " ".join(rng.choice(sentences) for _ in range(extra))
+            if isinstance(last["content"], str):
+                last["content"] += addition
+            else:
+                last["content"].append({"type": "text", "text": addition})
+    return base
+
+
+def padding_runs(
+    settings: Settings, engine: GuardEngine, evs: list[dict[str, Any]], rate: float, lookahead: int
+) -> tuple[float, int, int, float]:
+    """The events arriving at ``rate``/s through a MicroBatcher (injected clock; ready() at every arrival, as
+    the pipeline's loop does), then prepared and run: (padding fraction, computed token positions, batches,
+    model seconds). ``rate`` inf = all waiting at once (a backlog)."""
+    decoded = [e for e, _ in requests_for(settings, engine, evs)]
+    now = [0.0]
+    batcher: MicroBatcher[Any] = MicroBatcher(
+        settings.batching.max_size,
+        settings.batching.max_wait_ms / 1000,
+        lookahead=lookahead,
+        length_of=lambda event: conversation_chars(event.turns),
+        clock=lambda: now[0],
+    )
+    batches = []
+    for i, event in enumerate(decoded):
+        now[0] = i / rate if rate != float("inf") else 0.0
+        batcher.add(str(i), "text", event)
+        batches += batcher.ready()
+    now[0] += settings.batching.max_wait_ms / 1000
+    batches += batcher.ready(flush_all=True)
+    prepared = [
+        engine.prepare([GuardRequest(e.leader.turns, engine.policy_for(e.leader.policy)) for e in b.entries])
+        for b in batches
+    ]
+    padding = computed = 0
+    for batch in prepared:
+        pad, positions = batch_padding(batch)
+        padding, computed = padding + pad, computed + positions
+    start = time.perf_counter()
+    for batch in prepared:
+        engine.run(batch)
+    return padding_fraction(padding, computed), computed, len(batches), time.perf_counter() - start
+
+
+def gil_slowdown(work: Callable[[], Any], rounds: int) -> float:
+    """How much slower ``work`` runs beside one busy pure-Python thread than alone (median of ``rounds``,
+    each alone / beside / alone). About 2 when ``work`` needs the GIL all the time, about 1 when it runs
+    outside it (the machine has a core to spare for the busy thread)."""
+    ratios = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        work()
+        alone = time.perf_counter() - start
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                pass
+
+        busy = threading.Thread(target=spin, daemon=True)
+        busy.start()
+        try:
+            start = time.perf_counter()
+            work()
+            beside = time.perf_counter() - start
+        finally:
+            stop.set()
+            busy.join()
+        start = time.perf_counter()
+        work()
+        alone = (alone + time.perf_counter() - start) / 2
+        ratios.append(beside / alone)
+    return sorted(ratios)[len(ratios) // 2]
+
+
 def in_thread(fn: Any, *args: Any) -> Any:
     """Run ``fn`` in a fresh thread, as the pipeline runs its loop: torch's intra-op thread pool behaves
     differently on the main thread of a busy machine, and baselines must run under the same conditions."""
@@ -335,7 +475,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every event count")
     parser.add_argument("--repeat", type=int, default=1, help="run each timed figure N times, keep the best")
-    parser.add_argument("--only", default="p1,p2,p3,p5", help="comma-separated phases to run (p3 needs p2)")
+    parser.add_argument(
+        "--only", default="p1,p2,p3,p5,padding", help="comma-separated phases to run (p3 needs p2)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -345,7 +487,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    n_hit, n_text, n_naive, n_image = (max(20, int(c * args.scale)) for c in (20000, 2000, 100, 600))
+    n_hit, n_text, n_naive, n_image, n_padding = (
+        max(20, int(c * args.scale)) for c in (20000, 2000, 100, 600, 400)
+    )
     model_dir = ensure_tiny_model(train=True)
     with EmbeddedServices() as services:
         base = {
@@ -377,6 +521,8 @@ def main() -> int:
             p2_p3(base, engine, n_text, n_naive if "p3" in phases else 0, args.repeat, results)
         if "p5" in phases:
             p5(base, engine, n_image, args.repeat, results)
+        if "padding" in phases:
+            padding(base, engine, n_padding, args.repeat, results)
 
     report(results)
     return 0
@@ -456,25 +602,101 @@ def p5(
         return run_pipeline(image, engine, n_image)
 
     results["p5_pipeline"] = best_of(repeat, pipeline)
+    results["p5_pipeline_cpu_ms"] = LAST_PIPELINE["cpu_ms"]
+    results["p5_pipeline_prepare_wall_ms"] = LAST_PIPELINE["prepare_s"] * 1000 / n_image
+    results["p5_pipeline_model_wall_ms"] = LAST_PIPELINE["model_s"] * 1000 / n_image
     stages = fresh_settings(base, redis__enabled=False)
     runs = [in_thread(image_stages, stages, engine, image_events) for _ in range(repeat)]
     results["p5_prepare_alone"] = max(r[0] for r in runs)
     results["p5_model_alone"] = max(r[1] for r in runs)
     results["p5_prepare_cpu_ms"] = min(r[2] for r in runs)
     results["p5_model_cpu_ms"] = min(r[3] for r in runs)
+    results["p5_model_alone_wall_ms"] = 1000 / results["p5_model_alone"]
+    # Where the stages contend: on the GIL when each is slowed about 2x by one busy pure-Python thread.
+    decoded = requests_for(stages, engine, image_events[: stages.batching.max_size * 2])
+    requests = [
+        GuardRequest(e.turns, engine.policy_for(e.policy), decode_image(d, stages.limits)) for e, d in decoded
+    ]
+    size = stages.batching.max_size
+    batches = [engine.prepare(requests[i : i + size]) for i in range(0, len(requests), size)]
+
+    def model() -> None:
+        for batch in batches:
+            engine.run(batch)
+
+    def prepare() -> None:
+        for e, d in decoded:
+            engine.prepare(
+                [GuardRequest(e.turns, engine.policy_for(e.policy), decode_image(d, stages.limits))]
+            )
+
+    results["p5_model_gil_slowdown"] = in_thread(gil_slowdown, model, 3)
+    results["p5_prepare_gil_slowdown"] = in_thread(gil_slowdown, prepare, 3)
+
+
+PADDING_RATES = (500.0, 2000.0, float("inf"))  # events/s: quiet, busy, a backlog
+
+
+def padding(
+    base: dict[str, Any], engine: GuardEngine, n: int, repeat: int, results: dict[str, float]
+) -> None:
+    """Padding: a chat-like length mix through arrival-order batching and length-aware batching, per rate."""
+    settings = fresh_settings(base, redis__enabled=False)
+    evs = mixed_length_events(n, seed=5)
+    lookahead = settings.batching.length_lookahead if settings.batching.length_lookahead > 1 else 4
+    chars = sorted(len(orjson.dumps(e["messages"])) for e in evs)
+    print(
+        f"  padding mix: {n} text events, message JSON chars p50 {chars[n // 2]}, p90 {chars[n * 9 // 10]}, "
+        f"max {chars[-1]}; batch {settings.batching.max_size}, max_wait {settings.batching.max_wait_ms} ms",
+        flush=True,
+    )
+    for rate in PADDING_RATES:
+        label = "backlog" if rate == float("inf") else f"{rate:.0f}/s"
+        runs = {
+            la: [padding_runs(settings, engine, evs, rate, la) for _ in range(repeat)]
+            for la in (1, lookahead)
+        }
+        (
+            (fifo_fraction, fifo_positions, fifo_batches, _),
+            (aware_fraction, aware_positions, aware_batches, _),
+        ) = (
+            runs[1][0],
+            runs[lookahead][0],
+        )
+        fifo_s, aware_s = min(r[3] for r in runs[1]), min(r[3] for r in runs[lookahead])
+        print(
+            f"  {label:>8}: arrival order {fifo_fraction:.1%} padding ({fifo_batches} batches, "
+            f"{fifo_positions} positions, model {fifo_s:.2f}s) -> length-aware (lookahead {lookahead}) "
+            f"{aware_fraction:.1%} ({aware_batches} batches, {aware_positions} positions, model {aware_s:.2f}s)",
+            flush=True,
+        )
+        results[f"padding_{label}_arrival_order"] = fifo_fraction
+        results[f"padding_{label}_length_aware"] = aware_fraction
+        results[f"padding_{label}_positions_ratio"] = aware_positions / fifo_positions
+        results[f"padding_{label}_model_speedup"] = fifo_s / aware_s
 
 
 def report(r: dict[str, float]) -> None:
     """Print every figure, then the ratios of issue 4 as a table."""
     print()
-    print(f"{'figure':<24} {'value':>10}")
+    print(f"{'figure':<36} {'value':>10}")
     for name, value in r.items():
-        unit = "CPU ms/event" if name.endswith("_cpu_ms") else "events/s"
-        print(
-            f"{name:<24} {value:10.2f} {unit}"
-            if unit.startswith("CPU")
-            else f"{name:<24} {value:10.1f} {unit}"
-        )
+        if name.endswith("_cpu_ms"):
+            print(f"{name:<36} {value:10.2f} CPU ms/event (all threads)")
+        elif name.endswith("_wall_ms"):
+            print(f"{name:<36} {value:10.2f} wall ms/event in that stage")
+        elif name.endswith("_gil_slowdown"):
+            print(f"{name:<36} {value:10.2f} x slower beside one busy pure-Python thread (GIL-bound: ~2)")
+        elif name.startswith("padding_") and name.endswith(("_order", "_aware")):
+            print(f"{name:<36} {value:10.1%} of computed token positions")
+        elif name.startswith("padding_"):
+            print(
+                f"{name:<36} {value:10.2f} length-aware / arrival order"
+                if "positions" in name
+                else f"{name:<36} {value:10.2f} x model time, arrival order / length-aware"
+            )
+        else:
+            print(f"{name:<36} {value:10.1f} events/s")
     rows: list[tuple[str, float, float, str]] = []  # (ratio, value, goal, note)
     if "p1_raw_same_outputs" in r:
         rows.append(
@@ -508,6 +730,35 @@ def report(r: dict[str, float]) -> None:
         bound = 1000 * cores / (r["p5_prepare_cpu_ms"] + r["p5_model_cpu_ms"])
         note = f"CPU bound: {cores} cores / ({r['p5_prepare_cpu_ms']:.2f}+{r['p5_model_cpu_ms']:.2f}) ms"
         rows.append(("   (ceiling from CPU time of both stages)", min(bound, slower) / slower, 0.0, note))
+        gil_bound = 1000 / (r["p5_model_alone_wall_ms"] + r["p5_prepare_cpu_ms"])
+        rows.append(
+            (
+                "   (ceiling if both stages hold the GIL throughout)",
+                min(gil_bound, slower) / slower,
+                0.0,
+                f"1 / ({r['p5_model_alone_wall_ms']:.2f} model + {r['p5_prepare_cpu_ms']:.2f} prepare) ms per event",
+            )
+        )
+        rows.append(
+            (
+                "   (model stage: in the pipeline / alone)",
+                r["p5_pipeline_model_wall_ms"] / r["p5_model_alone_wall_ms"],
+                0.0,
+                f"wall ms/event {r['p5_pipeline_model_wall_ms']:.2f} / {r['p5_model_alone_wall_ms']:.2f}: "
+                "how much preparation slows the model",
+            )
+        )
+    for rate in ("500/s", "2000/s", "backlog"):
+        if f"padding_{rate}_length_aware" in r:
+            rows.append(
+                (
+                    f"Padding at {rate}, length-aware batching",
+                    r[f"padding_{rate}_length_aware"],
+                    0.0,
+                    f"arrival order: {r[f'padding_{rate}_arrival_order']:.2f}; computed positions "
+                    f"x{r[f'padding_{rate}_positions_ratio']:.2f}",
+                )
+            )
     print()
     print(f"{'ratio':<48} {'value':>7} {'goal':>7}  met  note")
     for name, value, goal, note in rows:

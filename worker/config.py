@@ -171,6 +171,27 @@ class BatchingSettings(Section):
     prepare_threads: int = Field(
         2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
     )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="torch intra-op threads for the model's CPU work; None = the cores left after "
+        "prepare_threads (at least 1), so preparing images never oversubscribes the cores the model runs on",
+    )
+    mix_modalities: bool = Field(
+        False,
+        description="let text-only and image items share a batch for a model whose engine computes mixed batches "
+        "exactly (fewer, fuller batches); off by default: a mixed pass runs text rows through the "
+        "cross-attention layers and pads them to the image rows, slower per item on the tiny CPU guard",
+    )
+    length_lookahead: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="group similar lengths: a model's queue may hold up to max_size x this many distinct "
+        "items (never past max_wait_ms) and batches similar-length ones together, so forward passes compute "
+        "little padding; 1 = strict arrival order (a batch leaves as soon as it holds max_size)",
+    )
 
     @model_validator(mode="after")
     def _resume_below_bound(self) -> BatchingSettings:

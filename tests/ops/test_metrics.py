@@ -44,6 +44,9 @@ AGREED_METRICS = {
     "mw_outages_total": ("counter", {"cause"}),
     "mw_outage_retries_total": ("counter", {"cause"}),
     "mw_replays_skipped_total": ("counter", set()),
+    # Padding computed by forward passes (fraction = padding / positions).
+    "mw_forward_positions_total": ("counter", {"model", "modality"}),
+    "mw_forward_padding_positions_total": ("counter", {"model", "modality"}),
 }
 
 

@@ -100,6 +100,11 @@ def test_metrics_move_while_events_flow(make_settings, tiny_model_dir, tmp_path)
     # Histograms: batches went through the model and every stage was timed.
     assert delta("mw_batch_size_count", model="default", modality="text") > 0
     assert delta("mw_batch_size_count", model="default", modality="image") > 0
+    # Token positions computed by the forward passes, and the padding among them (never more than all).
+    for modality in ("text", "image"):
+        computed = delta("mw_forward_positions_total", model="default", modality=modality)
+        padding = delta("mw_forward_padding_positions_total", model="default", modality=modality)
+        assert computed > 0 and 0 <= padding < computed, modality
     for stage in ("decode", "cache", "prepare", "model", "publish", "commit"):
         assert delta("mw_stage_seconds_count", stage=stage) > 0, stage
     assert delta("mw_end_to_end_seconds_count") >= total_valid

@@ -144,7 +144,9 @@ class GuardEngine:
     def from_settings(cls, settings: Settings) -> GuardEngine:
         """Load processor and model per ``settings.model`` and the policies per ``settings.policies``."""
         from worker.engine.loading import load_model
+        from worker.engine.threads import apply_thread_budget
 
+        apply_thread_budget(settings.batching)
         policies = load_policies(settings, settings.model.family)
         return cls(load_model(settings.model), policies, settings)
 

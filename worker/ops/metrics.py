@@ -55,6 +55,7 @@ CACHE_RESULTS: Final = ("hit", "miss", "error")
 OUTAGE_CAUSES: Final = ("engine", "delivery")
 STAGES: Final = ("decode", "cache", "prepare", "model", "publish", "commit")
 MODALITIES: Final = ("text", "image")
+BATCH_MODALITIES: Final = (*MODALITIES, "mixed")  # a batch of a model that mixes modalities may hold both
 NO_CATEGORY: Final = "none"  # category label of safe verdicts
 DEFAULT_MODEL: Final = "default"  # model label of a single-model worker (the ``model`` section)
 
@@ -113,6 +114,22 @@ BATCH_SIZE = Histogram(
     namespace=NAMESPACE,
     registry=REGISTRY,
     buckets=BATCH_SIZE_BUCKETS,
+)
+FORWARD_POSITIONS = Counter(
+    "forward_positions_total",
+    "Token positions computed by the stream's model forward passes (rows x padded length of each batch), by "
+    "model and batch modality. Padding fraction = rate(mw_forward_padding_positions_total) / rate(this).",
+    ["model", "modality"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+FORWARD_PADDING_POSITIONS = Counter(
+    "forward_padding_positions_total",
+    "Of mw_forward_positions_total, the positions that are padding (each row's shortfall to the batch's "
+    "longest row): compute spent on nothing.",
+    ["model", "modality"],
+    namespace=NAMESPACE,
+    registry=REGISTRY,
 )
 STAGE_SECONDS = Histogram(
     "stage_seconds",
@@ -281,8 +298,10 @@ def register_models(names: list[str]) -> None:
         VERDICTS.labels(model=model, decision="safe", category=NO_CATEGORY)
         for code in CATEGORY_CODES:
             VERDICTS.labels(model=model, decision="unsafe", category=code)
-        for modality in MODALITIES:
+        for modality in BATCH_MODALITIES:
             BATCH_SIZE.labels(model=model, modality=modality)
+            FORWARD_POSITIONS.labels(model=model, modality=modality)
+            FORWARD_PADDING_POSITIONS.labels(model=model, modality=modality)
 
 
 _preinitialise()
@@ -302,6 +321,12 @@ def observe_stage(stage: str) -> Iterator[None]:
         yield
     finally:
         child.observe(time.perf_counter() - start)
+
+
+def record_padding(model: str, modality: str, padding: int, computed: int) -> None:
+    """Count one forward pass's computed token positions and the padding among them."""
+    FORWARD_POSITIONS.labels(model=model, modality=modality).inc(computed)
+    FORWARD_PADDING_POSITIONS.labels(model=model, modality=modality).inc(padding)
 
 
 def record_verdict(

@@ -30,7 +30,6 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from kafka import ConsumerRebalanceListener
@@ -45,9 +44,10 @@ from worker.contracts.decode import decode_event, salvage_event_id
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
 from worker.contracts.verdicts import event_lag_seconds
+from worker.engine.padding import batch_padding
 from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardResult
-from worker.moderation.batching import Batch, BatchEntry, MicroBatcher
+from worker.moderation.batching import Batch, BatchEntry, MicroBatcher, conversation_chars
 from worker.moderation.moderator import (
     ENGINE_ERROR_MESSAGE_CHARS,
     Answer,
@@ -167,7 +167,17 @@ class StreamPipeline:
         self._max_in_flight = b.max_in_flight
         self._resume_below = b.resume_below if b.resume_below is not None else b.max_in_flight // 2
         self._tracker = OffsetTracker()
-        self._batcher: MicroBatcher[WorkItem] = MicroBatcher(b.max_size, b.max_wait_ms / 1000.0)
+        self._batcher: MicroBatcher[WorkItem] = MicroBatcher(
+            b.max_size,
+            b.max_wait_ms / 1000.0,
+            lookahead=b.length_lookahead,
+            length_of=lambda item: conversation_chars(item.event.turns if item.event is not None else ()),
+            mixes_modalities=lambda model: (
+                b.mix_modalities
+                and self.models is not None
+                and bool(getattr(self.models.engine(model), "mixes_modalities", False))
+            ),
+        )
         self._next_fetch: dict[TopicPartition, int] = {}
         self._fetching: list[tuple[WorkItem, cf.Future[bytes]]] = []
         self._key_ready: list[WorkItem] = []
@@ -598,13 +608,17 @@ class StreamPipeline:
         def on_split(size: int, error: BaseException) -> None:
             self.counters["isolations"] += 1
 
+        def forward(batch: Any) -> list[GuardResult | EngineError]:
+            metrics.record_padding(work.model, work.modality, *batch_padding(batch))
+            return self._forward(batch, model=work.model)
+
         with metrics.observe_stage("model"):
             return self.moderator.classify(
                 work.model,
                 work.ready,
                 prepared=prepared,
                 prepare_error=prepare_error,
-                forward=partial(self._forward, model=work.model),
+                forward=forward,
                 on_batch=on_batch,
                 on_split=on_split,
             )
