@@ -297,6 +297,15 @@ class SettingsFactory:
         return load_settings(None, **{**self.base, **overrides})
 
 
+KAFKA_CLIENTS = ["kafka-python", "confluent-kafka"]
+
+
+@pytest.fixture(params=KAFKA_CLIENTS)
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """``kafka.client`` for a delivery test: a test that asks for it runs once per Kafka client library."""
+    return request.param
+
+
 @pytest.fixture
 def make_settings(services: EmbeddedServices, monkeypatch: pytest.MonkeyPatch) -> SettingsFactory:
     """``make_settings(**overrides) -> Settings`` pointed at the embedded services, unique per test.

@@ -106,8 +106,8 @@ def _consume(consumer, want: int, timeout_s: float = 30.0) -> list:
 
 
 @pytest.mark.integration
-def test_consumer_group_resumes_from_the_committed_offset(make_settings) -> None:
-    settings = make_settings(kafka__max_poll_records=4)
+def test_consumer_group_resumes_from_the_committed_offset(make_settings, kafka_client) -> None:
+    settings = make_settings(kafka__max_poll_records=4, kafka__client=kafka_client)
     topic = settings.topics.events
     ensure_topics(settings, [topic], partitions=1)
     tp = TopicPartition(topic, 0)

@@ -2,7 +2,7 @@
 
 import redis
 
-from worker.cache.redis_cache import VerdictCache
+from worker.cache.redis_cache import SET_MANY_CHUNK, VerdictCache
 from worker.ops import metrics
 
 
@@ -26,6 +26,19 @@ def test_set_many_then_get_many_round_trips_with_ttl(services, make_settings):
         ]
         ttl = redis.Redis.from_url(services.redis_url).ttl("mw:test-roundtrip:k1")
         assert 0 < ttl <= 120
+    finally:
+        cache.close()
+
+
+def test_set_raw_stores_more_keys_than_one_script_call_takes_each_with_its_ttl(services, make_settings):
+    settings = make_settings()
+    cache = VerdictCache(settings.redis)
+    keys = [f"{settings.redis.key_prefix}raw:{i}" for i in range(2 * SET_MANY_CHUNK + 7)]
+    try:
+        cache.set_raw([(key, b"%d" % i) for i, key in enumerate(keys)], 60)
+        assert cache.get_raw(keys) == [b"%d" % i for i in range(len(keys))]
+        client = redis.Redis.from_url(services.redis_url)
+        assert {0 < client.ttl(key) <= 60 for key in (keys[0], keys[SET_MANY_CHUNK], keys[-1])} == {True}
     finally:
         cache.close()
 

@@ -37,9 +37,9 @@ def batch_rows() -> float:
 
 
 def test_every_event_gets_exactly_one_verdict_or_dead_letter(
-    make_settings, engine_settings_overrides, guard_engine
+    make_settings, engine_settings_overrides, guard_engine, kafka_client
 ):
-    settings = make_settings(**engine_settings_overrides)
+    settings = make_settings(kafka__client=kafka_client, **engine_settings_overrides)
     stream = build_stream(STREAM_EVENTS, seed=11)
     assert len(stream.records) == STREAM_EVENTS
     assert len(stream.image_ids) >= STREAM_EVENTS * 0.08 and len(stream.repeat_ids) >= STREAM_EVENTS * 0.18
@@ -118,9 +118,9 @@ def test_restart_after_a_clean_stop_reprocesses_nothing(
 
 
 def test_a_second_worker_in_the_group_shares_the_partitions(
-    make_settings, engine_settings_overrides, guard_engine
+    make_settings, engine_settings_overrides, guard_engine, kafka_client
 ):
-    settings = make_settings(**engine_settings_overrides)
+    settings = make_settings(kafka__client=kafka_client, **engine_settings_overrides)
     produce(settings, [])  # create the 4-partition topic before the workers subscribe
     a = WorkerThread(settings, guard_engine, name="a").start()
     b = WorkerThread(settings, guard_engine, name="b").start()
@@ -207,9 +207,10 @@ def test_redis_outage_mid_run_loses_nothing_and_cache_use_resumes(
 
 
 def test_backpressure_pauses_above_the_in_flight_bound_and_resumes_below(
-    make_settings, engine_settings_overrides, guard_engine
+    make_settings, engine_settings_overrides, guard_engine, kafka_client
 ):
     settings = make_settings(
+        kafka__client=kafka_client,
         **engine_settings_overrides,
         batching__max_in_flight=16,
         batching__resume_below=4,

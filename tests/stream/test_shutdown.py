@@ -26,9 +26,10 @@ DRAIN_TIMEOUT_S = 20.0
 
 
 def test_sigterm_during_flow_drains_commits_and_exits_zero(
-    make_settings, engine_settings_overrides, tmp_path
+    make_settings, engine_settings_overrides, tmp_path, kafka_client
 ):
     settings = make_settings(
+        kafka__client=kafka_client,
         **engine_settings_overrides,
         shutdown__drain_timeout_s=DRAIN_TIMEOUT_S,
         ops__port=0,

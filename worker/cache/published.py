@@ -3,7 +3,7 @@
 After a crash the uncommitted tail of each partition is consumed again. Most of it was already answered —
 answered offsets wait, uncommitted, behind the slowest item of their partition — and re-publishing them
 doubles the output. So once the broker has acknowledged every output of a record, the pipeline writes a
-marker ``<prefix>pub:<group>:<topic>:<partition>:<offset>`` (pipelined, once per loop turn, with a TTL);
+marker ``<prefix>pub:<group>:<topic>:<partition>:<offset>`` (all of a loop turn in one call, with a TTL);
 on intake, one MGET per poll finds the replayed records that are marked, and they are completed without
 being published again.
 
@@ -60,7 +60,7 @@ class PublishedMarkers:
         return [value == digest for value, (_, _, digest) in zip(stored, records, strict=True)]
 
     def mark(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
-        """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one pipelined round trip)."""
+        """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one round trip per 512)."""
         if self.enabled and records:
             self._cache.set_raw(
                 [(self._key(tp, offset), digest) for tp, offset, digest in records], self._ttl

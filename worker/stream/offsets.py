@@ -19,6 +19,8 @@ partition that enters the assignment a fresh state whose position is the group's
   owner — or this consumer, if it comes back — starts from the committed offset, which never passed
   an unanswered offset. Late completions of its old work carry an old *generation* and are ignored.
 
+The confluent-kafka adapters (``worker.stream.confluent_clients``) reproduce exactly these semantics.
+
 Keeping is exact under both protocols kafka-python implements, where "rewind retained partitions to
 the committed offset" is not: under the cooperative protocol (``cooperative-sticky``) a retained
 partition gets no callback at all, so there is nothing to rewind on, and under the eager protocol a

@@ -11,7 +11,9 @@ through ``drain_acks()`` as ``(token, error)`` pairs, so the pipeline marks offs
 acked work. ``drain_acks`` reads the send futures' state on the caller's thread instead of registering
 callbacks: a callback would run once per record on kafka-python's I/O thread and take a lock there,
 competing for the GIL with the loop thread; reading ``is_done`` of the pending futures in bulk costs a
-fraction of that (measured with ``benchmarks/bench_stream.py``, P1).
+fraction of that (measured with ``benchmarks/bench_stream.py``, P1). A confluent-kafka producer
+(``kafka.client: confluent-kafka``) settles its futures only when its delivery reports are served:
+``drain_acks`` serves them first, on the same thread.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from kafka import KafkaProducer
 from kafka.future import Future
 
 from worker.config import TopicSettings
+
+if TYPE_CHECKING:
+    from worker.stream.confluent_clients import ConfluentProducer
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +50,15 @@ def output_topics(topics: TopicSettings) -> list[str]:
 class Publisher:
     """Sends output records for events and tells, per event, when all of them are acknowledged."""
 
-    def __init__(self, producer: KafkaProducer, topics: TopicSettings) -> None:
+    def __init__(self, producer: KafkaProducer | ConfluentProducer, topics: TopicSettings) -> None:
         self._producer = producer
         self._topics = topics
         # Events with records on the way, in send order: (token, the send futures of its records).
         self._pending: deque[tuple[Hashable, list[Future]]] = deque()
         # Deliveries settled without waiting for the broker (nothing to send, or send() itself failed).
         self._settled: list[tuple[Any, BaseException | None]] = []
+        # confluent-kafka: delivery reports wait in librdkafka until served (kafka-python has no such step).
+        self._serve_deliveries = getattr(producer, "serve_deliveries", None)
         # Header values repeat for every verdict of a policy/model: encode each once.
         self._header_bytes: dict[tuple[str, str, str | None], bytes] = {}
 
@@ -113,6 +120,8 @@ class Publisher:
 
         An event is reported once: when all its records are acknowledged, or as soon as one has failed.
         """
+        if self._serve_deliveries is not None and self._pending:
+            self._serve_deliveries(0)
         done, self._settled = self._settled, []
         if not self._pending:
             return done
