@@ -61,8 +61,8 @@ def test_text_guard_follows_the_toy_policy_in_both_modes(
     print(
         f"{which}: toy-policy decisions {decided}/{len(examples)}, decisions+codes {correct}/{len(examples)}"
     )
-    # The text guard's short CPU training (see worker.dev.tiny_model.build) learns the decision better than codes.
-    assert len(examples) >= 80 and decided / len(examples) >= 0.9 and correct / len(examples) >= 0.6
+    # The text guard's recipe (see worker.dev.tiny_model.build) reaches 1.0 on held-out samples; room for noise.
+    assert len(examples) >= 80 and decided / len(examples) >= 0.95 and correct / len(examples) >= 0.9
 
 
 def test_shared_prompt_start_is_exact_for_the_text_guard(text_guard_engine: GuardEngine) -> None:

@@ -67,5 +67,5 @@ def test_text_guard_follows_the_toy_policy_with_either_prompt(tiny_text_guard_di
     metrics = policy_accuracy(examples, answers)
     print(f"{family} held-out toy-policy accuracy:", {k: round(v, 4) for k, v in sorted(metrics.items())})
     assert metrics["text_count"] >= 100
-    # The text guard's short CPU training learns the decision better than the codes (see its recipe).
-    assert metrics["text_decision_accuracy"] >= 0.85 and metrics["text_exact_accuracy"] >= 0.6
+    # Its recipe reaches 1.0 on held-out samples; the bars leave room for library/seed noise.
+    assert metrics["text_decision_accuracy"] >= 0.95 and metrics["text_exact_accuracy"] >= 0.9

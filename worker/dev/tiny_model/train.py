@@ -202,6 +202,118 @@ def _answer_loss(model: MllamaForConditionalGeneration, batch: _Batch) -> torch.
     )
 
 
+@dataclass
+class _PrefixBatch:
+    """Text-only rows whose shared prompt starts (one per family and judged role in the batch) are computed
+    once each, then broadcast to the rows that share them; each row computes only its own rest."""
+
+    prefix: dict[
+        str, torch.Tensor
+    ]  # the distinct starts, left padded: input_ids, attention_mask, position_ids
+    row_prefix: torch.Tensor  # (rows,): which start each row continues
+    inputs: dict[str, torch.Tensor]  # the rests, left padded; the mask covers the row's start + its rest
+    labels: torch.Tensor
+
+
+def _encode_prefix_batch(
+    tokenizer: object, examples: Sequence[LabelledExample], families: Sequence[str], offset: int = 0
+) -> _PrefixBatch | None:
+    """Text-only rows tokenized as the engine does (``PromptTokenizer``), split into shared starts and rests.
+
+    Row ``i`` uses the prompt of ``families[(offset + i) % len(families)]`` (as ``_encode_batch``). None when a
+    row's prompt does not start with its shared start's tokens (then the batch trains unshared).
+    """
+    from worker.engine.families.common import judged_role
+    from worker.engine.prompt import render_segments, shared_text_prefix
+    from worker.engine.tokenize import PromptTokenizer, left_pad
+
+    starts: dict[tuple[str, str], list[int]] = {}
+    row_keys: list[tuple[str, str]] = []
+    rests: list[list[int]] = []
+    answers: list[list[int]] = []
+    # Building a PromptTokenizer or a policy costs milliseconds: once per family, not per row.
+    per_family = {
+        f: (PromptTokenizer(tokenizer, f), policy_from_settings("default", PolicySettings(), f))
+        for f in dict.fromkeys(families)
+    }
+    for i, example in enumerate(examples):
+        family = families[(offset + i) % len(families)]
+        tokens, policy = per_family[family]
+        turns = example_turns(example.event)
+        key = (family, judged_role(turns))
+        if key not in starts:
+            starts[key] = tokens.encode_many([shared_text_prefix(key[1], policy, family)])[0]
+        row = tokens.encode_many([render_segments(turns, policy, has_image=False, family=family)])[0]
+        if row[: len(starts[key])] != starts[key]:
+            return None
+        suffix = LLAMA4_ANSWER_SUFFIX if tokens.family.end_of_turn == LLAMA4_ANSWER_SUFFIX else ANSWER_SUFFIX
+        answer = tokenizer(ANSWER_PREFIX + example.answer + suffix, add_special_tokens=False)["input_ids"]
+        row_keys.append(key)
+        rests.append(row[len(starts[key]) :] + answer)
+        answers.append(answer)
+    keys = list(starts)
+    prefix_ids, prefix_mask, prefix_positions = left_pad([starts[k] for k in keys], tokens.pad_id)
+    row_prefix = torch.tensor([keys.index(k) for k in row_keys])
+    input_ids, rest_mask, rest_positions = left_pad(rests, tokens.pad_id)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, ids in enumerate(answers):
+        labels[row, -len(ids) :] = torch.tensor(ids)
+    start_lengths = prefix_mask.sum(dim=1)[row_prefix]
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.cat([prefix_mask[row_prefix], rest_mask], dim=1),
+        "position_ids": rest_positions + start_lengths[:, None],
+    }
+    prefix = {"input_ids": prefix_ids, "attention_mask": prefix_mask, "position_ids": prefix_positions}
+    return _PrefixBatch(prefix=prefix, row_prefix=row_prefix, inputs=inputs, labels=labels)
+
+
+def _training_batches(
+    processor: object, examples: Sequence[LabelledExample], batch_size: int, families: Sequence[str]
+) -> list[_Batch | _PrefixBatch]:
+    """The training batches (``_batches``' chunks, rows alternating ``families``' prompts). Text-only batches of a
+    text guard or Llama Guard 4 compute each shared prompt start once (about half of every prompt's tokens);
+    image batches, and every Vision batch, come as ``_encode_batch`` builds them."""
+    share = not _reads_images(processor) or _is_llama4(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    out: list[_Batch | _PrefixBatch] = []
+    for n, chunk in enumerate(_batches(examples, batch_size)):
+        shared = (
+            _encode_prefix_batch(tokenizer, chunk, families, n) if share and not chunk[0].has_image else None
+        )
+        out.append(
+            shared
+            if shared is not None
+            else _encode_batch(processor, chunk, with_targets=True, families=families, offset=n)
+        )
+    return out
+
+
+def _prefix_answer_loss(model: torch.nn.Module, batch: _PrefixBatch) -> torch.Tensor:
+    """``_answer_loss`` for a shared-prefix batch: each start's keys/values are computed once (with gradient)
+    and gathered for the rows that continue it; the rests attend to them exactly as to their own copy."""
+    from transformers.cache_utils import DynamicCache
+
+    start = model(**batch.prefix, use_cache=True, logits_to_keep=1)
+    shared = DynamicCache(config=model.config)
+    for index, layer in enumerate(start.cache.layers):
+        shared.update(layer.keys[batch.row_prefix], layer.values[batch.row_prefix], index)
+    answer_columns = int((batch.labels != IGNORE_INDEX).any(dim=0).sum())
+    logits = model(**batch.inputs, cache=shared, logits_to_keep=answer_columns + 1).logits
+    predicted = logits[:, :-1, :].float()
+    targets = batch.labels[:, -answer_columns:]
+    return torch.nn.functional.cross_entropy(
+        predicted.reshape(-1, predicted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def _batch_loss(model: torch.nn.Module, batch: _Batch | _PrefixBatch) -> torch.Tensor:
+    """The answer-token loss of either kind of training batch."""
+    if isinstance(batch, _PrefixBatch):
+        return _prefix_answer_loss(model, batch)
+    return _answer_loss(model, batch)
+
+
 @contextlib.contextmanager
 def _torch_threads(threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
@@ -224,10 +336,7 @@ def train_model(
     examples = examples_for(processor, synthetic_examples(recipe.examples, seed=recipe.seed, split="train"))
     with _torch_threads(recipe.threads):
         torch.manual_seed(recipe.seed)
-        batches = [
-            _encode_batch(processor, chunk, with_targets=True, families=families, offset=n)
-            for n, chunk in enumerate(_batches(examples, recipe.batch_size))
-        ]
+        batches = _training_batches(processor, examples, recipe.batch_size, families)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
         )
@@ -249,7 +358,7 @@ def train_model(
             losses = []
             for index in order:
                 batch = batches[index]
-                loss = _answer_loss(model, batch)
+                loss = _batch_loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
