@@ -53,6 +53,7 @@ def test_cut_down_keeps_a_cross_attention_layer_and_real_widths() -> None:
     assert bench.cross_attention_layers(10) == [3, 8]
 
 
+@pytest.mark.integration  # runs the benchmark in a subprocess
 def test_benchmark_runs_cut_down_on_cpu_and_prints_every_row(tmp_path: Path) -> None:
     """Smallest settings: one layer, small tiles, one batch of 2 — proves the script and its rows, times nothing.
 
@@ -100,6 +101,7 @@ def test_benchmark_runs_cut_down_on_cpu_and_prints_every_row(tmp_path: Path) -> 
         )
 
 
+@pytest.mark.integration  # runs the benchmark in a subprocess
 def test_bad_arguments_are_refused_with_a_message() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
