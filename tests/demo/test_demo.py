@@ -40,7 +40,8 @@ def test_verdicts_are_counted_per_judging_model():
 def test_the_demo_runs_two_models_and_its_summary_shows_verdicts_per_model(
     tiny_model_dir, tiny_text_guard_dir, monkeypatch
 ):
-    for key in [k for k in os.environ if k.startswith("MW_")]:  # a developer shell's settings stay out
+    # A developer shell's settings stay out; where the tiny checkpoints are cached (MW_CACHE_DIR) stays in.
+    for key in [k for k in os.environ if k.startswith("MW_") and k != "MW_CACHE_DIR"]:
         monkeypatch.delenv(key)
     console = Console(record=True, width=240)
     assert demo_command(Settings(), n_events=120, use_ray=False, console=console, timeout_s=600) == 0
