@@ -87,13 +87,9 @@ class FakeEngine:
         return results
 
     def classify(self, requests: list[GuardRequest]) -> list[GuardResult | EngineError]:
-        from worker.engine.isolation import run_isolated
+        from worker.engine.isolation import classify_in_batches
 
-        out: list[Any] = [None] * len(requests)
-        for chunk in self.batches(requests):
-            for i, r in zip(chunk, run_isolated(self, [requests[i] for i in chunk]), strict=True):  # type: ignore[arg-type]
-                out[i] = r
-        return out
+        return classify_in_batches(self, requests)  # type: ignore[arg-type]
 
 
 def fake_registry(settings: Settings, **engines: FakeEngine) -> ModelRegistry:

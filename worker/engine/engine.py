@@ -707,10 +707,6 @@ class GuardEngine:
 
     def classify(self, requests: Sequence[GuardRequest]) -> list[GuardResult | EngineError]:
         """Classify any list: in ``batches``, each run by ``run_isolated`` (a batch failing as a whole is bisected)."""
-        from worker.engine.isolation import run_isolated
+        from worker.engine.isolation import classify_in_batches
 
-        results: list[GuardResult | EngineError | None] = [None] * len(requests)
-        for chunk in self.batches(requests):
-            for i, result in zip(chunk, run_isolated(self, [requests[i] for i in chunk]), strict=True):
-                results[i] = result
-        return results  # type: ignore[return-value]
+        return classify_in_batches(self, requests)

@@ -79,6 +79,25 @@ def run_isolated(
         return _bisect(engine, requests, error, run, on_batch)
 
 
+def classify_in_batches(
+    engine: GuardEngine,
+    requests: Sequence[GuardRequest],
+    *,
+    forward: Callable[[Any], Results] | None = None,
+    on_batch: Callable[[Sequence[GuardRequest]], None] | None = None,
+    on_split: Callable[[int, BaseException], None] | None = None,
+) -> Results:
+    """Any list of requests: split into ``engine.batches`` (modality, size), each run by ``run_isolated``;
+    one result per request, in input order."""
+    by_index: dict[int, GuardResult | EngineError] = {}
+    for chunk in engine.batches(list(requests)):
+        answers = run_isolated(
+            engine, [requests[i] for i in chunk], forward=forward, on_batch=on_batch, on_split=on_split
+        )
+        by_index.update(zip(chunk, answers, strict=True))
+    return [by_index[i] for i in range(len(requests))]
+
+
 def _run_whole(
     engine: GuardEngine,
     requests: list[GuardRequest],

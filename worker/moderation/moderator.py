@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from worker.cache.entries import from_entry, to_entry
@@ -30,7 +29,7 @@ from worker.contracts.dead_letters import SourceCoordinates
 from worker.contracts.events import ChatEvent, Turn
 from worker.contracts.rejections import Reason, RejectedError, Rejection
 from worker.contracts.verdicts import verdict_for
-from worker.engine.isolation import run_isolated
+from worker.engine.isolation import classify_in_batches, run_isolated
 from worker.engine.policy import resolve_event_policy
 from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
 from worker.moderation.language import detect_language
@@ -265,14 +264,20 @@ class Moderator:
         """
         engine = self.models.engine(model)
         requests = [r.request for r in ready]
-        isolate = partial(run_isolated, engine, forward=forward, on_batch=on_batch, on_split=on_split)
         if prepared is not None or prepare_error is not None:  # one batch, prepared by the caller
-            results = isolate(requests, prepared=prepared, prepare_error=prepare_error)
+            results = run_isolated(
+                engine,
+                requests,
+                prepared=prepared,
+                prepare_error=prepare_error,
+                forward=forward,
+                on_batch=on_batch,
+                on_split=on_split,
+            )
         else:
-            by_index: dict[int, GuardResult | EngineError] = {}
-            for chunk in engine.batches(requests):
-                by_index.update(zip(chunk, isolate([requests[i] for i in chunk]), strict=True))
-            results = [by_index[i] for i in range(len(requests))]
+            results = classify_in_batches(
+                engine, requests, forward=forward, on_batch=on_batch, on_split=on_split
+            )
         answered: list[GuardResult | EngineError] = []
         for item, result in zip(ready, results, strict=True):
             if isinstance(result, GuardResult):
