@@ -4,7 +4,7 @@
                                                 [--clients kafka-python,confluent-kafka]
                                                 [--set batching__max_size=64 ...]
 
-Prints a table of events/s and the ratios of issue 4 (goals in brackets):
+Prints a table of events/s and the performance ratios (goals in brackets):
 - P1 cache-hit path ÷ a raw kafka-python consume→produce→commit loop on the same broker  [≥ 0.8]
   and, with ``kafka.client: confluent-kafka``, the same pipeline ÷ a raw confluent-kafka loop, with its
   absolute events/s next to the fastest peer measured on this kind of machine (a Quix Streams app with a
@@ -750,7 +750,7 @@ def padding(
 
 
 def report(r: dict[str, float]) -> None:
-    """Print every figure, then the ratios of issue 4 as a table."""
+    """Print every figure, then the performance ratios as a table."""
     print()
     print(f"{'figure':<36} {'value':>10}")
     for name, value in r.items():

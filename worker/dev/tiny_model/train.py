@@ -181,7 +181,7 @@ def _encode_batch(
 
 
 def _batches(examples: Sequence[LabelledExample], batch_size: int) -> Iterator[list[LabelledExample]]:
-    """Same-modality batches (never mix image and text-only rows: transformers issue #39379)."""
+    """Same-modality batches (image and text-only rows never share one: without the reference masking, transformers' Mllama gives text-only rows in a mixed batch wrong logits)."""
     for has_image in (False, True):
         group = [e for e in examples if e.has_image == has_image]
         for start in range(0, len(group), batch_size):
