@@ -223,7 +223,13 @@ class _Process:
         self._thread = threading.Thread(target=self._courier, args=(settings, views), name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self._process.pid
+
     def submit(self, items: list[Item]) -> cf.Future[ChunkAnswers]:
+        """Queue ``items`` for the process; the future fails if it died (or dies) before answering."""
         future: cf.Future[ChunkAnswers] = cf.Future()
         if self.dead is not None:
             future.set_exception(self.dead)
@@ -303,8 +309,13 @@ class IntakePool:
 
     @property
     def ready_processes(self) -> int:
-        """How many intake processes are ready (0 until started and initialized)."""
-        return len(self._workers) if self._ready else 0
+        """How many intake processes are ready (0 until started and initialized); loop thread only."""
+        return len(self._workers) if self._is_ready(0) else 0
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the intake processes (started or starting)."""
+        return [worker.pid for worker in self._workers]
 
     @property
     def enabled(self) -> bool:
