@@ -224,3 +224,24 @@ def test_the_pipeline_with_preparation_processes_answers_every_image_event_as_th
     # different company: bit-identical tensors for the same batch are the first test's point).
     assert {k: a[:2] for k, a in answers[1].items()} == {k: a[:2] for k, a in answers[0].items()}
     assert answers[1] == {k: (*a[:2], pytest.approx(a[2], abs=1e-6)) for k, a in answers[0].items()}
+
+
+def test_a_childs_answer_for_part_of_a_batch_keeps_every_request_and_turns_rejections_into_prepare_errors():
+    from worker.engine.engine import PreparedBatch
+    from worker.engine.types import EngineError
+    from worker.moderation.image_preparation import ChildPrepared, as_batch
+
+    prepared = PreparedBatch(
+        [], True, "single_pass", rows=[0, 2], errors={1: EngineError("no", kind="prepare")}
+    )
+    rejection = Rejection(Reason.IMAGE_UNDECODABLE, "the image could not be decoded (OSError).")
+    child = ChildPrepared([None, rejection, None, None], prepared)
+    requests = ["r0", "r1", "r2", "r3"]  # stand-ins: only their order matters here
+
+    batch = as_batch(requests, child, "single_pass", has_image=True)
+
+    assert batch.requests == requests
+    assert batch.rows == [0, 3]  # the child's rows 0 and 2 are the parent's 0 and 3
+    assert sorted(batch.errors) == [1, 2]
+    assert batch.errors[1].kind.value == "prepare" and "could not be decoded" in str(batch.errors[1])
+    assert str(batch.errors[2]) == "no"

@@ -207,9 +207,10 @@ class Classify:
         """CPU preparation of one batch: decode images, the request and its language, ``engine.prepare``."""
         moderator = self._moderator
         work = PreparedWork(batch.model, batch.modality)
-        if self._in_process(batch.model, [entry.leader.keyed for entry in batch.entries]):
+        preparation = self._preparation_for(batch.model, [entry.leader.keyed for entry in batch.entries])
+        if preparation is not None:
             with metrics.observe_stage("prepare"):
-                self._prepare_in_process(batch, work)
+                self._prepare_in_process(preparation, batch, work)
             return work
         with metrics.observe_stage("prepare"):
             for entry in batch.entries:
@@ -228,20 +229,20 @@ class Classify:
                     work.error = exc
         return work
 
-    def _in_process(self, model: str, keyed: Sequence[Keyed]) -> bool:
-        """Whether a batch of ``keyed`` is prepared in a preparation process (it has images, its model reads them)."""
-        return (
-            self._preparation is not None
-            and self._preparation.handles(model)
-            and any(k.images for k in keyed)
-        )
+    def _preparation_for(self, model: str, keyed: Sequence[Keyed]) -> ImagePreparation | None:
+        """The preparation processes, for a batch of ``keyed`` that has images of a model that reads them."""
+        preparation = self._preparation
+        if preparation is not None and preparation.handles(model) and any(k.images for k in keyed):
+            return preparation
+        return None
 
-    def _prepare_in_process(self, batch: Batch[KeyedRecord], work: PreparedWork) -> None:
-        """Decode and ``engine.prepare`` in a preparation process; the language here (it is memoized here)."""
-        assert self._preparation is not None
+    def _prepare_in_process(
+        self, preparation: ImagePreparation, batch: Batch[KeyedRecord], work: PreparedWork
+    ) -> None:
+        """Decode and ``engine.prepare`` in a preparation process; the language here (memoized in this process)."""
         keyed = [entry.leader.keyed for entry in batch.entries]
         try:
-            child = self._preparation.prepare(batch.model, [ImageItem.of(k) for k in keyed])
+            child = preparation.prepare(batch.model, [ImageItem.of(k) for k in keyed])
         except EngineError as exc:  # died or hung on it: isolated item by item on the loop thread
             work.entries = list(batch.entries)
             work.ready = [self._moderator.ready(k) for k in keyed]
@@ -261,10 +262,9 @@ class Classify:
 
     def _prepare_hook(self, work: PreparedWork) -> Callable[[Sequence[GuardRequest]], Any] | None:
         """How the isolation re-prepares parts of ``work`` (None: ``engine.prepare`` in this process)."""
-        keyed = [r.keyed for r in work.ready]
-        if self._preparation is None or not self._in_process(work.model, keyed):
+        preparation = self._preparation_for(work.model, [r.keyed for r in work.ready])
+        if preparation is None:
             return None
-        preparation = self._preparation
         source = {id(r.request): r.keyed for r in work.ready}
         mode = getattr(self._moderator.models.engine(work.model), "mode", "single_pass")
 
