@@ -135,7 +135,7 @@ def test_a_preparation_process_that_crashes_or_hangs_on_an_image_dead_letters_it
     settings = make_settings(
         **engine_settings_overrides,
         redis__enabled=False,
-        batching__max_size=4,
+        batching__max_size=2,  # small batches: fewer bisection levels, fewer restarts
         batching__max_wait_ms=200,
         batching__prepare_processes=1,
         batching__prepare_timeout_s=5,
