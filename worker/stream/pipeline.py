@@ -321,7 +321,8 @@ class StreamPipeline:
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
-        cache, markers = self._cache, PublishedMarkers(self._cache, self.settings)
+        cache = self._cache
+        markers = self._markers = PublishedMarkers(cache, self.settings)
         clients = self._clients if self._clients is not None else KafkaClients.real()
         self._producer = clients.producer(self.settings)
         self.consumer = clients.consumer(self.settings)
@@ -386,6 +387,7 @@ class StreamPipeline:
             self.consumer.close(autocommit=False)
         finally:
             self._producer.close(timeout=5)
+            self._markers.close()
             if self._cache is not None:
                 self._cache.close()
         log.info("pipeline stopped", extra={"stage": "stop", "worker": self.worker_name, **self.counters})
