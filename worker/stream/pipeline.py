@@ -67,7 +67,7 @@ IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
 # Poll timeout while published outputs await the broker's acks: acks do not wake poll(), and an ack is
 # what lets offsets complete and paused partitions resume (≈ linger_ms + one round trip away).
 ACK_POLL_MS = 5
-CHUNK_POLL_MS = 1  # poll timeout while a chunk of records is out in an intake process
+CHUNK_POLL_MS = 5  # poll timeout while a chunk is out in an intake process (shorter: measured slower, polls steal the GIL)
 COUNTERS = (
     "consumed",
     "verdicts",
