@@ -25,6 +25,7 @@ def test_a_marked_record_is_acknowledged_and_a_different_record_at_its_offset_is
         # Another consumer group publishes its own answers.
         settings.kafka.group_id = "another-group"
         assert PublishedMarkers(cache, settings).acknowledged([(TP, 10, first)]) == [False]
+        markers.close()
     finally:
         cache.close()
 
@@ -74,6 +75,7 @@ def test_offsets_above_a_partitions_high_water_mark_are_not_looked_up(services, 
         earlier = PublishedMarkers(cache, settings)  # the partition's previous owner
         earlier.mark([(TP, 5, digest), (TP, 7, digest)])
         earlier.mark([(TP, 6, digest)])  # acks out of order: the high-water mark stays 7
+        earlier.close()  # its writes are done (they happen on the markers' own thread)
 
         counting = CountingCache(cache)
         markers = PublishedMarkers(counting, settings)  # type: ignore[arg-type]
@@ -92,6 +94,7 @@ def test_offsets_above_a_partitions_high_water_mark_are_not_looked_up(services, 
         counting.reads.clear()
         assert markers.acknowledged([(TP, 10, digest)]) == [True]
         assert len(counting.reads) == 2
+        markers.close()
         assert PublishedMarkers(cache, settings).acknowledged([(TP, 10, digest)]) == [True]
     finally:
         cache.close()

@@ -91,6 +91,19 @@ def test_route_applies_tenant_boundaries_first(settings) -> None:
     assert isinstance(other, Rejection) and other.reason is Reason.POLICY_NOT_ALLOWED
 
 
+def test_remembered_routes_still_match_each_events_blocklists_and_rejections(settings) -> None:
+    settings = Settings.model_validate({**settings.model_dump(), "tenants": {"acme": {"policy": "strict"}}})
+    moderator = Moderator(fake_registry(settings), settings)
+    for _ in range(2):  # the second round is answered from the remembered choices
+        clean = moderator.route(decoded(settings, {**event("hi"), "tenant": "acme"}))
+        listed = moderator.route(decoded(settings, {**event("a forbiddenword"), "tenant": "acme"}))
+        stranger = moderator.route(decoded(settings, {**event("hi"), "tenant": "globex"}))
+        assert isinstance(clean, Routed) and clean.policy.id == "strict" and not clean.hits
+        assert isinstance(listed, Routed) and listed.policy.id == "strict" and listed.halts
+        assert isinstance(stranger, Rejection) and stranger.reason is Reason.UNKNOWN_TENANT
+        assert clean.event.event_id == "e-0" and listed.event is not clean.event
+
+
 def test_route_sends_events_of_another_pools_model_elsewhere() -> None:
     settings = Settings(
         models={"text": {"family": "llama-guard-3-1b", "path": "/t"}, "vision": {"path": "/v"}},

@@ -21,6 +21,7 @@ not yet acknowledged at the crash, and everything replayed while Redis is down o
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 from collections.abc import Sequence
 
@@ -50,6 +51,9 @@ class PublishedMarkers:
         self.enabled = cache.enabled and settings.redis.published_markers
         # Per partition: the highest offset known to be marked (-1: none), read from Redis once per assignment.
         self._high: dict[TopicPartition, int] = {}
+        # Writes go to Redis on a thread of their own, in order: the loop thread never waits for a round trip.
+        self._writer: cf.ThreadPoolExecutor | None = None
+        self._last_write: cf.Future[None] | None = None
 
     def _key(self, tp: TopicPartition, offset: int) -> str:
         return f"{self._prefix}{tp.topic}:{tp.partition}:{offset}"
@@ -69,6 +73,7 @@ class PublishedMarkers:
             return answered
         unknown = list({tp for tp, _, _ in records if tp not in self._high})
         if unknown:
+            self.settle()
             stored = self._cache.get_raw([self._high_key(tp) for tp in unknown])
             if stored is None:
                 return answered  # Redis is down: nothing is known (learnt again on the next poll)
@@ -78,6 +83,7 @@ class PublishedMarkers:
         candidates = [i for i, (tp, offset, _) in enumerate(records) if offset <= high[tp]]
         if not candidates:
             return answered
+        self.settle()  # this worker's own marks first (a seek back within an assignment)
         stored = self._cache.get_raw([self._key(records[i][0], records[i][1]) for i in candidates])
         if stored is not None:
             for i, value in zip(candidates, stored, strict=True):
@@ -87,7 +93,8 @@ class PublishedMarkers:
     def mark(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
         """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one round trip per 512).
 
-        A partition's high-water mark is written with them when it rises (never lowered by this worker).
+        A partition's high-water mark is written with them when it rises (never lowered by this worker). The
+        write happens on the markers' own thread; ``acknowledged`` and ``close`` wait for it when they need to.
         """
         if not self.enabled or not records:
             return
@@ -99,7 +106,22 @@ class PublishedMarkers:
         for tp, offset in risen.items():
             self._high[tp] = offset
             items.append((self._high_key(tp), str(offset).encode()))
-        self._cache.set_raw(items, self._ttl)
+        if self._writer is None:
+            self._writer = cf.ThreadPoolExecutor(1, thread_name_prefix="published-markers")
+        self._last_write = self._writer.submit(self._cache.set_raw, items, self._ttl)
+
+    def settle(self) -> None:
+        """Wait until every mark made so far is written (or given up: an outage drops marks, never raises)."""
+        if self._last_write is not None:
+            self._last_write.result()
+            self._last_write = None
+
+    def close(self) -> None:
+        """Write what is marked, then stop the writer thread (before the cache closes)."""
+        self.settle()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def forget(self, tp: TopicPartition) -> None:
         """``tp`` left this consumer: read its high-water mark again if it comes back (another worker marked)."""

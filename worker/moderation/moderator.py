@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 ENGINE_ERROR_MESSAGE_CHARS = 400  # raw model output quoted in an engine_error rejection, at most
 # A request every working engine answers: tells an engine outage from a batch of poison items.
 PROBE_TEXT = "Hello! What is the capital of France?"
+ROUTES_REMEMBERED = 4096  # routing choices kept per worker (bounded: tenant names come from events)
 
 Modality = Literal["text", "image"]
 
@@ -124,6 +125,10 @@ class Moderator:
     def __init__(self, models: ModelRegistry, settings: Settings) -> None:
         self.models = models
         self.settings = settings
+        # Routing choices by (tenant, policy, image count): see ``route``.
+        self._routes: dict[
+            tuple[str | None, str | None, int], tuple[Policy, str] | Rejection | Elsewhere
+        ] = {}
 
     # -- route ------------------------------------------------------------------------------------------------
 
@@ -131,26 +136,41 @@ class Moderator:
         """The policy (tenants first, then the event's ``policy``) and the model for ``event``.
 
         A ``Rejection`` is an event no model was chosen for (unknown policy or tenant, images no model reads);
-        ``ELSEWHERE`` an event whose model another pool holds.
+        ``ELSEWHERE`` an event whose model another pool holds. The choice depends only on the event's tenant,
+        policy and image count, so it is remembered per combination (the blocklists still read every event).
         """
+        where = (event.tenant, event.policy, event.image_count)
+        chosen = self._routes.get(where)
+        if chosen is None:
+            chosen = self._choose(*where)
+            if len(self._routes) >= ROUTES_REMEMBERED:  # tenants are the event's own strings: stay bounded
+                self._routes.clear()
+            self._routes[where] = chosen
+        if not isinstance(chosen, tuple):
+            return chosen
+        policy, model = chosen
+        hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
+        return Routed(event, policy, model, hits)
+
+    def _choose(
+        self, tenant: str | None, policy_id: str | None, image_count: int
+    ) -> tuple[Policy, str] | Rejection | Elsewhere:
         first = self.models.first
         try:
-            policy_id = resolve_event_policy(
-                first.policies, self.settings.tenants, event.tenant, event.policy, first.default_policy_id
+            chosen_id = resolve_event_policy(
+                first.policies, self.settings.tenants, tenant, policy_id, first.default_policy_id
             ).id
-            policy = self.models.policy_for(policy_id)
+            policy = self.models.policy_for(chosen_id)
         except RejectedError as exc:
             return exc.rejection
-        model = self.models.model_for(policy, event.image_count)
+        model = self.models.model_for(policy, image_count)
         if model is None:
             return Rejection(
                 Reason.TOO_MANY_IMAGES, "the event has an image and no configured model reads images"
             )
         if not self.models.holds(model):
             return ELSEWHERE
-        policy = self.models.engine(model).policy_for(policy_id)
-        hits = policy.blocklists.match(event.turns[-1].texts) if policy.blocklists else ()
-        return Routed(event, policy, model, hits)
+        return self.models.engine(model).policy_for(chosen_id), model
 
     # -- images and key ---------------------------------------------------------------------------------------
 

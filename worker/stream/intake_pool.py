@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from worker.config import Settings
 from worker.contracts.dead_letters import SourceCoordinates
@@ -69,8 +69,7 @@ STOP_TIMEOUT_S = 5.0
 Item = tuple[bytes | None, float, str, int, int]
 
 
-@dataclass(slots=True, frozen=True)
-class EncodedHit:
+class EncodedHit(NamedTuple):
     """A verdict a process answered: its output record, what is counted about it, its metric facts."""
 
     output: OutputRecord
@@ -80,8 +79,7 @@ class EncodedHit:
     review: bool
 
 
-@dataclass(slots=True, frozen=True)
-class ChunkAnswers:
+class ChunkAnswers(NamedTuple):
     """A chunk's answers in record order (None: the loop thread takes that record's own path)."""
 
     answers: list[EncodedHit | None]

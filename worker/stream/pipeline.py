@@ -67,7 +67,7 @@ IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
 # Poll timeout while published outputs await the broker's acks: acks do not wake poll(), and an ack is
 # what lets offsets complete and paused partitions resume (≈ linger_ms + one round trip away).
 ACK_POLL_MS = 5
-CHUNK_POLL_MS = 1  # poll timeout while a chunk of records is out in an intake process
+CHUNK_POLL_MS = 5  # poll timeout while a chunk is out in an intake process (shorter: measured slower, polls steal the GIL)
 COUNTERS = (
     "consumed",
     "verdicts",
@@ -321,7 +321,8 @@ class StreamPipeline:
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
-        cache, markers = self._cache, PublishedMarkers(self._cache, self.settings)
+        cache = self._cache
+        markers = self._markers = PublishedMarkers(cache, self.settings)
         clients = self._clients if self._clients is not None else KafkaClients.real()
         self._producer = clients.producer(self.settings)
         self.consumer = clients.consumer(self.settings)
@@ -386,6 +387,7 @@ class StreamPipeline:
             self.consumer.close(autocommit=False)
         finally:
             self._producer.close(timeout=5)
+            self._markers.close()
             if self._cache is not None:
                 self._cache.close()
         log.info("pipeline stopped", extra={"stage": "stop", "worker": self.worker_name, **self.counters})

@@ -13,8 +13,7 @@ crosses the process boundary as bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -26,9 +25,12 @@ DEAD_LETTER_SCHEMA = b"dead_letter.v1"
 Header = tuple[str, bytes]
 
 
-@dataclass(slots=True, frozen=True)
-class OutputRecord:
-    """What one answer publishes: the same key, value and headers on each of ``topics`` (none: nothing to send)."""
+class OutputRecord(NamedTuple):
+    """What one answer publishes: the same key, value and headers on each of ``topics`` (none: nothing to send).
+
+    Named tuples, not dataclasses: intake processes send these back by the thousand, and a tuple unpickles
+    several times faster than a slotted dataclass.
+    """
 
     topics: tuple[str, ...]
     key: bytes | None
@@ -37,8 +39,7 @@ class OutputRecord:
     event_id: str | None
 
 
-@dataclass(slots=True, frozen=True)
-class VerdictFacts:
+class VerdictFacts(NamedTuple):
     """What the stream counts about a verdict it publishes (metrics and counters), without re-reading it."""
 
     decision: str
