@@ -25,6 +25,7 @@ from worker.dev.services import EmbeddedServices
 
 pytest_plugins = [
     "pytester",
+    "tests.support.summary",
     "tests.support.network_guard",
     "tests.support.engines",
     "tests.support.ray_cluster",
@@ -58,17 +59,19 @@ def _tail(path: Path, lines: int = 15) -> list[str]:
         return ["<no log>"]
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Where the embedded services' logs are (and their tails when a test failed), for the run's summary."""
+    from tests.support.summary import section_lines  # a plugin (above): imported by pytest, not at import
+
+    lines = section_lines("embedded services")
     for embedded in _started_services:
         seconds = f"{embedded.startup_seconds:.2f} s" if embedded.startup_seconds is not None else "failed"
-        terminalreporter.write_line(
-            f"embedded services: start-up {seconds}; logs kept in {embedded.state_dir}"
-        )
+        lines.append(f"start-up {seconds}; logs kept in {embedded.state_dir}")
         if exitstatus != 0:
             for log_path in (embedded.broker_log, embedded.redis_log):
-                terminalreporter.write_line(f"--- tail of {log_path}")
-                for line in _tail(log_path):
-                    terminalreporter.write_line(line)
+                lines.append(f"--- tail of {log_path}")
+                lines.extend(_tail(log_path))
 
 
 class SettingsFactory:
@@ -136,6 +139,12 @@ SERVER_FIXTURES = frozenset(
 )
 
 
+# Under pytest-xdist (`scripts/test.sh` runs `-n 3 --dist loadgroup`) every test on a Ray instance runs in one
+# worker: that worker's one session Ray is shared as without xdist, and two workers never start Ray (≈0.9 GB
+# and a CPU-hungry start each) or a multi-node cluster at the same time.
+RAY_FIXTURES = frozenset({"ray_cluster", "serve_http", "multinode_cluster"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``integration`` every test that needs a server or a tiny checkpoint (by its fixtures) and every
     ``slow`` exploration, so that ``-m "not integration"`` runs the logic tests alone. Tests that start a
@@ -144,5 +153,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     needs = SERVER_FIXTURES | MODEL_FIXTURES
     for item in items:
-        if needs.intersection(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+        fixtures = getattr(item, "fixturenames", ())
+        if needs.intersection(fixtures) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
+        if RAY_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.xdist_group("ray"))
