@@ -144,11 +144,38 @@ SERVER_FIXTURES = frozenset(
 # and a CPU-hungry start each) or a multi-node cluster at the same time.
 RAY_FIXTURES = frozenset({"ray_cluster", "serve_http", "multinode_cluster"})
 
+# Fixtures that need a trained tiny checkpoint: on an empty cache it trains for minutes (in the background,
+# started by scripts/test.sh), and a test asking for one waits for it.
+TRAINED_FIXTURES = frozenset(
+    {
+        "tiny_model_dir",
+        "tiny_text_guard_dir",
+        "tiny_lg4_dir",
+        "engine_settings_overrides",
+        "guard_engine",
+        "trained_engine",
+        "text_guard_engine",
+    }
+)
+
+
+def _run_order(item: pytest.Item) -> int:
+    """Tests that need no trained checkpoint first (they run while a cold cache trains), then the Ray group
+    (the longest chain: one worker runs it test after test), then the reliability runs (minutes each), then
+    the rest; the sort is stable, so each part keeps the collection order."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if RAY_FIXTURES & fixtures:
+        return 1
+    if not TRAINED_FIXTURES & fixtures:
+        return 0
+    return 2 if item.path.parent.name == "reliability" else 3
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``integration`` every test that needs a server or a tiny checkpoint (by its fixtures) and every
     ``slow`` exploration, so that ``-m "not integration"`` runs the logic tests alone. Tests that start a
-    server or a process themselves carry the marker in their module or on the function."""
+    server or a process themselves carry the marker in their module or on the function. Put the Ray tests
+    in one xdist group and order the run (``_run_order``)."""
     from tests.support.engines import MODEL_FIXTURES
 
     needs = SERVER_FIXTURES | MODEL_FIXTURES
@@ -158,3 +185,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         if RAY_FIXTURES.intersection(fixtures):
             item.add_marker(pytest.mark.xdist_group("ray"))
+    items.sort(key=_run_order)
