@@ -171,6 +171,8 @@ def _run_order(item: pytest.Item) -> int:
     return 2 if item.path.parent.name == "reliability" else 3
 
 
+# tryfirst: before pytest-xdist's own hook, which reads the xdist_group marks (added here) into node ids.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``integration`` every test that needs a server or a tiny checkpoint (by its fixtures) and every
     ``slow`` exploration, so that ``-m "not integration"`` runs the logic tests alone. Tests that start a
