@@ -26,6 +26,7 @@ from worker.dev.services import EmbeddedServices
 pytest_plugins = [
     "pytester",
     "tests.support.summary",
+    "tests.support.xdist_groups",
     "tests.support.network_guard",
     "tests.support.engines",
     "tests.support.ray_cluster",
