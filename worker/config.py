@@ -181,12 +181,27 @@ class BatchingSettings(Section):
     prepare_threads: int = Field(
         2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
     )
+    prepare_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="processes that prepare image batches (decode, the model's image processor, tokenization) "
+        "beside the worker process, so that work never holds the model thread's GIL; each loads the "
+        "processor only, never the weights; 0 = on the prepare_threads, in the worker process",
+    )
+    prepare_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="with prepare_processes: a batch not prepared within this is treated as a hung preparation "
+        "process (it is restarted and the batch isolated item by item, poison becoming dead letters)",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,
         le=256,
-        description="torch intra-op threads for the model's CPU work; None = the cores left after "
-        "prepare_threads (at least 1), so preparing images never oversubscribes the cores the model runs on",
+        description="torch intra-op threads for the model's CPU work; None = the cores left after the "
+        "preparation threads (or prepare_processes when set; at least 1), so preparing images never "
+        "oversubscribes the cores the model runs on",
     )
     mix_modalities: bool = Field(
         False,

@@ -1,4 +1,4 @@
-"""The CPU thread budget: torch gets the cores the preparation threads leave, unless configured."""
+"""The CPU thread budget: torch gets the cores the preparation threads (or processes) leave, unless configured."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ def test_torch_gets_the_cores_the_preparation_threads_leave():
     assert torch_thread_budget(batching, cores=2) == 1
     assert torch_thread_budget(batching, cores=16) == 14
     assert torch_thread_budget(load_settings(None, batching__prepare_threads=8).batching, cores=4) == 1
+
+
+def test_with_preparation_processes_torch_gets_the_cores_the_processes_leave():
+    # The preparation threads then mostly wait on the processes: the processes are what takes the cores.
+    batching = load_settings(None, batching__prepare_threads=4, batching__prepare_processes=1).batching
+    assert torch_thread_budget(batching, cores=2) == 1
+    assert torch_thread_budget(batching, cores=8) == 7
+    assert torch_thread_budget(load_settings(None, batching__prepare_processes=3).batching, cores=2) == 1
 
 
 def test_a_configured_count_wins():

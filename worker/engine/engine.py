@@ -52,7 +52,7 @@ from worker.engine.tokenize import PromptTokenizer, left_pad
 from worker.engine.types import EngineError, GuardRequest, GuardResult
 
 if TYPE_CHECKING:
-    from worker.config import Settings
+    from worker.config import ModelSettings, Settings
     from worker.contracts.verdicts import ModelInfo
     from worker.engine.loading import LoadedModel
 
@@ -95,11 +95,31 @@ class PreparedBatch:
         return len(self.requests)
 
 
+@dataclass(frozen=True, slots=True)
+class PreparationSpec:
+    """What ``prepare`` reads besides the processor: enough to prepare exactly as the engine would elsewhere.
+
+    Picklable, so another process can build a preparer from it (``GuardEngine.preparer``) with the processor
+    loaded from ``model`` — never the weights.
+    """
+
+    model: ModelSettings
+    mode: str
+    share_prefix: bool
+    reference_cross_attention: bool
+    max_images: int
+    answer_prefix_ids: tuple[int, ...]
+    answer_tail: tuple[int, ...]
+    policies: dict[str, Policy]
+    default_policy_id: str
+
+
 class GuardEngine:
     """A Llama Guard model of any family as a batch classifier (see the module docstring)."""
 
     def __init__(self, loaded: LoadedModel, policies: dict[str, Policy], settings: Settings) -> None:
         self._loaded = loaded
+        self._model_settings = settings.model
         self.model = loaded.model
         self.processor = loaded.processor
         self._family = get_family(settings.model.family)
@@ -162,6 +182,42 @@ class GuardEngine:
         if share_prefix is not None:
             sibling.share_prefix = share_prefix
         return sibling
+
+    def preparation_spec(self) -> PreparationSpec:
+        """This engine's ``prepare`` as a picklable recipe (see ``preparer``)."""
+        return PreparationSpec(
+            model=self._model_settings,
+            mode=self.mode,
+            share_prefix=self.share_prefix,
+            reference_cross_attention=self.reference_cross_attention,
+            max_images=self._max_images,
+            answer_prefix_ids=tuple(self.answer_prefix_ids),
+            answer_tail=tuple(self.answer_tail),
+            policies=self.policies,
+            default_policy_id=self.default_policy_id,
+        )
+
+    @classmethod
+    def preparer(cls, spec: PreparationSpec, processor: Any) -> GuardEngine:
+        """An engine that only prepares: ``prepare`` as the engine of ``spec`` computes it, on ``processor``.
+
+        It holds no model (``run`` cannot work): what a preparation process builds, so that the batches it
+        prepares are exactly the engine's (every field ``prepare`` reads comes from ``spec``).
+        """
+        engine = cls.__new__(cls)
+        engine.model = None
+        engine.processor = processor
+        engine._family = get_family(spec.model.family)
+        engine._max_images = spec.max_images
+        engine.policies = spec.policies
+        engine.default_policy_id = spec.default_policy_id
+        engine.mode = spec.mode
+        engine.share_prefix = spec.share_prefix
+        engine.reference_cross_attention = spec.reference_cross_attention
+        engine.tokens = PromptTokenizer(engine.tokenizer, engine._family.name)
+        engine.answer_prefix_ids = list(spec.answer_prefix_ids)
+        engine.answer_tail = list(spec.answer_tail)
+        return engine
 
     @property
     def loaded(self) -> LoadedModel:

@@ -50,6 +50,7 @@ def run_isolated(
     prepared: Any = None,
     prepare_error: BaseException | None = None,
     forward: Callable[[Any], Results] | None = None,
+    prepare: Callable[[Sequence[GuardRequest]], Any] | None = None,
     on_batch: Callable[[Sequence[GuardRequest]], None] | None = None,
     on_split: Callable[[int, BaseException], None] | None = None,
 ) -> Results:
@@ -57,15 +58,19 @@ def run_isolated(
 
     ``prepared``: ``engine.prepare(requests)`` done ahead (the stream prepares on another thread), or
     ``prepare_error`` when that raised. ``forward``: how to run a prepared batch (default ``engine.run``; the
-    stream runs it on its model thread). ``on_batch(requests)`` is called for every forward pass run;
+    stream runs it on its model thread). ``prepare``: how to prepare a batch the bisection re-prepares (default
+    ``engine.prepare``; the stream may prepare image batches in a preparation process). An ``EngineError`` of
+    kind ``prepare`` raised for a whole batch ends, for the item that alone still fails, as that error's kind.
+    ``on_batch(requests)`` is called for every forward pass run;
     ``on_split(size, error)`` once when the batch as given had to be split.
     """
     requests = list(requests)
     run = forward if forward is not None else engine.run
+    prep = prepare if prepare is not None else engine.prepare
     try:
         if prepare_error is not None:
             raise prepare_error
-        return _run_whole(engine, requests, prepared, run, on_batch)
+        return _run_whole(requests, prepared, prep, run, on_batch)
     except Exception as error:  # noqa: BLE001 — isolated item by item below
         log.warning(
             "engine failed on a batch of %d (%s%s); splitting it to isolate the cause",
@@ -76,7 +81,7 @@ def run_isolated(
         )
         if on_split is not None:
             on_split(len(requests), error)
-        return _bisect(engine, requests, error, run, on_batch)
+        return _bisect(engine, requests, error, prep, run, on_batch)
 
 
 def classify_in_batches(
@@ -84,6 +89,7 @@ def classify_in_batches(
     requests: Sequence[GuardRequest],
     *,
     forward: Callable[[Any], Results] | None = None,
+    prepare: Callable[[Sequence[GuardRequest]], Any] | None = None,
     on_batch: Callable[[Sequence[GuardRequest]], None] | None = None,
     on_split: Callable[[int, BaseException], None] | None = None,
 ) -> Results:
@@ -92,22 +98,27 @@ def classify_in_batches(
     by_index: dict[int, GuardResult | EngineError] = {}
     for chunk in engine.batches(list(requests)):
         answers = run_isolated(
-            engine, [requests[i] for i in chunk], forward=forward, on_batch=on_batch, on_split=on_split
+            engine,
+            [requests[i] for i in chunk],
+            forward=forward,
+            prepare=prepare,
+            on_batch=on_batch,
+            on_split=on_split,
         )
         by_index.update(zip(chunk, answers, strict=True))
     return [by_index[i] for i in range(len(requests))]
 
 
 def _run_whole(
-    engine: GuardEngine,
     requests: list[GuardRequest],
     prepared: Any,
+    prepare: Callable[[Sequence[GuardRequest]], Any],
     run: Callable[[Any], Results],
     on_batch: Callable[[Sequence[GuardRequest]], None] | None,
 ) -> Results:
     """``run`` on the batch; raises ``BatchFailedError`` when a batch of several rows failed as a whole."""
     if prepared is None:
-        prepared = engine.prepare(requests)
+        prepared = prepare(requests)
     results = run(prepared)
     if on_batch is not None:
         on_batch(requests)
@@ -124,20 +135,23 @@ def _bisect(
     engine: GuardEngine,
     requests: list[GuardRequest],
     error: BaseException,
+    prepare: Callable[[Sequence[GuardRequest]], Any],
     run: Callable[[Any], Results],
     on_batch: Callable[[Sequence[GuardRequest]], None] | None,
 ) -> Results:
     if len(requests) == 1:
         kind = ErrorKind.OUT_OF_MEMORY if is_out_of_memory(error) else ErrorKind.MODEL
+        if isinstance(error, EngineError) and error.kind is ErrorKind.PREPARE:
+            kind = ErrorKind.PREPARE
         return [EngineError(f"the engine failed on this item ({type(error).__name__}: {error})", kind=kind)]
     empty_device_cache(engine)
     mid = len(requests) // 2
     results: Results = []
     for half in (requests[:mid], requests[mid:]):
         try:
-            results.extend(_run_whole(engine, half, None, run, on_batch))
+            results.extend(_run_whole(half, None, prepare, run, on_batch))
         except Exception as exc:  # noqa: BLE001 — one bad item must not fail the others
-            results.extend(_bisect(engine, half, exc, run, on_batch))
+            results.extend(_bisect(engine, half, exc, prepare, run, on_batch))
     return results
 
 

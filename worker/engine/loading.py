@@ -163,6 +163,39 @@ def _load_processor(processor_class: Any, model_type: str, source: str, common: 
         return Llama4PilProcessor.from_pretrained(source, **common)
 
 
+def _source(settings: ModelSettings) -> tuple[str, dict[str, Any]]:
+    """Where ``from_pretrained`` loads ``settings.path`` from, and the options it needs (revision, offline, token)."""
+    path = settings.path
+    local_dir = Path(path).expanduser()
+    is_local = local_dir.is_dir()
+    if not is_local and _looks_like_path(path):
+        what = "is not a directory" if local_dir.exists() else "no such directory"
+        raise ModelLoadError(f"model.path {path!r}: {what}")
+    source = str(local_dir) if is_local else path
+    if not is_local and settings.local_files_only:
+        # Resolve the hub id in the local cache ourselves: huggingface_hub contacts the Hub while building
+        # request headers even when local_files_only=True, and offline must mean no packet at all.
+        source = _cached_snapshot(path, settings.revision)
+    common: dict[str, Any] = {"revision": settings.revision, "local_files_only": settings.local_files_only}
+    if settings.hf_token is not None:
+        common["token"] = settings.hf_token.get_secret_value()
+    return source, common
+
+
+def load_processor(settings: ModelSettings) -> Any:
+    """The checkpoint's processor (tokenizer for a text-only family) alone, without the weights.
+
+    What a process that only prepares batches needs (``worker.moderation.image_preparation``).
+    """
+    from worker.engine.families import get_family
+
+    quiet_transformers()
+    family = get_family(settings.family)
+    source, common = _source(settings)
+    processor_class, _ = _classes(family.model_type)
+    return _load_processor(processor_class, family.model_type, source, common)
+
+
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load processor and model per ``settings`` (``worker.config.ModelSettings``)."""
     from transformers import AutoConfig
@@ -175,18 +208,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     path = settings.path
     local_dir = Path(path).expanduser()
     is_local = local_dir.is_dir()
-    if not is_local and _looks_like_path(path):
-        what = "is not a directory" if local_dir.exists() else "no such directory"
-        raise ModelLoadError(f"model.path {path!r}: {what}")
-    token = settings.hf_token.get_secret_value() if settings.hf_token is not None else None
-    source = str(local_dir) if is_local else path
-    if not is_local and settings.local_files_only:
-        # Resolve the hub id in the local cache ourselves: huggingface_hub contacts the Hub while building
-        # request headers even when local_files_only=True, and offline must mean no packet at all.
-        source = _cached_snapshot(path, settings.revision)
-    common: dict[str, Any] = {"revision": settings.revision, "local_files_only": settings.local_files_only}
-    if token is not None:
-        common["token"] = token
+    source, common = _source(settings)
     try:
         config = AutoConfig.from_pretrained(source, **common)
     except (OSError, ValueError) as exc:

@@ -98,6 +98,10 @@ class EngineError(Exception):
         self.detail = detail
         self._kind = ErrorKind(kind) if kind is not None else None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors cross processes (a batch prepared in a preparation process): keep more than the message.
+        return (type(self), (str(self), self.raw_output, self.detail, self._kind))
+
     @property
     def kind(self) -> ErrorKind:
         """Why there is no answer (read from ``detail["kind"]`` when not given; default ``malformed``)."""

@@ -39,7 +39,7 @@ from worker.ops import metrics
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from worker.config import Settings
+    from worker.config import LimitsSettings, Settings
     from worker.engine.blocklist import BlocklistHit
     from worker.engine.policy import Policy
     from worker.engine.registry import ModelRegistry
@@ -216,26 +216,11 @@ class Moderator:
 
     def decode_image(self, data: bytes, field: str | None = None) -> Image | Rejection:
         """One image's bytes as RGB pixels under ``limits`` (a pixel bomb or broken file is a rejection)."""
-        from worker.images.load import decode_image
-
-        try:
-            return decode_image(data, self.settings.limits, field=field)
-        except RejectedError as exc:
-            return exc.rejection
-        except Exception as exc:  # noqa: BLE001 — one bad item must not stop the others
-            return Rejection(
-                Reason.IMAGE_UNDECODABLE, f"the image could not be decoded ({type(exc).__name__})."
-            )
+        return decode_image_or_rejection(data, self.settings.limits, field)
 
     def decode_images(self, keyed: Keyed) -> tuple[Image, ...] | Rejection:
         """Every image of ``keyed`` decoded, in order; the first that fails rejects the event."""
-        images = []
-        for ref, data in zip(keyed.routed.event.images, keyed.images, strict=True):
-            image = self.decode_image(data, ref.field_path)
-            if isinstance(image, Rejection):
-                return image
-            images.append(image)
-        return tuple(images)
+        return decode_event_images(keyed.routed.event, keyed.images, self.settings.limits)
 
     def ready(self, keyed: Keyed, images: tuple[Image, ...] = ()) -> Ready:
         """The engine request for ``keyed`` with its decoded ``images``, and the judged text's language."""
@@ -253,13 +238,14 @@ class Moderator:
         prepared: Any = None,
         prepare_error: BaseException | None = None,
         forward: Callable[[Any], list[GuardResult | EngineError]] | None = None,
+        prepare: Callable[[Sequence[GuardRequest]], Any] | None = None,
         on_batch: Callable[[Sequence[GuardRequest]], None] | None = None,
         on_split: Callable[[int, BaseException], None] | None = None,
     ) -> list[GuardResult | EngineError]:
         """``model``'s answers for ``ready``, in order, each with its item's language; failures isolated.
 
         Without ``prepared``, ``ready`` is split into the engine's ``batches`` (modality, size) first.
-        ``prepared``/``prepare_error``/``forward``/``on_batch``/``on_split``: see
+        ``prepared``/``prepare_error``/``forward``/``prepare``/``on_batch``/``on_split``: see
         ``worker.engine.isolation.run_isolated`` (the stream prepares ahead and runs on its model thread).
         """
         engine = self.models.engine(model)
@@ -271,12 +257,13 @@ class Moderator:
                 prepared=prepared,
                 prepare_error=prepare_error,
                 forward=forward,
+                prepare=prepare,
                 on_batch=on_batch,
                 on_split=on_split,
             )
         else:
             results = classify_in_batches(
-                engine, requests, forward=forward, on_batch=on_batch, on_split=on_split
+                engine, requests, forward=forward, prepare=prepare, on_batch=on_batch, on_split=on_split
             )
         answered: list[GuardResult | EngineError] = []
         for item, result in zip(ready, results, strict=True):
@@ -330,6 +317,36 @@ class Moderator:
         return verdict
 
 
+def decode_image_or_rejection(
+    data: bytes, limits: LimitsSettings, field: str | None = None
+) -> Image | Rejection:
+    """One image's bytes as RGB pixels under ``limits`` (a pixel bomb or broken file is a rejection)."""
+    from worker.images.load import decode_image
+
+    try:
+        return decode_image(data, limits, field=field)
+    except RejectedError as exc:
+        return exc.rejection
+    except Exception as exc:  # noqa: BLE001 — one bad item must not stop the others
+        return Rejection(Reason.IMAGE_UNDECODABLE, f"the image could not be decoded ({type(exc).__name__}).")
+
+
+def decode_event_images(
+    event: ChatEvent, datas: Sequence[bytes], limits: LimitsSettings
+) -> tuple[Image, ...] | Rejection:
+    """Every image of ``event`` (its bytes ``datas``, in order) decoded; the first that fails rejects the event.
+
+    Plain function: a preparation process decodes with it too (``worker.moderation.image_preparation``).
+    """
+    images = []
+    for ref, data in zip(event.images, datas, strict=True):
+        image = decode_image_or_rejection(data, limits, ref.field_path)
+        if isinstance(image, Rejection):
+            return image
+        images.append(image)
+    return tuple(images)
+
+
 def engine_error_rejection(error: EngineError) -> Rejection:
     """The ``engine_error`` rejection for an item the model gave no answer for (raw output quoted, bounded)."""
     detail = str(error)
@@ -347,5 +364,7 @@ __all__ = [
     "Moderator",
     "Ready",
     "Routed",
+    "decode_event_images",
+    "decode_image_or_rejection",
     "engine_error_rejection",
 ]

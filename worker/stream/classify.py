@@ -6,7 +6,10 @@ routine, ``probe``, ``store``); this module decides *when* they run on the strea
 - batching by model and modality, up to ``batching.max_size`` or ``max_wait_ms`` (``MicroBatcher``); an
   event whose content is already being classified joins that entry instead of running twice;
 - preparation (image decode, language, ``engine.prepare``: tiling, tokenization) on the thread pool, at most
-  ``PREPARE_AHEAD`` batches ahead, so the next batch is ready when the model finishes this one;
+  ``PREPARE_AHEAD`` batches ahead, so the next batch is ready when the model finishes this one; with
+  ``batching.prepare_processes`` an image batch's decode and ``engine.prepare`` run in a preparation process
+  (``worker.moderation.image_preparation``) while the pool thread waits, so they never hold the model thread's
+  GIL; a batch that fails there is isolated through the same processes (``run_isolated``'s ``prepare``);
 - the forward pass on the model thread while the loop thread keeps applying acks (``while_waiting``):
   otherwise the previous batch's acks wait out the whole forward pass, and a crash in that window replays
   answers the broker already has;
@@ -31,9 +34,11 @@ from worker.engine.padding import batch_padding
 from worker.engine.registry import ModelRegistry
 from worker.engine.types import EngineError, GuardRequest, GuardResult
 from worker.moderation.batching import Batch, BatchEntry, MicroBatcher, conversation_chars
+from worker.moderation.image_preparation import ImageItem, ImagePreparation, as_batch
 from worker.moderation.moderator import (
     ENGINE_ERROR_MESSAGE_CHARS,
     Answer,
+    Keyed,
     Moderator,
     Ready,
     engine_error_rejection,
@@ -104,8 +109,10 @@ class Classify:
         model_thread: cf.Executor,
         counters: Counter[str],
         while_waiting: Callable[[], None],
+        preparation: ImagePreparation | None = None,
     ) -> None:
         self._moderator = moderator
+        self._preparation = preparation
         self._cache = cache
         self._guard = guard
         self._pool = pool
@@ -200,6 +207,11 @@ class Classify:
         """CPU preparation of one batch: decode images, the request and its language, ``engine.prepare``."""
         moderator = self._moderator
         work = PreparedWork(batch.model, batch.modality)
+        preparation = self._preparation_for(batch.model, [entry.leader.keyed for entry in batch.entries])
+        if preparation is not None:
+            with metrics.observe_stage("prepare"):
+                self._prepare_in_process(preparation, batch, work)
+            return work
         with metrics.observe_stage("prepare"):
             for entry in batch.entries:
                 keyed = entry.leader.keyed
@@ -216,6 +228,54 @@ class Classify:
                 except Exception as exc:  # noqa: BLE001 — isolated item by item on the loop thread
                     work.error = exc
         return work
+
+    def _preparation_for(self, model: str, keyed: Sequence[Keyed]) -> ImagePreparation | None:
+        """The preparation processes, for a batch of ``keyed`` that has images of a model that reads them."""
+        preparation = self._preparation
+        if preparation is not None and preparation.handles(model) and any(k.images for k in keyed):
+            return preparation
+        return None
+
+    def _prepare_in_process(
+        self, preparation: ImagePreparation, batch: Batch[KeyedRecord], work: PreparedWork
+    ) -> None:
+        """Decode and ``engine.prepare`` in a preparation process; the language here (memoized in this process)."""
+        keyed = [entry.leader.keyed for entry in batch.entries]
+        try:
+            child = preparation.prepare(batch.model, [ImageItem.of(k) for k in keyed])
+        except EngineError as exc:  # died or hung on it: isolated item by item on the loop thread
+            work.entries = list(batch.entries)
+            work.ready = [self._moderator.ready(k) for k in keyed]
+            work.error = exc
+            return
+        for entry, one, rejection in zip(batch.entries, keyed, child.rejections, strict=True):
+            if rejection is not None:
+                work.rejected.append((entry, rejection))
+                continue
+            work.entries.append(entry)
+            # The request carries no decoded image here: its tensors come from the child, and every
+            # re-preparation (isolation, a held batch) goes through ``_prepare_hook`` to the child again.
+            work.ready.append(self._moderator.ready(one))
+        if child.batch is not None:
+            child.batch.requests = [r.request for r in work.ready]
+            work.prepared = child.batch
+
+    def _prepare_hook(self, work: PreparedWork) -> Callable[[Sequence[GuardRequest]], Any] | None:
+        """How the isolation re-prepares parts of ``work`` (None: ``engine.prepare`` in this process)."""
+        preparation = self._preparation_for(work.model, [r.keyed for r in work.ready])
+        if preparation is None:
+            return None
+        source = {id(r.request): r.keyed for r in work.ready}
+        mode = getattr(self._moderator.models.engine(work.model), "mode", "single_pass")
+
+        def prepare(requests: Sequence[GuardRequest]) -> Any:
+            items = [source[id(r)] for r in requests]
+            child = preparation.prepare(
+                work.model, [ImageItem.of(k) for k in items], while_waiting=self._while_waiting
+            )
+            return as_batch(requests, child, mode, has_image=any(k.images for k in items))
+
+        return prepare
 
     # -- the model --------------------------------------------------------------------------------------
 
@@ -242,6 +302,7 @@ class Classify:
                 prepared=prepared,
                 prepare_error=prepare_error,
                 forward=forward,
+                prepare=self._prepare_hook(work),
                 on_batch=on_batch,
                 on_split=on_split,
             )

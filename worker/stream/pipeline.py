@@ -42,6 +42,7 @@ from worker.cache.published import PublishedMarkers
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.engine.registry import ModelRegistry
+from worker.moderation.image_preparation import ImagePreparation
 from worker.moderation.moderator import Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
@@ -122,6 +123,7 @@ class StreamPipeline:
         worker_name: str = "worker",
         cache: VerdictCache | None = None,
         clients: KafkaClients | None = None,
+        image_preparation: ImagePreparation | None = None,
     ) -> None:
         self.settings = settings
         # The models this worker judges with (a single engine is the one model); ``engine`` is the first.
@@ -132,6 +134,8 @@ class StreamPipeline:
         self.worker_name = worker_name
         self._cache = cache
         self._clients = clients  # None: the real Kafka clients, looked up when the pipeline opens
+        # None: started when the pipeline opens if batching.prepare_processes asks for it; closed with it
+        self.image_preparation = image_preparation
         self._stop = threading.Event()
         self._running = False
         self._guard = FailureGuard(settings.failures)
@@ -309,6 +313,12 @@ class StreamPipeline:
             self.settings.batching.prepare_threads, thread_name_prefix=f"{self.worker_name}-prep"
         )
         self._model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{self.worker_name}-model")
+        if self.image_preparation is None and self.settings.batching.prepare_processes > 0:
+            if any(getattr(e, "supports_images", False) for e in models.engines.values()):
+                self.image_preparation = ImagePreparation(self.settings, models)
+        if self.image_preparation is not None:
+            # Up before the first poll, as the models are: the first image batch must not wait on a start.
+            self.image_preparation.wait_started()
         self.checkpoint = Checkpoint(self.consumer, settle=lambda timeout_s: self.outputs.settle(timeout_s))
         publisher = Publisher(self._producer, self.settings.topics)
         moderator = self.moderator
@@ -325,6 +335,7 @@ class StreamPipeline:
             self._model_thread,
             self.counters,
             while_waiting=self._apply_acks_if_awaited,
+            preparation=self.image_preparation,
         )
         self.partitions = Partitions(self.consumer, self.checkpoint, self.settings.batching, self._forget)
         self._running = True
@@ -346,6 +357,8 @@ class StreamPipeline:
         metrics.WORKER_READY.set(0)
         for cause in list(self._guard.outages):  # this worker no longer reports; its outage ends with it
             self._guard.leave(cause)
+        if self.image_preparation is not None:  # first: a pool thread may be waiting on a child
+            self.image_preparation.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._model_thread.shutdown(wait=True, cancel_futures=True)
         try:

@@ -1,0 +1,247 @@
+"""Image batches prepared in preparation processes (``batching.prepare_processes``): exact, fault-isolated, reaped.
+
+Real components: the trained tiny Llama Guard 3 Vision checkpoint and its transformers processor, real child
+processes (``spawn``), the embedded tansu broker. Faults are injected in the child by a test-only hook run
+before each item is decoded (``ImagePreparation(before_item=...)``).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+
+import orjson
+import psutil
+import pytest
+import torch
+
+from tests.support.contracts import validate_dead_letter, validate_verdict
+from tests.support.kafka_io import (
+    WorkerThread,
+    committed_offsets,
+    end_offsets,
+    fully_committed,
+    produce,
+    read_json,
+    run_to_completion,
+    wait_for,
+)
+from worker.config import load_settings
+from worker.contracts.decode import decode_event
+from worker.contracts.rejections import Reason, Rejection
+from worker.dev.tiny_model.synthetic import synthetic_examples
+from worker.engine.registry import ModelRegistry
+from worker.moderation.image_preparation import ImageItem, ImagePreparation
+from worker.moderation.moderator import Keyed, Moderator
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def image_events(n: int, *, seed: int, prefix: str = "img") -> list[dict]:
+    """``n`` distinct image events of the toy policy (safe and unsafe), ids ``{prefix}-{i}``."""
+    pool = [e.event for e in synthetic_examples(n * 12 + 50, seed=seed, split="train") if e.has_image]
+    assert len(pool) >= n
+    return [dict(pool[i], event_id=f"{prefix}-{i}", conversation_id=f"c-{prefix}-{i}") for i in range(n)]
+
+
+def with_broken_image(record: dict) -> dict:
+    """``record`` with its image replaced by bytes that claim to be a PNG and are not."""
+    broken = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n not really").decode()
+    record = orjson.loads(orjson.dumps(record))
+    for part in record["messages"][-1]["content"]:
+        if part.get("type") == "image_url":
+            part["image_url"]["url"] = broken
+    return record
+
+
+def keyed_items(moderator: Moderator, records: list[dict]) -> list[Keyed]:
+    out = []
+    for record in records:
+        event = decode_event(orjson.dumps(record), moderator.settings)
+        assert not isinstance(event, Rejection), event
+        routed = moderator.route(event)
+        keyed = moderator.load_images(routed)  # type: ignore[arg-type]
+        assert isinstance(keyed, Keyed), keyed
+        out.append(keyed)
+    return out
+
+
+def fault_on_marked_events(item: ImageItem) -> None:
+    """Test-only child hook: ``crash-*`` events kill the preparation process, ``hang-*`` events hang it."""
+    if item.event.event_id.startswith("crash-"):
+        os._exit(3)
+    if item.event.event_id.startswith("hang-"):
+        time.sleep(3600)
+
+
+@pytest.mark.parametrize("share_prompt_prefix", [True, False])
+def test_a_batch_prepared_in_a_preparation_process_is_bit_identical_to_one_prepared_in_process(
+    guard_engine, engine_settings_overrides, share_prompt_prefix
+):
+    settings = load_settings(None, **engine_settings_overrides, batching__prepare_processes=1)
+    engine = guard_engine.with_mode("single_pass", share_prefix=share_prompt_prefix)
+    models = ModelRegistry.of(engine, settings)
+    moderator = Moderator(models, settings)
+    records = image_events(12, seed=5)
+    records[4] = with_broken_image(records[4])
+    keyed = keyed_items(moderator, records)
+
+    # In process: what the stream's preparation threads do.
+    decoded = [moderator.decode_images(k) for k in keyed]
+    assert isinstance(decoded[4], Rejection) and decoded[4].reason is Reason.IMAGE_UNDECODABLE
+    local = engine.prepare(
+        [
+            moderator.ready(k, images).request
+            for k, images in zip(keyed, decoded)
+            if not isinstance(images, Rejection)
+        ]
+    )
+
+    preparation = ImagePreparation(settings, models)
+    try:
+        child = preparation.prepare("default", [ImageItem.of(k) for k in keyed])
+    finally:
+        preparation.close()
+
+    assert child.rejections[4] == decoded[4]
+    assert [r is None for r in child.rejections] == [not isinstance(d, Rejection) for d in decoded]
+    remote = child.batch
+    assert remote is not None
+    assert remote.requests == []  # the decoded images stay in the child
+    assert (remote.has_image, remote.mode, remote.rows, remote.errors) == (
+        local.has_image,
+        local.mode,
+        local.rows,
+        local.errors,
+    )
+    assert remote.prefix_keys == local.prefix_keys and remote.prefix_ids == local.prefix_ids
+    assert bool(local.prefix_keys) == share_prompt_prefix
+    assert sorted(remote.inputs) == sorted(local.inputs)
+    assert "pixel_values" in local.inputs
+    for name, tensor in local.inputs.items():
+        other = remote.inputs[name]
+        assert other.dtype == tensor.dtype and other.shape == tensor.shape, name
+        assert torch.equal(other, tensor), name
+
+    # The model answers the same from either batch.
+    remote.requests = list(local.requests)
+    assert [r.score for r in engine.run(remote)] == [r.score for r in engine.run(local)]
+
+
+def test_a_preparation_process_that_crashes_or_hangs_on_an_image_dead_letters_it_and_answers_the_rest(
+    make_settings, engine_settings_overrides, guard_engine
+):
+    settings = make_settings(
+        **engine_settings_overrides,
+        redis__enabled=False,
+        batching__max_size=2,  # small batches: fewer bisection levels, fewer restarts
+        batching__max_wait_ms=200,
+        batching__prepare_processes=1,
+        batching__prepare_timeout_s=5,
+    )
+    records = image_events(8, seed=7)
+    records[2]["event_id"] = "crash-2"
+    records[6]["event_id"] = "hang-6"
+    produce(settings, [(r["conversation_id"].encode(), orjson.dumps(r)) for r in records], partitions=1)
+    preparation = ImagePreparation(
+        settings, ModelRegistry.of(guard_engine, settings), before_item=fault_on_marked_events
+    )
+
+    worker = run_to_completion(
+        settings, guard_engine, 8, timeout_s=400, what="all answered", image_preparation=preparation
+    )
+
+    verdicts = read_json(settings, settings.topics.verdicts)
+    dead = read_json(settings, settings.topics.dlq)
+    ids = [r["event_id"] for r in records]
+    assert sorted(v["event_id"] for v in verdicts) == sorted(i for i in ids if i not in ("crash-2", "hang-6"))
+    assert sorted(d["event_id"] for d in dead) == ["crash-2", "hang-6"]
+    by_id = {d["event_id"]: d for d in dead}
+    assert {d["reason"] for d in dead} == {"engine_error"}
+    assert "died" in by_id["crash-2"]["message"]
+    assert "prepare_timeout_s" in by_id["hang-6"]["message"]
+    for v in verdicts:
+        validate_verdict(v)
+    for d in dead:
+        validate_dead_letter(d)
+    assert preparation.restarts >= 2  # one per fault at least
+    assert worker.pipeline.counters["isolations"] >= 2
+    assert committed_offsets(settings, settings.topics.events, partitions=1) == end_offsets(
+        settings, settings.topics.events
+    )
+
+
+def test_the_pipeline_with_preparation_processes_answers_every_image_event_as_threads_do_and_leaves_no_child(
+    make_settings, engine_settings_overrides, guard_engine
+):
+    records = image_events(40, seed=9)
+    answers = {}
+    for processes in (1, 0):
+        own = {  # each mode on topics and a group of its own
+            f"topics__{topic}": f"{make_settings().topics.events}.{topic}.{processes}"
+            for topic in ("events", "verdicts", "flagged", "dlq", "review")
+        }
+        settings = make_settings(
+            **engine_settings_overrides,
+            **own,
+            kafka__group_id=f"{make_settings().kafka.group_id}-{processes}",
+            redis__enabled=False,
+            batching__max_size=8,
+            batching__prepare_processes=processes,
+        )
+        produce(settings, [(r["conversation_id"].encode(), orjson.dumps(r)) for r in records])
+        worker = WorkerThread(settings, guard_engine).start()
+        try:
+            wait_for(
+                lambda: fully_committed(worker.pipeline, len(records)),
+                timeout_s=300,
+                what="all committed",
+                workers=[worker],
+            )
+            preparation = worker.pipeline.image_preparation
+            children = preparation.pids if preparation is not None else []
+        finally:
+            worker.stop()
+        assert (preparation is not None) == (processes > 0)
+        if processes:
+            assert len(children) == processes and preparation.restarts == 0
+            # Closed with the pipeline: no preparation process outlives it (not even as a zombie).
+            alive = {p.pid for p in psutil.Process().children(recursive=True)}
+            assert not alive & set(children)
+            assert not any(psutil.pid_exists(pid) for pid in children)
+        verdicts = read_json(settings, settings.topics.verdicts)
+        assert read_json(settings, settings.topics.dlq) == []
+        assert sorted(v["event_id"] for v in verdicts) == sorted(r["event_id"] for r in records)
+        for v in verdicts:
+            validate_verdict(v)
+        # Committed only after the acks: every offset of every partition, nothing beyond.
+        assert committed_offsets(settings, settings.topics.events) == end_offsets(
+            settings, settings.topics.events
+        )
+        answers[processes] = {v["event_id"]: (v["decision"], v["categories"], v["score"]) for v in verdicts}
+    # The same decisions; scores equal up to float noise (batches form by timing, so rows are padded in
+    # different company: bit-identical tensors for the same batch are the first test's point).
+    assert {k: a[:2] for k, a in answers[1].items()} == {k: a[:2] for k, a in answers[0].items()}
+    assert answers[1] == {k: (*a[:2], pytest.approx(a[2], abs=1e-6)) for k, a in answers[0].items()}
+
+
+def test_a_childs_answer_for_part_of_a_batch_keeps_every_request_and_turns_rejections_into_prepare_errors():
+    from worker.engine.engine import PreparedBatch
+    from worker.engine.types import EngineError
+    from worker.moderation.image_preparation import ChildPrepared, as_batch
+
+    prepared = PreparedBatch(
+        [], True, "single_pass", rows=[0, 2], errors={1: EngineError("no", kind="prepare")}
+    )
+    rejection = Rejection(Reason.IMAGE_UNDECODABLE, "the image could not be decoded (OSError).")
+    child = ChildPrepared([None, rejection, None, None], prepared)
+    requests = ["r0", "r1", "r2", "r3"]  # stand-ins: only their order matters here
+
+    batch = as_batch(requests, child, "single_pass", has_image=True)
+
+    assert batch.requests == requests
+    assert batch.rows == [0, 3]  # the child's rows 0 and 2 are the parent's 0 and 3
+    assert sorted(batch.errors) == [1, 2]
+    assert batch.errors[1].kind.value == "prepare" and "could not be decoded" in str(batch.errors[1])
+    assert str(batch.errors[2]) == "no"
