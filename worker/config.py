@@ -203,6 +203,14 @@ class BatchingSettings(Section):
         "preparation threads (or prepare_processes when set; at least 1), so preparing images never "
         "oversubscribes the cores the model runs on",
     )
+    intake_processes: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="processes that decode, route and key text events and answer the verdict-cache hits among "
+        "them, off the loop thread's GIL (the hit path then scales with cores); started on the first burst of "
+        "records, used while most records they get are answered there; 0 = the loop thread does it all",
+    )
     mix_modalities: bool = Field(
         False,
         description="let text-only and image items share a batch for a model whose engine computes mixed batches "

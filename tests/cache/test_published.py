@@ -48,3 +48,50 @@ def test_markers_answer_not_acknowledged_while_redis_is_unreachable_or_they_are_
         assert markers.acknowledged([(TP, 1, record_digest(b"x"))]) == [False]
     finally:
         cache.close()
+
+
+class CountingCache:
+    """The real cache, counting the keys each read asks Redis for."""
+
+    def __init__(self, cache: VerdictCache) -> None:
+        self.cache = cache
+        self.reads: list[list[str]] = []
+        self.enabled = cache.enabled
+
+    def get_raw(self, keys):
+        self.reads.append(list(keys))
+        return self.cache.get_raw(keys)
+
+    def set_raw(self, items, ttl_s):
+        return self.cache.set_raw(items, ttl_s)
+
+
+def test_offsets_above_a_partitions_high_water_mark_are_not_looked_up(services, make_settings):
+    settings = make_settings()
+    cache = VerdictCache(settings.redis)
+    try:
+        digest = record_digest(b"r")
+        earlier = PublishedMarkers(cache, settings)  # the partition's previous owner
+        earlier.mark([(TP, 5, digest), (TP, 7, digest)])
+        earlier.mark([(TP, 6, digest)])  # acks out of order: the high-water mark stays 7
+
+        counting = CountingCache(cache)
+        markers = PublishedMarkers(counting, settings)  # type: ignore[arg-type]
+        replayed = [(TP, offset, digest) for offset in range(5, 10)]
+        assert markers.acknowledged(replayed) == [True, True, True, False, False]
+        high, lookups = counting.reads
+        assert high == [markers._high_key(TP)]
+        assert len(lookups) == 3  # offsets 5-7 (at or below 7); 8 and 9 were never answered
+        counting.reads.clear()
+        assert markers.acknowledged([(TP, 10, digest), (TP, 11, digest)]) == [False, False]
+        assert counting.reads == []  # steady state: no Redis round trip at all
+
+        markers.mark([(TP, 10, digest)])  # this worker's own answers raise the mark it knows
+        assert markers.acknowledged([(TP, 10, digest)]) == [True]
+        markers.forget(TP)  # the partition left: its mark is read again when it returns
+        counting.reads.clear()
+        assert markers.acknowledged([(TP, 10, digest)]) == [True]
+        assert len(counting.reads) == 2
+        assert PublishedMarkers(cache, settings).acknowledged([(TP, 10, digest)]) == [True]
+    finally:
+        cache.close()

@@ -7,6 +7,8 @@ marker ``<prefix>pub:<group>:<topic>:<partition>:<offset>`` (all of a loop turn 
 on intake, one MGET per poll finds the replayed records that are marked, and they are completed without
 being published again.
 
+Per partition, a high-water mark key (``...:<partition>:high``, the highest offset marked there) spares the
+lookups in the steady state: an offset above it was never answered, so only a replayed tail is looked up.
 The marker's value is a digest of the record's bytes: a marker left by another record at the same
 coordinates (a topic deleted and re-created) does not match and is ignored. The key holds the consumer
 group, since another group reading the same topic publishes its own answers.
@@ -46,22 +48,59 @@ class PublishedMarkers:
         self._prefix = f"{settings.redis.key_prefix}pub:{consumer_group_id(settings)}:"
         self._ttl = settings.redis.published_marker_ttl_s
         self.enabled = cache.enabled and settings.redis.published_markers
+        # Per partition: the highest offset known to be marked (-1: none), read from Redis once per assignment.
+        self._high: dict[TopicPartition, int] = {}
 
     def _key(self, tp: TopicPartition, offset: int) -> str:
         return f"{self._prefix}{tp.topic}:{tp.partition}:{offset}"
 
+    def _high_key(self, tp: TopicPartition) -> str:
+        return f"{self._prefix}{tp.topic}:{tp.partition}:high"
+
     def acknowledged(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[bool]:
-        """For each ``(tp, offset, digest)``: whether its answer was already acknowledged (one MGET)."""
+        """For each ``(tp, offset, digest)``: whether its answer was already acknowledged.
+
+        Only an offset at or below its partition's high-water mark (the highest offset marked there, read
+        once per partition until ``forget``) can have a marker: the rest are not looked up at all, so in the
+        steady state intake costs Redis nothing; after a crash, the replayed tail is looked up (one MGET).
+        """
+        answered = [False] * len(records)
         if not self.enabled or not records:
-            return [False] * len(records)
-        stored = self._cache.get_raw([self._key(tp, offset) for tp, offset, _ in records])
-        if stored is None:
-            return [False] * len(records)
-        return [value == digest for value, (_, _, digest) in zip(stored, records, strict=True)]
+            return answered
+        unknown = list({tp for tp, _, _ in records if tp not in self._high})
+        if unknown:
+            stored = self._cache.get_raw([self._high_key(tp) for tp in unknown])
+            if stored is None:
+                return answered  # Redis is down: nothing is known (learnt again on the next poll)
+            for tp, value in zip(unknown, stored, strict=True):
+                self._high[tp] = int(value) if value is not None and value.isdigit() else -1
+        high = self._high
+        candidates = [i for i, (tp, offset, _) in enumerate(records) if offset <= high[tp]]
+        if not candidates:
+            return answered
+        stored = self._cache.get_raw([self._key(records[i][0], records[i][1]) for i in candidates])
+        if stored is not None:
+            for i, value in zip(candidates, stored, strict=True):
+                answered[i] = value == records[i][2]
+        return answered
 
     def mark(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
-        """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one round trip per 512)."""
-        if self.enabled and records:
-            self._cache.set_raw(
-                [(self._key(tp, offset), digest) for tp, offset, digest in records], self._ttl
-            )
+        """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one round trip per 512).
+
+        A partition's high-water mark is written with them when it rises (never lowered by this worker).
+        """
+        if not self.enabled or not records:
+            return
+        items = [(self._key(tp, offset), digest) for tp, offset, digest in records]
+        risen: dict[TopicPartition, int] = {}
+        for tp, offset, _ in records:
+            if offset > self._high.get(tp, -1) and offset > risen.get(tp, -1):
+                risen[tp] = offset
+        for tp, offset in risen.items():
+            self._high[tp] = offset
+            items.append((self._high_key(tp), str(offset).encode()))
+        self._cache.set_raw(items, self._ttl)
+
+    def forget(self, tp: TopicPartition) -> None:
+        """``tp`` left this consumer: read its high-water mark again if it comes back (another worker marked)."""
+        self._high.pop(tp, None)

@@ -294,10 +294,13 @@ class Moderator:
         *,
         latency_ms: float,
         source: SourceCoordinates | None = None,
+        count: bool = True,
     ) -> dict[str, Any]:
         """The verdict record (``schemas/verdict.v1.json``) for ``keyed``; counts blocklist hits and the review band.
 
         Verdict counts by decision and category are left to the edge (the stream tallies them per loop turn).
+        ``count=False`` leaves the blocklist and review-band counts to the caller too (``count_verdict``): a
+        process whose metrics nobody scrapes hands them to one whose metrics are.
         """
         routed = keyed.routed
         verdict = verdict_for(
@@ -310,11 +313,17 @@ class Moderator:
             hits=routed.hits,
             source=source,
         )
-        if routed.hits:
-            metrics.record_blocklist_hits(routed.hits, halted=answer.result.halted)
-        if verdict.get("review"):
-            metrics.REVIEW_BAND.inc()
+        if count:
+            count_verdict(routed.hits, answer.result.halted, bool(verdict.get("review")))
         return verdict
+
+
+def count_verdict(hits: tuple[BlocklistHit, ...], halted: bool, review: bool) -> None:
+    """Count a verdict's blocklist hits and whether it fell in the human-review band."""
+    if hits:
+        metrics.record_blocklist_hits(hits, halted=halted)
+    if review:
+        metrics.REVIEW_BAND.inc()
 
 
 def decode_image_or_rejection(

@@ -214,6 +214,18 @@ DUPLICATES_SKIPPED = Counter(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+INTAKE_PROCESSES = Gauge(
+    "intake_processes",
+    "Intake processes ready to decode and answer cache hits off the loop thread (0 until the first burst).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
+INTAKE_PROCESS_ANSWERS = Counter(
+    "intake_process_answers_total",
+    "Events an intake process answered (a cache hit or a halting blocklist) and encoded the verdict of.",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 WORKER_READY = Gauge(
     "worker_ready",
     "1 when this worker is ready (model loaded and partitions assigned), else 0.",

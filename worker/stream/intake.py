@@ -6,10 +6,17 @@ completed without output; anything else is decoded (bad input → a ``Rejection`
 (``Moderator.route``: its tenant's policy, the model that judges it). A record another pool's model judges is
 completed without output; one no model can judge is a dead letter in exactly one pool
 (``ModelRegistry.owns_unrouted``).
+
+With intake processes (``worker.stream.intake_pool``), a poll's records go there as one chunk instead, once
+they are started and while they pay; a chunk's answered records come back as encoded verdicts, the rest take
+the path above when the chunk returns (a later turn: ``pending`` says one is out).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +31,16 @@ from worker.contracts.rejections import Rejection
 from worker.moderation.moderator import Elsewhere, Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
+from worker.stream.intake_pool import (
+    CHUNK_TIMEOUT_S,
+    ChunkAnswers,
+    EncodedHit,
+    IntakePool,
+    IntakeProcessError,
+)
 from worker.stream.items import Consumed, RoutedRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -38,10 +54,11 @@ class Rejected:
 
 @dataclass(slots=True)
 class Accepted:
-    """One poll after intake: events for the lookup, records for the dead-letter topic."""
+    """One turn of intake: events for the lookup, records for the dead-letter topic, verdicts answered already."""
 
     routed: list[RoutedRecord] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    answered: list[tuple[Consumed, EncodedHit]] = field(default_factory=list)
 
 
 class Intake:
@@ -54,41 +71,107 @@ class Intake:
         checkpoint: Checkpoint,
         markers: PublishedMarkers,
         counters: Counter[str],
+        pool: IntakePool | None = None,
     ) -> None:
         self._settings = settings
+        self._pool = pool
+        # Chunks out in intake processes: (their records, the answers' future, when to give up waiting).
+        self._chunks: list[tuple[list[Consumed], cf.Future[ChunkAnswers], float]] = []
         self._moderator = moderator
         self._checkpoint = checkpoint
         self._markers = markers
         self._counters = counters
         self.positions: dict[TopicPartition, int] = {}
 
+    @property
+    def pending(self) -> bool:
+        """Whether a chunk of records is out in an intake process."""
+        return bool(self._chunks)
+
     def accept(self, records: dict[TopicPartition, list[Any]]) -> Accepted:
-        """Take one poll's records (see the module docstring)."""
+        """Take one poll's records (see the module docstring), and the chunks that came back from processes."""
         accepted = Accepted()
-        if not records:
-            return accepted
-        with metrics.observe_stage("decode"):  # per poll, not per record: the timer costs as much as decoding
-            polled = [(tp, record) for tp, batch in records.items() for record in batch]
-            digests = (
-                [record_digest(r.value) for _, r in polled] if self._markers.enabled else [b""] * len(polled)
-            )
-            answered = self._markers.acknowledged(
-                [(tp, r.offset, d) for (tp, r), d in zip(polled, digests, strict=True)]
-            )
-            for (tp, record), digest, done in zip(polled, digests, answered, strict=True):
-                generation = self._checkpoint.register(tp, record.offset)
-                if generation is None:
-                    continue  # re-fetched after a seek: already in flight
-                self.positions[tp] = record.offset + 1
-                self._counters["consumed"] += 1
-                consumed = Consumed.of(tp, record, generation, digest)
-                if done:  # answered and acknowledged by an earlier run
-                    self._complete_without_output(consumed)
-                    self._counters["replays_skipped"] += 1
-                    metrics.REPLAYS_SKIPPED.inc()
-                    continue
-                self._route(consumed, accepted)
+        if records:
+            with metrics.observe_stage(
+                "decode"
+            ):  # per poll, not per record: the timer costs as much as decoding
+                fresh = self._register(records)
+                if fresh and self._pool is not None and self._pool.wants(len(fresh)):
+                    self._send(fresh)
+                else:
+                    for consumed in fresh:
+                        self._route(consumed, accepted)
+        if self._chunks:
+            self._collect(accepted)
         return accepted
+
+    def _register(self, records: dict[TopicPartition, list[Any]]) -> list[Consumed]:
+        """Register every polled record; the ones to decode (not re-fetched, not answered before a crash)."""
+        polled = [(tp, record) for tp, batch in records.items() for record in batch]
+        digests = (
+            [record_digest(r.value) for _, r in polled] if self._markers.enabled else [b""] * len(polled)
+        )
+        answered = self._markers.acknowledged(
+            [(tp, r.offset, d) for (tp, r), d in zip(polled, digests, strict=True)]
+        )
+        fresh = []
+        for (tp, record), digest, done in zip(polled, digests, answered, strict=True):
+            generation = self._checkpoint.register(tp, record.offset)
+            if generation is None:
+                continue  # re-fetched after a seek: already in flight
+            self.positions[tp] = record.offset + 1
+            self._counters["consumed"] += 1
+            consumed = Consumed.of(tp, record, generation, digest)
+            if done:  # answered and acknowledged by an earlier run
+                self._complete_without_output(consumed)
+                self._counters["replays_skipped"] += 1
+                metrics.REPLAYS_SKIPPED.inc()
+                continue
+            fresh.append(consumed)
+        return fresh
+
+    def _send(self, fresh: list[Consumed]) -> None:
+        assert self._pool is not None
+        items = [(c.raw, c.received, c.tp.topic, c.tp.partition, c.offset) for c in fresh]
+        self._chunks.append((fresh, self._pool.submit(items), time.monotonic() + CHUNK_TIMEOUT_S))
+
+    def _collect(self, accepted: Accepted) -> None:
+        """The chunks that came back: answered records to publish, the others down the loop thread's path."""
+        assert self._pool is not None
+        waiting = []
+        for chunk, future, deadline in self._chunks:
+            if not future.done() and time.monotonic() < deadline:
+                waiting.append((chunk, future, deadline))
+                continue
+            try:
+                if not future.done():
+                    raise IntakeProcessError(
+                        f"no answer to a chunk of {len(chunk)} records in {CHUNK_TIMEOUT_S:g}s"
+                    )
+                result = future.result()
+            except BaseException as exc:  # noqa: BLE001 — a dead, failed or hung process: redo the chunk here
+                self._pool.failed(exc)
+                with metrics.observe_stage("decode"):
+                    for consumed in chunk:
+                        self._route(consumed, accepted)
+                continue
+            metrics.STAGE_SECONDS.labels(stage="decode").observe(result.decode_s)
+            metrics.STAGE_SECONDS.labels(stage="cache").observe(result.cache_s)
+            if result.cache_hits:
+                metrics.CACHE_REQUESTS.labels(result="hit").inc(result.cache_hits)
+            if result.cache_misses:
+                metrics.CACHE_REQUESTS.labels(result="miss").inc(result.cache_misses)
+            answered = result.cache_hits + result.cache_misses
+            self._pool.learn(answered, len(chunk))
+            if answered:
+                metrics.INTAKE_PROCESS_ANSWERS.inc(answered)
+            with metrics.observe_stage("decode"):
+                for consumed, hit in zip(chunk, result.answers, strict=True):
+                    if hit is not None:
+                        accepted.answered.append((consumed, hit))
+                    else:
+                        self._route(consumed, accepted)
+        self._chunks = waiting
 
     def _route(self, consumed: Consumed, accepted: Accepted) -> None:
         decoded = decode_event(consumed.raw, self._settings)  # never raises: bad input is a Rejection
@@ -119,3 +202,4 @@ class Intake:
     def forget(self, tp: TopicPartition) -> None:
         """``tp`` left this consumer: its position is unknown until it is consumed again."""
         self.positions.pop(tp, None)
+        self._markers.forget(tp)

@@ -21,6 +21,7 @@ from worker.contracts.dead_letters import SourceCoordinates
 if TYPE_CHECKING:
     from worker.contracts.events import ChatEvent
     from worker.moderation.moderator import Keyed, Routed
+    from worker.stream.records import OutputRecord
 
 
 @dataclass(slots=True, eq=False)
@@ -82,10 +83,12 @@ class Outcome:
 
     record: Consumed
     kind: Literal["verdict", "dead_letter"]
-    body: dict[str, Any]
-    event: ChatEvent | None = None
+    output: OutputRecord
+    created_at: str | None = (
+        None  # the event's ``created_at`` (event lag is measured when it is acknowledged)
+    )
     failed_deliveries: int = 0
 
     @property
     def event_id(self) -> str | None:
-        return self.body.get("event_id")
+        return self.output.event_id

@@ -24,12 +24,14 @@ from worker.contracts.decode import salvage_event_id
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
 from worker.contracts.verdicts import event_lag_seconds
-from worker.moderation.moderator import Answer, Moderator
+from worker.moderation.moderator import Answer, Moderator, count_verdict
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
+from worker.stream.intake_pool import EncodedHit
 from worker.stream.items import Consumed, KeyedRecord, Outcome
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
+from worker.stream.records import OutputRecord, VerdictFacts, verdict_facts
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,22 @@ class Outputs:
             return
         latency_ms = (time.monotonic() - record.received) * 1000.0
         verdict = self._moderator.verdict(keyed, answer, latency_ms=latency_ms, source=record.source)
-        codes = tuple(c["code"] for c in verdict["categories"])
-        self._tally[(verdict["decision"], codes, answer.cached, keyed.routed.model)] += 1
-        self._counters["cached" if answer.cached else "verdicts"] += 1
-        self._publish(Outcome(record, "verdict", verdict, keyed.routed.event))
+        self._publish_verdict(
+            record, self.publisher.encoder.verdict(verdict), verdict_facts(verdict, keyed.routed.model)
+        )
+
+    def answered(self, record: Consumed, hit: EncodedHit) -> None:
+        """Publish a verdict an intake process built and encoded (unless its partition left)."""
+        if self._checkpoint.is_stale(record):
+            self._counters["dropped_revoked"] += 1
+            return
+        count_verdict(hit.hits, hit.halted, hit.review)
+        self._publish_verdict(record, hit.output, hit.facts)
+
+    def _publish_verdict(self, record: Consumed, output: OutputRecord, facts: VerdictFacts) -> None:
+        self._tally[(facts.decision, facts.codes, facts.cached, facts.model)] += 1
+        self._counters["cached" if facts.cached else "verdicts"] += 1
+        self._publish(Outcome(record, "verdict", output, facts.created_at))
 
     def dead_letter(self, record: Consumed, rejection: Rejection, event: ChatEvent | None = None) -> None:
         """Publish a dead letter for ``record`` (unless its partition left)."""
@@ -106,13 +120,11 @@ class Outputs:
         )
         metrics.record_dead_letter(rejection.reason.value)
         self._counters["dead_letters"] += 1
-        self._publish(Outcome(record, "dead_letter", dead_letter, event))
+        output = self.publisher.encoder.dead_letter(dead_letter, record.key)
+        self._publish(Outcome(record, "dead_letter", output, event.created_at if event is not None else None))
 
     def _publish(self, outcome: Outcome) -> None:
-        if outcome.kind == "verdict":
-            self.publisher.publish_verdict(outcome.body, outcome)
-        else:
-            self.publisher.publish_dead_letter(outcome.body, outcome.record.key, outcome)
+        self.publisher.publish(outcome.output, outcome)
 
     def flush_metrics(self) -> None:
         """Add the verdicts tallied this turn to the Prometheus counters."""
@@ -146,8 +158,8 @@ class Outputs:
                 acked.append((record.tp, record.offset, record.digest))
                 if record.timestamp_ms and record.timestamp_ms > 0:
                     metrics.END_TO_END_SECONDS.observe(max(0.0, now - record.timestamp_ms / 1000.0))
-                if outcome.event is not None and outcome.event.created_at is not None:
-                    lag = event_lag_seconds(outcome.event.created_at, now)
+                if outcome.created_at is not None:
+                    lag = event_lag_seconds(outcome.created_at, now)
                     if lag is not None:
                         metrics.EVENT_LAG_SECONDS.observe(lag)
         if acked and self._markers.enabled:

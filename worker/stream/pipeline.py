@@ -6,6 +6,7 @@ a small thread pool fetches image bytes and prepares the next batch while the mo
 | step | module | contract |
 | --- | --- | --- |
 | intake | ``worker.stream.intake`` | a poll's records → offsets registered, replays completed, events decoded and routed |
+| intake processes | ``worker.stream.intake_pool`` | a burst's text events decoded, keyed and answered from the cache off the loop's GIL |
 | lookup | ``worker.stream.lookup`` | routed events → image bytes, cache key, one MGET → answered or a miss |
 | classify | ``worker.stream.classify`` | misses → batches → prepare → model → verdicts (poison isolated, outages held) |
 | outputs | ``worker.stream.outputs`` | verdicts and dead letters published; acks complete offsets; failures re-published |
@@ -48,6 +49,7 @@ from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
 from worker.stream.classify import Classify
 from worker.stream.intake import Intake
+from worker.stream.intake_pool import IntakePool
 from worker.stream.items import KeyedRecord
 from worker.stream.lookup import Lookup
 from worker.stream.outage import FailureGuard
@@ -65,6 +67,7 @@ IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
 # Poll timeout while published outputs await the broker's acks: acks do not wake poll(), and an ack is
 # what lets offsets complete and paused partitions resume (≈ linger_ms + one round trip away).
 ACK_POLL_MS = 5
+CHUNK_POLL_MS = 1  # poll timeout while a chunk of records is out in an intake process
 COUNTERS = (
     "consumed",
     "verdicts",
@@ -187,6 +190,8 @@ class StreamPipeline:
             for rejected in accepted.rejected + looked_up.rejected:
                 self.outputs.dead_letter(rejected.record, rejected.rejection, rejected.event)
             with metrics.observe_stage("publish"):  # cache hits are answered right here
+                for record, hit in accepted.answered:  # ... or by an intake process
+                    self.outputs.answered(record, hit)
                 for item, answer in looked_up.answered:
                     self.outputs.verdict(item, answer)
             self.classify.submit(looked_up.misses)
@@ -212,7 +217,9 @@ class StreamPipeline:
         # In an outage the held work cannot finish: stop waiting for it (it stays uncommitted, and is redone).
         while self._has_work() and time.monotonic() < deadline and not self._guard.active:
             self.step(draining=True)
-            if self.checkpoint.tracker.in_flight() and not (self.lookup.fetching or self.classify.preparing):
+            if self.checkpoint.tracker.in_flight() and not (
+                self.intake.pending or self.lookup.fetching or self.classify.preparing
+            ):
                 time.sleep(0.005)  # only acks outstanding: let the producer's I/O thread answer
         self.checkpoint.commit("drain", flush_s=max(0.1, deadline - time.monotonic()))
         self._report()
@@ -228,6 +235,8 @@ class StreamPipeline:
         if draining or self.lookup.fetching or self.classify.runnable:
             return 0
         timeout = ACK_POLL_MS if self.outputs.awaiting_acks else IDLE_POLL_MS
+        if self.intake.pending:  # a chunk's answers do not wake poll() either
+            timeout = min(timeout, CHUNK_POLL_MS)
         for wait_s in (
             self.classify.batcher.seconds_until_due(),
             self._guard.seconds_until_retry(),
@@ -238,7 +247,12 @@ class StreamPipeline:
         return timeout
 
     def _has_work(self) -> bool:
-        return self.lookup.fetching or self.classify.busy or self.checkpoint.tracker.in_flight() > 0
+        return (
+            self.intake.pending
+            or self.lookup.fetching
+            or self.classify.busy
+            or self.checkpoint.tracker.in_flight() > 0
+        )
 
     def _report(self) -> None:
         """Refresh what ``status()`` reports and the gauges; only the loop thread reads the live structures."""
@@ -252,8 +266,10 @@ class StreamPipeline:
             in_flight=tracker.in_flight(),
             all_committed=tracker.all_committed(),
             outage=self._guard.status(),
+            intake_processes=self._intake_pool.ready_processes,
         )
         metrics.IN_FLIGHT_EVENTS.set(self._snapshot.in_flight)
+        metrics.INTAKE_PROCESSES.set(self._snapshot.intake_processes)
         metrics.WORKER_READY.set(1 if self.ready else 0)
         self.partitions.update_lag(self.intake.positions)
 
@@ -325,7 +341,11 @@ class StreamPipeline:
         self.outputs = Outputs(
             self.settings, moderator, publisher, markers, self.checkpoint, self._guard, self.counters
         )
-        self.intake = Intake(self.settings, moderator, self.checkpoint, markers, self.counters)
+        processes = self.settings.batching.intake_processes if cache.enabled else 0  # no cache, no hits
+        self._intake_pool = IntakePool(self.settings, self.load_models(), processes)
+        self.intake = Intake(
+            self.settings, moderator, self.checkpoint, markers, self.counters, self._intake_pool
+        )
         self.lookup = Lookup(moderator, cache, self._pool.submit)
         self.classify = Classify(
             moderator,
@@ -361,6 +381,7 @@ class StreamPipeline:
             self.image_preparation.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._model_thread.shutdown(wait=True, cancel_futures=True)
+        self._intake_pool.close()
         try:
             self.consumer.close(autocommit=False)
         finally:

@@ -1,11 +1,6 @@
-"""Publishing verdicts and dead letters, and reporting when the broker has acknowledged them.
+"""Publishing output records, and reporting when the broker has acknowledged them.
 
-Every verdict goes to the verdicts topic (unless ``topics.publish_all_verdicts`` is off), unsafe
-ones also to the flagged topic, and those in a policy's human-review band (``review: true``, decision
-still safe) to the review topic instead; dead letters go to the DLQ. Records are keyed by ``conversation_id``
-(so a conversation keeps its order within a partition), carry headers (event_id, schema, policy,
-model) and are orjson-encoded.
-
+What each answer publishes (topics, key, value, headers) is ``worker.stream.records``; this module sends it.
 An event is *delivered* only when every record it produced is acknowledged. Deliveries are reported
 through ``drain_acks()`` as ``(token, error)`` pairs, so the pipeline marks offsets completed only for
 acked work. ``drain_acks`` reads the send futures' state on the caller's thread instead of registering
@@ -23,19 +18,16 @@ from collections import deque
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from kafka import KafkaProducer
 from kafka.future import Future
 
 from worker.config import TopicSettings
+from worker.stream.records import Encoder, OutputRecord
 
 if TYPE_CHECKING:
     from worker.stream.confluent_clients import ConfluentProducer
 
 log = logging.getLogger(__name__)
-
-VERDICT_SCHEMA = b"verdict.v1"
-DEAD_LETTER_SCHEMA = b"dead_letter.v1"
 
 
 def output_topics(topics: TopicSettings) -> list[str]:
@@ -52,50 +44,29 @@ class Publisher:
 
     def __init__(self, producer: KafkaProducer | ConfluentProducer, topics: TopicSettings) -> None:
         self._producer = producer
-        self._topics = topics
+        self.encoder = Encoder(topics)
         # Events with records on the way, in send order: (token, the send futures of its records).
         self._pending: deque[tuple[Hashable, list[Future]]] = deque()
         # Deliveries settled without waiting for the broker (nothing to send, or send() itself failed).
         self._settled: list[tuple[Any, BaseException | None]] = []
         # confluent-kafka: delivery reports wait in librdkafka until served (kafka-python has no such step).
         self._serve_deliveries = getattr(producer, "serve_deliveries", None)
-        # Header values repeat for every verdict of a policy/model: encode each once.
-        self._header_bytes: dict[tuple[str, str, str | None], bytes] = {}
-
-    def _header(self, template: str, name: str, version: str | None) -> bytes:
-        """``template`` filled with ``name`` and ``version``, encoded once per distinct value."""
-        key = (template, name, version)
-        value = self._header_bytes.get(key)
-        if value is None:
-            value = self._header_bytes[key] = template.format(name, version).encode()
-        return value
 
     def publish_verdict(self, verdict: dict[str, Any], token: Any) -> None:
         """Send ``verdict`` to the verdicts topic and, if flagged, to the flagged topic (in the review band: review)."""
-        destinations = []
-        if self._topics.publish_all_verdicts:
-            destinations.append(self._topics.verdicts)
-        if verdict["flagged"]:
-            destinations.append(self._topics.flagged)
-        elif verdict.get("review"):
-            destinations.append(self._topics.review)
-        policy, model = verdict["policy"], verdict["model"]
-        headers = [
-            ("event_id", verdict["event_id"].encode()),
-            ("schema", VERDICT_SCHEMA),
-            ("policy", self._header("{}:{}", policy["id"], policy["hash"])),
-            ("model", self._header("{}@{}", model["id"], model["revision"] or "")),
-        ]
-        self._send(destinations, verdict["conversation_id"].encode(), orjson.dumps(verdict), headers, token)
+        self.publish(self.encoder.verdict(verdict), token)
 
     def publish_dead_letter(self, dead_letter: dict[str, Any], key: bytes | None, token: Any) -> None:
         """Send ``dead_letter`` to the DLQ, keyed like the original record."""
-        headers = [("schema", DEAD_LETTER_SCHEMA), ("reason", dead_letter["reason"].encode())]
-        if "event_id" in dead_letter:
-            headers.insert(0, ("event_id", dead_letter["event_id"].encode()))
-        self._send([self._topics.dlq], key, orjson.dumps(dead_letter), headers, token)
+        self.publish(self.encoder.dead_letter(dead_letter, key), token)
 
-    def _send(self, topics: list[str], key: bytes | None, value: bytes, headers: list, token: Any) -> None:
+    def publish(self, output: OutputRecord, token: Any) -> None:
+        """Send ``output`` to each of its topics; ``token`` is reported by ``drain_acks`` once all are answered."""
+        self._send(output.topics, output.key, output.value, output.headers, token)
+
+    def _send(
+        self, topics: tuple[str, ...], key: bytes | None, value: bytes, headers: list, token: Any
+    ) -> None:
         if not topics:  # a safe verdict with publish_all_verdicts off: nothing to wait for
             self._settled.append((token, None))
             return

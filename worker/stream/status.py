@@ -25,6 +25,7 @@ class PipelineStatus:
         None  # per cause ("engine", "delivery"): reason, since, retries, next retry
     )
     counters: dict[str, int] = field(default_factory=dict)
+    intake_processes: int = 0  # intake processes ready (started on the first burst of records)
 
     @property
     def reason(self) -> str | None:
@@ -53,6 +54,7 @@ class PipelineStatus:
             "all_committed": self.all_committed,
             "outage": self.outage,
             "counters": dict(self.counters),
+            "intake_processes": self.intake_processes,
         }
         if self.reason is not None:
             body["reason"] = self.reason

@@ -1,0 +1,216 @@
+"""Intake processes: real child processes, real Redis, the tiny checkpoint, the embedded broker.
+
+What is proven: a process answers exactly the records the loop thread would answer from the cache, with the
+same output records; everything else comes back unanswered; a process that dies or hangs loses nothing (its
+chunk is redone on the loop thread) and is started again; no process outlives its pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import orjson
+import pytest
+
+from tests.support import kafka_io
+from worker.cache.redis_cache import VerdictCache
+from worker.contracts.dead_letters import SourceCoordinates
+from worker.contracts.decode import decode_event
+from worker.engine.registry import ModelRegistry
+from worker.moderation.moderator import Moderator, Routed
+from worker.ops import metrics
+from worker.stream import intake, intake_pool
+from worker.stream.intake_pool import IntakePool, IntakeProcessError
+from worker.stream.records import Encoder, verdict_facts
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+VARYING = ("latency_ms", "decided_at")  # the only verdict fields that depend on when it was built
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not alive
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def ready_pool(settings, registry, processes: int = 1) -> IntakePool:
+    pool = IntakePool(settings, registry, processes)
+    deadline = time.monotonic() + 60
+    while not pool.wants(intake_pool.START_BURST):
+        assert time.monotonic() < deadline, "intake processes did not start within 60 s"
+        time.sleep(0.05)
+    return pool
+
+
+def comparable(value: bytes) -> dict:
+    verdict = orjson.loads(value)
+    for name in VARYING:
+        verdict.pop(name)
+    return verdict
+
+
+def text_events(n: int, prefix: str) -> list[dict]:
+    stream = kafka_io.build_stream(
+        n, seed=5, repeat_ratio=0, image_ratio=0, malformed_ratio=0, id_prefix=prefix
+    )
+    return [orjson.loads(value) for _, value in stream.records]
+
+
+def test_a_process_answers_exactly_the_cache_hits_with_the_records_the_loop_thread_would_send(
+    make_settings, engine_settings_overrides, guard_engine
+):
+    settings = make_settings(**engine_settings_overrides)
+    registry = ModelRegistry.of(guard_engine, settings)
+    moderator = Moderator(registry, settings)
+    cache = VerdictCache(settings.redis)
+    events = text_events(12, "hit")
+    cached, missed = events[:8], events[8:]
+    keyed = [moderator.key(moderator.route(decode_event(orjson.dumps(e), settings))) for e in cached]
+    results = guard_engine.classify([moderator.ready(k).request for k in keyed])
+    moderator.store(cache, list(zip(keyed, results, strict=True)))
+    image = kafka_io.build_stream(40, seed=3, image_ratio=1, repeat_ratio=0, malformed_ratio=0)
+    image_value = next(v for _, v in image.records if b"image_url" in v)
+    values = [orjson.dumps(e) for e in cached + missed] + [b"{not json", image_value]
+    items = [(v, time.monotonic(), "chat.events", 1, offset) for offset, v in enumerate(values)]
+
+    pool = ready_pool(settings, registry)
+    try:
+        (pid,) = pool.pids
+        answers = pool.submit(items).result(timeout=60)
+    finally:
+        pool.close()
+    assert not alive(pid), "the intake process outlived its pool"
+
+    assert [a is not None for a in answers.answers] == [True] * 8 + [False] * 6
+    assert (answers.cache_hits, answers.cache_misses) == (8, 0)
+    encoder = Encoder(settings.topics)
+    for offset, (item, answer) in enumerate(zip(keyed, answers.answers, strict=False)):
+        assert answer is not None and isinstance(item.routed, Routed)
+        hit = moderator.answers(cache, [item])[0]
+        verdict = moderator.verdict(
+            item, hit, latency_ms=0.0, source=SourceCoordinates("chat.events", 1, offset)
+        )
+        expected = encoder.verdict(verdict)
+        assert comparable(answer.output.value) == comparable(expected.value)
+        assert (answer.output.topics, answer.output.key, answer.output.headers, answer.output.event_id) == (
+            expected.topics,
+            expected.key,
+            expected.headers,
+            expected.event_id,
+        )
+        assert answer.facts == verdict_facts(verdict, item.routed.model)
+        assert answer.facts.cached is True
+    cache.close()
+
+
+def test_a_killed_process_fails_its_chunk_and_the_pool_starts_again(
+    make_settings, engine_settings_overrides, guard_engine
+):
+    settings = make_settings(**engine_settings_overrides)
+    registry = ModelRegistry.of(guard_engine, settings)
+    pool = ready_pool(settings, registry)
+    try:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGKILL)
+        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0)])
+        with pytest.raises(IntakeProcessError):
+            future.result(timeout=30)
+        pool.failed(future.exception())
+        assert pool.pids == [] and pool.ready_processes == 0
+        deadline = time.monotonic() + 60
+        while not pool.wants(intake_pool.START_BURST):  # the next burst starts a new one
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (new_pid,) = pool.pids
+        assert new_pid != pid
+        assert pool.submit([(b"{}", time.monotonic(), "t", 0, 0)]).result(timeout=30).answers == [None]
+    finally:
+        pool.close()
+
+
+def warm_then_stream(settings, engine, monkeypatch, disturb) -> tuple[kafka_io.WorkerThread, list[dict]]:
+    """Cache 30 conversations, start a worker whose intake process starts at once, disturb the process, then
+    stream 600 repeats of them (new event ids) plus malformed records; return the worker and the events."""
+    monkeypatch.setattr(intake_pool, "START_BURST", 1)
+    originals = text_events(30, "orig")
+    kafka_io.produce(settings, [(None, orjson.dumps(e)) for e in originals])
+    worker = kafka_io.WorkerThread(settings, engine, name="pooled").start()
+    kafka_io.wait_for(
+        lambda: (
+            kafka_io.fully_committed(worker.pipeline, len(originals))
+            and worker.pipeline.status().intake_processes == 1
+        ),
+        timeout_s=120,
+        what="originals answered and the intake process ready",
+        workers=[worker],
+    )
+    disturb(worker.pipeline._intake_pool.pids[0])
+    repeats = [dict(originals[i % len(originals)], event_id=f"rep-{i}") for i in range(600)]
+    records = [(None, orjson.dumps(e)) for e in repeats] + [(None, value) for value, _ in kafka_io.MALFORMED]
+    kafka_io.produce(settings, records)
+    return worker, originals + repeats
+
+
+def assert_every_event_answered_once(settings, worker, events) -> None:
+    total = len(events) + len(kafka_io.MALFORMED)
+    kafka_io.wait_for(
+        lambda: kafka_io.fully_committed(worker.pipeline, total),
+        timeout_s=180,
+        what="all committed",
+        workers=[worker],
+    )
+    pids = list(worker.pipeline._intake_pool.pids)
+    worker.stop()
+    ids = Counter(v["event_id"] for v in kafka_io.read_json(settings, settings.topics.verdicts))
+    assert set(ids) == {e["event_id"] for e in events} and max(ids.values()) == 1
+    dead = kafka_io.read_json(settings, settings.topics.dlq)
+    assert sorted(d["reason"] for d in dead) == sorted(reason for _, reason in kafka_io.MALFORMED)
+    assert not any(alive(pid) for pid in pids), "an intake process outlived its pipeline"
+
+
+def test_a_stream_of_repeats_is_answered_by_the_intake_process_once_each(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    settings = make_settings(**engine_settings_overrides)
+    answered_before = metrics.INTAKE_PROCESS_ANSWERS._value.get()
+    worker, events = warm_then_stream(settings, guard_engine, monkeypatch, lambda pid: None)
+    assert_every_event_answered_once(settings, worker, events)
+    assert metrics.INTAKE_PROCESS_ANSWERS._value.get() - answered_before >= 300  # most repeats went there
+
+
+def test_a_process_killed_mid_stream_loses_nothing(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    settings = make_settings(**engine_settings_overrides)
+    worker, events = warm_then_stream(
+        settings, guard_engine, monkeypatch, lambda pid: os.kill(pid, signal.SIGKILL)
+    )
+    assert_every_event_answered_once(settings, worker, events)
+
+
+def test_a_hung_process_is_given_up_on_and_its_chunks_are_redone(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    monkeypatch.setattr(intake, "CHUNK_TIMEOUT_S", 1.0)
+    settings = make_settings(**engine_settings_overrides)
+    stopped: list[int] = []
+
+    def hang(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    try:
+        worker, events = warm_then_stream(settings, guard_engine, monkeypatch, hang)
+        assert_every_event_answered_once(settings, worker, events)
+        assert not alive(stopped[0]), "the hung process was not stopped"
+    finally:
+        for pid in stopped:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,419 @@
+"""Intake processes: the hit path's per-record CPU work, off the loop thread's GIL.
+
+When the same message is posted a hundred thousand times (a raid, a spam wave) nearly every event is a
+verdict-cache hit, and the worker's throughput is what one Python thread can do per record: decode and
+validate the event, route it, hash its cache key, read the cache, build and encode the verdict — beside the
+Kafka client's own per-record work, on the same GIL. This module moves the first part to
+``batching.intake_processes`` worker processes (fresh interpreters: no threads or GPU state inherited), the way
+arroyo's ``RunTaskWithMultiprocessing`` moves a transform: the loop thread keeps the consumer, the offsets,
+the producer and the delivery rule; a process gets a chunk of records and returns, per record, either the
+encoded output record of its verdict or nothing.
+
+A process answers only what it can answer completely: a text event whose verdict is in the cache, or which
+a halting blocklist decides. Everything else — bad input, events with images, cache misses, events another
+pool judges — comes back unanswered and takes the loop thread's own path (``worker.stream.intake`` onwards),
+which decodes it again: exactly one path decides rejections, images and model work. Metrics the processes
+would count (cache hits, blocklist hits, the review band, stage times) travel back with the answers and are
+counted by the worker process, the one whose metrics are scraped.
+
+The processes start on the first burst (a poll of ``START_BURST`` records or more), in the background;
+records keep taking the loop thread's path until they are ready, so a quiet worker never pays for them.
+Chunks go to the processes only while they pay: when fewer than half of the records sent recently were
+answered there (a stream of misses: the model, not intake, is the bottleneck, and the double decode is
+wasted), only every ``PROBE_EVERY``-th chunk goes, to notice when hits return. A process that dies, fails or
+hangs (no answer within ``CHUNK_TIMEOUT_S``) costs nothing but time: the chunk's records take the loop
+thread's path, the processes are stopped, and started again on the next burst.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from worker.config import Settings
+from worker.contracts.dead_letters import SourceCoordinates
+from worker.contracts.decode import decode_event
+from worker.contracts.events import ChatEvent
+from worker.contracts.verdicts import ModelInfo
+from worker.engine.policy import Policy, resolve_policy
+from worker.stream.records import Encoder, OutputRecord, VerdictFacts, verdict_facts
+
+if TYPE_CHECKING:
+    from worker.cache.redis_cache import VerdictCache
+    from worker.engine.blocklist import BlocklistHit
+    from worker.engine.registry import ModelRegistry
+    from worker.moderation.moderator import Moderator
+
+log = logging.getLogger(__name__)
+
+START_BURST = 128  # records in one poll that start the processes (a quiet worker never needs them)
+PROBE_EVERY = 8  # while few records are answered there, every this-many-th chunk still goes
+PAYS_ABOVE = 0.5  # fraction of a chunk's records answered in a process above which sending chunks pays
+RECENT_WEIGHT = 0.3  # weight of the newest chunk in the recent answered fraction (exponential average)
+MAX_RESTARTS = 5  # pools started again after a process died; past it the loop thread does all the work
+CHUNK_TIMEOUT_S = 30.0  # a chunk not answered by then is redone on the loop thread (its process is stopped)
+STOP_TIMEOUT_S = 5.0
+
+# One record sent to a process: (value, time.monotonic() when consumed, topic, partition, offset).
+# CLOCK_MONOTONIC is one clock for every process on the host, so latency_ms is measured as in the worker.
+Item = tuple[bytes | None, float, str, int, int]
+
+
+@dataclass(slots=True, frozen=True)
+class EncodedHit:
+    """A verdict a process answered: its output record, what is counted about it, its metric facts."""
+
+    output: OutputRecord
+    facts: VerdictFacts
+    hits: tuple[BlocklistHit, ...]
+    halted: bool
+    review: bool
+
+
+@dataclass(slots=True, frozen=True)
+class ChunkAnswers:
+    """A chunk's answers in record order (None: the loop thread takes that record's own path)."""
+
+    answers: list[EncodedHit | None]
+    decode_s: float  # decode, route and key of the whole chunk
+    cache_s: float  # its one cache read
+    cache_hits: int
+    cache_misses: (
+        int  # misses a halting blocklist decided (the others are looked up again, and counted, there)
+    )
+
+
+@dataclass(slots=True, frozen=True)
+class ModelView:
+    """What routing, keying and verdicts need of a loaded engine: its identity and policies, no weights."""
+
+    model_info: ModelInfo
+    family: str | None
+    policies: Mapping[str, Policy]
+    default_policy_id: str
+
+    def policy_for(self, policy_id: str | None) -> Policy:
+        """As ``GuardEngine.policy_for``."""
+        return resolve_policy(self.policies, policy_id, self.default_policy_id)
+
+
+def model_views(models: ModelRegistry) -> dict[str, ModelView]:
+    """The picklable views of ``models``' engines, by model name."""
+    return {
+        name: ModelView(
+            engine.model_info, getattr(engine, "family", None), engine.policies, engine.default_policy_id
+        )
+        for name, engine in models.engines.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------ in the processes
+
+
+@dataclass(slots=True)
+class _Context:
+    settings: Settings
+    moderator: Moderator
+    cache: VerdictCache
+    encoder: Encoder
+
+
+_CONTEXT: _Context | None = None
+
+
+def _start(settings: Settings, views: dict[str, ModelView]) -> None:
+    """Process initializer: the core over model views, and a cache connection of its own."""
+    global _CONTEXT
+    from worker.cache.redis_cache import VerdictCache
+    from worker.engine.registry import ModelRegistry
+    from worker.moderation.moderator import Moderator
+
+    registry = ModelRegistry(views, settings)  # type: ignore[arg-type]  # a view has what routing reads
+    _CONTEXT = _Context(
+        settings, Moderator(registry, settings), VerdictCache(settings.redis), Encoder(settings.topics)
+    )
+
+
+def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
+    """Answer what can be answered of ``items`` (see the module docstring); runs in an intake process."""
+    from worker.moderation.moderator import Routed
+
+    context = _CONTEXT
+    if context is None:
+        raise RuntimeError("answer_chunk runs in an intake process, after its initializer")
+    moderator = context.moderator
+    started = time.perf_counter()
+    keyed = []
+    for index, (raw, received, topic, partition, offset) in enumerate(items):
+        event = decode_event(raw, context.settings)
+        if not isinstance(event, ChatEvent) or event.images:
+            continue  # a rejection or images: the loop thread's path
+        routed = moderator.route(event)
+        if isinstance(routed, Routed):
+            keyed.append(
+                (index, moderator.key(routed), received, SourceCoordinates(topic, partition, offset))
+            )
+    decoded = time.perf_counter()
+    answers = moderator.answers(context.cache, [k for _, k, _, _ in keyed])
+    looked_up = time.perf_counter()
+    out: list[EncodedHit | None] = [None] * len(items)
+    hits = misses = 0
+    for (index, item, received, source), answer in zip(keyed, answers, strict=True):
+        if answer is None:
+            continue
+        latency_ms = (time.monotonic() - received) * 1000.0
+        verdict = moderator.verdict(item, answer, latency_ms=latency_ms, source=source, count=False)
+        out[index] = EncodedHit(
+            context.encoder.verdict(verdict),
+            verdict_facts(verdict, item.routed.model),
+            item.routed.hits,
+            answer.result.halted,
+            bool(verdict.get("review")),
+        )
+        if answer.cached:
+            hits += 1
+        else:
+            misses += 1
+    return ChunkAnswers(out, decoded - started, looked_up - decoded, hits, misses)
+
+
+# ------------------------------------------------------------------------------------------ in the worker
+
+
+class IntakeProcessError(RuntimeError):
+    """An intake process died, failed, or gave no answer in time."""
+
+
+class _Process:
+    """One intake process and its courier thread, which sends it one chunk at a time and reads the answer.
+
+    The process is ``python -m worker.stream.intake_pool``: a fresh interpreter that imports only what intake
+    needs (not the worker's ``__main__``, which a multiprocessing child would import first), talking over a
+    socket pair. Pickling and unpickling happen on the courier thread, not the loop thread.
+    """
+
+    def __init__(self, settings: Settings, views: dict[str, ModelView], name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[list[Item], cf.Future[ChunkAnswers]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.ready = threading.Event()
+        self.dead: BaseException | None = None
+        self._sent = 0  # chunks given to this process (counted by the loop thread)
+        self._done = 0  # ... and answered or failed (counted by the courier)
+        ours, theirs = multiprocessing.Pipe()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "worker.stream.intake_pool", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        self._conn = ours
+        self._thread = threading.Thread(target=self._courier, args=(settings, views), name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self._process.pid
+
+    def submit(self, items: list[Item]) -> cf.Future[ChunkAnswers]:
+        """Queue ``items`` for the process; the future fails if it died (or dies) before answering."""
+        future: cf.Future[ChunkAnswers] = cf.Future()
+        if self.dead is not None:
+            future.set_exception(self.dead)
+            return future
+        self._sent += 1
+        future.add_done_callback(self._answered)
+        self._queue.put((items, future))
+        return future
+
+    def _answered(self, _: cf.Future[ChunkAnswers]) -> None:
+        self._done += 1
+
+    @property
+    def queued(self) -> int:
+        """Chunks given to this process and not answered yet."""
+        return self._sent - self._done
+
+    def _courier(self, settings: Settings, views: dict[str, ModelView]) -> None:
+        current: cf.Future[ChunkAnswers] | None = None
+        try:
+            self._conn.send((settings, views))
+            self._receive()
+            self.ready.set()
+            while (job := self._queue.get()) is not None:
+                items, current = job
+                if not current.set_running_or_notify_cancel():
+                    continue
+                self._conn.send(items)
+                current.set_result(self._receive())
+                current = None
+        except BaseException as exc:  # noqa: BLE001 — the process died or failed: every waiting chunk fails
+            self.dead = (
+                exc
+                if isinstance(exc, IntakeProcessError)
+                else IntakeProcessError(f"{type(exc).__name__}: {exc}")
+            )
+            if current is not None and not current.done():
+                current.set_exception(self.dead)
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if job is not None and job[1].set_running_or_notify_cancel():
+                    job[1].set_exception(self.dead)
+        finally:
+            self._conn.close()  # the process reads EOF and exits
+
+    def _receive(self) -> Any:
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise IntakeProcessError(value)
+        return value
+
+    def stop(self) -> None:
+        """End the process and the courier; a chunk it is working on fails (its records are redone)."""
+        self._queue.put(None)
+        if self.queued:  # busy, or hung: its answer is not waited for
+            self._process.kill()
+        try:
+            self._process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._thread.join(STOP_TIMEOUT_S)
+
+
+class IntakePool:
+    """The intake processes of one pipeline: started on the first burst, used while they pay (loop thread only)."""
+
+    def __init__(self, settings: Settings, models: ModelRegistry, processes: int) -> None:
+        self._settings = settings
+        self._models = models
+        self._processes = processes
+        self._workers: list[_Process] = []
+        self._ready = False
+        self._restarts = 0
+        self._recent = 1.0  # recent fraction of records answered in a process (optimistic until measured)
+        self._skipped = 0
+
+    @property
+    def ready_processes(self) -> int:
+        """How many intake processes are ready (0 until started and initialized); loop thread only."""
+        return len(self._workers) if self._is_ready(0) else 0
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the intake processes (started or starting)."""
+        return [worker.pid for worker in self._workers]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether chunks may go to processes at all (configured, and not given up on)."""
+        return self._processes > 0 and self._restarts <= MAX_RESTARTS
+
+    def wants(self, records: int) -> bool:
+        """Whether a chunk of ``records`` should go to a process now (starts the pool on a burst)."""
+        if not self.enabled or not self._is_ready(records):
+            return False
+        if self._recent >= PAYS_ABOVE:
+            return True
+        self._skipped += 1  # few answered there lately: probe now and then
+        if self._skipped >= PROBE_EVERY:
+            self._skipped = 0
+            return True
+        return False
+
+    def _is_ready(self, records: int) -> bool:
+        if self._ready:
+            return True
+        if not self._workers:
+            if records >= START_BURST:
+                self._start()
+            return False
+        dead = next((w.dead for w in self._workers if w.dead is not None), None)
+        if dead is not None:
+            self._broken(f"an intake process failed to start ({dead})")
+            return False
+        if all(w.ready.is_set() for w in self._workers):
+            self._ready = True
+            log.info("intake processes ready", extra={"stage": "decode", "processes": len(self._workers)})
+        return self._ready
+
+    def _start(self) -> None:
+        views = model_views(self._models)
+        try:
+            for i in range(self._processes):
+                self._workers.append(_Process(self._settings, views, f"intake-courier-{i}"))
+        except OSError as exc:
+            self._broken(f"{type(exc).__name__}: {exc}")
+
+    def submit(self, items: list[Item]) -> cf.Future[ChunkAnswers]:
+        """Send ``items`` to the least busy process (after ``wants`` said yes)."""
+        return min(self._workers, key=lambda w: w.queued).submit(items)
+
+    def learn(self, answered: int, records: int) -> None:
+        """A chunk came back with ``answered`` of its ``records`` answered."""
+        if records:
+            self._recent += RECENT_WEIGHT * (answered / records - self._recent)
+
+    def failed(self, exc: BaseException) -> None:
+        """A chunk failed or timed out (a process died or hung): start again on the next burst."""
+        self._broken(f"{type(exc).__name__}: {exc}")
+
+    def _broken(self, reason: str) -> None:
+        if not self._workers:
+            return
+        self._restarts += 1
+        log.error(
+            "intake processes failed (%s); their records take the loop thread's path%s",
+            reason,
+            "" if self.enabled else ", for good (too many restarts)",
+            extra={"stage": "decode"},
+        )
+        self.close()
+
+    def close(self) -> None:
+        """Stop the processes (chunks still out fail: their records take the loop thread's path, or are redone)."""
+        workers, self._workers, self._ready = self._workers, [], False
+        for worker in workers:
+            worker.stop()
+
+
+def _serve(fd: int) -> None:
+    """An intake process's loop: settings and model views first, then chunks until the worker hangs up."""
+    from multiprocessing.connection import Connection
+
+    conn = Connection(fd)
+    try:
+        settings, views = conn.recv()
+        _start(settings, views)
+        conn.send(("ok", True))
+        while True:
+            items = conn.recv()
+            try:
+                answers = answer_chunk(items)
+            except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            else:
+                conn.send(("ok", answers))
+    except (EOFError, OSError):
+        return  # the worker closed its end (stopped, or died)
+
+
+if __name__ == "__main__":
+    # Run the importable module's loop, not this ``__main__`` copy: answers must pickle as
+    # ``worker.stream.intake_pool`` classes, which the worker can load.
+    from worker.stream.intake_pool import _serve as serve
+
+    serve(int(sys.argv[1]))

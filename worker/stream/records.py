@@ -1,0 +1,111 @@
+"""Output records: a verdict or a dead letter as the topics, key, value and headers the publisher sends.
+
+A verdict goes to the verdicts topic (unless ``topics.publish_all_verdicts`` is off), an unsafe one also to
+the flagged topic, one in a policy's human-review band (``review: true``, decision still safe) to the review
+topic instead; a dead letter goes to the DLQ. Records are keyed by ``conversation_id`` (a conversation keeps
+its order within a partition; a dead letter keeps the original record's key), carry headers (event_id,
+schema, policy, model; a dead letter's reason) and are orjson-encoded.
+
+Encoding is plain Python with no Kafka client: the loop thread encodes what it answers itself, and the
+intake processes (``worker.stream.intake_pool``) encode the cache hits they answer, so an output record
+crosses the process boundary as bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from worker.config import TopicSettings
+
+VERDICT_SCHEMA = b"verdict.v1"
+DEAD_LETTER_SCHEMA = b"dead_letter.v1"
+
+Header = tuple[str, bytes]
+
+
+@dataclass(slots=True, frozen=True)
+class OutputRecord:
+    """What one answer publishes: the same key, value and headers on each of ``topics`` (none: nothing to send)."""
+
+    topics: tuple[str, ...]
+    key: bytes | None
+    value: bytes
+    headers: list[Header]
+    event_id: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class VerdictFacts:
+    """What the stream counts about a verdict it publishes (metrics and counters), without re-reading it."""
+
+    decision: str
+    codes: tuple[str, ...]
+    cached: bool
+    model: str
+    created_at: str | None
+
+
+def verdict_topics(verdict: dict[str, Any], topics: TopicSettings) -> tuple[str, ...]:
+    """Where ``verdict`` goes (see the module docstring)."""
+    destinations: tuple[str, ...] = (topics.verdicts,) if topics.publish_all_verdicts else ()
+    if verdict["flagged"]:
+        return (*destinations, topics.flagged)
+    if verdict.get("review"):
+        return (*destinations, topics.review)
+    return destinations
+
+
+class Encoder:
+    """Encodes verdicts and dead letters as output records (header values cached: they repeat per policy)."""
+
+    def __init__(self, topics: TopicSettings) -> None:
+        self._topics = topics
+        self._header_bytes: dict[tuple[str, str, str | None], bytes] = {}
+
+    def _header(self, template: str, name: str, version: str | None) -> bytes:
+        """``template`` filled with ``name`` and ``version``, encoded once per distinct value."""
+        key = (template, name, version)
+        value = self._header_bytes.get(key)
+        if value is None:
+            value = self._header_bytes[key] = template.format(name, version).encode()
+        return value
+
+    def verdict(self, verdict: dict[str, Any]) -> OutputRecord:
+        """The output record of ``verdict`` (``schemas/verdict.v1.json``)."""
+        policy, model = verdict["policy"], verdict["model"]
+        event_id = verdict["event_id"]
+        headers = [
+            ("event_id", event_id.encode()),
+            ("schema", VERDICT_SCHEMA),
+            ("policy", self._header("{}:{}", policy["id"], policy["hash"])),
+            ("model", self._header("{}@{}", model["id"], model["revision"] or "")),
+        ]
+        return OutputRecord(
+            verdict_topics(verdict, self._topics),
+            verdict["conversation_id"].encode(),
+            orjson.dumps(verdict),
+            headers,
+            event_id,
+        )
+
+    def dead_letter(self, dead_letter: dict[str, Any], key: bytes | None) -> OutputRecord:
+        """The output record of ``dead_letter`` (``schemas/dead_letter.v1.json``), keyed like the original."""
+        headers: list[Header] = [("schema", DEAD_LETTER_SCHEMA), ("reason", dead_letter["reason"].encode())]
+        event_id = dead_letter.get("event_id")
+        if event_id is not None:
+            headers.insert(0, ("event_id", event_id.encode()))
+        return OutputRecord((self._topics.dlq,), key, orjson.dumps(dead_letter), headers, event_id)
+
+
+def verdict_facts(verdict: dict[str, Any], model: str) -> VerdictFacts:
+    """The counted facts of ``verdict``, judged by the configured model ``model``."""
+    return VerdictFacts(
+        verdict["decision"],
+        tuple(c["code"] for c in verdict["categories"]),
+        verdict["cached"],
+        model,
+        verdict.get("created_at"),
+    )
