@@ -25,6 +25,8 @@ from worker.dev.services import EmbeddedServices
 
 pytest_plugins = [
     "pytester",
+    "tests.support.summary",
+    "tests.support.xdist_groups",
     "tests.support.network_guard",
     "tests.support.engines",
     "tests.support.ray_cluster",
@@ -58,17 +60,19 @@ def _tail(path: Path, lines: int = 15) -> list[str]:
         return ["<no log>"]
 
 
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Where the embedded services' logs are (and their tails when a test failed), for the run's summary."""
+    from tests.support.summary import section_lines  # a plugin (above): imported by pytest, not at import
+
+    lines = section_lines("embedded services")
     for embedded in _started_services:
         seconds = f"{embedded.startup_seconds:.2f} s" if embedded.startup_seconds is not None else "failed"
-        terminalreporter.write_line(
-            f"embedded services: start-up {seconds}; logs kept in {embedded.state_dir}"
-        )
+        lines.append(f"start-up {seconds}; logs kept in {embedded.state_dir}")
         if exitstatus != 0:
             for log_path in (embedded.broker_log, embedded.redis_log):
-                terminalreporter.write_line(f"--- tail of {log_path}")
-                for line in _tail(log_path):
-                    terminalreporter.write_line(line)
+                lines.append(f"--- tail of {log_path}")
+                lines.extend(_tail(log_path))
 
 
 class SettingsFactory:
@@ -136,13 +140,52 @@ SERVER_FIXTURES = frozenset(
 )
 
 
+# Under pytest-xdist (`scripts/test.sh` runs `-n 3 --dist loadgroup`) every test on a Ray instance runs in one
+# worker: that worker's one session Ray is shared as without xdist, and two workers never start Ray (≈0.9 GB
+# and a CPU-hungry start each) or a multi-node cluster at the same time.
+RAY_FIXTURES = frozenset({"ray_cluster", "serve_http", "multinode_cluster"})
+
+# Fixtures that need a trained tiny checkpoint: on an empty cache it trains for minutes (in the background,
+# started by scripts/test.sh), and a test asking for one waits for it.
+TRAINED_FIXTURES = frozenset(
+    {
+        "tiny_model_dir",
+        "tiny_text_guard_dir",
+        "tiny_lg4_dir",
+        "engine_settings_overrides",
+        "guard_engine",
+        "trained_engine",
+        "text_guard_engine",
+    }
+)
+
+
+def _run_order(item: pytest.Item) -> int:
+    """Tests that need no trained checkpoint first (they run while a cold cache trains), then the Ray group
+    (the longest chain: one worker runs it test after test), then the reliability runs (minutes each), then
+    the rest; the sort is stable, so each part keeps the collection order."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if RAY_FIXTURES & fixtures:
+        return 1
+    if not TRAINED_FIXTURES & fixtures:
+        return 0
+    return 2 if item.path.parent.name == "reliability" else 3
+
+
+# tryfirst: before pytest-xdist's own hook, which reads the xdist_group marks (added here) into node ids.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``integration`` every test that needs a server or a tiny checkpoint (by its fixtures) and every
     ``slow`` exploration, so that ``-m "not integration"`` runs the logic tests alone. Tests that start a
-    server or a process themselves carry the marker in their module or on the function."""
+    server or a process themselves carry the marker in their module or on the function. Put the Ray tests
+    in one xdist group and order the run (``_run_order``)."""
     from tests.support.engines import MODEL_FIXTURES
 
     needs = SERVER_FIXTURES | MODEL_FIXTURES
     for item in items:
-        if needs.intersection(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+        fixtures = getattr(item, "fixturenames", ())
+        if needs.intersection(fixtures) or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.integration)
+        if RAY_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.xdist_group("ray"))
+    items.sort(key=_run_order)

@@ -6,17 +6,12 @@ from typing import Any
 
 import pytest
 
-_FIGURES: dict[str, Any] = {}
+from tests.support.summary import section_lines
+
+# ``report`` appends to "lines"; tests.support.summary prints them (collected from every xdist worker).
+_FIGURES: dict[str, Any] = {"lines": section_lines("reliability figures")}
 
 
 @pytest.fixture(scope="session")
 def reliability_figures() -> dict[str, Any]:
     return _FIGURES
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    lines = _FIGURES.get("lines", [])
-    if lines:
-        terminalreporter.section("reliability figures")
-        for line in lines:
-            terminalreporter.write_line(line)

@@ -21,7 +21,8 @@ import pytest
 
 from worker.dev.services import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# xdist_group: `serve` starts a local Ray instance; in the worker that runs every other Ray test (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300  # a shared 2-core machine: Ray + Serve + model can take a minute or more
