@@ -129,7 +129,7 @@ class _Context:
 _CONTEXT: _Context | None = None
 
 
-def _start(settings: Settings, views: dict[str, ModelView]) -> None:
+def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
     """Process initializer: the core over model views, and a cache connection of its own."""
     global _CONTEXT
     from worker.cache.redis_cache import VerdictCache
@@ -395,7 +395,7 @@ def _serve(fd: int) -> None:
     conn = Connection(fd)
     try:
         settings, views = conn.recv()
-        _start(settings, views)
+        _initialize(settings, views)
         conn.send(("ok", True))
         while True:
             items = conn.recv()

@@ -343,7 +343,7 @@ class StreamPipeline:
             self.settings, moderator, publisher, markers, self.checkpoint, self._guard, self.counters
         )
         processes = self.settings.batching.intake_processes if cache.enabled else 0  # no cache, no hits
-        self._intake_pool = IntakePool(self.settings, self.load_models(), processes)
+        self._intake_pool = IntakePool(self.settings, models, processes)
         self.intake = Intake(
             self.settings, moderator, self.checkpoint, markers, self.counters, self._intake_pool
         )
