@@ -59,3 +59,33 @@ def test_guard_worker_runs_the_pipeline_in_a_thread_reports_status_and_drains_on
     assert not worker.ready()
     verdict_ids = {v["event_id"] for v in read_json(settings, settings.topics.verdicts)}
     assert verdict_ids == stream.valid_ids
+
+
+def test_a_worker_stopped_while_it_loads_reports_drained_at_once_and_never_joins(
+    make_settings: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scaling in can pick an actor that is still loading its model: it holds nothing, so its stop is immediate."""
+    import threading
+
+    from worker.engine.registry import ModelRegistry
+
+    loading, release = threading.Event(), threading.Event()
+    real_load = ModelRegistry.from_settings.__func__  # type: ignore[attr-defined]
+
+    def slow_load(cls: type, settings: Any, names: Any = None) -> ModelRegistry:
+        loading.set()
+        assert release.wait(60), "the test never released the model load"
+        return real_load(cls, settings, names)
+
+    monkeypatch.setattr(ModelRegistry, "from_settings", classmethod(slow_load))
+    settings = make_settings(model__path=str(tiny_model_dir), ops__port=0)
+    produce(settings, build_stream(4, seed=5, id_prefix="late").records, partitions=2)
+    worker = GuardWorker(settings_payload(settings), worker_index=1)
+    assert loading.wait(30)
+    # Were the stop to wait for the load, it would wait out the whole deadline and report drained=False.
+    final = worker.stop(deadline_s=5)
+    assert final.drained is True and final.stopped and not final.assigned
+    release.set()
+    wait_until(lambda: not worker.status().running, 60, "the start-up to end on its own")
+    assert worker.status().failed is None and worker.pipeline.counters["consumed"] == 0
+    assert read_json(settings, settings.topics.verdicts) == []

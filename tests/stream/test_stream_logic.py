@@ -275,3 +275,50 @@ def test_identical_content_is_classified_once_and_cache_hits_skip_the_model(stre
     s.send([chat_event(i, "the same question", prefix="again") for i in range(3)])
     s.turn_until(s.all_committed, "all committed again")
     assert sum(s.engine.forward_passes) == 1 and s.pipeline.counters["cached"] == 3
+
+
+def test_a_stop_requested_while_the_models_load_never_joins_the_group(monkeypatch):
+    """A worker told to stop while it is still starting holds nothing: it must not join, take or commit."""
+    import threading
+
+    from tests.support.fake_engine import DictCache, FakeEngine
+    from tests.support.local_broker import LocalClients
+    from tests.support.local_stream import local_settings
+    from worker.engine.registry import ModelRegistry
+    from worker.stream.pipeline import StreamPipeline
+
+    settings = local_settings()
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_load(cls, settings_, names=None):
+        loading.set()
+        assert release.wait(10), "the test never released the model load"
+        return ModelRegistry.of(FakeEngine(settings_), settings_)
+
+    monkeypatch.setattr(ModelRegistry, "from_settings", classmethod(slow_load))
+    s = LocalStream(2)  # only for its broker, topic and events; its own pipeline is never opened
+    s.send([chat_event(i) for i in range(4)])
+    clients = LocalClients(s.broker, group=s.group)
+    pipeline = StreamPipeline(settings, worker_name="late", cache=DictCache(), clients=clients)
+    runner = threading.Thread(target=pipeline.run, daemon=True)
+    runner.start()
+    assert loading.wait(10)
+    assert pipeline.request_stop() is False  # not in the group yet: nothing to drain
+    release.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    (consumer,) = [c for c in clients.made if hasattr(c, "subscribe")]
+    assert consumer.polls == 0 and consumer.closed and not consumer._topics
+    assert s.committed() == {0: None, 1: None}
+    assert s.broker.values(s.topics.verdicts) == []
+    assert pipeline.request_stop() is False  # idempotent
+
+
+def test_a_stop_after_joining_reports_it_and_drains(stream):
+    s = stream()
+    s.send([chat_event(i) for i in range(4)])
+    s.turn_until(s.all_committed, "all committed")
+    assert s.pipeline.request_stop() is True
+    s.pipeline.drain()
+    s.pipeline.close()
+    assert len(s.verdicts()) == 4

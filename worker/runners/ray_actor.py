@@ -248,14 +248,23 @@ class GuardWorker:
         """Drain and stop the pipeline within ``deadline_s`` (default ``shutdown.drain_timeout_s``).
 
         The pipeline finishes in-flight batches, publishes, commits and closes its consumer, so the
-        partitions move to the remaining workers without re-processing. Returns the final status.
+        partitions move to the remaining workers without re-processing. A worker still starting (loading
+        its model, connecting) has not joined the consumer group: it never will, and its stop is immediate
+        and drained. Returns the final status.
         """
         deadline_s = self.settings.shutdown.drain_timeout_s if deadline_s is None else deadline_s
-        self.pipeline.request_stop()
-        self._thread.join(timeout=max(0.0, deadline_s))
-        drained = not self._thread.is_alive()
-        if not drained:
-            log.warning("pipeline did not stop within %.1fs", deadline_s, extra={"worker": self.name})
+        if self.pipeline.request_stop():
+            self._thread.join(timeout=max(0.0, deadline_s))
+            drained = not self._thread.is_alive()
+            if not drained:
+                log.warning("pipeline did not stop within %.1fs", deadline_s, extra={"worker": self.name})
+        else:
+            # Still starting (loading the model, connecting): it never joined the consumer group, so it
+            # holds no partition and no event. Its start-up ends on its own; nobody waits for it.
+            drained = True
+            log.info(
+                "stopped before it joined the consumer group: nothing to drain", extra={"worker": self.name}
+            )
         if self._ops is not None:
             self._ops.stop()
             self._ops = None

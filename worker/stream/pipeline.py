@@ -140,6 +140,9 @@ class StreamPipeline:
         # None: started when the pipeline opens if batching.prepare_processes asks for it; closed with it
         self.image_preparation = image_preparation
         self._stop = threading.Event()
+        # Guards the one step that makes stopping cost a drain: joining the consumer group (see open()).
+        self._joining = threading.Lock()
+        self._subscribed = False
         self._running = False
         self._guard = FailureGuard(settings.failures)
         self.counters: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
@@ -157,9 +160,16 @@ class StreamPipeline:
             and not self._guard.active
         )
 
-    def request_stop(self) -> None:
-        """Ask ``run()`` to stop fetching, drain and return (thread-safe, idempotent)."""
-        self._stop.set()
+    def request_stop(self) -> bool:
+        """Ask ``run()`` to stop fetching, drain and return (thread-safe, idempotent).
+
+        Returns whether the pipeline had joined its consumer group. When it had not (it was still
+        loading models or connecting), it never will: it holds no partition and no event, so there is
+        nothing to drain, and ``run()`` closes what it opened as soon as the current start-up step ends.
+        """
+        with self._joining:
+            self._stop.set()
+            return self._subscribed
 
     def status(self) -> PipelineStatus:
         """A snapshot for health endpoints and the Ray driver (safe to call from any thread)."""
@@ -176,7 +186,8 @@ class StreamPipeline:
         try:
             while not self._stop.is_set():
                 self.step()
-            self.drain()
+            if self._subscribed:
+                self.drain()
         finally:
             self.close()
 
@@ -365,7 +376,15 @@ class StreamPipeline:
             name=f"{self.worker_name}-metadata",
             daemon=True,  # never holds up shutdown: at worst it waits out max_block_ms on a closed producer
         ).start()
-        self.consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
+        with self._joining:  # a stop requested while starting keeps the worker out of the group
+            if self._stop.is_set():
+                log.info(
+                    "stop requested before joining the consumer group: nothing to drain",
+                    extra={"stage": "start", "worker": self.worker_name},
+                )
+                return
+            self.consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
+            self._subscribed = True
         log.info("pipeline started", extra={"stage": "start", "worker": self.worker_name})
 
     def _apply_acks_if_awaited(self) -> None:
