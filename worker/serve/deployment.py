@@ -168,6 +168,7 @@ class ModerationDeployment:
     def _load_engine(self) -> None:
         from worker.engine.registry import ModelRegistry
         from worker.ops import metrics
+        from worker.ops.heap import settle_after_load
 
         try:
             models = ModelRegistry.from_settings(self.settings)
@@ -177,6 +178,7 @@ class ModerationDeployment:
                 "cannot load the model: %s", exc, extra={"stage": "load", "reason": "model_load_failed"}
             )
             return
+        settle_after_load()  # the models' objects leave garbage collection: no half-second pauses
         metrics.register_models(models.names)
         self.models = models
         self.moderator = Moderator(models, self.settings)

@@ -135,11 +135,13 @@ def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
     from worker.cache.redis_cache import VerdictCache
     from worker.engine.registry import ModelRegistry
     from worker.moderation.moderator import Moderator
+    from worker.ops.heap import settle_after_load
 
     registry = ModelRegistry(views, settings)  # type: ignore[arg-type]  # a view has what routing reads
     _CONTEXT = _Context(
         settings, Moderator(registry, settings), VerdictCache(settings.redis), Encoder(settings.topics)
     )
+    settle_after_load()
 
 
 def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:

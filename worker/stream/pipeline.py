@@ -328,8 +328,10 @@ class StreamPipeline:
         models = self.load_models()
         metrics.MODEL_LOAD_SECONDS.set(models.load_seconds)
         from worker.moderation.language import warm_up
+        from worker.ops.heap import settle_after_load
 
         warm_up()  # the detector's model loads once per process: not on the first batch's clock
+        settle_after_load()  # the models' objects leave garbage collection: no half-second pauses in the loop
         if self._cache is None:
             self._cache = VerdictCache(self.settings.redis)
         cache = self._cache
