@@ -203,6 +203,42 @@ def test_the_revoke_commits_what_is_complete_before_the_partitions_leave(stream)
     assert s.broker.commits[-1].asynchronous  # a blocking commit raises inside kafka-python's callback
 
 
+def test_a_revoke_hands_partitions_over_only_after_their_published_markers_are_written():
+    """The next owner reads the markers when it takes a partition: the revoke must not leave them on the writer thread."""
+    import threading
+    import time
+
+    from tests.support.fake_engine import DictCache
+
+    class SlowMarkerCache(DictCache):
+        """Marker writes take a while (a loaded Redis, a busy machine)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing = threading.Event()
+
+        def set_raw(self, items, ttl_s):
+            self.writing.set()
+            time.sleep(0.3)
+            super().set_raw(items, ttl_s)
+
+    cache = SlowMarkerCache()
+    s = LocalStream(2, cache=cache).open()
+    try:
+        s.turn()  # join: both partitions
+        s.broker.fail_commits(10_000)  # no interval commit lands: the next owner would replay everything
+        s.send([chat_event(i) for i in range(6)])
+        s.turn_until(lambda: s.pipeline.counters["completed"] == 6, "answered and acknowledged")
+        s.broker.rebalance(s.consumer, [], protocol="cooperative")
+        s.turn()  # the revoke
+        assert s.pipeline.status().assigned == ()
+        markers = [k for k in cache.raw if ":pub:" in k and not k.endswith(":high")]
+        assert len(markers) == 6, sorted(cache.raw)
+    finally:
+        s.broker.fail_commits(0)
+        s.pipeline.close()
+
+
 def test_a_poison_item_is_isolated_into_one_dead_letter(stream):
     s = stream(partitions=1, batching__max_size=8, batching__max_wait_ms=50)
     events = [chat_event(i, "POISON here" if i == 5 else None) for i in range(8)]

@@ -167,12 +167,19 @@ class Outputs:
                 self._markers.mark(acked)
 
     def settle(self, timeout_s: float) -> None:
-        """Send everything buffered, wait for the broker (up to ``timeout_s``), apply the answers."""
+        """Send everything buffered, wait for the broker (up to ``timeout_s``), apply the answers.
+
+        Then wait for their published markers to be written: a revoke or drain hands the partitions to
+        another worker, which reads the markers when it takes them, and the revoke's commit is
+        asynchronous (it may be refused mid-rebalance). A marker still on the writer thread would let the
+        next owner publish those records again.
+        """
         try:
             self.publisher.flush(timeout_s)
         except KafkaError as exc:  # what is not acknowledged stays uncommitted, and is redone
             log.warning("flush failed: %s", type(exc).__name__, extra={"stage": "publish"})
         self.apply_acks()
+        self._markers.settle()
 
     # -- failed deliveries ------------------------------------------------------------------------------
 
