@@ -175,6 +175,28 @@ def assert_every_event_answered_once(settings, worker, events) -> None:
     assert not any(alive(pid) for pid in pids), "an intake process outlived its pipeline"
 
 
+def test_while_every_process_has_a_chunk_out_the_loop_thread_takes_the_next_poll(
+    make_settings, engine_settings_overrides, guard_engine
+):
+    """Work sharing: a poll is not queued behind a busy process (that queue paused the partitions)."""
+    settings = make_settings(**engine_settings_overrides)
+    pool = ready_pool(settings, ModelRegistry.of(guard_engine, settings))
+    try:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGSTOP)  # the process holds its chunk until it is continued
+        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0)])
+        assert pool.wants(intake_pool.START_BURST) is False
+        os.kill(pid, signal.SIGCONT)
+        assert future.result(timeout=30).answers == [None]
+        deadline = time.monotonic() + 10
+        while not pool.wants(intake_pool.START_BURST):  # the courier counts the answer just after it lands
+            assert time.monotonic() < deadline, "the process stayed busy after answering"
+            time.sleep(0.01)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        pool.close()
+
+
 def test_a_stream_of_repeats_is_answered_by_the_intake_process_once_each(
     make_settings, engine_settings_overrides, guard_engine, monkeypatch
 ):

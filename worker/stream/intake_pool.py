@@ -20,7 +20,10 @@ The processes start on the first burst (a poll of ``START_BURST`` records or mor
 records keep taking the loop thread's path until they are ready, so a quiet worker never pays for them.
 Chunks go to the processes only while they pay: when fewer than half of the records sent recently were
 answered there (a stream of misses: the model, not intake, is the bottleneck, and the double decode is
-wasted), only every ``PROBE_EVERY``-th chunk goes, to notice when hits return. A process that dies, fails or
+wasted), only every ``PROBE_EVERY``-th chunk goes, to notice when hits return. While every process has a chunk
+out (``BUSY_CHUNKS``), the loop thread takes the next poll itself: the two work side by side, and a poll never
+waits in a queue behind a busy process (such queues filled the in-flight bound and paused the partitions,
+which on confluent-kafka costs a re-fetch at every resume). A process that dies, fails or
 hangs (no answer within ``CHUNK_TIMEOUT_S``) costs nothing but time: the chunk's records take the loop
 thread's path, the processes are stopped, and started again on the next burst.
 """
@@ -60,6 +63,7 @@ START_BURST = 128  # records in one poll that start the processes (a quiet worke
 PROBE_EVERY = 8  # while few records are answered there, every this-many-th chunk still goes
 PAYS_ABOVE = 0.5  # fraction of a chunk's records answered in a process above which sending chunks pays
 RECENT_WEIGHT = 0.3  # weight of the newest chunk in the recent answered fraction (exponential average)
+BUSY_CHUNKS = 1  # a chunk out at every process: the loop thread takes the next poll itself (work sharing)
 MAX_RESTARTS = 5  # pools started again after a process died; past it the loop thread does all the work
 CHUNK_TIMEOUT_S = 30.0  # a chunk not answered by then is redone on the loop thread (its process is stopped)
 STOP_TIMEOUT_S = 5.0
@@ -326,6 +330,8 @@ class IntakePool:
         """Whether a chunk of ``records`` should go to a process now (starts the pool on a burst)."""
         if not self.enabled or not self._is_ready(records):
             return False
+        if all(w.queued >= BUSY_CHUNKS for w in self._workers):
+            return False  # the processes are behind: this poll is faster on the loop thread than queued
         if self._recent >= PAYS_ABOVE:
             return True
         self._skipped += 1  # few answered there lately: probe now and then
