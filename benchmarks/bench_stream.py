@@ -334,20 +334,18 @@ def raw_loop(
     return done / elapsed
 
 
-def raw_confluent_loop(
-    settings: Settings,
-    n: int,
-    outputs: dict[tuple[int, int], list[OutputRecord]],
-    renamed: dict[str, str],
+def confluent_batch_loop(
+    settings: Settings, n: int, topics: list[str], answer: Callable[[list[Any], Any], None]
 ) -> float:
-    """``raw_loop`` written directly on confluent-kafka (librdkafka): consume a batch, produce the pipeline's
-    records for each input, flush, commit — with the same librdkafka properties the worker's adapters use."""
+    """A consume → answer → flush → commit loop on confluent-kafka (librdkafka), with the librdkafka properties
+    the worker's adapters use; ``answer(messages, producer)`` produces each batch's outputs (the raw loop and
+    the batching peer differ only there). Returns events/s from the first batch on."""
     import confluent_kafka as ck
 
     consumer = ck.Consumer(consumer_properties(settings))
     consumer.subscribe([settings.topics.events])
     producer = ck.Producer(producer_properties(settings))
-    for topic in output_topics(settings):  # learn the outputs' metadata before the clock starts
+    for topic in topics:  # learn the outputs' metadata before the clock starts
         producer.list_topics(topic, timeout=10)
     topic_in = settings.topics.events
     done = 0
@@ -355,19 +353,15 @@ def raw_confluent_loop(
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while done < n and time.monotonic() < deadline:
-            messages = consumer.consume(settings.kafka.max_poll_records, 0.1)
+            messages = [
+                m for m in consumer.consume(settings.kafka.max_poll_records, 0.1) if m.error() is None
+            ]
             if not messages:
                 continue
             started = started or time.perf_counter()
-            offsets: dict[int, int] = {}
-            for m in messages:
-                if m.error() is not None:
-                    continue
-                partition, offset = m.partition(), m.offset()
-                for topic, key, value, headers in outputs[(partition, offset)]:
-                    producer.produce(renamed[topic], value, key, headers=headers)
-                offsets[partition] = offset + 1
-                done += 1
+            answer(messages, producer)
+            offsets = {m.partition(): m.offset() + 1 for m in messages}  # in order within a partition
+            done += len(messages)
             producer.flush(60)
             consumer.commit(
                 offsets=[ck.TopicPartition(topic_in, p, o) for p, o in offsets.items()], asynchronous=False
@@ -376,6 +370,22 @@ def raw_confluent_loop(
     finally:
         consumer.close()
     return done / elapsed
+
+
+def raw_confluent_loop(
+    settings: Settings,
+    n: int,
+    outputs: dict[tuple[int, int], list[OutputRecord]],
+    renamed: dict[str, str],
+) -> float:
+    """``raw_loop`` written directly on confluent-kafka: each input answered with the pipeline's records."""
+
+    def answer(messages: list[Any], producer: Any) -> None:
+        for m in messages:
+            for topic, key, value, headers in outputs[(m.partition(), m.offset())]:
+                producer.produce(renamed[topic], value, key, headers=headers)
+
+    return confluent_batch_loop(settings, n, output_topics(settings), answer)
 
 
 def peer_batching_loop(settings: Settings, n: int) -> float:
@@ -389,64 +399,40 @@ def peer_batching_loop(settings: Settings, n: int) -> float:
     """
     import hashlib
 
-    import confluent_kafka as ck
     import redis
 
-    consumer = ck.Consumer(consumer_properties(settings))
-    consumer.subscribe([settings.topics.events])
-    producer = ck.Producer(producer_properties(settings))
     verdicts, flagged = settings.topics.verdicts, settings.topics.flagged
-    for topic in (verdicts, flagged):
-        producer.list_topics(topic, timeout=10)
-    client = redis.Redis.from_url(settings.redis.url)
     topic_in = settings.topics.events
-    done = 0
-    started = None
-    deadline = time.monotonic() + TIMEOUT_S
+    client = redis.Redis.from_url(settings.redis.url)
+
+    def answer(messages: list[Any], producer: Any) -> None:
+        events = [orjson.loads(m.value()) for m in messages]
+        keys = [PEER_KEY_PREFIX + hashlib.sha256(orjson.dumps(e["messages"])).hexdigest() for e in events]
+        cached = client.mget(keys)
+        for m, event, entry in zip(messages, events, cached, strict=True):
+            hit = orjson.loads(entry) if entry is not None else {"unsafe": False, "score": 0.0, "codes": []}
+            verdict = {
+                "event_id": event["event_id"],
+                "conversation_id": event["conversation_id"],
+                "decision": "unsafe" if hit["unsafe"] else "safe",
+                "flagged": hit["unsafe"],
+                "categories": [{"code": code} for code in hit["codes"]],
+                "score": hit["score"],
+                "policy": {"id": "default"},
+                "model": {"id": "tiny"},
+                "cached": entry is not None,
+                "source": {"topic": topic_in, "partition": m.partition(), "offset": m.offset()},
+            }
+            value, key = orjson.dumps(verdict), event["conversation_id"].encode()
+            headers = [("event_id", event["event_id"].encode())]
+            producer.produce(verdicts, value, key, headers=headers)
+            if hit["unsafe"]:
+                producer.produce(flagged, value, key, headers=headers)
+
     try:
-        while done < n and time.monotonic() < deadline:
-            messages = [
-                m for m in consumer.consume(settings.kafka.max_poll_records, 0.1) if m.error() is None
-            ]
-            if not messages:
-                continue
-            started = started or time.perf_counter()
-            events = [orjson.loads(m.value()) for m in messages]
-            keys = [PEER_KEY_PREFIX + hashlib.sha256(orjson.dumps(e["messages"])).hexdigest() for e in events]
-            cached = client.mget(keys)
-            offsets: dict[int, int] = {}
-            for m, event, entry in zip(messages, events, cached, strict=True):
-                hit = (
-                    orjson.loads(entry) if entry is not None else {"unsafe": False, "score": 0.0, "codes": []}
-                )
-                verdict = {
-                    "event_id": event["event_id"],
-                    "conversation_id": event["conversation_id"],
-                    "decision": "unsafe" if hit["unsafe"] else "safe",
-                    "flagged": hit["unsafe"],
-                    "categories": [{"code": code} for code in hit["codes"]],
-                    "score": hit["score"],
-                    "policy": {"id": "default"},
-                    "model": {"id": "tiny"},
-                    "cached": entry is not None,
-                    "source": {"topic": topic_in, "partition": m.partition(), "offset": m.offset()},
-                }
-                value, key = orjson.dumps(verdict), event["conversation_id"].encode()
-                headers = [("event_id", event["event_id"].encode())]
-                producer.produce(verdicts, value, key, headers=headers)
-                if hit["unsafe"]:
-                    producer.produce(flagged, value, key, headers=headers)
-                offsets[m.partition()] = m.offset() + 1
-                done += 1
-            producer.flush(60)
-            consumer.commit(
-                offsets=[ck.TopicPartition(topic_in, p, o) for p, o in offsets.items()], asynchronous=False
-            )
-        elapsed = time.perf_counter() - (started or time.perf_counter())
+        return confluent_batch_loop(settings, n, [verdicts, flagged], answer)
     finally:
-        consumer.close()
         client.close()
-    return done / elapsed
 
 
 def warm_peer_cache(settings: Settings, distinct: list[dict[str, Any]], engine: GuardEngine) -> None:
