@@ -29,13 +29,15 @@ PARTITIONS = 4
 
 def stream_settings(make_settings: Any, tiny_model_dir: Path, **overrides: Any) -> Settings:
     settings = make_settings(
-        model__path=str(tiny_model_dir),
-        ray__num_workers=2,
-        ray__num_gpus_per_worker=1.0,
-        ops__port=0,
-        shutdown__drain_timeout_s=20.0,
-        batching__max_wait_ms=20,
-        **overrides,
+        **{
+            "model__path": str(tiny_model_dir),
+            "ray__num_workers": 2,
+            "ray__num_gpus_per_worker": 1.0,
+            "ops__port": 0,
+            "shutdown__drain_timeout_s": 20.0,
+            "batching__max_wait_ms": 20,
+            **overrides,
+        }
     )
     ensure_topics(settings, [settings.topics.events], partitions=PARTITIONS)
     ensure_topics(settings, [settings.topics.flagged, settings.topics.verdicts, settings.topics.dlq])
@@ -223,3 +225,57 @@ def test_split_pools_run_as_one_actor_group_each_and_every_event_gets_one_verdic
     assert len(read_json(settings, settings.topics.dlq)) == len(stream.malformed)
     finals = {f.pool: f.counters for f in report.final_statuses}
     assert finals["vision"]["dead_letters"] == 0, "the text pool owns the dead letters of undecodable input"
+
+
+def test_a_wave_of_repeats_on_a_ray_actor_is_answered_by_its_intake_process(
+    ray_cluster: Any, make_settings: Any, tiny_model_dir: Path
+) -> None:
+    """The intake process starts inside the actor (its own interpreter, launched from the actor's) and answers hits."""
+    import orjson
+
+    settings = stream_settings(make_settings, tiny_model_dir, ray__num_workers=1)
+    seed = build_stream(20, seed=9, repeat_ratio=0.0, image_ratio=0.0, malformed_ratio=0.0, id_prefix="seed")
+
+    def wave(name: str, n: int) -> list[tuple[bytes | None, bytes]]:
+        records = [seed.records[i % len(seed.records)] for i in range(n)]
+        return [
+            (key, orjson.dumps(dict(orjson.loads(value), event_id=f"{name}-{i}")))
+            for i, (key, value) in enumerate(records)
+        ]
+
+    first, second = wave("first", 1000), wave("second", 3000)
+    fleet = WorkerFleet(settings)
+    fleet.start()
+
+    def completed_at_least(n: int, what: str, *, processes: int = 0) -> WorkerStatus:
+        deadline = time.monotonic() + 180
+        while True:
+            statuses = fleet.poll(timeout_s=5.0)
+            done = [
+                s
+                for s in statuses
+                if s.pipeline is not None
+                and s.counters.get("completed", 0) >= n
+                and s.pipeline.intake_processes >= processes
+            ]
+            if done:
+                return done[0]
+            assert time.monotonic() < deadline, (what, [s.counters for s in statuses])
+            time.sleep(0.3)
+
+    try:
+        produce(settings, seed.records, partitions=PARTITIONS)  # first: their verdicts fill the cache
+        completed_at_least(len(seed.records), "the seed answered")
+        produce(settings, first, partitions=PARTITIONS)  # a burst: the actor starts its intake process
+        completed_at_least(
+            len(seed.records) + len(first), "the first wave answered and the process ready", processes=1
+        )
+        produce(settings, second, partitions=PARTITIONS)
+        status = completed_at_least(len(seed.records) + len(first) + len(second), "the second wave answered")
+    finally:
+        fleet.stop()
+    assert status.counters["intake_process_answers"] > 0, status.counters
+    assert status.counters["cached"] == len(first) + len(second) and status.counters["dead_letters"] == 0
+    verdicts = Counter(v["event_id"] for v in read_json(settings, settings.topics.verdicts))
+    assert {f"second-{i}" for i in range(len(second))} <= set(verdicts)
+    assert max(verdicts.values()) == 1  # one verdict per event, whichever path answered it

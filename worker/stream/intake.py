@@ -165,6 +165,7 @@ class Intake:
             self._pool.learn(answered, len(chunk))
             if answered:
                 metrics.INTAKE_PROCESS_ANSWERS.inc(answered)
+                self._counters["intake_process_answers"] += answered
             with metrics.observe_stage("decode"):
                 for consumed, hit in zip(chunk, result.answers, strict=True):
                     if hit is not None:

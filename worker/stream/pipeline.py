@@ -81,6 +81,7 @@ COUNTERS = (
     "replays_skipped",
     "outages",
     "routed_elsewhere",  # completed without output: another pool's model judges them
+    "intake_process_answers",  # records an intake process answered (mw_intake_process_answers_total)
 )
 
 
