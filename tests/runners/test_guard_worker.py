@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.kafka_io import build_stream, produce, read_json
+from worker.engine.registry import ModelRegistry
 from worker.runners.ray_actor import GuardWorker
 from worker.runners.ray_env import settings_payload
 
@@ -65,10 +67,6 @@ def test_a_worker_stopped_while_it_loads_reports_drained_at_once_and_never_joins
     make_settings: Any, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scaling in can pick an actor that is still loading its model: it holds nothing, so its stop is immediate."""
-    import threading
-
-    from worker.engine.registry import ModelRegistry
-
     loading, release = threading.Event(), threading.Event()
     real_load = ModelRegistry.from_settings.__func__  # type: ignore[attr-defined]
 

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import ray
 
@@ -231,8 +232,6 @@ def test_a_wave_of_repeats_on_a_ray_actor_is_answered_by_its_intake_process(
     ray_cluster: Any, make_settings: Any, tiny_model_dir: Path
 ) -> None:
     """The intake process starts inside the actor (its own interpreter, launched from the actor's) and answers hits."""
-    import orjson
-
     settings = stream_settings(make_settings, tiny_model_dir, ray__num_workers=1)
     seed = build_stream(20, seed=9, repeat_ratio=0.0, image_ratio=0.0, malformed_ratio=0.0, id_prefix="seed")
 

@@ -8,12 +8,18 @@ tests beside this file; here every failure and rebalance lands exactly between t
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 
 import pytest
 
 from tests.support.contracts import validate_dead_letter, validate_verdict
-from tests.support.local_stream import LocalStream, chat_event
+from tests.support.fake_engine import DictCache, FakeEngine
+from tests.support.local_broker import LocalClients
+from tests.support.local_stream import LocalStream, chat_event, local_settings
+from worker.engine.registry import ModelRegistry
+from worker.stream.pipeline import StreamPipeline
 
 
 def engine_outage(s: LocalStream) -> dict | None:
@@ -203,40 +209,27 @@ def test_the_revoke_commits_what_is_complete_before_the_partitions_leave(stream)
     assert s.broker.commits[-1].asynchronous  # a blocking commit raises inside kafka-python's callback
 
 
-def test_a_revoke_hands_partitions_over_only_after_their_published_markers_are_written():
+class SlowMarkerCache(DictCache):
+    """Marker writes take a while (a loaded Redis, a busy machine)."""
+
+    def set_raw(self, items, ttl_s):
+        time.sleep(0.3)
+        super().set_raw(items, ttl_s)
+
+
+def test_a_revoke_hands_partitions_over_only_after_their_published_markers_are_written(stream):
     """The next owner reads the markers when it takes a partition: the revoke must not leave them on the writer thread."""
-    import threading
-    import time
-
-    from tests.support.fake_engine import DictCache
-
-    class SlowMarkerCache(DictCache):
-        """Marker writes take a while (a loaded Redis, a busy machine)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.writing = threading.Event()
-
-        def set_raw(self, items, ttl_s):
-            self.writing.set()
-            time.sleep(0.3)
-            super().set_raw(items, ttl_s)
-
     cache = SlowMarkerCache()
-    s = LocalStream(2, cache=cache).open()
-    try:
-        s.turn()  # join: both partitions
-        s.broker.fail_commits(10_000)  # no interval commit lands: the next owner would replay everything
-        s.send([chat_event(i) for i in range(6)])
-        s.turn_until(lambda: s.pipeline.counters["completed"] == 6, "answered and acknowledged")
-        s.broker.rebalance(s.consumer, [], protocol="cooperative")
-        s.turn()  # the revoke
-        assert s.pipeline.status().assigned == ()
-        markers = [k for k in cache.raw if ":pub:" in k and not k.endswith(":high")]
-        assert len(markers) == 6, sorted(cache.raw)
-    finally:
-        s.broker.fail_commits(0)
-        s.pipeline.close()
+    s = stream(cache=cache)
+    s.turn()  # join: both partitions
+    s.broker.fail_commits(10_000)  # no interval commit lands: the next owner would replay everything
+    s.send([chat_event(i) for i in range(6)])
+    s.turn_until(lambda: s.pipeline.counters["completed"] == 6, "answered and acknowledged")
+    s.broker.rebalance(s.consumer, [], protocol="cooperative")
+    s.turn()  # the revoke
+    assert s.pipeline.status().assigned == ()
+    markers = [k for k in cache.raw if ":pub:" in k and not k.endswith(":high")]
+    assert len(markers) == 6, sorted(cache.raw)
 
 
 def test_a_poison_item_is_isolated_into_one_dead_letter(stream):
@@ -315,14 +308,6 @@ def test_identical_content_is_classified_once_and_cache_hits_skip_the_model(stre
 
 def test_a_stop_requested_while_the_models_load_never_joins_the_group(monkeypatch):
     """A worker told to stop while it is still starting holds nothing: it must not join, take or commit."""
-    import threading
-
-    from tests.support.fake_engine import DictCache, FakeEngine
-    from tests.support.local_broker import LocalClients
-    from tests.support.local_stream import local_settings
-    from worker.engine.registry import ModelRegistry
-    from worker.stream.pipeline import StreamPipeline
-
     settings = local_settings()
     loading, release = threading.Event(), threading.Event()
 
