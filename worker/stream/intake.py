@@ -92,9 +92,8 @@ class Intake:
         """Take one poll's records (see the module docstring), and the chunks that came back from processes."""
         accepted = Accepted()
         if records:
-            with metrics.observe_stage(
-                "decode"
-            ):  # per poll, not per record: the timer costs as much as decoding
+            # Timed per poll, not per record: the timer costs as much as decoding.
+            with metrics.observe_stage("decode"):
                 fresh = self._register(records)
                 if fresh and self._pool is not None and self._pool.wants(len(fresh)):
                     self._send(fresh)

@@ -90,9 +90,8 @@ class ChunkAnswers(NamedTuple):
     decode_s: float  # decode, route and key of the whole chunk
     cache_s: float  # its one cache read
     cache_hits: int
-    cache_misses: (
-        int  # misses a halting blocklist decided (the others are looked up again, and counted, there)
-    )
+    # Misses a halting blocklist decided (the others are looked up again, and counted, there).
+    cache_misses: int
 
 
 @dataclass(slots=True, frozen=True)

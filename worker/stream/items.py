@@ -84,9 +84,8 @@ class Outcome:
     record: Consumed
     kind: Literal["verdict", "dead_letter"]
     output: OutputRecord
-    created_at: str | None = (
-        None  # the event's ``created_at`` (event lag is measured when it is acknowledged)
-    )
+    # The event's ``created_at`` (event lag is measured when it is acknowledged).
+    created_at: str | None = None
     failed_deliveries: int = 0
 
     @property
