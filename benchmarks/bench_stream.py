@@ -261,7 +261,7 @@ def pipeline_counters() -> dict[str, float]:
 def read_outputs(settings: Settings, n: int) -> dict[tuple[int, int], list[OutputRecord]]:
     """The records the pipeline published for each input (partition, offset), read back from the verdicts topic.
 
-    The flagged topic holds byte-identical copies of the unsafe verdicts (``Publisher.publish_verdict``),
+    The flagged topic holds byte-identical copies of the unsafe verdicts (``Encoder.verdict`` names both topics),
     so those are rebuilt from the verdicts rather than read twice.
     """
     config = {**consumer_config(settings), "group_id": None, "auto_offset_reset": "earliest"}

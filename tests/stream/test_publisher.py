@@ -48,7 +48,7 @@ def verdict(event_id: str, *, flagged: bool) -> dict[str, Any]:
 def test_a_safe_verdict_is_acked_when_its_one_record_is():
     producer = RecordingProducer()
     publisher = Publisher(producer, TopicSettings())
-    publisher.publish_verdict(verdict("e1", flagged=False), "token-1")
+    publisher.publish(publisher.encoder.verdict(verdict("e1", flagged=False)), "token-1")
     assert publisher.awaiting_acks
     assert publisher.drain_acks() == []
     producer.futures("moderation.verdicts")[0].success(None)
@@ -60,7 +60,7 @@ def test_a_safe_verdict_is_acked_when_its_one_record_is():
 def test_a_flagged_verdict_waits_for_both_records():
     producer = RecordingProducer()
     publisher = Publisher(producer, TopicSettings())
-    publisher.publish_verdict(verdict("e1", flagged=True), "token-1")
+    publisher.publish(publisher.encoder.verdict(verdict("e1", flagged=True)), "token-1")
     assert [t for t, _, _ in producer.sent] == ["moderation.verdicts", "moderation.flagged"]
     producer.futures("moderation.flagged")[0].success(None)
     assert publisher.drain_acks() == []
@@ -71,7 +71,7 @@ def test_a_flagged_verdict_waits_for_both_records():
 def test_the_first_failure_is_reported_at_once_and_only_once():
     producer = RecordingProducer()
     publisher = Publisher(producer, TopicSettings())
-    publisher.publish_verdict(verdict("e1", flagged=True), "token-1")
+    publisher.publish(publisher.encoder.verdict(verdict("e1", flagged=True)), "token-1")
     error = KafkaTimeoutError("expired")
     producer.futures("moderation.flagged")[0].failure(error)
     [(token, reported)] = publisher.drain_acks()
@@ -83,7 +83,7 @@ def test_the_first_failure_is_reported_at_once_and_only_once():
 def test_a_send_that_raises_is_reported_as_failed():
     producer = RecordingProducer(fail_on="moderation.flagged")
     publisher = Publisher(producer, TopicSettings())
-    publisher.publish_verdict(verdict("e1", flagged=True), "token-1")
+    publisher.publish(publisher.encoder.verdict(verdict("e1", flagged=True)), "token-1")
     [(token, reported)] = publisher.drain_acks()
     assert token == "token-1" and isinstance(reported, KafkaTimeoutError)
 
@@ -91,7 +91,7 @@ def test_a_send_that_raises_is_reported_as_failed():
 def test_nothing_to_send_is_acked_at_once():
     producer = RecordingProducer()
     publisher = Publisher(producer, TopicSettings(publish_all_verdicts=False))
-    publisher.publish_verdict(verdict("e1", flagged=False), "token-1")
+    publisher.publish(publisher.encoder.verdict(verdict("e1", flagged=False)), "token-1")
     assert producer.sent == []
     assert publisher.drain_acks() == [("token-1", None)]
 
@@ -100,7 +100,7 @@ def test_acks_are_reported_per_event_whatever_their_order():
     producer = RecordingProducer()
     publisher = Publisher(producer, TopicSettings())
     for i in range(3):
-        publisher.publish_verdict(verdict(f"e{i}", flagged=False), f"token-{i}")
+        publisher.publish(publisher.encoder.verdict(verdict(f"e{i}", flagged=False)), f"token-{i}")
     futures = producer.futures("moderation.verdicts")
     futures[2].success(None)
     futures[0].success(None)
@@ -113,7 +113,7 @@ def test_verdict_records_carry_key_headers_and_the_verdict():
     producer = RecordingProducer()
     publisher = Publisher(producer, TopicSettings())
     for event_id in ("e1", "e2"):  # the second one reuses the encoded policy/model headers
-        publisher.publish_verdict(verdict(event_id, flagged=False), event_id)
+        publisher.publish(publisher.encoder.verdict(verdict(event_id, flagged=False)), event_id)
     _, record, _ = producer.sent[1]
     assert record["key"] == b"conv-e2"
     assert record["headers"] == [
@@ -128,7 +128,9 @@ def test_verdict_records_carry_key_headers_and_the_verdict():
 def test_dead_letters_go_to_the_dlq_with_their_reason():
     producer = RecordingProducer()
     publisher = Publisher(producer, TopicSettings())
-    publisher.publish_dead_letter({"event_id": "e1", "reason": "invalid_json"}, b"k", "token-1")
+    publisher.publish(
+        publisher.encoder.dead_letter({"event_id": "e1", "reason": "invalid_json"}, b"k"), "token-1"
+    )
     [(topic, record, future)] = producer.sent
     assert topic == "moderation.dlq" and record["key"] == b"k"
     assert record["headers"] == [

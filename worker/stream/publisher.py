@@ -52,14 +52,6 @@ class Publisher:
         # confluent-kafka: delivery reports wait in librdkafka until served (kafka-python has no such step).
         self._serve_deliveries = getattr(producer, "serve_deliveries", None)
 
-    def publish_verdict(self, verdict: dict[str, Any], token: Any) -> None:
-        """Send ``verdict`` to the verdicts topic and, if flagged, to the flagged topic (in the review band: review)."""
-        self.publish(self.encoder.verdict(verdict), token)
-
-    def publish_dead_letter(self, dead_letter: dict[str, Any], key: bytes | None, token: Any) -> None:
-        """Send ``dead_letter`` to the DLQ, keyed like the original record."""
-        self.publish(self.encoder.dead_letter(dead_letter, key), token)
-
     def publish(self, output: OutputRecord, token: Any) -> None:
         """Send ``output`` to each of its topics; ``token`` is reported by ``drain_acks`` once all are answered."""
         self._send(output.topics, output.key, output.value, output.headers, token)
