@@ -1,4 +1,4 @@
-"""Golden prompts: expected strings are written out from issue 3's specification, byte for byte."""
+"""Golden prompts: expected strings are written out from the model card's prompt format, byte for byte."""
 
 from __future__ import annotations
 
