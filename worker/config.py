@@ -207,9 +207,11 @@ class BatchingSettings(Section):
         1,
         ge=0,
         le=64,
-        description="processes that decode, route and key text events and answer the verdict-cache hits among "
-        "them, off the loop thread's GIL (the hit path then scales with cores); started on the first burst of "
-        "records, used while most records they get are answered there; 0 = the loop thread does it all",
+        description="processes that decode, route and key text events and publish the verdicts of the "
+        "verdict-cache hits among them on a producer of their own, off the loop thread's GIL (the hit path then "
+        "scales with cores; offsets are still committed by the worker, after the broker's acks); started on the "
+        "first burst of records, used while most records they get are answered there; 0 = the loop thread does "
+        "it all",
     )
     mix_modalities: bool = Field(
         False,

@@ -1,21 +1,25 @@
 """Intake processes: real child processes, real Redis, the tiny checkpoint, the embedded broker.
 
-What is proven: a process answers exactly the records the loop thread would answer from the cache, with the
-same output records; everything else comes back unanswered; a process that dies or hangs loses nothing (its
-chunk is redone on the loop thread) and is started again; no process outlives its pipeline.
+What is proven: a process publishes exactly the records the loop thread would answer from the cache, the
+same output records, and marks them; everything else comes back unanswered; a process that dies or hangs
+loses nothing (its chunk is redone on the loop thread) and is started again; no process outlives its
+pipeline; a revoke completes the chunks out before it commits, so a graceful hand-over duplicates nothing.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter
 
 import orjson
 import pytest
+from kafka.structs import TopicPartition
 
 from tests.support import kafka_io
+from worker.cache.published import PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 from worker.contracts.dead_letters import SourceCoordinates
 from worker.contracts.decode import decode_event
@@ -24,6 +28,8 @@ from worker.moderation.moderator import Moderator, Routed
 from worker.ops import metrics
 from worker.stream import intake, intake_pool
 from worker.stream.intake_pool import IntakePool, IntakeProcessError
+from worker.stream.kafka_clients import ensure_topics
+from worker.stream.publisher import output_topics
 from worker.stream.records import Encoder, verdict_facts
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -63,10 +69,11 @@ def text_events(n: int, prefix: str) -> list[dict]:
     return [orjson.loads(value) for _, value in stream.records]
 
 
-def test_a_process_answers_exactly_the_cache_hits_with_the_records_the_loop_thread_would_send(
+def test_a_process_publishes_exactly_the_cache_hits_as_the_loop_thread_would_and_marks_them(
     make_settings, engine_settings_overrides, guard_engine
 ):
     settings = make_settings(**engine_settings_overrides)
+    ensure_topics(settings, output_topics(settings.topics))
     registry = ModelRegistry.of(guard_engine, settings)
     moderator = Moderator(registry, settings)
     cache = VerdictCache(settings.redis)
@@ -78,7 +85,11 @@ def test_a_process_answers_exactly_the_cache_hits_with_the_records_the_loop_thre
     image = kafka_io.build_stream(40, seed=3, image_ratio=1, repeat_ratio=0, malformed_ratio=0)
     image_value = next(v for _, v in image.records if b"image_url" in v)
     values = [orjson.dumps(e) for e in cached + missed] + [b"{not json", image_value]
-    items = [(v, time.monotonic(), "chat.events", 1, offset) for offset, v in enumerate(values)]
+    sent_ms = int(time.time() * 1000)
+    items = [
+        (v, time.monotonic(), "chat.events", 1, offset, sent_ms, record_digest(v))
+        for offset, v in enumerate(values)
+    ]
 
     pool = ready_pool(settings, registry)
     try:
@@ -88,25 +99,42 @@ def test_a_process_answers_exactly_the_cache_hits_with_the_records_the_loop_thre
         pool.close()
     assert not alive(pid), "the intake process outlived its pool"
 
-    assert [a is not None for a in answers.answers] == [True] * 8 + [False] * 6
-    assert (answers.cache_hits, answers.cache_misses) == (8, 0)
+    assert answers.published == list(range(8))  # the cache hits; the rest is the loop thread's
+    assert (answers.cache_hits, answers.cache_misses, answers.failed_deliveries) == (8, 0, 0)
+    assert len(answers.end_to_end_s) == 8 and all(0 <= s < 60 for s in answers.end_to_end_s)
     encoder = Encoder(settings.topics)
-    for offset, (item, answer) in enumerate(zip(keyed, answers.answers, strict=False)):
-        assert answer is not None and isinstance(item.routed, Routed)
+    expected = {}
+    tally: Counter[tuple] = Counter()
+    for offset, item in enumerate(keyed):
+        assert isinstance(item.routed, Routed)
         hit = moderator.answers(cache, [item])[0]
         verdict = moderator.verdict(
             item, hit, latency_ms=0.0, source=SourceCoordinates("chat.events", 1, offset)
         )
-        expected = encoder.verdict(verdict)
-        assert comparable(answer.output.value) == comparable(expected.value)
-        assert (answer.output.topics, answer.output.key, answer.output.headers, answer.output.event_id) == (
-            expected.topics,
-            expected.key,
-            expected.headers,
-            expected.event_id,
-        )
-        assert answer.facts == verdict_facts(verdict, item.routed.model)
-        assert answer.facts.cached is True
+        expected[verdict["event_id"]] = encoder.verdict(verdict)
+        facts = verdict_facts(verdict, item.routed.model)
+        tally[(facts.decision, facts.codes, facts.cached, facts.model)] += 1
+    assert answers.tally == dict(tally) and all(cached for _, _, cached, _ in tally)
+    published = {}
+    for topic in output_topics(settings.topics):
+        for record in kafka_io.read_all(settings, topic):
+            event_id = dict(record.headers)["event_id"].decode()
+            published.setdefault(event_id, []).append((topic, record))
+    assert set(published) == set(expected), "exactly the cache hits are published"
+    for event_id, records in published.items():
+        output = expected[event_id]
+        assert tuple(topic for topic, _ in records) == output.topics
+        for _, record in records:
+            assert comparable(record.value) == comparable(output.value)
+            assert (record.key, list(record.headers)) == (output.key, output.headers)
+    markers = PublishedMarkers(cache, settings)
+    tp = TopicPartition("chat.events", 1)
+    markers.raise_high([(tp, 7)])  # what the worker does when it reads the answer
+    markers.settle()
+    markers.forget(tp)  # read the high-water mark back from Redis
+    coordinates = [(tp, offset, digest) for _, _, _, _, offset, _, digest in items]
+    assert markers.acknowledged(coordinates) == [True] * 8 + [False] * 6
+    markers.close()
     cache.close()
 
 
@@ -119,7 +147,7 @@ def test_a_killed_process_fails_its_chunk_and_the_pool_starts_again(
     try:
         (pid,) = pool.pids
         os.kill(pid, signal.SIGKILL)
-        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0)])
+        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0, b"")])
         with pytest.raises(IntakeProcessError):
             future.result(timeout=30)
         pool.failed(future.exception())
@@ -130,7 +158,7 @@ def test_a_killed_process_fails_its_chunk_and_the_pool_starts_again(
             time.sleep(0.05)
         (new_pid,) = pool.pids
         assert new_pid != pid
-        assert pool.submit([(b"{}", time.monotonic(), "t", 0, 0)]).result(timeout=30).answers == [None]
+        assert pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0, b"")]).result(timeout=30).published == []
     finally:
         pool.close()
 
@@ -184,10 +212,10 @@ def test_while_every_process_has_a_chunk_out_the_loop_thread_takes_the_next_poll
     try:
         (pid,) = pool.pids
         os.kill(pid, signal.SIGSTOP)  # the process holds its chunk until it is continued
-        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0)])
+        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0, b"")])
         assert pool.wants(intake_pool.START_BURST) is False
         os.kill(pid, signal.SIGCONT)
-        assert future.result(timeout=30).answers == [None]
+        assert future.result(timeout=30).published == []
         deadline = time.monotonic() + 10
         while not pool.wants(intake_pool.START_BURST):  # the courier counts the answer just after it lands
             assert time.monotonic() < deadline, "the process stayed busy after answering"
@@ -236,3 +264,59 @@ def test_a_hung_process_is_given_up_on_and_its_chunks_are_redone(
         for pid in stopped:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_revoke_completes_the_chunk_out_in_a_process_before_it_commits(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    """A process publishes on its own: a chunk still out when the partitions move must be completed (and
+    committed) by this worker, or their next owner publishes those events a second time."""
+    settings = make_settings(**engine_settings_overrides)
+    held: list[int] = []
+
+    def hold(pid: int) -> None:  # the next chunk waits in the process until the revoke settles it
+        os.kill(pid, signal.SIGSTOP)
+        held.append(pid)
+
+    worker, events = warm_then_stream(settings, guard_engine, monkeypatch, hold)
+    pipeline = worker.pipeline
+    settled: list[bool] = []
+    real_settle = pipeline.intake.settle
+
+    def settle(timeout_s: float) -> None:
+        # The process goes on 3 s into the revoke: without the wait, the group has moved on by then.
+        if pipeline.intake.pending and held:
+            settled.append(True)
+            threading.Timer(3.0, os.kill, (held[0], signal.SIGCONT)).start()
+        real_settle(timeout_s)
+
+    monkeypatch.setattr(pipeline.intake, "settle", settle)
+    other = None
+    try:
+        kafka_io.wait_for(lambda: pipeline.intake.pending, timeout_s=60, what="a chunk out", workers=[worker])
+        other = kafka_io.WorkerThread(settings, guard_engine, name="joining").start()
+        kafka_io.wait_for(
+            lambda: bool(settled), timeout_s=120, what="a revoke with a chunk out", workers=[worker]
+        )
+        total = len(events) + len(kafka_io.MALFORMED)
+        kafka_io.wait_for(
+            lambda: (
+                pipeline.status().counters["completed"] + other.pipeline.status().counters["completed"]
+                >= total
+                and pipeline.status().all_committed
+                and other.pipeline.status().all_committed
+            ),
+            timeout_s=180,
+            what="all answered and committed by the two workers",
+            workers=[worker, other],
+        )
+    finally:
+        for pid in held:
+            if alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        if other is not None:
+            other.stop()
+        worker.stop()
+    ids = Counter(v["event_id"] for v in kafka_io.read_json(settings, settings.topics.verdicts))
+    assert set(ids) == {e["event_id"] for e in events}
+    assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][:5]

@@ -98,14 +98,41 @@ class PublishedMarkers:
         """
         if not self.enabled or not records:
             return
-        items = [(self._key(tp, offset), digest) for tp, offset, digest in records]
+        self._write(self.offset_items(records) + self._risen_items(records))
+
+    def offset_items(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, bytes]]:
+        """The marker keys and values of ``(tp, offset, digest)``, without the high-water marks.
+
+        An intake process writes these itself (``write_offsets``) for the records it published; the worker
+        then raises the high-water marks (``raise_high``), so that one writer keeps them from going down.
+        """
+        return [(self._key(tp, offset), digest) for tp, offset, digest in records]
+
+    def write_offsets(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
+        """Write the markers of ``records`` now, on this thread, without high-water marks (intake processes)."""
+        if self.enabled and records:
+            self._cache.set_raw(self.offset_items(records), self._ttl)
+
+    def raise_high(self, records: Sequence[tuple[TopicPartition, int]]) -> None:
+        """Raise the high-water marks to cover ``(tp, offset)``, whose markers are written already."""
+        if self.enabled and records:
+            self._write(self._risen_items(records))
+
+    def _risen_items(
+        self, records: Sequence[tuple[TopicPartition, int] | tuple[TopicPartition, int, bytes]]
+    ) -> list[tuple[str, bytes]]:
         risen: dict[TopicPartition, int] = {}
-        for tp, offset, _ in records:
+        for record in records:
+            tp, offset = record[0], record[1]
             if offset > self._high.get(tp, -1) and offset > risen.get(tp, -1):
                 risen[tp] = offset
         for tp, offset in risen.items():
             self._high[tp] = offset
-            items.append((self._high_key(tp), str(offset).encode()))
+        return [(self._high_key(tp), str(offset).encode()) for tp, offset in risen.items()]
+
+    def _write(self, items: list[tuple[str, bytes]]) -> None:
+        if not items:
+            return
         if self._writer is None:
             self._writer = cf.ThreadPoolExecutor(1, thread_name_prefix="published-markers")
         self._last_write = self._writer.submit(self._cache.set_raw, items, self._ttl)

@@ -222,7 +222,8 @@ INTAKE_PROCESSES = Gauge(
 )
 INTAKE_PROCESS_ANSWERS = Counter(
     "intake_process_answers_total",
-    "Events an intake process answered (a cache hit or a halting blocklist) and encoded the verdict of.",
+    "Events an intake process answered (a cache hit or a halting blocklist) and published the verdict of "
+    "(acknowledged by the broker).",
     namespace=NAMESPACE,
     registry=REGISTRY,
 )

@@ -8,8 +8,10 @@ completed without output; one no model can judge is a dead letter in exactly one
 (``ModelRegistry.owns_unrouted``).
 
 With intake processes (``worker.stream.intake_pool``), a poll's records go there as one chunk instead, once
-they are started and while they pay; a chunk's answered records come back as encoded verdicts, the rest take
-the path above when the chunk returns (a later turn: ``pending`` says one is out).
+they are started and while they pay. A process publishes the verdicts it can answer on its own producer;
+when the chunk returns (a later turn: ``pending`` says one is out), the records whose verdicts the broker
+acknowledged are completed here, and the rest take the path above. A revoke or drain first settles the
+chunks out, so their answers are completed before the commit that hands the partitions on.
 """
 
 from __future__ import annotations
@@ -28,13 +30,12 @@ from worker.config import Settings
 from worker.contracts.decode import decode_event
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
-from worker.moderation.moderator import Elsewhere, Moderator
+from worker.moderation.moderator import Elsewhere, Moderator, count_verdict
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
 from worker.stream.intake_pool import (
     CHUNK_TIMEOUT_S,
     ChunkAnswers,
-    EncodedHit,
     IntakePool,
     IntakeProcessError,
 )
@@ -54,11 +55,10 @@ class Rejected:
 
 @dataclass(slots=True)
 class Accepted:
-    """One turn of intake: events for the lookup, records for the dead-letter topic, verdicts answered already."""
+    """One turn of intake: events for the lookup, and records for the dead-letter topic."""
 
     routed: list[RoutedRecord] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
-    answered: list[tuple[Consumed, EncodedHit]] = field(default_factory=list)
 
 
 class Intake:
@@ -77,6 +77,7 @@ class Intake:
         self._pool = pool
         # Chunks out in intake processes: (their records, the answers' future, when to give up waiting).
         self._chunks: list[tuple[list[Consumed], cf.Future[ChunkAnswers], float]] = []
+        self._settled = Accepted()  # what chunks settled by a revoke or drain left to the loop thread's path
         self._moderator = moderator
         self._checkpoint = checkpoint
         self._markers = markers
@@ -90,7 +91,7 @@ class Intake:
 
     def accept(self, records: dict[TopicPartition, list[Any]]) -> Accepted:
         """Take one poll's records (see the module docstring), and the chunks that came back from processes."""
-        accepted = Accepted()
+        accepted, self._settled = self._settled, Accepted()
         if records:
             # Timed per poll, not per record: the timer costs as much as decoding.
             with metrics.observe_stage("decode"):
@@ -131,11 +132,25 @@ class Intake:
 
     def _send(self, fresh: list[Consumed]) -> None:
         assert self._pool is not None
-        items = [(c.raw, c.received, c.tp.topic, c.tp.partition, c.offset) for c in fresh]
+        items = [
+            (c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms, c.digest) for c in fresh
+        ]
         self._chunks.append((fresh, self._pool.submit(items), time.monotonic() + CHUNK_TIMEOUT_S))
 
+    def settle(self, timeout_s: float) -> None:
+        """Wait for the chunks out (up to ``timeout_s``) and complete what they published.
+
+        A revoke or drain calls this before its commit: a process publishes on its own, so a chunk still out
+        when the partitions move would be published by this worker and again by their next owner. What the
+        chunks leave to the loop thread's path is taken by the next ``accept``.
+        """
+        if not self._chunks:
+            return
+        cf.wait([future for _, future, _ in self._chunks], timeout=max(0.0, timeout_s))
+        self._collect(self._settled)
+
     def _collect(self, accepted: Accepted) -> None:
-        """The chunks that came back: answered records to publish, the others down the loop thread's path."""
+        """The chunks that came back: published records completed, the others down the loop thread's path."""
         assert self._pool is not None
         waiting = []
         for chunk, future, deadline in self._chunks:
@@ -154,24 +169,57 @@ class Intake:
                     for consumed in chunk:
                         self._route(consumed, accepted)
                 continue
-            metrics.STAGE_SECONDS.labels(stage="decode").observe(result.decode_s)
-            metrics.STAGE_SECONDS.labels(stage="cache").observe(result.cache_s)
-            if result.cache_hits:
-                metrics.CACHE_REQUESTS.labels(result="hit").inc(result.cache_hits)
-            if result.cache_misses:
-                metrics.CACHE_REQUESTS.labels(result="miss").inc(result.cache_misses)
-            answered = result.cache_hits + result.cache_misses
-            self._pool.learn(answered, len(chunk))
-            if answered:
-                metrics.INTAKE_PROCESS_ANSWERS.inc(answered)
-                self._counters["intake_process_answers"] += answered
+            self._published(chunk, result)
             with metrics.observe_stage("decode"):
-                for consumed, hit in zip(chunk, result.answers, strict=True):
-                    if hit is not None:
-                        accepted.answered.append((consumed, hit))
-                    else:
+                published = set(result.published)
+                for index, consumed in enumerate(chunk):
+                    if index not in published:
                         self._route(consumed, accepted)
         self._chunks = waiting
+
+    def _published(self, chunk: list[Consumed], result: ChunkAnswers) -> None:
+        """Complete the records a process published (their markers are written), and count what it did."""
+        assert self._pool is not None
+        metrics.STAGE_SECONDS.labels(stage="decode").observe(result.decode_s)
+        metrics.STAGE_SECONDS.labels(stage="cache").observe(result.cache_s)
+        if result.cache_hits:
+            metrics.CACHE_REQUESTS.labels(result="hit").inc(result.cache_hits)
+        if result.cache_misses:
+            metrics.CACHE_REQUESTS.labels(result="miss").inc(result.cache_misses)
+        self._pool.learn(result.cache_hits + result.cache_misses, len(chunk))
+        if result.failed_deliveries:
+            log.warning(
+                "an intake process had %d verdicts unacknowledged; the loop thread publishes them again",
+                result.failed_deliveries,
+                extra={"stage": "publish"},
+            )
+        if not result.published:
+            return
+        metrics.STAGE_SECONDS.labels(stage="publish").observe(result.publish_s)
+        metrics.INTAKE_PROCESS_ANSWERS.inc(len(result.published))
+        counters = self._counters
+        counters["intake_process_answers"] += len(result.published)
+        complete = self._checkpoint.complete
+        marked = []
+        for index in result.published:
+            consumed = chunk[index]
+            if complete(consumed):  # not if its partition left meanwhile (published all the same)
+                marked.append((consumed.tp, consumed.offset))
+        counters["completed"] += len(marked)
+        self._markers.raise_high(marked)
+        metrics.record_verdicts(result.tally)
+        for (_, _, cached, _), count in result.tally.items():
+            counters["cached" if cached else "verdicts"] += count
+        for hits, halted in result.blocklist_hits:
+            count_verdict(hits, halted, False)
+        if result.review:
+            metrics.REVIEW_BAND.inc(result.review)
+        observe = metrics.END_TO_END_SECONDS.observe
+        for seconds in result.end_to_end_s:
+            observe(seconds)
+        observe = metrics.EVENT_LAG_SECONDS.observe
+        for seconds in result.event_lag_s:
+            observe(seconds)
 
     def _route(self, consumed: Consumed, accepted: Accepted) -> None:
         decoded = decode_event(consumed.raw, self._settings)  # never raises: bad input is a Rejection

@@ -3,16 +3,19 @@
 When the same message is posted a hundred thousand times (a raid, a spam wave) nearly every event is a
 verdict-cache hit, and the worker's throughput is what one Python thread can do per record: decode and
 validate the event, route it, hash its cache key, read the cache, build and encode the verdict — beside the
-Kafka client's own per-record work, on the same GIL. This module moves the first part to
+Kafka client's own per-record work, on the same GIL. This module moves that work to
 ``batching.intake_processes`` worker processes (fresh interpreters: no threads or GPU state inherited), the way
 arroyo's ``RunTaskWithMultiprocessing`` moves a transform: the loop thread keeps the consumer, the offsets,
-the producer and the delivery rule; a process gets a chunk of records and returns, per record, either the
-encoded output record of its verdict or nothing.
+the commits and the delivery rule; a process gets a chunk of records, publishes the verdicts it can answer on
+a producer of its own (made from the same settings), waits for the broker's acks, writes their published
+markers, and returns the indices of the records it published. The worker completes exactly those offsets.
 
 A process answers only what it can answer completely: a text event whose verdict is in the cache, or which
 a halting blocklist decides. Everything else — bad input, events with images, cache misses, events another
 pool judges — comes back unanswered and takes the loop thread's own path (``worker.stream.intake`` onwards),
-which decodes it again: exactly one path decides rejections, images and model work. Metrics the processes
+which decodes it again: exactly one path decides rejections, images and model work. So does a verdict the
+broker did not acknowledge within ``ACK_TIMEOUT_S`` (it is published again there: at least once, never
+lost). A revoke or drain waits for the chunks out before it commits (``Intake.settle``). Metrics the processes
 would count (cache hits, blocklist hits, the review band, stage times) travel back with the answers and are
 counted by the worker process, the one whose metrics are scraped.
 
@@ -49,9 +52,10 @@ from worker.contracts.decode import decode_event
 from worker.contracts.events import ChatEvent
 from worker.contracts.verdicts import ModelInfo
 from worker.engine.policy import Policy, resolve_policy
-from worker.stream.records import Encoder, OutputRecord, VerdictFacts, verdict_facts
+from worker.stream.records import Encoder, verdict_facts
 
 if TYPE_CHECKING:
+    from worker.cache.published import PublishedMarkers
     from worker.cache.redis_cache import VerdictCache
     from worker.engine.blocklist import BlocklistHit
     from worker.engine.registry import ModelRegistry
@@ -67,31 +71,39 @@ BUSY_CHUNKS = 1  # a chunk out at every process: the loop thread takes the next 
 MAX_RESTARTS = 5  # pools started again after a process died; past it the loop thread does all the work
 CHUNK_TIMEOUT_S = 30.0  # a chunk not answered by then is redone on the loop thread (its process is stopped)
 STOP_TIMEOUT_S = 5.0
+# A process waits this long for the broker's acks of a chunk's verdicts (below CHUNK_TIMEOUT_S): what is not
+# acknowledged by then is left to the loop thread's path.
+ACK_TIMEOUT_S = 20.0
 
-# One record sent to a process: (value, time.monotonic() when consumed, topic, partition, offset).
-# CLOCK_MONOTONIC is one clock for every process on the host, so latency_ms is measured as in the worker.
-Item = tuple[bytes | None, float, str, int, int]
-
-
-class EncodedHit(NamedTuple):
-    """A verdict a process answered: its output record, what is counted about it, its metric facts."""
-
-    output: OutputRecord
-    facts: VerdictFacts
-    hits: tuple[BlocklistHit, ...]
-    halted: bool
-    review: bool
+# One record sent to a process: (value, time.monotonic() when consumed, topic, partition, offset, the record's
+# timestamp in ms, its published-marker digest). CLOCK_MONOTONIC is one clock for every process on the host,
+# so latency_ms is measured as in the worker.
+Item = tuple[bytes | None, float, str, int, int, int, bytes]
+# Verdicts counted by label set, as ``metrics.record_verdicts`` takes them: (decision, codes, cached, model).
+Tally = dict[tuple[str, tuple[str, ...], bool, str], int]
 
 
 class ChunkAnswers(NamedTuple):
-    """A chunk's answers in record order (None: the loop thread takes that record's own path)."""
+    """What a process did with a chunk: the records whose verdicts it published, and what to count about them.
 
-    answers: list[EncodedHit | None]
+    ``published`` holds the indices (in the chunk) of the records whose every output record the broker
+    acknowledged (their published markers are written, too); every other record takes the loop thread's
+    path. Metrics travel back as counts and observed values: the worker process is the one scraped.
+    """
+
+    published: list[int]
+    tally: Tally
+    review: int  # verdicts in a policy's human-review band
+    blocklist_hits: list[tuple[tuple[BlocklistHit, ...], bool]]  # (hits, halted) of verdicts with hits
+    end_to_end_s: list[float]  # record timestamp → acknowledged, per published record that has one
+    event_lag_s: list[float]  # event created_at → acknowledged, per published event that has one
     decode_s: float  # decode, route and key of the whole chunk
     cache_s: float  # its one cache read
+    publish_s: float  # send, wait for the acks, write the markers
     cache_hits: int
     # Misses a halting blocklist decided (the others are looked up again, and counted, there).
     cache_misses: int
+    failed_deliveries: int  # answered, but not acknowledged in time: redone on the loop thread
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,30 +138,62 @@ class _Context:
     settings: Settings
     moderator: Moderator
     cache: VerdictCache
+    markers: PublishedMarkers
     encoder: Encoder
+    producer: Any
 
 
 _CONTEXT: _Context | None = None
 
 
 def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
-    """Process initializer: the core over model views, and a cache connection of its own."""
+    """Process initializer: the core over model views, and a cache connection and a producer of its own."""
     global _CONTEXT
+    from worker.cache.published import PublishedMarkers
     from worker.cache.redis_cache import VerdictCache
     from worker.engine.registry import ModelRegistry
     from worker.moderation.moderator import Moderator
     from worker.ops.heap import settle_after_load
+    from worker.stream.kafka_clients import make_producer
+    from worker.stream.publisher import output_topics
 
     registry = ModelRegistry(views, settings)  # type: ignore[arg-type]  # a view has what routing reads
+    cache = VerdictCache(settings.redis)
+    producer = make_producer(settings)
+    for topic in output_topics(settings.topics):  # the first sends must not wait for metadata
+        producer.partitions_for(topic)
     _CONTEXT = _Context(
-        settings, Moderator(registry, settings), VerdictCache(settings.redis), Encoder(settings.topics)
+        settings,
+        Moderator(registry, settings),
+        cache,
+        PublishedMarkers(cache, settings),
+        Encoder(settings.topics),
+        producer,
     )
     settle_after_load()
 
 
+def _close() -> None:
+    """Process shutdown: flush and close the producer (what is not acknowledged by then is redone)."""
+    if _CONTEXT is not None:
+        _CONTEXT.producer.close(timeout=STOP_TIMEOUT_S)
+        _CONTEXT.cache.close()
+
+
 def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
-    """Answer what can be answered of ``items`` (see the module docstring); runs in an intake process."""
+    """Answer and publish what can be answered of ``items`` (see the module docstring); runs in an intake process.
+
+    The verdicts go out on the process's own producer; the chunk is answered once the broker acknowledged
+    them (or ``ACK_TIMEOUT_S`` passed: what is not acknowledged then is left to the loop thread, and may be
+    published twice — at least once, never lost). The markers of the acknowledged records are written before
+    the answer, so the worker may raise their partitions' high-water marks as soon as it reads it.
+    """
+    from kafka.errors import KafkaError
+    from kafka.structs import TopicPartition
+
+    from worker.contracts.verdicts import event_lag_seconds
     from worker.moderation.moderator import Routed
+    from worker.stream.publisher import Publisher
 
     context = _CONTEXT
     if context is None:
@@ -157,7 +201,7 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
     moderator = context.moderator
     started = time.perf_counter()
     keyed = []
-    for index, (raw, received, topic, partition, offset) in enumerate(items):
+    for index, (raw, received, topic, partition, offset, _, _) in enumerate(items):
         event = decode_event(raw, context.settings)
         if not isinstance(event, ChatEvent) or event.images:
             continue  # a rejection or images: the loop thread's path
@@ -169,25 +213,70 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
     decoded = time.perf_counter()
     answers = moderator.answers(context.cache, [k for _, k, _, _ in keyed])
     looked_up = time.perf_counter()
-    out: list[EncodedHit | None] = [None] * len(items)
+    publisher = Publisher(context.producer, context.settings.topics, context.encoder)
     hits = misses = 0
+    facts: dict[int, tuple[tuple[str, tuple[str, ...], bool, str], str | None]] = {}
+    review = 0
+    blocklist_hits = []
     for (index, item, received, source), answer in zip(keyed, answers, strict=True):
         if answer is None:
             continue
         latency_ms = (time.monotonic() - received) * 1000.0
         verdict = moderator.verdict(item, answer, latency_ms=latency_ms, source=source, count=False)
-        out[index] = EncodedHit(
-            context.encoder.verdict(verdict),
-            verdict_facts(verdict, item.routed.model),
-            item.routed.hits,
-            answer.result.halted,
-            bool(verdict.get("review")),
-        )
+        publisher.publish(context.encoder.verdict(verdict), index)
+        counted = verdict_facts(verdict, item.routed.model)
+        facts[index] = ((counted.decision, counted.codes, counted.cached, counted.model), counted.created_at)
+        if verdict.get("review"):
+            review += 1
+        if item.routed.hits:
+            blocklist_hits.append((item.routed.hits, answer.result.halted))
         if answer.cached:
             hits += 1
         else:
             misses += 1
-    return ChunkAnswers(out, decoded - started, looked_up - decoded, hits, misses)
+    published: list[int] = []
+    tally: Tally = {}
+    end_to_end: list[float] = []
+    lags: list[float] = []
+    failed = 0
+    if facts:
+        try:
+            publisher.flush(ACK_TIMEOUT_S)
+        except KafkaError:  # not all acknowledged in time: those are left to the loop thread
+            pass
+        now = time.time()
+        for index, error in publisher.drain_acks():
+            if error is not None:
+                failed += 1
+                continue
+            published.append(index)
+            labels, created_at = facts[index]
+            tally[labels] = tally.get(labels, 0) + 1
+            timestamp_ms = items[index][5]
+            if timestamp_ms > 0:
+                end_to_end.append(max(0.0, now - timestamp_ms / 1000.0))
+            lag = event_lag_seconds(created_at, now)
+            if lag is not None:
+                lags.append(lag)
+        failed += len(facts) - len(published) - failed  # still unanswered at the timeout
+        published.sort()
+        context.markers.write_offsets(
+            [(TopicPartition(items[i][2], items[i][3]), items[i][4], items[i][6]) for i in published]
+        )
+    return ChunkAnswers(
+        published,
+        tally,
+        review,
+        blocklist_hits,
+        end_to_end,
+        lags,
+        decoded - started,
+        looked_up - decoded,
+        time.perf_counter() - looked_up,
+        hits,
+        misses,
+        failed,
+    )
 
 
 # ------------------------------------------------------------------------------------------ in the worker
@@ -414,6 +503,8 @@ def _serve(fd: int) -> None:
                 conn.send(("ok", answers))
     except (EOFError, OSError):
         return  # the worker closed its end (stopped, or died)
+    finally:
+        _close()
 
 
 if __name__ == "__main__":

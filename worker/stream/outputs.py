@@ -24,10 +24,9 @@ from worker.contracts.decode import salvage_event_id
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
 from worker.contracts.verdicts import event_lag_seconds
-from worker.moderation.moderator import Answer, Moderator, count_verdict
+from worker.moderation.moderator import Answer, Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
-from worker.stream.intake_pool import EncodedHit
 from worker.stream.items import Consumed, KeyedRecord, Outcome
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
@@ -78,14 +77,6 @@ class Outputs:
         self._publish_verdict(
             record, self.publisher.encoder.verdict(verdict), verdict_facts(verdict, keyed.routed.model)
         )
-
-    def answered(self, record: Consumed, hit: EncodedHit) -> None:
-        """Publish a verdict an intake process built and encoded (unless its partition left)."""
-        if self._checkpoint.is_stale(record):
-            self._counters["dropped_revoked"] += 1
-            return
-        count_verdict(hit.hits, hit.halted, hit.review)
-        self._publish_verdict(record, hit.output, hit.facts)
 
     def _publish_verdict(self, record: Consumed, output: OutputRecord, facts: VerdictFacts) -> None:
         self._tally[(facts.decision, facts.codes, facts.cached, facts.model)] += 1

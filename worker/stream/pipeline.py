@@ -6,7 +6,7 @@ a small thread pool fetches image bytes and prepares the next batch while the mo
 | step | module | contract |
 | --- | --- | --- |
 | intake | ``worker.stream.intake`` | a poll's records → offsets registered, replays completed, events decoded and routed |
-| intake processes | ``worker.stream.intake_pool`` | a burst's text events decoded, keyed and answered from the cache off the loop's GIL |
+| intake processes | ``worker.stream.intake_pool`` | a burst's text cache hits decoded, answered and published off the loop's GIL |
 | lookup | ``worker.stream.lookup`` | routed events → image bytes, cache key, one MGET → answered or a miss |
 | classify | ``worker.stream.classify`` | misses → batches → prepare → model → verdicts (poison isolated, outages held) |
 | outputs | ``worker.stream.outputs`` | verdicts and dead letters published; acks complete offsets; failures re-published |
@@ -91,13 +91,16 @@ class KafkaClients:
 
     consumer: Callable[[Settings], Any]
     producer: Callable[[Settings], Any]
+    # Whether an intake process can make the same producer from the settings alone (real clients can; an
+    # in-memory one lives in this process only, so intake stays on the loop thread).
+    in_processes: bool = False
 
     @classmethod
     def real(cls) -> KafkaClients:
         """The configured Kafka client library's consumer and producer (``worker.stream.kafka_clients``)."""
         from worker.stream import kafka_clients
 
-        return cls(kafka_clients.make_consumer, kafka_clients.make_producer)
+        return cls(kafka_clients.make_consumer, kafka_clients.make_producer, in_processes=True)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -202,8 +205,6 @@ class StreamPipeline:
             for rejected in accepted.rejected + looked_up.rejected:
                 self.outputs.dead_letter(rejected.record, rejected.rejection, rejected.event)
             with metrics.observe_stage("publish"):  # cache hits are answered right here
-                for record, hit in accepted.answered:  # ... or by an intake process
-                    self.outputs.answered(record, hit)
                 for item, answer in looked_up.answered:
                     self.outputs.verdict(item, answer)
             self.classify.submit(looked_up.misses)
@@ -350,13 +351,18 @@ class StreamPipeline:
         if self.image_preparation is not None:
             # Up before the first poll, as the models are: the first image batch must not wait on a start.
             self.image_preparation.wait_started()
-        self.checkpoint = Checkpoint(self.consumer, settle=lambda timeout_s: self.outputs.settle(timeout_s))
+        self.checkpoint = Checkpoint(self.consumer, settle=self._settle)
         publisher = Publisher(self._producer, self.settings.topics)
         moderator = self.moderator
         self.outputs = Outputs(
             self.settings, moderator, publisher, markers, self.checkpoint, self._guard, self.counters
         )
-        processes = self.settings.batching.intake_processes if cache.enabled else 0  # no cache, no hits
+        # No cache, no hits; and a process publishes on a producer of its own, made from the settings.
+        processes = (
+            self.settings.batching.intake_processes
+            if cache.enabled and getattr(clients, "in_processes", False)
+            else 0
+        )
         self._intake_pool = IntakePool(self.settings, models, processes)
         self.intake = Intake(
             self.settings, moderator, self.checkpoint, markers, self.counters, self._intake_pool
@@ -389,6 +395,12 @@ class StreamPipeline:
             self.consumer.subscribe([self.settings.topics.events], listener=_Rebalance(self))
             self._subscribed = True
         log.info("pipeline started", extra={"stage": "start", "worker": self.worker_name})
+
+    def _settle(self, timeout_s: float) -> None:
+        """Before a revoke's or drain's commit: the chunks out in intake processes, then the outputs' acks."""
+        deadline = time.monotonic() + timeout_s
+        self.intake.settle(timeout_s)
+        self.outputs.settle(max(0.0, deadline - time.monotonic()))
 
     def _apply_acks_if_awaited(self) -> None:
         if self.outputs.awaiting_acks:

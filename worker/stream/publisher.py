@@ -42,9 +42,14 @@ def output_topics(topics: TopicSettings) -> list[str]:
 class Publisher:
     """Sends output records for events and tells, per event, when all of them are acknowledged."""
 
-    def __init__(self, producer: KafkaProducer | ConfluentProducer, topics: TopicSettings) -> None:
+    def __init__(
+        self,
+        producer: KafkaProducer | ConfluentProducer,
+        topics: TopicSettings,
+        encoder: Encoder | None = None,
+    ) -> None:
         self._producer = producer
-        self.encoder = Encoder(topics)
+        self.encoder = encoder if encoder is not None else Encoder(topics)
         # Events with records on the way, in send order: (token, the send futures of its records).
         self._pending: deque[tuple[Hashable, list[Future]]] = deque()
         # Deliveries settled without waiting for the broker (nothing to send, or send() itself failed).

@@ -7,8 +7,7 @@ its order within a partition; a dead letter keeps the original record's key), ca
 schema, policy, model; a dead letter's reason) and are orjson-encoded.
 
 Encoding is plain Python with no Kafka client: the loop thread encodes what it answers itself, and the
-intake processes (``worker.stream.intake_pool``) encode the cache hits they answer, so an output record
-crosses the process boundary as bytes.
+intake processes (``worker.stream.intake_pool``) encode and publish the cache hits they answer.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ Header = tuple[str, bytes]
 class OutputRecord(NamedTuple):
     """What one answer publishes: the same key, value and headers on each of ``topics`` (none: nothing to send).
 
-    Named tuples, not dataclasses: intake processes send these back by the thousand, and a tuple unpickles
-    several times faster than a slotted dataclass.
+    A named tuple: built per published answer, and cheaper to build than a slotted dataclass.
     """
 
     topics: tuple[str, ...]
