@@ -82,3 +82,16 @@ def test_the_judging_model_name_and_family_change_the_key():
     assert cache_key(text_guard, POLICY, e, None) != cache_key(vision, POLICY, e, None)
     renamed = ModelInfo("tiny-guard", "abc123", name="text2", family="llama-guard-3-1b")
     assert cache_key(renamed, POLICY, e, None) != cache_key(text_guard, POLICY, e, None)
+
+
+def test_a_remembered_text_key_is_the_key_computed_afresh_and_never_another_models_or_policys():
+    from worker.cache import keys
+
+    e = event(*USER_ONLY)
+    first = cache_key(MODEL, POLICY, e, None)
+    keys._text_keys.clear()
+    assert cache_key(MODEL, POLICY, event(*USER_ONLY, event_id="e9"), None) == first  # computed afresh
+    assert cache_key(MODEL, POLICY, e, None) == first  # remembered
+    assert cache_key(ModelInfo("tiny-guard", "def456"), POLICY, e, None) != first
+    assert cache_key(ModelInfo("tiny-guard", "abc123", name="other"), POLICY, e, None) != first
+    assert cache_key(MODEL, Policy("default", DEFAULT_CATEGORIES, 0.7), e, None) != first

@@ -368,3 +368,33 @@ def test_arbitrary_json_shapes_get_a_verdict_path_or_a_reason(value: Any) -> Non
     assert isinstance(result, Rejection | ChatEvent)
     if isinstance(result, Rejection):
         assert "internal" not in result.message, result
+
+
+def test_a_repeated_conversation_decodes_as_the_first_time_with_its_own_ids_and_under_its_own_limits():
+    """Normalized conversations are remembered per process (a wave repeats them); ids, metadata and the
+    limits in force are not."""
+    messages = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "a long-ish question about bread"},
+        {"role": "assistant", "content": "sure"},
+    ]
+    first = decode_event(raw(messages=messages, event_id="w-1", metadata={"n": 1}), DEFAULTS)
+    again = decode_event(
+        raw(messages=messages, event_id="w-2", conversation_id="c-2", tenant="acme"), DEFAULTS
+    )
+    assert isinstance(first, ChatEvent) and isinstance(again, ChatEvent)
+    assert (again.event_id, again.conversation_id, again.tenant, again.extra) == ("w-2", "c-2", "acme", {})
+    assert again.turns == first.turns and again.dropped_messages == first.dropped_messages == 1
+    strict = load_settings(None, **{"limits.max_text_chars": 10})
+    rejected = decode_event(raw(messages=messages, event_id="w-3"), strict)
+    assert isinstance(rejected, Rejection) and rejected.reason is Reason.TEXT_TOO_LONG
+    unknown = decode_event(raw(messages=messages, policy="nope"), DEFAULTS)
+    assert isinstance(unknown, Rejection) and unknown.reason is Reason.UNKNOWN_POLICY
+    with_image = [user("look", image(f"data:image/png;base64,{PNG_1PX}"))]
+    for event_id in ("i-1", "i-2"):
+        decoded = decode_event(raw(messages=with_image, event_id=event_id), DEFAULTS)
+        assert (
+            isinstance(decoded, ChatEvent)
+            and decoded.image is not None
+            and decoded.image.data == base64.b64decode(PNG_1PX)
+        )

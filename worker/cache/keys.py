@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from worker.engine.policy import Policy
 
 KEY_VERSION = 2  # bump when the encoding below changes, so old entries are never misread
+# Keys of text-only conversations remembered per process (a wave repeats the same conversation; cleared when full).
+TEXT_KEYS_REMEMBERED = 4096
+_text_keys: dict[tuple[object, ...], str] = {}
 
 
 def conversation_fingerprint(event: ChatEvent) -> list[list[object]]:
@@ -36,6 +39,12 @@ def cache_key(model: ModelInfo, policy: Policy, event: ChatEvent, image_hash: st
     """Hex SHA-256 identifying the verdict of ``event`` under ``policy`` by ``model`` (no prefix)."""
     if (event.image is None) != (image_hash is None):
         raise ValueError("image_hash must be given exactly when the event carries an image")
+    remembered = None
+    if image_hash is None:  # everything the key reads (the task follows from the turns), hashable
+        remembered = (model.id, model.revision, model.name, model.family, policy.hash, event.turns)
+        key = _text_keys.get(remembered)
+        if key is not None:
+            return key
     material = [
         KEY_VERSION,
         model.id,
@@ -47,4 +56,9 @@ def cache_key(model: ModelInfo, policy: Policy, event: ChatEvent, image_hash: st
         conversation_fingerprint(event),
         image_hash,
     ]
-    return hashlib.sha256(orjson.dumps(material)).hexdigest()
+    key = hashlib.sha256(orjson.dumps(material)).hexdigest()
+    if remembered is not None:
+        if len(_text_keys) >= TEXT_KEYS_REMEMBERED:
+            _text_keys.clear()
+        _text_keys[remembered] = key
+    return key

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from worker.config import Settings
+from worker.config import LimitsSettings, Settings
 from worker.contracts.events import ChatEvent, ImageRef, Turn
 from worker.contracts.rejections import Reason, RejectedError, Rejection
 from worker.contracts.schemas import CHAT_EVENT, field_path, validator
@@ -338,10 +338,63 @@ def _in_content_part(path: list[str | int]) -> bool:
 # ---------------------------------------------------------------------------------------------- conversation
 
 
+# Text-only conversations normalized per process, by their JSON and the limits they were checked under: a wave
+# repeats the same messages with new ids. Cleared when full.
+CONVERSATIONS_REMEMBERED = 4096
+_Conversation = tuple[tuple[Turn, ...], int, int]  # turns, dropped messages, merged messages
+_conversations: dict[bytes, tuple[LimitsSettings, _Conversation]] = {}
+
+
 def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection:
     """Apply the conversation rules of schemas/README.md to a schema-valid event."""
-    limits = settings.limits
     messages: list[dict[str, Any]] = obj["messages"]
+    policy = obj.get("policy")
+    limits = settings.limits
+    try:
+        seen: bytes | None = orjson.dumps(messages)
+    except orjson.JSONEncodeError:  # nested deeper than orjson.dumps allows: normalized every time
+        seen = None
+    remembered = _conversations.get(seen) if seen is not None else None
+    if remembered is not None and remembered[0] is limits:
+        turns, dropped, merged = remembered[1]
+        refs: tuple[ImageRef, ...] = ()
+        dropped_images = 0
+    else:
+        normalized = _conversation(messages, policy, settings)
+        if isinstance(normalized, Rejection):
+            return normalized
+        turns, refs, dropped, merged, dropped_images = normalized
+        if seen is not None and not refs and not dropped_images:
+            if len(_conversations) >= CONVERSATIONS_REMEMBERED:
+                _conversations.clear()
+            _conversations[seen] = (limits, (turns, dropped, merged))
+    if policy is not None and policy not in settings.policies:
+        return Rejection(
+            Reason.UNKNOWN_POLICY,
+            f"policy {_short(policy)} is not one of the configured policies ({', '.join(sorted(settings.policies))})",
+            "policy",
+        )
+    return ChatEvent(
+        event_id=obj["event_id"],
+        conversation_id=obj["conversation_id"],
+        turns=turns,
+        image=refs[-1] if refs else None,
+        created_at=obj.get("created_at"),
+        tenant=obj.get("tenant"),
+        policy=policy,
+        dropped_messages=dropped,
+        merged_messages=merged,
+        dropped_images=dropped_images,
+        extra=obj.get("metadata") or {},
+        images=refs,
+    )
+
+
+def _conversation(
+    messages: list[dict[str, Any]], policy: str | None, settings: Settings
+) -> tuple[tuple[Turn, ...], tuple[ImageRef, ...], int, int, int] | Rejection:
+    """The conversation rules on ``messages``: (turns, kept images, dropped, merged, dropped images)."""
+    limits = settings.limits
     if len(messages) > limits.max_messages:
         return Rejection(
             Reason.TOO_MANY_MESSAGES,
@@ -435,7 +488,7 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
     dropped_images = 0
     kept: list[tuple[int, str, str, Any]] = images
     if len(images) > 1:
-        if reads_several_images(settings, obj.get("policy")):
+        if reads_several_images(settings, policy):
             limit = limits.max_images_llama_guard_4
             if len(images) > limit:
                 return Rejection(
@@ -458,28 +511,8 @@ def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection
         ImageRef(url=url, turn_index=turn_index, data=data, field_path=url_field)
         for turn_index, url, url_field, data in kept
     )
-    image = refs[-1] if refs else None
-    policy = obj.get("policy")
-    if policy is not None and policy not in settings.policies:
-        return Rejection(
-            Reason.UNKNOWN_POLICY,
-            f"policy {_short(policy)} is not one of the configured policies ({', '.join(sorted(settings.policies))})",
-            "policy",
-        )
-    return ChatEvent(
-        event_id=obj["event_id"],
-        conversation_id=obj["conversation_id"],
-        turns=tuple(Turn(role=r, texts=tuple(t)) for r, t in zip(roles, texts, strict=True)),  # type: ignore[arg-type]
-        image=image,
-        created_at=obj.get("created_at"),
-        tenant=obj.get("tenant"),
-        policy=policy,
-        dropped_messages=dropped,
-        merged_messages=merged,
-        dropped_images=dropped_images,
-        extra=obj.get("metadata") or {},
-        images=refs,
-    )
+    turns = tuple(Turn(role=r, texts=tuple(t)) for r, t in zip(roles, texts, strict=True))  # type: ignore[arg-type]
+    return turns, refs, dropped, merged, dropped_images
 
 
 def reads_several_images(settings: Settings, policy_id: str | None) -> bool:
