@@ -203,23 +203,32 @@ def assert_every_event_answered_once(settings, worker, events) -> None:
     assert not any(alive(pid) for pid in pids), "an intake process outlived its pipeline"
 
 
-def test_while_every_process_has_a_chunk_out_the_loop_thread_takes_the_next_poll(
+def test_while_every_process_is_busy_the_loop_thread_takes_the_next_poll(
     make_settings, engine_settings_overrides, guard_engine
 ):
-    """Work sharing: a poll is not queued behind a busy process (that queue paused the partitions)."""
-    settings = make_settings(**engine_settings_overrides)
+    """Work sharing: a process gets a second chunk while it works on one, then polls stay on the loop thread;
+    and chunks are never queued past the in-flight bound (that paused the partitions)."""
+    settings = make_settings(**engine_settings_overrides, **{"batching.max_in_flight": 300})
     pool = ready_pool(settings, ModelRegistry.of(guard_engine, settings))
+    item = (b"{}", time.monotonic(), "t", 0, 0, 0, b"")
     try:
         (pid,) = pool.pids
-        os.kill(pid, signal.SIGSTOP)  # the process holds its chunk until it is continued
-        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0, b"")])
-        assert pool.wants(intake_pool.START_BURST) is False
+        os.kill(pid, signal.SIGSTOP)  # the process holds its chunks until it is continued
+        futures = [pool.submit([item])]
+        assert pool.wants(1) is True  # one waiting beside the one it works on
+        futures.append(pool.submit([item]))
+        assert intake_pool.BUSY_CHUNKS == 2 and pool.wants(1) is False  # busy: the loop thread's turn
         os.kill(pid, signal.SIGCONT)
-        assert future.result(timeout=30).published == []
+        assert [f.result(timeout=30).published for f in futures] == [[], []]
         deadline = time.monotonic() + 10
-        while not pool.wants(intake_pool.START_BURST):  # the courier counts the answer just after it lands
+        while not pool.wants(1):  # the courier counts the answer just after it lands
             assert time.monotonic() < deadline, "the process stayed busy after answering"
             time.sleep(0.01)
+        os.kill(pid, signal.SIGSTOP)
+        futures = [pool.submit([item] * 200)]
+        assert pool.wants(100) is True and pool.wants(101) is False  # 200 out + 101 > 300 in flight
+        os.kill(pid, signal.SIGCONT)
+        assert futures[0].result(timeout=30).published == []
     finally:
         os.kill(pid, signal.SIGCONT)
         pool.close()

@@ -23,10 +23,11 @@ The processes start on the first burst (a poll of ``START_BURST`` records or mor
 records keep taking the loop thread's path until they are ready, so a quiet worker never pays for them.
 Chunks go to the processes only while they pay: when fewer than half of the records sent recently were
 answered there (a stream of misses: the model, not intake, is the bottleneck, and the double decode is
-wasted), only every ``PROBE_EVERY``-th chunk goes, to notice when hits return. While every process has a chunk
-out (``BUSY_CHUNKS``), the loop thread takes the next poll itself: the two work side by side, and a poll never
-waits in a queue behind a busy process (such queues filled the in-flight bound and paused the partitions,
-which on confluent-kafka costs a re-fetch at every resume). A process that dies, fails or
+wasted), only every ``PROBE_EVERY``-th chunk goes, to notice when hits return. A process is given a second
+chunk while it works on one, so it never waits for the loop thread between chunks; while every process has
+``BUSY_CHUNKS`` out, or when the records out would reach ``batching.max_in_flight``, the loop thread takes the
+next poll itself: the two work side by side, and queued chunks never fill the in-flight bound (that paused
+the partitions, which on confluent-kafka costs a re-fetch at every resume). A process that dies, fails or
 hangs (no answer within ``CHUNK_TIMEOUT_S``) costs nothing but time: the chunk's records take the loop
 thread's path, the processes are stopped, and started again on the next burst.
 """
@@ -67,7 +68,9 @@ START_BURST = 128  # records in one poll that start the processes (a quiet worke
 PROBE_EVERY = 8  # while few records are answered there, every this-many-th chunk still goes
 PAYS_ABOVE = 0.5  # fraction of a chunk's records answered in a process above which sending chunks pays
 RECENT_WEIGHT = 0.3  # weight of the newest chunk in the recent answered fraction (exponential average)
-BUSY_CHUNKS = 1  # a chunk out at every process: the loop thread takes the next poll itself (work sharing)
+# Chunks out at a process (one it works on, one waiting, so it never idles between chunks) above which the loop
+# thread takes the next poll itself (work sharing).
+BUSY_CHUNKS = 2
 MAX_RESTARTS = 5  # pools started again after a process died; past it the loop thread does all the work
 CHUNK_TIMEOUT_S = 30.0  # a chunk not answered by then is redone on the loop thread (its process is stopped)
 STOP_TIMEOUT_S = 5.0
@@ -302,6 +305,8 @@ class _Process:
         self.dead: BaseException | None = None
         self._sent = 0  # chunks given to this process (counted by the loop thread)
         self._done = 0  # ... and answered or failed (counted by the courier)
+        self._sent_records = 0  # records in those chunks
+        self._done_records = 0
         ours, theirs = multiprocessing.Pipe()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)))
         self._process = subprocess.Popen(
@@ -327,17 +332,25 @@ class _Process:
             future.set_exception(self.dead)
             return future
         self._sent += 1
-        future.add_done_callback(self._answered)
+        self._sent_records += len(items)
+        size = len(items)
+        future.add_done_callback(lambda _: self._answered(size))
         self._queue.put((items, future))
         return future
 
-    def _answered(self, _: cf.Future[ChunkAnswers]) -> None:
+    def _answered(self, records: int) -> None:
+        self._done_records += records
         self._done += 1
 
     @property
     def queued(self) -> int:
         """Chunks given to this process and not answered yet."""
         return self._sent - self._done
+
+    @property
+    def records_out(self) -> int:
+        """Records in the chunks given to this process and not answered yet."""
+        return self._sent_records - self._done_records
 
     def _courier(self, settings: Settings, views: dict[str, ModelView]) -> None:
         current: cf.Future[ChunkAnswers] | None = None
@@ -393,6 +406,7 @@ class IntakePool:
         self._settings = settings
         self._models = models
         self._processes = processes
+        self._max_in_flight = settings.batching.max_in_flight
         self._workers: list[_Process] = []
         self._ready = False
         self._restarts = 0
@@ -420,6 +434,8 @@ class IntakePool:
             return False
         if all(w.queued >= BUSY_CHUNKS for w in self._workers):
             return False  # the processes are behind: this poll is faster on the loop thread than queued
+        if sum(w.records_out for w in self._workers) + records > self._max_in_flight:
+            return False  # queued records alone would pause the partitions (a re-fetch on confluent-kafka)
         if self._recent >= PAYS_ABOVE:
             return True
         self._skipped += 1  # few answered there lately: probe now and then
