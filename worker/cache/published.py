@@ -15,8 +15,13 @@ group, since another group reading the same topic publishes its own answers.
 
 What still duplicates: a record whose outputs were acknowledged but whose marker was not written yet when
 the worker died (the loop applies acks every few milliseconds, also during a forward pass), outputs sent but
-not yet acknowledged at the crash, and everything replayed while Redis is down or after the marker's TTL
-(markers are an optimisation, like the verdict cache: never a dependency).
+not yet acknowledged at the crash, verdicts an intake process published but could not report (it died, hung,
+or waited past its ack timeout: the loop thread publishes those again), and everything replayed while Redis is
+down or after the marker's TTL (markers are an optimisation, like the verdict cache: never a dependency).
+
+An intake process writes the markers of the records it published itself (``write_offsets``), before it
+reports them; the worker then raises the high-water marks (``raise_high``), so one writer keeps each from
+going down.
 """
 
 from __future__ import annotations
