@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.contracts.malformed_events import CASES, PNG_1PX, Case, event, image, raw, user
 from worker.config import Settings, load_settings
+from worker.contracts import decode
 from worker.contracts.decode import _duplicate_key, _too_deep, decode_event, event_to_dict, salvage_event_id
 from worker.contracts.events import ChatEvent, ImageRef, Task, Turn
 from worker.contracts.rejections import Reason, Rejection
@@ -398,3 +399,15 @@ def test_a_repeated_conversation_decodes_as_the_first_time_with_its_own_ids_and_
             and decoded.image is not None
             and decoded.image.data == base64.b64decode(PNG_1PX)
         )
+
+
+def test_only_records_up_to_the_bound_are_remembered():
+    """A large record is mostly an image's data URL (never remembered): its messages are not written again
+    as JSON to look them up."""
+    small = [{"role": "user", "content": "remember me"}]
+    large = [user(*["x" * 30_000] * 3)]  # text parts within the limits, the record above the bound
+    assert len(raw(messages=large)) > decode.REMEMBER_MAX_BYTES
+    decode._conversations.clear()
+    for messages in (small, large):
+        assert isinstance(decode_event(raw(messages=messages), DEFAULTS), ChatEvent)
+    assert list(decode._conversations) == [orjson.dumps(small)]

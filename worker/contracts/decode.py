@@ -151,7 +151,7 @@ def _decode(raw: bytes | bytearray | memoryview | str | None, settings: Settings
     schema = validator(CHAT_EVENT)
     if not schema.is_valid(obj):
         return _schema_rejection(schema.iter_errors(obj))
-    return _normalize(obj, settings)
+    return _normalize(obj, settings, remember=len(raw) <= REMEMBER_MAX_BYTES)
 
 
 def _json_error(raw: bytes, exc: orjson.JSONDecodeError) -> Rejection:
@@ -339,21 +339,26 @@ def _in_content_part(path: list[str | int]) -> bool:
 
 
 # Text-only conversations normalized per process, by their JSON and the limits they were checked under: a wave
-# repeats the same messages with new ids. Cleared when full.
+# repeats the same messages with new ids. Cleared when full. Only records up to REMEMBER_MAX_BYTES are looked
+# up: a larger one is mostly an image's data URL, which is never remembered, so its JSON is not written again.
 CONVERSATIONS_REMEMBERED = 4096
+REMEMBER_MAX_BYTES = 64 * 1024
 _Conversation = tuple[tuple[Turn, ...], int, int]  # turns, dropped messages, merged messages
 _conversations: dict[bytes, tuple[LimitsSettings, _Conversation]] = {}
 
 
-def _normalize(obj: dict[str, Any], settings: Settings) -> ChatEvent | Rejection:
-    """Apply the conversation rules of schemas/README.md to a schema-valid event."""
+def _normalize(obj: dict[str, Any], settings: Settings, *, remember: bool) -> ChatEvent | Rejection:
+    """Apply the conversation rules of schemas/README.md to a schema-valid event (``remember``: look the
+    conversation up among the remembered ones, and remember it)."""
     messages: list[dict[str, Any]] = obj["messages"]
     policy = obj.get("policy")
     limits = settings.limits
-    try:
-        seen: bytes | None = orjson.dumps(messages)
-    except orjson.JSONEncodeError:  # nested deeper than orjson.dumps allows: normalized every time
-        seen = None
+    seen: bytes | None = None
+    if remember:
+        try:
+            seen = orjson.dumps(messages)
+        except orjson.JSONEncodeError:  # nested deeper than orjson.dumps allows: normalized every time
+            seen = None
     remembered = _conversations.get(seen) if seen is not None else None
     if remembered is not None and remembered[0] is limits:
         turns, dropped, merged = remembered[1]
