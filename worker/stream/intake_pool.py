@@ -53,7 +53,8 @@ from worker.contracts.decode import decode_event
 from worker.contracts.events import ChatEvent
 from worker.contracts.verdicts import ModelInfo
 from worker.engine.policy import Policy, resolve_policy
-from worker.stream.records import Encoder, verdict_facts
+from worker.stream.items import record_age_seconds
+from worker.stream.records import Encoder, VerdictFacts, verdict_facts
 
 if TYPE_CHECKING:
     from worker.cache.published import PublishedMarkers
@@ -218,31 +219,32 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
     looked_up = time.perf_counter()
     publisher = Publisher(context.producer, context.settings.topics, context.encoder)
     hits = misses = 0
-    facts: dict[int, tuple[tuple[str, tuple[str, ...], bool, str], str | None]] = {}
-    review = 0
-    blocklist_hits = []
+    # Per published index: what is counted once the broker acknowledged it (a verdict that is not is
+    # redone, and counted, on the loop thread).
+    answered: dict[int, tuple[VerdictFacts, tuple[BlocklistHit, ...], bool, bool]] = {}
     for (index, item, received, source), answer in zip(keyed, answers, strict=True):
         if answer is None:
             continue
         latency_ms = (time.monotonic() - received) * 1000.0
         verdict = moderator.verdict(item, answer, latency_ms=latency_ms, source=source, count=False)
-        publisher.publish(context.encoder.verdict(verdict), index)
-        counted = verdict_facts(verdict, item.routed.model)
-        facts[index] = ((counted.decision, counted.codes, counted.cached, counted.model), counted.created_at)
-        if verdict.get("review"):
-            review += 1
-        if item.routed.hits:
-            blocklist_hits.append((item.routed.hits, answer.result.halted))
+        publisher.publish(publisher.encoder.verdict(verdict), index)
+        answered[index] = (
+            verdict_facts(verdict, item.routed.model),
+            item.routed.hits,
+            answer.result.halted,
+            bool(verdict.get("review")),
+        )
         if answer.cached:
             hits += 1
         else:
             misses += 1
     published: list[int] = []
     tally: Tally = {}
+    review = 0
+    blocklist_hits = []
     end_to_end: list[float] = []
     lags: list[float] = []
-    failed = 0
-    if facts:
+    if answered:
         try:
             publisher.flush(ACK_TIMEOUT_S)
         except KafkaError:  # not all acknowledged in time: those are left to the loop thread
@@ -250,18 +252,20 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
         now = time.time()
         for index, error in publisher.drain_acks():
             if error is not None:
-                failed += 1
                 continue
             published.append(index)
-            labels, created_at = facts[index]
+            facts, routed_hits, halted, in_review = answered[index]
+            labels = (facts.decision, facts.codes, facts.cached, facts.model)
             tally[labels] = tally.get(labels, 0) + 1
-            timestamp_ms = items[index][5]
-            if timestamp_ms > 0:
-                end_to_end.append(max(0.0, now - timestamp_ms / 1000.0))
-            lag = event_lag_seconds(created_at, now)
+            review += in_review
+            if routed_hits:
+                blocklist_hits.append((routed_hits, halted))
+            age = record_age_seconds(items[index][5], now)
+            if age is not None:
+                end_to_end.append(age)
+            lag = event_lag_seconds(facts.created_at, now)
             if lag is not None:
                 lags.append(lag)
-        failed += len(facts) - len(published) - failed  # still unanswered at the timeout
         published.sort()
         context.markers.write_offsets(
             [(TopicPartition(items[i][2], items[i][3]), items[i][4], items[i][6]) for i in published]
@@ -278,7 +282,7 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
         time.perf_counter() - looked_up,
         hits,
         misses,
-        failed,
+        len(answered) - len(published),  # failed, or still unacknowledged at the timeout
     )
 
 

@@ -24,6 +24,15 @@ if TYPE_CHECKING:
     from worker.stream.records import OutputRecord
 
 
+def record_age_seconds(timestamp_ms: int, now: float) -> float | None:
+    """Seconds from a Kafka record's timestamp (ms) to ``now`` (epoch seconds); None when it has none.
+
+    What ``mw_end_to_end_seconds`` observes when a record's outputs are acknowledged (by the loop thread or
+    an intake process).
+    """
+    return max(0.0, now - timestamp_ms / 1000.0) if timestamp_ms and timestamp_ms > 0 else None
+
+
 @dataclass(slots=True, eq=False)
 class Consumed:
     """One consumed record (identity = the record): coordinates, its partition's generation, its bytes."""

@@ -27,7 +27,7 @@ from worker.contracts.verdicts import event_lag_seconds
 from worker.moderation.moderator import Answer, Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
-from worker.stream.items import Consumed, KeyedRecord, Outcome
+from worker.stream.items import Consumed, KeyedRecord, Outcome, record_age_seconds
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
 from worker.stream.records import OutputRecord, VerdictFacts, verdict_facts
@@ -147,8 +147,9 @@ class Outputs:
             if self._checkpoint.complete(record):
                 self._counters["completed"] += 1
                 acked.append((record.tp, record.offset, record.digest))
-                if record.timestamp_ms and record.timestamp_ms > 0:
-                    metrics.END_TO_END_SECONDS.observe(max(0.0, now - record.timestamp_ms / 1000.0))
+                age = record_age_seconds(record.timestamp_ms, now)
+                if age is not None:
+                    metrics.END_TO_END_SECONDS.observe(age)
                 if outcome.created_at is not None:
                     lag = event_lag_seconds(outcome.created_at, now)
                     if lag is not None:
