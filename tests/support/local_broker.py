@@ -461,6 +461,7 @@ class LocalClients:
     group: str = "local-group"
     max_poll_records: int = 500
     made: list[Any] = field(default_factory=list)
+    in_processes: bool = False  # these clients live in this process: intake stays on the loop thread
 
     def consumer(self, settings: Any) -> LocalConsumer:
         consumer = self.broker.consumer(self.group, max_poll_records=self.max_poll_records)

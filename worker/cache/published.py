@@ -103,20 +103,16 @@ class PublishedMarkers:
         """
         if not self.enabled or not records:
             return
-        self._write(self.offset_items(records) + self._risen_items(records))
+        self._write(self._offset_items(records) + self._risen_items(records))
 
-    def offset_items(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, bytes]]:
-        """The marker keys and values of ``(tp, offset, digest)``, without the high-water marks.
-
-        An intake process writes these itself (``write_offsets``) for the records it published; the worker
-        then raises the high-water marks (``raise_high``), so that one writer keeps them from going down.
-        """
+    def _offset_items(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, bytes]]:
+        """The marker keys and values of ``(tp, offset, digest)``, without the high-water marks."""
         return [(self._key(tp, offset), digest) for tp, offset, digest in records]
 
     def write_offsets(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
         """Write the markers of ``records`` now, on this thread, without high-water marks (intake processes)."""
         if self.enabled and records:
-            self._cache.set_raw(self.offset_items(records), self._ttl)
+            self._cache.set_raw(self._offset_items(records), self._ttl)
 
     def raise_high(self, records: Sequence[tuple[TopicPartition, int]]) -> None:
         """Raise the high-water marks to cover ``(tp, offset)``, whose markers are written already."""

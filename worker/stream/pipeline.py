@@ -358,11 +358,7 @@ class StreamPipeline:
             self.settings, moderator, publisher, markers, self.checkpoint, self._guard, self.counters
         )
         # No cache, no hits; and a process publishes on a producer of its own, made from the settings.
-        processes = (
-            self.settings.batching.intake_processes
-            if cache.enabled and getattr(clients, "in_processes", False)
-            else 0
-        )
+        processes = self.settings.batching.intake_processes if cache.enabled and clients.in_processes else 0
         self._intake_pool = IntakePool(self.settings, models, processes)
         self.intake = Intake(
             self.settings, moderator, self.checkpoint, markers, self.counters, self._intake_pool
