@@ -173,6 +173,31 @@ def _confluent() -> Any:
     return confluent_clients
 
 
+class ResumingKafkaConsumer(KafkaConsumer):  # type: ignore[misc]
+    """kafka-python's ``KafkaConsumer``, with a resumed partition always fetched again.
+
+    kafka-python 3 keeps the parsed records of a partition paused mid-batch aside (its port of KAFKA-7548)
+    and excludes that partition from fetches until they are given back, which it does only while its
+    in-line slot is ``None``; but a fully read batch stays in that slot (empty, not ``None``) until the next
+    partition is parked. So a partition paused mid-batch, after another partition's batch was read to its
+    end, is never fetched again once resumed: a silent stall of that partition (backpressure pauses exactly
+    so). Before each poll an empty in-line batch is let go, which changes nothing else (the fetcher treats an
+    empty batch and ``None`` alike everywhere but there). Where the fetcher has no such attributes (another
+    kafka-python version), nothing is done.
+    """
+
+    def poll(self, *args: Any, **kwargs: Any) -> Any:
+        release_parked_records(getattr(self, "_fetcher", None))
+        return super().poll(*args, **kwargs)
+
+
+def release_parked_records(fetcher: Any) -> None:
+    """Let go of an empty in-line batch of kafka-python's fetcher, so parked records of resumed partitions return."""
+    current = getattr(fetcher, "_next_partition_records", None)
+    if current is not None and not current and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None
+
+
 def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaConsumer | ConfluentConsumer:
     """The consumer of ``kafka.client``, from :func:`consumer_config`; ``overrides`` (kafka-python names) win.
 
@@ -181,7 +206,7 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> KafkaCo
     """
     if settings.kafka.client == "confluent-kafka":
         return _confluent().make_confluent_consumer(settings, *topics, **overrides)
-    return KafkaConsumer(*topics, **{**consumer_config(settings), **overrides})
+    return ResumingKafkaConsumer(*topics, **{**consumer_config(settings), **overrides})
 
 
 def make_producer(settings: Settings, **overrides: Any) -> KafkaProducer | ConfluentProducer:
