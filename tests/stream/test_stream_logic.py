@@ -153,6 +153,27 @@ def test_a_partition_kept_across_an_eager_rebalance_keeps_its_work_and_a_revoked
     assert s.pipeline.status().in_flight == 0
 
 
+def test_nothing_is_published_while_an_eager_rebalance_waits_for_its_assignment(stream):
+    s = stream(batching__max_wait_ms=200, batching__max_size=64)
+    s.turn()  # join: both partitions
+    s.send([chat_event(i) for i in range(8)])  # four per partition
+    s.turn()  # polled and batched: the batch is due in 200 ms
+    assert s.pipeline.status().in_flight == 8 and not s.verdicts()
+    s.broker.rebalance(s.consumer, [s.tp(0)], protocol="eager", rejoin_s=0.6)
+    s.turn()  # the revoke; the join completes 0.6 s later
+    until = time.monotonic() + 0.5
+    while time.monotonic() < until:  # the batch falls due in the gap
+        s.turn()
+    assert not s.verdicts(), "an answer for partition 1 now would duplicate its next owner's"
+    s.turn_until(lambda: s.consumer.assignment() == {s.tp(0)}, "the new assignment")
+    s.turn_until(lambda: s.committed()[0] == 4, "kept partition answered and committed")
+    s.turn(5)
+    assert sorted(v["source"]["partition"] for v in s.verdicts()) == [0] * 4, (
+        "partition 1's work left with it"
+    )
+    assert s.committed()[1] is None and s.pipeline.status().in_flight == 0
+
+
 def test_a_cooperative_rebalance_leaves_kept_partitions_untouched(stream):
     s = stream()
     s.turn()

@@ -184,12 +184,25 @@ class LocalBroker:
             self._fail_commits = n
 
     def rebalance(
-        self, consumer: LocalConsumer, partitions: Iterable[TopicPartition], *, protocol: str = "eager"
+        self,
+        consumer: LocalConsumer,
+        partitions: Iterable[TopicPartition],
+        *,
+        protocol: str = "eager",
+        rejoin_s: float = 0.0,
     ) -> None:
-        """Give ``consumer`` exactly ``partitions`` at its next ``poll`` (``eager``, ``cooperative`` or ``lost``)."""
+        """Give ``consumer`` exactly ``partitions`` at its next ``poll`` (``eager``, ``cooperative`` or ``lost``).
+
+        ``rejoin_s`` (eager): the revoke runs at the next poll, the assignment at the first poll ``rejoin_s``
+        later; the polls in between return nothing (a join that takes several polls, as librdkafka's does,
+        and kafka-python's when the coordinator holds the join longer than the poll's timeout).
+        """
         if protocol not in ("eager", "cooperative", "lost"):
             raise ValueError(f"unknown rebalance protocol {protocol!r}")
+        if rejoin_s and protocol != "eager":
+            raise ValueError("only an eager rebalance revokes before the rejoin")
         consumer._pending_rebalance = (set(partitions), protocol)
+        consumer._rejoin_s = rejoin_s
 
     # -- clients ----------------------------------------------------------------------------------
 
@@ -276,6 +289,8 @@ class LocalConsumer:
         self._positions: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
         self._pending_rebalance: tuple[set[TopicPartition], str] | None = None
+        self._rejoin_s = 0.0
+        self._rejoin_at: float | None = None  # an eager revoke ran; the assignment comes at this time
         self._joined = False
         self.closed = False
         self.polls = 0
@@ -302,8 +317,15 @@ class LocalConsumer:
                 listener.on_partitions_lost(old)
             added = target
         elif protocol == "eager":
-            if listener is not None and old:
+            if self._rejoin_at is None and listener is not None and old:
                 listener.on_partitions_revoked(old)  # before the rejoin: the client still holds them
+            if self._rejoin_s:
+                if self._rejoin_at is None:
+                    self._rejoin_at = time.monotonic() + self._rejoin_s
+                if time.monotonic() < self._rejoin_at:
+                    self._pending_rebalance = (target, protocol)  # the join completes at a later poll
+                    return
+                self._rejoin_at, self._rejoin_s = None, 0.0
             self._drop(old - target)
             added = target
         else:
@@ -337,6 +359,9 @@ class LocalConsumer:
             self._join()
         if self._pending_rebalance is not None:
             self._apply_rebalance()
+            if self._rejoin_at is not None:  # the join is under way: no records until the assignment
+                time.sleep(min(timeout_ms / 1000.0, IDLE_SLEEP_S))
+                return {}
         budget = max_records or self.max_poll_records
         result: dict[TopicPartition, list[ConsumerRecord]] = {}
         for tp in sorted(self._assignment - self._paused):

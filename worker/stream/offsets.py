@@ -29,7 +29,9 @@ rewind would re-read and answer twice everything in flight. What differs is *whe
 - eager: ``on_partitions_revoked(all)`` runs *before* the rejoin, while the client still holds every
   partition; which ones are kept is known only at ``on_partitions_assigned(full new assignment)``.
   ``revoke`` therefore only *holds* partitions still in the client's assignment (no commits offered
-  for them), and ``assign`` drops the held ones that are not in the new assignment.
+  for them), and ``assign`` drops the held ones that are not in the new assignment. While any is held
+  (``rejoining``: the join can take several polls) the pipeline publishes nothing, since an answer for a
+  partition that then moves would duplicate its next owner's.
 - cooperative: ``on_partitions_revoked(lost ones)`` runs *after* the client dropped them, and
   ``on_partitions_assigned`` names only the added ones. ``revoke`` drops what the client no longer
   holds; retained partitions are never touched.
@@ -75,6 +77,11 @@ class OffsetTracker:
         return state
 
     # -- rebalance ------------------------------------------------------------------------------------
+
+    @property
+    def rejoining(self) -> bool:
+        """An eager rebalance is under way: partitions are revoked but held until the new assignment."""
+        return any(state.held for state in self._partitions.values())
 
     def assign(self, assigned: Iterable[TopicPartition]) -> set[TopicPartition]:
         """``on_partitions_assigned``: track new partitions; resolve held ones. Returns the dropped ones.

@@ -21,7 +21,9 @@ Items move through typed stages (``worker.stream.items``): ``Consumed`` → ``Ro
 Delivery guarantee (at-least-once, one place): an offset is completed only when the broker has acknowledged
 its verdict or dead letter; the committed offset per partition is the highest contiguous completed one.
 Outputs carry ``event_id`` so downstream deduplicates the replays a crash can cause; replays whose answer was
-acknowledged before are completed quietly (published markers in Redis).
+acknowledged before are completed quietly (published markers in Redis). While an eager rebalance waits for
+its new assignment, nothing is published: a revoked partition may move to a member that starts at the
+revoke's commit, and an answer published for it in between would only duplicate that member's.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ IDLE_POLL_MS = 100  # poll timeout when nothing is waiting inside the pipeline
 # Poll timeout while published outputs await the broker's acks: acks do not wake poll(), and an ack is
 # what lets offsets complete and paused partitions resume (≈ linger_ms + one round trip away).
 ACK_POLL_MS = 5
+REJOIN_POLL_MS = 50  # poll timeout while an eager rebalance waits for the new assignment
 CHUNK_POLL_MS = 5  # poll timeout while a chunk is out in an intake process (shorter: measured slower, polls steal the GIL)
 COUNTERS = (
     "consumed",
@@ -201,6 +204,14 @@ class StreamPipeline:
         """One turn: poll → intake → lookup → classify → outputs → acks → checkpoint → pauses."""
         try:
             accepted = self.intake.accept(self.consumer.poll(timeout_ms=self._poll_timeout_ms(draining)))
+            if self.checkpoint.tracker.rejoining and not (accepted.routed or accepted.rejected):
+                # An eager rebalance is under way (the client's join runs inside poll): the revoked partitions
+                # held until the new assignment may move to a member that starts at the revoke's commit, so
+                # an answer published for them now would only duplicate its own. Until the assignment says
+                # which stay, the turn only applies the broker's acks.
+                self.outputs.apply_acks()
+                self._report()
+                return
             looked_up = self.lookup.lookup(accepted.routed)
             for rejected in accepted.rejected + looked_up.rejected:
                 self.outputs.dead_letter(rejected.record, rejected.rejection, rejected.event)
@@ -245,6 +256,8 @@ class StreamPipeline:
             )
 
     def _poll_timeout_ms(self, draining: bool) -> int:
+        if self.checkpoint.tracker.rejoining:  # nothing runs until the assignment: let poll wait for it
+            return ACK_POLL_MS if self.outputs.awaiting_acks else REJOIN_POLL_MS
         if draining or self.lookup.fetching or self.classify.runnable:
             return 0
         timeout = ACK_POLL_MS if self.outputs.awaiting_acks else IDLE_POLL_MS
