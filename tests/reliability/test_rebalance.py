@@ -2,9 +2,11 @@
 
 Pipeline A runs in this process (so its state at the rebalance can be recorded); its engine is the real
 tiny-checkpoint engine behind a slow device (every forward pass takes ``SLOW_PASS_S`` longer) and its
-in-flight bound is small, so it is paused for backpressure with a backlog, and has work in flight on the
-partitions it holds when the rebalance lands (a probe records A's in-flight offsets per partition and its
-paused partitions at the revocation; the test requires that A kept a partition with work in flight). Pipeline B is a real ``moderation-worker run`` subprocess that joins, or leaves
+in-flight bound is small, so it is paused for backpressure with a backlog; the preparation of new batches
+stalls until the rebalance lands, so A has work in flight on the partitions it holds at that moment (a probe
+records A's in-flight offsets per partition and its paused partitions at the revocation; the test
+requires that A kept a partition with work in flight). Pipeline B is a real ``moderation-worker run``
+subprocess that joins, or leaves
 (SIGKILL: no drain, no commit; or SIGTERM: drain and leave the group). Each scenario ends with every input
 offset answered (verdict or dead letter), the group's committed offset at the end offset of every
 partition, and A's partitions not paused. Duplicates are counted, not forbidden (at-least-once).
@@ -52,13 +54,33 @@ A_SETTINGS = {
 class SlowDevice:
     """The real engine, each forward pass ``SLOW_PASS_S`` slower (a busy GPU): keeps A's work in flight.
 
-    ``slow = False`` once the rebalance under test is recorded: the rest of the stream only drains, and at
-    ≈6 events/s draining hundreds of events alone would cost minutes of CI for nothing the test checks.
+    ``hold()`` stalls the preparation of new batches (on the preparation threads; the loop thread keeps
+    polling, heartbeating and handling rebalances) until ``release()``: what A holds in flight then stays
+    in flight until the rebalance under test lands, however long the group takes to start it (a SIGKILLed
+    member is noticed only after its session times out) and whatever the client's fetch timing. Slowness
+    alone was not enough: A could finish what it held and, with librdkafka, wait some hundreds of ms for a
+    resumed partition's next fetch — and a rebalance landing in that gap found nothing in flight.
+    ``slow = False`` once that rebalance is recorded: the rest of the stream only drains, and at ≈6
+    events/s draining hundreds of events alone would cost minutes of CI for nothing the test checks.
     """
+
+    HOLD_LIMIT_S = 180.0  # a hold never outlives a test that forgot to release it
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
         self.slow = True
+        self._preparing = threading.Event()
+        self._preparing.set()
+
+    def hold(self) -> None:
+        self._preparing.clear()
+
+    def release(self) -> None:
+        self._preparing.set()
+
+    def prepare(self, requests: Any) -> Any:
+        self._preparing.wait(self.HOLD_LIMIT_S)
+        return self._engine.prepare(requests)
 
     def run(self, prepared: Any) -> Any:
         if self.slow:
@@ -75,6 +97,7 @@ class RebalanceProbe:
     def __init__(self, worker: WorkerThread) -> None:
         self.pipeline = worker.pipeline
         self.revocations: list[dict[str, Any]] = []
+        self.on_revocation: Any = None  # called (once) after the next revocation is recorded
         original = self.pipeline._on_revoked
 
         def on_revoked(revoked: set[TopicPartition]) -> None:
@@ -91,6 +114,9 @@ class RebalanceProbe:
                     "paused": {tp.partition for tp in consumer.paused()} if consumer is not None else set(),
                 }
             )
+            if self.on_revocation is not None:
+                callback, self.on_revocation = self.on_revocation, None
+                callback()
             original(revoked)
 
         original_assigned = self.pipeline._on_assigned
@@ -279,6 +305,8 @@ def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
             workers=[a],
         )
         probe.wait_held(120, with_work=2)
+        probe.on_revocation = device.release
+        device.hold()  # what A holds now (but the batches prepared already) waits for B's join
         b = WorkerProcess(config, tmp_path / "worker-b.log").start()
         wait_for(
             lambda: len(a.pipeline.status().assigned) < PARTITIONS,
@@ -287,10 +315,12 @@ def test_a_second_worker_joins_while_the_first_holds_work_in_flight(
             workers=[a],
         )
         device.slow = False  # the revocation with work in flight is recorded; the rest drains
+        device.release()
         total = events_for(kafka_client, 2 * EVENTS) - len(rest) + feeder.stop()
         result = _assert_all_answered_and_committed(settings, a, "join", total)
         b_code, _ = b.terminate(timeout_s=60)
     finally:
+        device.release()
         feeder.stop()
         if b is not None:
             b.close()
@@ -345,7 +375,9 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
             workers=[a],
         )
         joined_revocations = len(probe.revocations)
-        produce_interleaved(settings, backlog)  # more than slow A answers: A is paused with work in flight
+        probe.on_revocation = device.release
+        device.hold()  # A takes the backlog and keeps it in flight until B's leave revokes its partitions
+        produce_interleaved(settings, backlog)  # more than A may hold: A is paused with work in flight
         probe.wait_held(120, with_work=1)
         produce_interleaved(settings, tail)  # B has fresh work in flight when it leaves
         if how == "SIGKILL":
@@ -360,8 +392,10 @@ def test_a_worker_leaves_while_the_other_holds_work_in_flight(
             workers=[a],
         )
         device.slow = False  # the revocation at the leave is recorded; the rest drains
+        device.release()
         result = _assert_all_answered_and_committed(settings, a, f"leave ({how})", events_for(kafka_client))
     finally:
+        device.release()
         b.close()
         a.stop()
     at_leave = probe.revocations[joined_revocations:]
