@@ -30,6 +30,21 @@ def test_set_many_then_get_many_round_trips_with_ttl(services, make_settings):
         cache.close()
 
 
+def test_equal_entries_are_parsed_once_per_read(services, make_settings):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-shared:"
+    cache = VerdictCache(settings.redis)
+    try:
+        entry = {"unsafe": False, "score": 0.1, "codes": [], "dropped": []}
+        cache.set_many([("a", entry), ("b", entry), ("c", {**entry, "score": 0.2})])
+        a, b, c, a_again = cache.get_many(["a", "b", "c", "a"])
+        assert a == b == a_again == entry and c == {**entry, "score": 0.2}
+        assert a is b is a_again and c is not a, "one dict per distinct entry"
+        assert cache.get_many(["a"])[0] is not a, "shared within one read only"
+    finally:
+        cache.close()
+
+
 def test_set_raw_stores_more_keys_than_one_script_call_takes_each_with_its_ttl(services, make_settings):
     settings = make_settings()
     cache = VerdictCache(settings.redis)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 
 import orjson
 import pytest
@@ -16,6 +17,8 @@ from PIL import Image
 from tests.support.contracts import validate_verdict
 from tests.support.fake_engine import DictCache, FakeEngine, fake_registry
 from worker.config import Settings
+from worker.contracts import verdicts
+from worker.contracts.dead_letters import SourceCoordinates
 from worker.contracts.decode import decode_event
 from worker.contracts.rejections import Reason, Rejection
 from worker.engine.types import EngineError, ErrorKind, GuardResult
@@ -152,6 +155,41 @@ def test_answers_hit_the_cache_halt_on_blocklists_and_leave_misses_to_the_model(
     assert answers[2] is not None and answers[2].result.halted and not answers[2].cached
     assert cache.entries[halting.key]["halted"] is True, "a halting decision is cached like any verdict"
     assert cache.reads == 1, "one read for the whole list"
+
+
+def test_a_wave_of_repeats_shares_one_answer_and_its_verdicts_equal_ones_built_afresh(
+    settings, moderator
+) -> None:
+    def optional_fields(i: int) -> dict[str, str]:  # four shapes, each event's values its own
+        fields = {"created_at": f"2026-12-01T10:00:0{i}Z", "tenant": f"tenant-{i}"}
+        return {k: v for n, (k, v) in enumerate(fields.items()) if i % 4 in ((1, 3), (2, 3))[n]}
+
+    records = [{**event("seen before", i=i), **optional_fields(i)} for i in range(8)]
+    wave = [keyed_of(moderator, settings, r) for r in records]
+    assert len({k.key for k in wave}) == 1
+    cache = DictCache()
+    cache.entries[wave[0].key] = {
+        "unsafe": True,
+        "score": 0.9,
+        "codes": ["S1"],
+        "dropped": [],
+        "category_scores": {"S1": 0.9},
+    }
+    answers = moderator.answers(cache, wave)
+    assert all(a is answers[0] for a in answers), "one answer per entry read"
+    for source in (None, SourceCoordinates("chat.events", 1, 5)):
+        for i, j in itertools.permutations(range(len(wave)), 2):
+            verdicts._TEMPLATES.clear()
+            first = moderator.verdict(wave[i], answers[0], latency_ms=1.0, source=source)
+            templated = moderator.verdict(wave[j], answers[0], latency_ms=2.5, source=source)
+            verdicts._TEMPLATES.clear()
+            afresh = moderator.verdict(wave[j], answers[0], latency_ms=2.5, source=source)
+            if i % 4 == j % 4:
+                assert templated["categories"] is first["categories"], "built from the first one's template"
+            assert first["event_id"] == f"e-{i}", "the first verdict is left as it was"
+            validate_verdict(templated)
+            del templated["decided_at"], afresh["decided_at"]
+            assert list(templated.items()) == list(afresh.items()), "same keys, same order, same values"
 
 
 def test_classify_isolates_a_poison_item_and_answers_the_rest(settings) -> None:

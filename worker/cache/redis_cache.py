@@ -103,7 +103,11 @@ class VerdictCache:
         return self.enabled and (self.available or self._try_reconnect())
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Cached values for ``keys`` (None for a miss) with one MGET; all None when Redis is down."""
+        """Cached values for ``keys`` (None for a miss) with one MGET; all None when Redis is down.
+
+        Equal entries are parsed once and share one dict (a wave of repeats reads the same entry hundreds of
+        times in one call): callers read the values, never change them.
+        """
         if not keys:
             return []
         raw = self.get_raw([self._prefix + k for k in keys])
@@ -112,14 +116,22 @@ class VerdictCache:
                 metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
             return [None] * len(keys)
         values: list[dict[str, Any] | None] = []
+        parsed: dict[bytes, dict[str, Any] | None] = {}
         for blob in raw:
-            value = None
-            if blob is not None:
-                try:
-                    value = orjson.loads(blob)
-                except orjson.JSONDecodeError:
-                    value = None  # a corrupt entry is a miss; the fresh verdict overwrites it
-            values.append(value if isinstance(value, dict) else None)
+            if blob is None:
+                values.append(None)
+                continue
+            try:
+                values.append(parsed[blob])
+                continue
+            except KeyError:
+                pass
+            try:
+                value = orjson.loads(blob)
+            except orjson.JSONDecodeError:
+                value = None  # a corrupt entry is a miss; the fresh verdict overwrites it
+            value = parsed[blob] = value if isinstance(value, dict) else None
+            values.append(value)
         hits = sum(v is not None for v in values)
         if hits:
             metrics.CACHE_REQUESTS.labels(result="hit").inc(hits)

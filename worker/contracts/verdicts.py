@@ -106,6 +106,15 @@ def build_verdict(
     return verdict
 
 
+# Verdict templates. A wave of repeats is answered from one cached result (``Moderator.answers`` shares
+# it), and its verdicts differ only in the event's own fields, the latency, the decision time and the
+# source: the rest is built once per result, policy, model, ``cached`` and shape (which optional event
+# fields are present, so the keys keep their order) and copied. An entry holds its result, policy and model,
+# so their ids are never reused while it is kept.
+_TEMPLATES: dict[tuple[Any, ...], tuple[Any, Any, ModelInfo, dict[str, Any]]] = {}
+TEMPLATES_MAX = 1024
+
+
 def verdict_for(
     event: ChatEvent,
     result: Any,
@@ -120,7 +129,50 @@ def verdict_for(
     """``build_verdict`` from a ``GuardResult`` and its ``Policy`` (stream and HTTP build verdicts the same way).
 
     A halting blocklist hit names its categories (S-codes in the policy's wording, or custom ids) itself.
+    The same result, policy and model give the same verdict but for the event's fields, ``latency_ms``,
+    ``decided_at`` and ``source``: from the second time on it is a copy of the first with those replaced.
     """
+    if hits:  # blocklist hits are the event's own: built afresh
+        return _verdict_for(event, result, policy, model, cached, latency_ms, hits, source)
+    created_at, tenant = event.created_at, event.tenant
+    key = (id(result), id(policy), id(model), cached, created_at is None, tenant is None, source is None)
+    entry = _TEMPLATES.get(key)
+    if entry is None or entry[0] is not result or entry[1] is not policy or entry[2] is not model:
+        verdict = _verdict_for(event, result, policy, model, cached, latency_ms, hits, source)
+        if len(_TEMPLATES) >= TEMPLATES_MAX:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = (result, policy, model, verdict.copy())
+        return verdict
+    verdict = entry[3].copy()  # the event's fields below are replaced in place: the keys keep their order
+    verdict["event_id"] = event.event_id
+    verdict["conversation_id"] = event.conversation_id
+    verdict["task"] = event.task.value
+    verdict["latency_ms"] = round(float(latency_ms), 3)
+    verdict["decided_at"] = utc_now_rfc3339()
+    verdict["dropped"] = {
+        "messages": event.dropped_messages,
+        "images": event.dropped_images,
+        "merged_messages": event.merged_messages,
+    }
+    if created_at is not None:
+        verdict["created_at"] = created_at
+    if tenant is not None:
+        verdict["tenant"] = tenant
+    if source is not None:
+        verdict["source"] = source.as_dict()
+    return verdict
+
+
+def _verdict_for(
+    event: ChatEvent,
+    result: Any,
+    policy: Any,
+    model: ModelInfo,
+    cached: bool,
+    latency_ms: float,
+    hits: tuple[BlocklistHit, ...],
+    source: SourceCoordinates | None,
+) -> dict[str, Any]:
     if result.halted:
         categories = list(
             {h.category: {"code": h.category, "name": h.name} for h in hits if h.action == "halt"}.values()

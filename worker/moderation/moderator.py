@@ -111,6 +111,9 @@ class Ready:
     language: dict[str, Any] | None
 
 
+_UNREAD: Any = object()  # a cache entry not turned into an answer yet
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """A verdict's substance: the result, and whether it came from the cache (not computed now)."""
@@ -213,11 +216,19 @@ class Moderator:
         values = cache.get_many([k.key for k in keyed])
         answers: list[Answer | None] = []
         to_store: list[tuple[str, dict[str, Any]]] = []
+        # One answer per distinct entry object (a cache shares equal entries within a read): a wave of
+        # repeats then builds its verdicts from one result (see ``verdict_for``'s templates).
+        shared: dict[int, Answer | None] = {}
         for item, value in zip(keyed, values, strict=True):
-            hit = from_entry(value) if value is not None else None
-            if hit is not None:
-                answers.append(Answer(hit, cached=True))
-            elif item.routed.halts:
+            if value is not None:
+                answer = shared.get(id(value), _UNREAD)
+                if answer is _UNREAD:
+                    hit = from_entry(value)
+                    answer = shared[id(value)] = Answer(hit, cached=True) if hit is not None else None
+                if answer is not None:
+                    answers.append(answer)
+                    continue
+            if item.routed.halts:
                 halted = halt_result(item.routed.event, self.settings.model.optimized_languages)
                 to_store.append((item.key, to_entry(halted)))
                 answers.append(Answer(halted, cached=False))
