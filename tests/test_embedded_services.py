@@ -15,9 +15,12 @@ import pytest
 import redis
 
 from worker.dev.services import (
+    FREE_PORT_FLOOR,
     EmbeddedServices,
     ServicesError,
     dev_services_command,
+    ephemeral_floor,
+    free_port,
     kafka_answers,
     redis_answers,
 )
@@ -56,6 +59,16 @@ def test_both_servers_listen_on_127_0_0_1_only(services: EmbeddedServices) -> No
     # 0100007F is 127.0.0.1 in /proc's little-endian hex; 00000000 would be 0.0.0.0.
     assert _listening_addresses(services.kafka_port) == {"0100007F"}
     assert _listening_addresses(services.redis_port) == {"0100007F"}
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_bindable() -> None:
+    floor = ephemeral_floor()
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1
+    for port in ports:
+        assert FREE_PORT_FLOOR <= port < floor, "a port the OS may hand to another process's bind(0)"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def test_redis_set_get_with_ttl_expires(services: EmbeddedServices, make_settings) -> None:

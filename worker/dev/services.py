@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -84,8 +85,37 @@ def find_redis_server_binary() -> str:
     )
 
 
+# Ports handed out by free_port: below the kernel's ephemeral range, which the OS draws from for every
+# outgoing connection and every bind to port 0 (Ray alone starts dozens of such servers); a port picked there
+# could be taken by another process between this pick and the caller's bind.
+FREE_PORT_FLOOR = 20_000
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def ephemeral_floor() -> int:
+    """The first port of the kernel's ephemeral range (what bind(0) and outgoing connections draw from)."""
+    try:
+        with open(_EPHEMERAL_RANGE) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range when possible.
+
+    Tried at random in ``[FREE_PORT_FLOOR, ephemeral floor)``, so no connection or bind to port 0 elsewhere
+    can take it before the caller binds it; where that range is empty or full, the OS picks one.
+    """
+    ceiling = ephemeral_floor()
+    for _ in range(50 if ceiling > FREE_PORT_FLOOR else 0):
+        port = random.randrange(FREE_PORT_FLOOR, ceiling)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
