@@ -177,13 +177,17 @@ def test_a_wave_of_repeats_shares_one_answer_and_its_verdicts_equal_ones_built_a
     }
     answers = moderator.answers(cache, wave)
     assert all(a is answers[0] for a in answers), "one answer per entry read"
-    for source in (None, SourceCoordinates("chat.events", 1, 5)):
+    for with_source in (False, True):
+
+        def source(offset: int) -> SourceCoordinates | None:  # each event its own offset
+            return SourceCoordinates("chat.events", 1, offset) if with_source else None
+
         for i, j in itertools.permutations(range(len(wave)), 2):
             verdicts._TEMPLATES.clear()
-            first = moderator.verdict(wave[i], answers[0], latency_ms=1.0, source=source)
-            templated = moderator.verdict(wave[j], answers[0], latency_ms=2.5, source=source)
+            first = moderator.verdict(wave[i], answers[0], latency_ms=1.0, source=source(i))
+            templated = moderator.verdict(wave[j], answers[0], latency_ms=2.5, source=source(j))
             verdicts._TEMPLATES.clear()
-            afresh = moderator.verdict(wave[j], answers[0], latency_ms=2.5, source=source)
+            afresh = moderator.verdict(wave[j], answers[0], latency_ms=2.5, source=source(j))
             if i % 4 == j % 4:
                 assert templated["categories"] is first["categories"], "built from the first one's template"
             assert first["event_id"] == f"e-{i}", "the first verdict is left as it was"

@@ -64,12 +64,11 @@ def build_verdict(
     Fields after ``dropped_codes`` are optional within schema v1: absent when there is nothing to say
     (no category scores in generate mode, no review band configured, no blocklist hit).
     """
-    decided_at = utc_now_rfc3339()
-    verdict: dict[str, Any] = {
+    verdict: dict[str, Any] = {  # in the contract's order; the event's own values come from _fill_event
         "schema_version": VERDICT_SCHEMA_VERSION,
-        "event_id": event.event_id,
-        "conversation_id": event.conversation_id,
-        "task": event.task.value,
+        "event_id": None,
+        "conversation_id": None,
+        "task": None,
         "decision": "unsafe" if unsafe else "safe",
         "flagged": unsafe,
         "categories": categories,
@@ -78,18 +77,11 @@ def build_verdict(
         "policy": {"id": policy_id, "hash": policy_hash},
         "model": model.as_dict(),
         "cached": cached,
-        "latency_ms": round(float(latency_ms), 3),
-        "decided_at": decided_at,
-        "dropped": {
-            "messages": event.dropped_messages,
-            "images": event.dropped_images,
-            "merged_messages": event.merged_messages,
-        },
+        "latency_ms": None,
+        "decided_at": None,
+        "dropped": None,
     }
-    if event.created_at is not None:
-        verdict["created_at"] = event.created_at
-    if event.tenant is not None:
-        verdict["tenant"] = event.tenant
+    _fill_event(verdict, event, latency_ms)
     if dropped_codes:
         verdict["dropped_codes"] = dropped_codes
     if category_scores is not None:
@@ -104,6 +96,27 @@ def build_verdict(
     if source is not None:
         verdict["source"] = source.as_dict()
     return verdict
+
+
+def _fill_event(verdict: dict[str, Any], event: ChatEvent, latency_ms: float) -> None:
+    """Set the fields of ``verdict`` that are the event's own (and the latency and decision time), in place.
+
+    Keys already present keep their place; ``created_at`` and ``tenant`` are added when the event has them.
+    """
+    verdict["event_id"] = event.event_id
+    verdict["conversation_id"] = event.conversation_id
+    verdict["task"] = event.task.value
+    verdict["latency_ms"] = round(float(latency_ms), 3)
+    verdict["decided_at"] = utc_now_rfc3339()
+    verdict["dropped"] = {
+        "messages": event.dropped_messages,
+        "images": event.dropped_images,
+        "merged_messages": event.merged_messages,
+    }
+    if event.created_at is not None:
+        verdict["created_at"] = event.created_at
+    if event.tenant is not None:
+        verdict["tenant"] = event.tenant
 
 
 # Verdict templates. A wave of repeats is answered from one cached result (``Moderator.answers`` shares
@@ -132,54 +145,31 @@ def verdict_for(
     The same result, policy and model give the same verdict but for the event's fields, ``latency_ms``,
     ``decided_at`` and ``source``: from the second time on it is a copy of the first with those replaced.
     """
-    if hits:  # blocklist hits are the event's own: built afresh
-        return _verdict_for(event, result, policy, model, cached, latency_ms, hits, source)
-    created_at, tenant = event.created_at, event.tenant
-    key = (id(result), id(policy), id(model), cached, created_at is None, tenant is None, source is None)
-    entry = _TEMPLATES.get(key)
-    if entry is None or entry[0] is not result or entry[1] is not policy or entry[2] is not model:
-        verdict = _verdict_for(event, result, policy, model, cached, latency_ms, hits, source)
-        if len(_TEMPLATES) >= TEMPLATES_MAX:
-            _TEMPLATES.clear()
-        _TEMPLATES[key] = (result, policy, model, verdict.copy())
-        return verdict
-    verdict = entry[3].copy()  # the event's fields below are replaced in place: the keys keep their order
-    verdict["event_id"] = event.event_id
-    verdict["conversation_id"] = event.conversation_id
-    verdict["task"] = event.task.value
-    verdict["latency_ms"] = round(float(latency_ms), 3)
-    verdict["decided_at"] = utc_now_rfc3339()
-    verdict["dropped"] = {
-        "messages": event.dropped_messages,
-        "images": event.dropped_images,
-        "merged_messages": event.merged_messages,
-    }
-    if created_at is not None:
-        verdict["created_at"] = created_at
-    if tenant is not None:
-        verdict["tenant"] = tenant
-    if source is not None:
-        verdict["source"] = source.as_dict()
-    return verdict
-
-
-def _verdict_for(
-    event: ChatEvent,
-    result: Any,
-    policy: Any,
-    model: ModelInfo,
-    cached: bool,
-    latency_ms: float,
-    hits: tuple[BlocklistHit, ...],
-    source: SourceCoordinates | None,
-) -> dict[str, Any]:
+    key = None
+    if not hits:  # blocklist hits are the event's own: built afresh
+        key = (
+            id(result),
+            id(policy),
+            id(model),
+            cached,
+            event.created_at is None,
+            event.tenant is None,
+            source is None,
+        )
+        entry = _TEMPLATES.get(key)
+        if entry is not None and entry[0] is result and entry[1] is policy and entry[2] is model:
+            verdict = entry[3].copy()  # the event's fields are replaced in place: the keys keep their order
+            _fill_event(verdict, event, latency_ms)
+            if source is not None:
+                verdict["source"] = source.as_dict()
+            return verdict
     if result.halted:
         categories = list(
             {h.category: {"code": h.category, "name": h.name} for h in hits if h.action == "halt"}.values()
         )
     else:
         categories = policy.verdict_categories(result.codes)
-    return build_verdict(
+    verdict = build_verdict(
         event,
         unsafe=result.unsafe,
         score=result.score,
@@ -199,6 +189,11 @@ def _verdict_for(
         halted=result.halted,
         language=result.language,
     )
+    if key is not None:
+        if len(_TEMPLATES) >= TEMPLATES_MAX:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = (result, policy, model, verdict.copy())
+    return verdict
 
 
 def event_lag_seconds(created_at: str | None, now: float) -> float | None:
