@@ -359,10 +359,8 @@ class LocalConsumer:
             self._join()
         if self._pending_rebalance is not None:
             self._apply_rebalance()
-            if self._rejoin_at is not None:  # the join is under way: no records until the assignment
-                time.sleep(min(timeout_ms / 1000.0, IDLE_SLEEP_S))
-                return {}
-        budget = max_records or self.max_poll_records
+        # While a join is under way no records come, until the assignment.
+        budget = 0 if self._rejoin_at is not None else max_records or self.max_poll_records
         result: dict[TopicPartition, list[ConsumerRecord]] = {}
         for tp in sorted(self._assignment - self._paused):
             if budget <= 0:
