@@ -181,13 +181,16 @@ class BatchingSettings(Section):
     prepare_threads: int = Field(
         2, ge=1, le=64, description="threads for image fetch/decode and tokenization"
     )
-    prepare_processes: int = Field(
-        0,
+    prepare_processes: int | None = Field(
+        None,
         ge=0,
         le=64,
         description="processes that prepare image batches (decode, the model's image processor, tokenization) "
         "beside the worker process, so that work never holds the model thread's GIL; each loads the "
-        "processor only, never the weights; 0 = on the prepare_threads, in the worker process",
+        "processor only, never the weights; N = N processes, started with the worker; 0 = on the "
+        "prepare_threads, in the worker process; None = one process when a model reads images and the worker "
+        "has at least 2 usable cores, started in the background on the first image backlog (the threads "
+        "prepare until it is up)",
     )
     prepare_timeout_s: float = Field(
         120.0,

@@ -245,3 +245,85 @@ def test_a_childs_answer_for_part_of_a_batch_keeps_every_request_and_turns_rejec
     assert sorted(batch.errors) == [1, 2]
     assert batch.errors[1].kind.value == "prepare" and "could not be decoded" in str(batch.errors[1])
     assert str(batch.errors[2]) == "no"
+
+
+def test_unset_prepare_processes_plans_one_process_only_for_a_model_that_reads_images_on_two_cores():
+    from types import SimpleNamespace
+
+    from worker.moderation.image_preparation import planned_processes
+
+    vision = SimpleNamespace(engines={"vision": SimpleNamespace(supports_images=True)})
+    text = SimpleNamespace(engines={"text": SimpleNamespace(supports_images=False)})
+    unset = load_settings(None)
+    assert unset.batching.prepare_processes is None
+    assert planned_processes(unset, vision, cores=2) == 1
+    assert planned_processes(unset, vision, cores=16) == 1
+    assert planned_processes(unset, vision, cores=1) == 0  # no core of its own beside the model
+    assert planned_processes(unset, text, cores=16) == 0  # nothing to prepare
+    assert planned_processes(load_settings(None, batching__prepare_processes=3), vision, cores=1) == 3
+    assert planned_processes(load_settings(None, batching__prepare_processes=0), vision, cores=16) == 0
+    assert planned_processes(load_settings(None, batching__prepare_processes=2), text, cores=16) == 0
+
+
+def test_unset_prepare_processes_starts_a_process_on_the_first_image_backlog_and_prepares_there_once_it_is_up(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    import worker.engine.threads
+
+    monkeypatch.setattr(worker.engine.threads, "usable_cores", lambda: 2)  # the plan on any runner
+    settings = make_settings(**engine_settings_overrides, redis__enabled=False, batching__max_size=8)
+    assert settings.batching.prepare_processes is None
+    trickle, backlog, after = (
+        image_events(3, seed=21, prefix="trickle"),
+        image_events(24, seed=22, prefix="backlog"),
+        image_events(16, seed=23, prefix="after"),
+    )
+    worker = WorkerThread(settings, guard_engine).start()
+    try:
+        produce(settings, [(r["conversation_id"].encode(), orjson.dumps(r)) for r in trickle])
+        wait_for(lambda: fully_committed(worker.pipeline, 3), timeout_s=120, what="trickle", workers=[worker])
+        preparation = worker.pipeline.image_preparation
+        assert preparation is not None
+        assert preparation.pids == [] and not preparation.ready  # a few images: no process started
+        produce(settings, [(r["conversation_id"].encode(), orjson.dumps(r)) for r in backlog])
+        # Full image batches: the process starts in the background; the threads answer meanwhile.
+        wait_for(lambda: preparation.ready, timeout_s=180, what="preparation process up", workers=[worker])
+        children = preparation.pids
+        assert len(children) == 1
+        wait_for(
+            lambda: fully_committed(worker.pipeline, 27), timeout_s=120, what="backlog", workers=[worker]
+        )
+        before = preparation.prepared_batches
+        produce(settings, [(r["conversation_id"].encode(), orjson.dumps(r)) for r in after])
+        wait_for(lambda: fully_committed(worker.pipeline, 43), timeout_s=120, what="after", workers=[worker])
+        assert preparation.prepared_batches > before  # the process prepares, now that it is up
+        assert preparation.restarts == 0
+    finally:
+        worker.stop()
+    assert not any(psutil.pid_exists(pid) for pid in children)  # closed with the pipeline
+    verdicts = read_json(settings, settings.topics.verdicts)
+    assert read_json(settings, settings.topics.dlq) == []
+    assert sorted(v["event_id"] for v in verdicts) == sorted(r["event_id"] for r in trickle + backlog + after)
+    for v in verdicts:
+        validate_verdict(v)
+    assert committed_offsets(settings, settings.topics.events) == end_offsets(
+        settings, settings.topics.events
+    )
+
+
+def test_a_preparation_process_still_starting_is_killed_when_the_worker_stops(
+    guard_engine, engine_settings_overrides
+):
+    settings = load_settings(None, **engine_settings_overrides)
+    preparation = ImagePreparation(
+        settings, ModelRegistry.of(guard_engine, settings), processes=1, start=False
+    )
+    assert preparation.pids == [] and not preparation.ready
+    preparation.start()
+    wait_for(lambda: preparation.pids, timeout_s=30, what="the child spawned")
+    children = preparation.pids
+    started = time.monotonic()
+    preparation.close()  # long before its imports are done
+    assert time.monotonic() - started < 5.0
+    assert not any(psutil.pid_exists(pid) for pid in children)
+    assert not preparation.ready

@@ -9,6 +9,14 @@ or Ray's threads). Each child loads the checkpoint's processor only (``load_proc
 and builds a preparer from the engine's ``PreparationSpec``, so its tensors are exactly the engine's. Tensors
 come back through torch's ``multiprocessing`` reductions (shared memory, not copied through the pipe).
 
+When they start: with ``batching.prepare_processes: N`` the N children start with the worker, before its first
+poll. Unset (the default), a worker whose models read images on a host with at least two usable cores gets
+one child (``planned_processes``), started in the background on the first image backlog (a full image batch
+to prepare) and used once it is up: until then, and for a worker that never sees such a backlog, batches are
+prepared on the preparation threads, so a quiet worker or a short test never pays the child's start (torch
+and transformers imports, the processor: ≈8 s on two cores). A child that cannot start then is logged and
+the threads go on preparing.
+
 Faults: a child that dies (a crash in a native decoder, ``os._exit``) breaks its pool; the pool is replaced
 and the batch tried once more on the new one (a batch of a neighbour's crash is innocent). A batch that fails
 again, or does not come back within ``batching.prepare_timeout_s`` (a hung child: the pool is killed and
@@ -43,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+AUTO_MIN_CORES = 2  # unset prepare_processes: a child only where it gets a core of its own beside the model
 WAIT_STEP_S = 0.005  # while waiting on a child, call the caller's ``while_waiting`` this often
 STOP_TIMEOUT_S = 10.0  # a child that does not exit this long after close is killed
 
@@ -146,10 +155,25 @@ class _BrokenError(Exception):
         self.shared = shared
 
 
+def planned_processes(settings: Settings, models: ModelRegistry, cores: int | None = None) -> int:
+    """How many preparation processes a worker of ``models`` runs: ``batching.prepare_processes`` when set;
+    unset, one where a model reads images and the worker has ``AUTO_MIN_CORES`` usable cores, else none."""
+    configured = settings.batching.prepare_processes
+    if not any(getattr(engine, "supports_images", False) for engine in models.engines.values()):
+        return 0
+    if configured is not None:
+        return configured
+    from worker.engine.threads import usable_cores
+
+    return 1 if (cores if cores is not None else usable_cores()) >= AUTO_MIN_CORES else 0
+
+
 class ImagePreparation:
     """``prepare(model, items)`` in child processes, restarted when one dies or hangs (see the module docstring).
 
-    ``before_item`` runs in the child before each item is decoded (a test hook: a picklable callable).
+    ``start``: start the children now (else on ``start()``); ``processes`` defaults to
+    ``batching.prepare_processes``. ``before_item`` runs in the child before each item is decoded (a test
+    hook: a picklable callable).
     """
 
     def __init__(
@@ -157,9 +181,11 @@ class ImagePreparation:
         settings: Settings,
         models: ModelRegistry,
         *,
+        processes: int | None = None,
+        start: bool = True,
         before_item: Callable[[ImageItem], None] | None = None,
     ) -> None:
-        self._processes = settings.batching.prepare_processes
+        self._processes = processes if processes is not None else (settings.batching.prepare_processes or 0)
         if self._processes < 1:
             raise ValueError("image preparation in processes needs batching.prepare_processes >= 1")
         self.timeout_s = settings.batching.prepare_timeout_s
@@ -172,13 +198,58 @@ class ImagePreparation:
         self._before_item = before_item
         self._lock = threading.Lock()
         self._closed = False
+        self._up = False  # the first children have started: batches go to them from now on
+        self._failed = False  # the first children could not start: batches stay on the threads
         self.restarts = 0
-        self._pool = self._new_pool()
+        self.prepared_batches = 0  # batches the children prepared (a pool thread counts them)
+        self._pool: _Pool | None = self._new_pool() if start else None
+
+    def start(self) -> None:
+        """Start the children in the background, if not started yet (any thread; returns at once)."""
+        if self._pool is not None or self._closed:
+            return
+        with self._lock:
+            if self._pool is None and not self._closed:
+                log.info(
+                    "image preparation processes starting",
+                    extra={"stage": "prepare", "processes": self._processes},
+                )
+                self._pool = self._new_pool()
+
+    @property
+    def ready(self) -> bool:
+        """Whether batches go to the children: the first ones have started (never blocks)."""
+        if self._up or self._failed or self._closed:
+            return self._up and not self._closed
+        pool = self._pool
+        if pool is None or not all(started.done() for started in pool.starting):
+            return False
+        failure = next((s.exception() for s in pool.starting if s.exception() is not None), None)
+        if failure is not None:
+            self._failed = True
+            log.error(
+                "image preparation processes could not start (%s: %s); the preparation threads prepare images",
+                type(failure).__name__,
+                failure,
+                extra={"stage": "prepare"},
+            )
+            with self._lock:
+                _stop(pool.executor, kill=True)
+            return False
+        self._up = True
+        log.info(
+            "image preparation processes ready", extra={"stage": "prepare", "processes": self._processes}
+        )
+        return True
 
     def wait_started(self) -> None:
-        """Block until the children are up (processor loaded); raises if one could not start."""
+        """Start the children if not started, and block until they are up (processor loaded); raises if one
+        could not start."""
+        self.start()
+        assert self._pool is not None
         for started in self._pool.starting:
             started.result()
+        self._up = True
 
     def handles(self, model: str) -> bool:
         """Whether batches of ``model`` are prepared here (models that read images)."""
@@ -187,7 +258,8 @@ class ImagePreparation:
     @property
     def pids(self) -> list[int]:
         """The child processes' ids (started ones)."""
-        return [p.pid for p in _workers(self._pool.executor) if p.pid is not None]
+        pool = self._pool
+        return [p.pid for p in _workers(pool.executor) if p.pid is not None] if pool is not None else []
 
     def _new_pool(self) -> _Pool:
         executor = cf.ProcessPoolExecutor(
@@ -244,7 +316,9 @@ class ImagePreparation:
     def _attempt(
         self, model: str, items: list[ImageItem], while_waiting: Callable[[], None] | None
     ) -> ChildPrepared:
+        self.start()
         pool = self._pool
+        assert pool is not None
         try:
             for started in pool.starting:
                 _wait(started, None, while_waiting)
@@ -268,13 +342,15 @@ class ImagePreparation:
                 f"image preparation did not finish within batching.prepare_timeout_s={self.timeout_s:g}",
                 kind=ErrorKind.PREPARE,
             )
+        self.prepared_batches += 1
         return result
 
     def close(self) -> None:
         """Stop the children (waiting batches are cancelled; a child that does not exit is killed)."""
         with self._lock:
             self._closed = True
-            _stop(self._pool.executor, kill=False)
+            if self._pool is not None:  # children still starting are killed: their start is of no use now
+                _stop(self._pool.executor, kill=not self._up)
 
 
 def _wait(future: cf.Future[Any], deadline: float | None, while_waiting: Callable[[], None] | None) -> Any:
@@ -323,4 +399,4 @@ def as_batch(requests: Sequence[Any], prepared: ChildPrepared, mode: str, has_im
     return batch
 
 
-__all__ = ["ChildPrepared", "ImageItem", "ImagePreparation", "as_batch"]
+__all__ = ["ChildPrepared", "ImageItem", "ImagePreparation", "as_batch", "planned_processes"]

@@ -6,8 +6,9 @@ routine, ``probe``, ``store``); this module decides *when* they run on the strea
 - batching by model and modality, up to ``batching.max_size`` or ``max_wait_ms`` (``MicroBatcher``); an
   event whose content is already being classified joins that entry instead of running twice;
 - preparation (image decode, language, ``engine.prepare``: tiling, tokenization) on the thread pool, at most
-  ``PREPARE_AHEAD`` batches ahead, so the next batch is ready when the model finishes this one; with
-  ``batching.prepare_processes`` an image batch's decode and ``engine.prepare`` run in a preparation process
+  ``PREPARE_AHEAD`` batches ahead, so the next batch is ready when the model finishes this one; once the
+  preparation processes are up (``batching.prepare_processes``; unset, they are started by the first full
+  image batch) an image batch's decode and ``engine.prepare`` run in a preparation process
   (``worker.moderation.image_preparation``) while the pool thread waits, so they never hold the model thread's
   GIL; a batch that fails there is isolated through the same processes (``run_isolated``'s ``prepare``);
 - the forward pass on the model thread while the loop thread keeps applying acks (``while_waiting``):
@@ -207,7 +208,16 @@ class Classify:
         """CPU preparation of one batch: decode images, the request and its language, ``engine.prepare``."""
         moderator = self._moderator
         work = PreparedWork(batch.model, batch.modality)
-        preparation = self._preparation_for(batch.model, [entry.leader.keyed for entry in batch.entries])
+        leaders = [entry.leader.keyed for entry in batch.entries]
+        preparation = self._preparation_for(batch.model, leaders)
+        if (
+            preparation is None
+            and self._preparation is not None
+            and len(leaders) >= self._moderator.settings.batching.max_size
+            and self._preparation.handles(batch.model)
+            and any(k.images for k in leaders)
+        ):
+            self._preparation.start()  # an image backlog: the processes take over once they are up
         if preparation is not None:
             with metrics.observe_stage("prepare"):
                 self._prepare_in_process(preparation, batch, work)
@@ -232,7 +242,12 @@ class Classify:
     def _preparation_for(self, model: str, keyed: Sequence[Keyed]) -> ImagePreparation | None:
         """The preparation processes, for a batch of ``keyed`` that has images of a model that reads them."""
         preparation = self._preparation
-        if preparation is not None and preparation.handles(model) and any(k.images for k in keyed):
+        if (
+            preparation is not None
+            and preparation.handles(model)
+            and any(k.images for k in keyed)
+            and preparation.ready
+        ):
             return preparation
         return None
 

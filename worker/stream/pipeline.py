@@ -45,7 +45,7 @@ from worker.cache.published import PublishedMarkers
 from worker.cache.redis_cache import VerdictCache
 from worker.config import Settings
 from worker.engine.registry import ModelRegistry
-from worker.moderation.image_preparation import ImagePreparation
+from worker.moderation.image_preparation import ImagePreparation, planned_processes
 from worker.moderation.moderator import Moderator
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
@@ -358,10 +358,13 @@ class StreamPipeline:
             self.settings.batching.prepare_threads, thread_name_prefix=f"{self.worker_name}-prep"
         )
         self._model_thread = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{self.worker_name}-model")
-        if self.image_preparation is None and self.settings.batching.prepare_processes > 0:
-            if any(getattr(e, "supports_images", False) for e in models.engines.values()):
-                self.image_preparation = ImagePreparation(self.settings, models)
-        if self.image_preparation is not None:
+        configured = self.settings.batching.prepare_processes is not None
+        if self.image_preparation is None and (processes := planned_processes(self.settings, models)):
+            # Unset: started on the first image backlog (see the module of ImagePreparation).
+            self.image_preparation = ImagePreparation(
+                self.settings, models, processes=processes, start=configured
+            )
+        if self.image_preparation is not None and configured:
             # Up before the first poll, as the models are: the first image batch must not wait on a start.
             self.image_preparation.wait_started()
         self.checkpoint = Checkpoint(self.consumer, settle=self._settle)
