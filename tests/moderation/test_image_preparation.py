@@ -327,3 +327,60 @@ def test_a_preparation_process_still_starting_is_killed_when_the_worker_stops(
     assert time.monotonic() - started < 5.0
     assert not any(psutil.pid_exists(pid) for pid in children)
     assert not preparation.ready
+
+
+PARENT_SCRIPT = """
+import sys
+from worker.config import load_settings
+from worker.engine.engine import GuardEngine
+from worker.engine.registry import ModelRegistry
+from worker.moderation.image_preparation import ImagePreparation
+
+if __name__ == "__main__":
+    settings = load_settings(None, model__path=sys.argv[1], model__device="cpu")
+    engine = GuardEngine.from_settings(settings)
+    preparation = ImagePreparation(settings, ModelRegistry.of(engine, settings), processes=1)
+    preparation.wait_started()
+    print(" ".join(map(str, preparation.pids)), flush=True)
+    sys.stdin.read()  # until killed
+"""
+
+
+def test_a_preparation_process_exits_when_its_worker_is_killed_outright(tmp_path, tiny_model_dir):
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_model_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    try:
+        line = parent.stdout.readline()  # the child is up
+        children = [int(pid) for pid in line.split()]
+        assert len(children) == 1, line
+        assert psutil.pid_exists(children[0])
+        parent.send_signal(signal.SIGKILL)  # no shutdown, no atexit: the pool is never told
+        parent.wait(30)
+        wait_for(
+            lambda: (
+                not any(
+                    psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                    for pid in children
+                )
+            ),
+            timeout_s=30,
+            what="the orphaned preparation process exited",
+        )
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in children if "children" in locals() else []:
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()

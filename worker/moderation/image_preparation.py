@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUTO_MIN_CORES = 2  # unset prepare_processes: a child only where it gets a core of its own beside the model
+PARENT_CHECK_S = 1.0  # a child checks this often whether its worker is still there
 WAIT_STEP_S = 0.005  # while waiting on a child, call the caller's ``while_waiting`` this often
 STOP_TIMEOUT_S = 10.0  # a child that does not exit this long after close is killed
 
@@ -87,8 +89,10 @@ def _start_child(
     specs: dict[str, PreparationSpec],
     limits: Any,
     before_item: Callable[[ImageItem], None] | None,
+    parent: int,
 ) -> None:
     """Child initializer: one torch thread (the parent's model has the rest), the processors, no weights."""
+    _exit_with_parent(parent)
     import torch
 
     from worker.engine.engine import GuardEngine
@@ -100,6 +104,19 @@ def _start_child(
     }
     _CHILD["limits"] = limits
     _CHILD["before_item"] = before_item
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this child when its worker is gone. A worker killed outright (SIGKILL, OOM) never shuts its pool
+    down, and the child would wait on the pool's queue forever: it holds that queue's write end itself, so
+    it never reads end-of-file. Its parent id changes when it is re-parented."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _started() -> bool:
@@ -266,7 +283,7 @@ class ImagePreparation:
             self._processes,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_child,
-            initargs=(self._specs, self._limits, self._before_item),
+            initargs=(self._specs, self._limits, self._before_item, os.getpid()),
         )
         # Start the children now (a few seconds each: torch, transformers, the processor), not on the first
         # batch; a batch's timeout counts from when they are up.
