@@ -182,3 +182,36 @@ def test_parse_exposition_keys_samples_by_sorted_labels() -> None:
         "y 5\n"
     )
     assert metric_reader.parse_exposition(text) == {'x_total{a="1",b="2"}': 3.0, "y": 5.0}
+
+
+def test_observe_many_counts_exactly_what_observing_one_by_one_counts() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    def samples(histogram: Histogram) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name, s.labels, s.value)
+            for family in histogram.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+
+    values = [0.0, 0.001, 0.0049, 0.005, 0.0051, 0.25, 1.0, 7.5, 10.0, 59.9, 1e9, 0.1, 0.1]
+    buckets = (0.001, 0.005, 0.1, 1.0, 10.0, 60.0)
+    one, many = (
+        Histogram("h", "h", buckets=buckets, registry=CollectorRegistry()),
+        Histogram("h", "h", buckets=buckets, registry=CollectorRegistry()),
+    )
+    for value in values:
+        one.observe(value)
+    metrics.observe_many(many, values)
+    metrics.observe_many(many, [])
+    assert samples(many) == samples(one)
+    # Boundaries: a value equal to a bound falls in that bound's bucket (le), as observe() puts it.
+    assert dict((s[1].get("le"), s[2]) for s in samples(many) if s[0] == "h_bucket")["0.005"] == 4
+    # A child of a labelled histogram, and the real metrics the stream feeds.
+    labelled = Histogram("l", "l", ["model"], buckets=buckets, registry=CollectorRegistry())
+    metrics.observe_many(labelled.labels(model="m"), values)
+    assert [s[2] for s in samples(labelled) if s[0] == "l_count"] == [len(values)]
+    before = metric_reader.scrape_values().get("mw_end_to_end_seconds_count", 0.0)
+    metrics.observe_many(metrics.END_TO_END_SECONDS, [0.2, 0.3])
+    assert metric_reader.scrape_values()["mw_end_to_end_seconds_count"] == before + 2

@@ -18,6 +18,7 @@ first scrape, not only after the first increment.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final
@@ -334,6 +335,31 @@ def observe_stage(stage: str) -> Iterator[None]:
         yield
     finally:
         child.observe(time.perf_counter() - start)
+
+
+def observe_many(histogram: Histogram, values: list[float]) -> None:
+    """``histogram.observe(v)`` for every value, in one pass: one add to the sum and one per bucket touched.
+
+    ``observe`` takes a lock per value for the sum and one for the bucket; per event on the loop thread that
+    was ≈ 8% of its time on the cache-hit path. The buckets are prometheus_client's own (an unlabelled
+    histogram, or one child of a labelled one); without them (another client version) it observes one by one.
+    """
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe() picks (+Inf last)
+    total.inc(sum(values))
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 def record_padding(model: str, modality: str, padding: int, computed: int) -> None:

@@ -214,12 +214,8 @@ class Intake:
             count_verdict(hits, halted, False)
         if result.review:
             metrics.REVIEW_BAND.inc(result.review)
-        observe = metrics.END_TO_END_SECONDS.observe
-        for seconds in result.end_to_end_s:
-            observe(seconds)
-        observe = metrics.EVENT_LAG_SECONDS.observe
-        for seconds in result.event_lag_s:
-            observe(seconds)
+        metrics.observe_many(metrics.END_TO_END_SECONDS, result.end_to_end_s)
+        metrics.observe_many(metrics.EVENT_LAG_SECONDS, result.event_lag_s)
 
     def _route(self, consumed: Consumed, accepted: Accepted) -> None:
         decoded = decode_event(consumed.raw, self._settings)  # never raises: bad input is a Rejection

@@ -134,6 +134,8 @@ class Outputs:
         """Complete acknowledged events (and write their markers); schedule failed ones again."""
         now = time.time()
         acked = []
+        ages: list[float] = []
+        lags: list[float] = []
         for outcome, error in self.publisher.drain_acks():
             record = outcome.record
             if self._checkpoint.is_stale(record):
@@ -149,11 +151,13 @@ class Outputs:
                 acked.append((record.tp, record.offset, record.digest))
                 age = record_age_seconds(record.timestamp_ms, now)
                 if age is not None:
-                    metrics.END_TO_END_SECONDS.observe(age)
+                    ages.append(age)
                 if outcome.created_at is not None:
                     lag = event_lag_seconds(outcome.created_at, now)
                     if lag is not None:
-                        metrics.EVENT_LAG_SECONDS.observe(lag)
+                        lags.append(lag)
+        metrics.observe_many(metrics.END_TO_END_SECONDS, ages)
+        metrics.observe_many(metrics.EVENT_LAG_SECONDS, lags)
         if acked and self._markers.enabled:
             with metrics.observe_stage("cache"):
                 self._markers.mark(acked)
