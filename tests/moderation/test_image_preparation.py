@@ -285,11 +285,18 @@ def test_unset_prepare_processes_starts_a_process_on_the_first_image_backlog_and
         preparation = worker.pipeline.image_preparation
         assert preparation is not None
         assert preparation.pids == [] and not preparation.ready  # a few images: no process started
+        assert worker.pipeline.status().as_dict()["preparation_processes"] == 0
         produce(settings, [(r["conversation_id"].encode(), orjson.dumps(r)) for r in backlog])
         # Full image batches: the process starts in the background; the threads answer meanwhile.
         wait_for(lambda: preparation.ready, timeout_s=180, what="preparation process up", workers=[worker])
         children = preparation.pids
         assert len(children) == 1
+        wait_for(
+            lambda: worker.pipeline.status().as_dict()["preparation_processes"] == 1,
+            timeout_s=30,
+            what="the status reports the process",
+            workers=[worker],
+        )
         wait_for(
             lambda: fully_committed(worker.pipeline, 27), timeout_s=120, what="backlog", workers=[worker]
         )

@@ -34,6 +34,7 @@ AGREED_METRICS = {
     "mw_event_lag_seconds": ("histogram", set()),
     "mw_worker_ready": ("gauge", set()),
     "mw_intake_processes": ("gauge", set()),
+    "mw_preparation_processes": ("gauge", set()),
     "mw_intake_process_answers_total": ("counter", set()),
     "mw_ray_workers_alive": ("gauge", set()),
     # Flagged events once per event (mw_verdicts_total counts an unsafe verdict once per category).

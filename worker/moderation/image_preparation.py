@@ -259,6 +259,11 @@ class ImagePreparation:
         )
         return True
 
+    @property
+    def ready_processes(self) -> int:
+        """How many children batches go to: all of them once the first ones are up, else 0 (never blocks)."""
+        return self._processes if self.ready else 0
+
     def wait_started(self) -> None:
         """Start the children if not started, and block until they are up (processor loaded); raises if one
         could not start."""

@@ -221,6 +221,12 @@ INTAKE_PROCESSES = Gauge(
     namespace=NAMESPACE,
     registry=REGISTRY,
 )
+PREPARATION_PROCESSES = Gauge(
+    "preparation_processes",
+    "Image preparation processes ready (batching.prepare_processes; unset: 0 until the first image backlog).",
+    namespace=NAMESPACE,
+    registry=REGISTRY,
+)
 INTAKE_PROCESS_ANSWERS = Counter(
     "intake_process_answers_total",
     "Events an intake process answered (a cache hit or a halting blocklist) and published the verdict of "

@@ -293,9 +293,13 @@ class StreamPipeline:
             all_committed=tracker.all_committed(),
             outage=self._guard.status(),
             intake_processes=self._intake_pool.ready_processes,
+            preparation_processes=(
+                self.image_preparation.ready_processes if self.image_preparation is not None else 0
+            ),
         )
         metrics.IN_FLIGHT_EVENTS.set(self._snapshot.in_flight)
         metrics.INTAKE_PROCESSES.set(self._snapshot.intake_processes)
+        metrics.PREPARATION_PROCESSES.set(self._snapshot.preparation_processes)
         metrics.WORKER_READY.set(1 if self.ready else 0)
         self.partitions.update_lag(self.intake.positions)
 

@@ -26,6 +26,7 @@ class PipelineStatus:
     )
     counters: dict[str, int] = field(default_factory=dict)
     intake_processes: int = 0  # intake processes ready (started on the first burst of records)
+    preparation_processes: int = 0  # image preparation processes ready (batching.prepare_processes)
 
     @property
     def reason(self) -> str | None:
@@ -55,6 +56,7 @@ class PipelineStatus:
             "outage": self.outage,
             "counters": dict(self.counters),
             "intake_processes": self.intake_processes,
+            "preparation_processes": self.preparation_processes,
         }
         if self.reason is not None:
             body["reason"] = self.reason
