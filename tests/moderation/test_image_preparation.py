@@ -268,9 +268,11 @@ def test_unset_prepare_processes_plans_one_process_only_for_a_model_that_reads_i
 def test_unset_prepare_processes_starts_a_process_on_the_first_image_backlog_and_prepares_there_once_it_is_up(
     make_settings, engine_settings_overrides, guard_engine, monkeypatch
 ):
-    import worker.engine.threads
+    import worker.moderation.image_preparation
 
-    monkeypatch.setattr(worker.engine.threads, "usable_cores", lambda: 2)  # the plan on any runner
+    monkeypatch.setattr(
+        worker.moderation.image_preparation, "usable_cores", lambda: 2
+    )  # the plan on any runner
     settings = make_settings(**engine_settings_overrides, redis__enabled=False, batching__max_size=8)
     assert settings.batching.prepare_processes is None
     trickle, backlog, after = (

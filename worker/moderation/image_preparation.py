@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
+from worker.engine.threads import usable_cores
 from worker.engine.types import EngineError, ErrorKind
 
 if TYPE_CHECKING:
@@ -180,8 +181,6 @@ def planned_processes(settings: Settings, models: ModelRegistry, cores: int | No
         return 0
     if configured is not None:
         return configured
-    from worker.engine.threads import usable_cores
-
     return 1 if (cores if cores is not None else usable_cores()) >= AUTO_MIN_CORES else 0
 
 

@@ -208,16 +208,7 @@ class Classify:
         """CPU preparation of one batch: decode images, the request and its language, ``engine.prepare``."""
         moderator = self._moderator
         work = PreparedWork(batch.model, batch.modality)
-        leaders = [entry.leader.keyed for entry in batch.entries]
-        preparation = self._preparation_for(batch.model, leaders)
-        if (
-            preparation is None
-            and self._preparation is not None
-            and len(leaders) >= self._moderator.settings.batching.max_size
-            and self._preparation.handles(batch.model)
-            and any(k.images for k in leaders)
-        ):
-            self._preparation.start()  # an image backlog: the processes take over once they are up
+        preparation = self._preparation_for(batch.model, [entry.leader.keyed for entry in batch.entries])
         if preparation is not None:
             with metrics.observe_stage("prepare"):
                 self._prepare_in_process(preparation, batch, work)
@@ -240,15 +231,15 @@ class Classify:
         return work
 
     def _preparation_for(self, model: str, keyed: Sequence[Keyed]) -> ImagePreparation | None:
-        """The preparation processes, for a batch of ``keyed`` that has images of a model that reads them."""
+        """The preparation processes, for a batch of ``keyed`` that has images of a model that reads them, once
+        they are up; a full such batch (an image backlog) starts them if they are not started yet."""
         preparation = self._preparation
-        if (
-            preparation is not None
-            and preparation.handles(model)
-            and any(k.images for k in keyed)
-            and preparation.ready
-        ):
+        if preparation is None or not preparation.handles(model) or not any(k.images for k in keyed):
+            return None
+        if preparation.ready:
             return preparation
+        if len(keyed) >= self._moderator.settings.batching.max_size:
+            preparation.start()  # the processes take over once they are up
         return None
 
     def _prepare_in_process(
