@@ -134,6 +134,35 @@ def test_backpressure_pauses_above_the_bound_and_resumes_below_the_low_mark(stre
     assert len(s.verdicts()) == 20
 
 
+def test_a_consumer_whose_pause_drops_its_prefetch_holds_back_first_and_pauses_only_when_that_lasts(
+    stream, monkeypatch
+):
+    from worker.stream import partitions
+
+    monkeypatch.setattr(partitions, "HOLD_BACK_S", 3600.0)  # a hold that never lasts too long, first
+    s = stream(max_poll_records=3, purges_on_pause=True, batching__max_in_flight=4, batching__resume_below=2)
+    s.broker.hold_acks()
+    s.send([chat_event(i) for i in range(20)])
+    s.turn_until(lambda: s.pipeline.partitions.holding, "holding back")
+    consumed = s.pipeline.counters["consumed"]
+    s.turn(10)
+    assert s.pipeline.counters["consumed"] == consumed, "nothing is taken while holding back"
+    assert not s.consumer.paused(), "nothing paused: the prefetch is kept"
+    assert s.pipeline.status().paused == len(s.consumer.assignment()), "held partitions are reported paused"
+    s.broker.release_acks()
+    s.turn_until(lambda: not s.pipeline.partitions.holding, "taking records again below the low mark")
+    assert not s.consumer.paused()
+    s.broker.hold_acks()
+    s.turn_until(lambda: s.pipeline.partitions.holding, "holding back again")
+    monkeypatch.setattr(partitions, "HOLD_BACK_S", 0.0)  # the hold lasts too long: pause after all
+    s.turn_until(lambda: bool(s.consumer.paused()), "paused")
+    assert not s.pipeline.partitions.holding
+    s.broker.release_acks()
+    s.turn_until(lambda: s.broker.release_acks() >= 0 and s.all_committed(), "all committed")
+    assert not s.consumer.paused() and not s.pipeline.partitions.holding
+    assert sorted(v["event_id"] for v in s.verdicts()) == sorted(f"ev-{i}" for i in range(20))
+
+
 def test_a_partition_kept_across_an_eager_rebalance_keeps_its_work_and_a_revoked_one_is_dropped(stream):
     s = stream()
     s.turn()  # join: both partitions

@@ -485,9 +485,11 @@ class LocalClients:
     max_poll_records: int = 500
     made: list[Any] = field(default_factory=list)
     in_processes: bool = False  # these clients live in this process: intake stays on the loop thread
+    purges_on_pause: bool = False  # the consumer says a pause drops its prefetch (as confluent-kafka's does)
 
     def consumer(self, settings: Any) -> LocalConsumer:
         consumer = self.broker.consumer(self.group, max_poll_records=self.max_poll_records)
+        consumer.purges_on_pause = self.purges_on_pause
         self.made.append(consumer)
         return consumer
 

@@ -56,6 +56,7 @@ class LocalStream:
         cache: DictCache | None = None,
         name: str = "local",
         max_poll_records: int = 500,
+        purges_on_pause: bool = False,
         **overrides: Any,
     ) -> None:
         self.settings = local_settings(**overrides)
@@ -66,7 +67,9 @@ class LocalStream:
         self.engine = engine if engine is not None else FakeEngine(self.settings)
         self.cache = cache if cache is not None else DictCache()
         self.group = consumer_group_id(self.settings)
-        self.clients = LocalClients(self.broker, group=self.group, max_poll_records=max_poll_records)
+        self.clients = LocalClients(
+            self.broker, group=self.group, max_poll_records=max_poll_records, purges_on_pause=purges_on_pause
+        )
         self.pipeline = StreamPipeline(
             self.settings, self.engine, worker_name=name, cache=self.cache, clients=self.clients
         )

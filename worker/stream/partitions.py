@@ -5,7 +5,9 @@
   others until the new assignment (eager protocol); an assignment tracks new partitions and keeps the kept
   ones with their work; a lost membership forgets everything at once. See ``worker.stream.offsets``.
 - Backpressure: above ``batching.max_in_flight`` events in flight every assigned partition is paused; below
-  ``resume_below`` they resume. In an outage (or while draining) every partition stays paused.
+  ``resume_below`` they resume. In an outage (or while draining) every partition stays paused. On
+  confluent-kafka, whose pause drops the records it prefetched, the loop first holds back for up to
+  ``HOLD_BACK_S`` (it stops taking records) and pauses only when that was not enough.
 
 ``paused`` is what this consumer paused and the client still holds paused: kafka-python keeps the paused
 flag of a partition kept across a rebalance and clears it for one that left, so partitions that left are
@@ -29,6 +31,10 @@ from worker.stream.checkpoint import Checkpoint
 log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 1.0  # refresh the per-partition lag gauge this often
+# Longest the loop holds back (takes no records, pauses nothing) above the in-flight bound before it pauses, on a
+# client whose pause drops what it prefetched; far below max.poll.interval.ms, and rebalance callbacks (run inside
+# poll) wait at most this long.
+HOLD_BACK_S = 1.0
 
 
 class Partitions(ConsumerRebalanceListener):
@@ -50,6 +56,10 @@ class Partitions(ConsumerRebalanceListener):
         )
         self.assigned: set[TopicPartition] = set()
         self.paused: set[TopicPartition] = set()
+        # Holding back (see ``regulate``): the loop takes no records though nothing is paused.
+        self.holding = False
+        self._holding_since: float | None = None
+        self._purges_on_pause = bool(getattr(consumer, "purges_on_pause", False))
         self._last_lag = 0.0
 
     # -- rebalance callbacks -------------------------------------------------------------------------
@@ -117,10 +127,30 @@ class Partitions(ConsumerRebalanceListener):
         return assignment
 
     def regulate(self, *, hold: bool) -> None:
-        """Pause above the in-flight bound (or everything while ``hold``: an outage); resume below the low mark."""
+        """Pause above the in-flight bound (or everything while ``hold``: an outage); resume below the low mark.
+
+        On a client that drops its prefetched records on a pause (``purges_on_pause``: confluent-kafka, which
+        then takes 0.5–1 s to fetch them again on a tansu broker), the bound first only holds back: the loop
+        stops taking records (``holding``) for up to ``HOLD_BACK_S``, which a burst of in-flight work rarely
+        outlasts, and pauses only after that.
+        """
         assignment = self._sync()
         in_flight = self._checkpoint.tracker.in_flight()
-        if hold or in_flight > self._max_in_flight or (self.paused and in_flight > self._resume_below):
+        over = in_flight > self._max_in_flight or (
+            (self.paused or self.holding) and in_flight > self._resume_below
+        )
+        if over and not hold and not self.paused and self._purges_on_pause:
+            now = time.monotonic()
+            if self._holding_since is None:
+                self._holding_since = now
+            if now - self._holding_since < HOLD_BACK_S:
+                self.holding = True
+                metrics.PAUSED_PARTITIONS.set(len(assignment))
+                return
+        self.holding = False
+        if not over:
+            self._holding_since = None
+        if hold or over:
             newly = assignment - self.paused
             if newly:
                 self._consumer.pause(*newly)
@@ -139,6 +169,7 @@ class Partitions(ConsumerRebalanceListener):
 
     def pause_all(self) -> None:
         """Stop fetching (the drain): every assigned partition paused, whatever the in-flight count."""
+        self.holding = False  # the drain's polls serve the rebalance callbacks
         assignment = self._consumer.assignment()
         if assignment:
             self._consumer.pause(*assignment)

@@ -203,7 +203,7 @@ class StreamPipeline:
     def step(self, *, draining: bool = False) -> None:
         """One turn: poll → intake → lookup → classify → outputs → acks → checkpoint → pauses."""
         try:
-            accepted = self.intake.accept(self.consumer.poll(timeout_ms=self._poll_timeout_ms(draining)))
+            accepted = self.intake.accept(self._poll(draining))
             if self.checkpoint.tracker.rejoining and not (accepted.routed or accepted.rejected):
                 # An eager rebalance is under way (the client's join runs inside poll): the revoked partitions
                 # held until the new assignment may move to a member that starts at the revoke's commit, so
@@ -255,6 +255,15 @@ class StreamPipeline:
                 extra={"stage": "stop"},
             )
 
+    def _poll(self, draining: bool) -> dict[TopicPartition, list[Any]]:
+        """This turn's records: a poll, or none while the partitions hold back (``Partitions.regulate``)."""
+        timeout_ms = self._poll_timeout_ms(draining)
+        if self.partitions.holding:
+            if timeout_ms:
+                time.sleep(timeout_ms / 1000.0)  # what poll would have waited, taking nothing
+            return {}
+        return self.consumer.poll(timeout_ms=timeout_ms)
+
     def _poll_timeout_ms(self, draining: bool) -> int:
         if self.checkpoint.tracker.rejoining:  # nothing runs until the assignment: let poll wait for it
             return ACK_POLL_MS if self.outputs.awaiting_acks else REJOIN_POLL_MS
@@ -288,7 +297,8 @@ class StreamPipeline:
             ready=False,  # computed when asked
             model_loaded=self.engine is not None,
             assigned=tuple(sorted(f"{tp.topic}-{tp.partition}" for tp in self.partitions.assigned)),
-            paused=len(self.partitions.paused),
+            # Partitions held back (none taken, none paused: see ``Partitions.regulate``) count as paused.
+            paused=len(self.partitions.assigned) if self.partitions.holding else len(self.partitions.paused),
             in_flight=tracker.in_flight(),
             all_committed=tracker.all_committed(),
             outage=self._guard.status(),
