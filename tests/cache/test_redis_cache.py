@@ -30,7 +30,7 @@ def test_set_many_then_get_many_round_trips_with_ttl(services, make_settings):
         cache.close()
 
 
-def test_equal_entries_are_parsed_once_per_read(services, make_settings):
+def test_equal_entries_are_parsed_once_and_shared_across_reads(services, make_settings):
     settings = make_settings()
     settings.redis.key_prefix = "mw:test-shared:"
     cache = VerdictCache(settings.redis)
@@ -40,7 +40,10 @@ def test_equal_entries_are_parsed_once_per_read(services, make_settings):
         a, b, c, a_again = cache.get_many(["a", "b", "c", "a"])
         assert a == b == a_again == entry and c == {**entry, "score": 0.2}
         assert a is b is a_again and c is not a, "one dict per distinct entry"
-        assert cache.get_many(["a"])[0] is not a, "shared within one read only"
+        assert cache.get_many(["a"])[0] is a, "shared across reads too"
+        cache.set_many([("a", {**entry, "score": 0.3})])
+        changed = cache.get_many(["a"])[0]
+        assert changed == {**entry, "score": 0.3} and changed is not a, "a changed entry is parsed afresh"
     finally:
         cache.close()
 

@@ -23,6 +23,7 @@ from worker.contracts.decode import decode_event
 from worker.contracts.rejections import Reason, Rejection
 from worker.engine.types import EngineError, ErrorKind, GuardResult
 from worker.moderation.moderator import ELSEWHERE, Answer, Keyed, Moderator, Routed, engine_error_rejection
+from worker.stream.records import Encoder
 
 
 def png_data_url(color: tuple[int, int, int] = (200, 10, 10)) -> str:
@@ -194,6 +195,99 @@ def test_a_wave_of_repeats_shares_one_answer_and_its_verdicts_equal_ones_built_a
             validate_verdict(templated)
             del templated["decided_at"], afresh["decided_at"]
             assert list(templated.items()) == list(afresh.items()), "same keys, same order, same values"
+
+
+ENTRIES = {  # cache entries of each shape a verdict can take
+    "safe": {"unsafe": False, "score": 0.02, "codes": [], "dropped": []},
+    "unsafe, scores, dropped codes": {
+        "unsafe": True,
+        "score": 0.97,
+        "codes": ["S1", "S10"],
+        "dropped": ["S14"],
+        "category_scores": {"S1": 0.7, "S10": 0.2},
+    },
+    "review band, language": {
+        "unsafe": False,
+        "score": 0.4,
+        "codes": [],
+        "dropped": [],
+        "language": {"code": "fr", "confidence": 0.93, "model_optimized": False},
+    },
+    "halted": {"unsafe": True, "score": 1.0, "codes": ["S10"], "dropped": [], "halted": True},
+}
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=list(ENTRIES))
+def test_a_cache_hits_verdict_rendered_from_its_template_is_byte_for_byte_the_encoded_verdict(entry) -> None:
+    settings = Settings(policies={"default": {"threshold": 0.5, "review_threshold": 0.3}})
+    moderator = Moderator(fake_registry(settings), settings)
+    encoder = Encoder(settings.topics)
+    odd = 'quote " back\\slash \u2028 é 🙂 \x01'
+    shapes = []
+    for i in range(16):  # every combination of the optional fields, with awkward values
+        record = event("seen before" if i % 2 else "seen before, twice", i=i)
+        record["event_id"] = f"{odd} #{i}"
+        record["conversation_id"] = f"c-{odd}-{i}"
+        if i & 2:
+            record["created_at"] = "2026-12-01T10:00:00.123+01:00"
+        if i & 4:
+            record["tenant"] = f"tenant {odd}"
+        if i & 8:  # a dropped system message, a merged turn, and the assistant's reply judged
+            record["messages"] = [
+                {"role": "system", "content": "be nice"},
+                {"role": "user", "content": "one"},
+                {"role": "user", "content": "two"},
+                {"role": "assistant", "content": "three"},
+            ]
+        shapes.append(keyed_of(moderator, settings, record))
+    cache = DictCache()
+    for keyed in shapes:
+        cache.entries[keyed.key] = ENTRIES[entry]
+    answers = moderator.answers(cache, shapes)
+    assert all(a is not None and a.cached for a in answers)
+    decided = "2026-12-01T09:00:00.007Z"
+    for n, (keyed, answer) in enumerate(zip(shapes, answers, strict=True)):
+        for source in (None, SourceCoordinates("chat.events", 3, 10**12 + n)):
+            template = moderator.verdict_template(keyed, answer, source=source is not None)
+            assert template is not None
+            latency = 1.0 / 3 + n
+            output = encoder.templated(
+                template,
+                keyed.routed.event,
+                latency_ms=latency,
+                decided_at=orjson.dumps(decided),
+                source=source,
+            )
+            verdict = moderator.verdict(keyed, answer, latency_ms=latency, source=source, count=False)
+            verdict["decided_at"] = decided
+            expected = encoder.verdict(verdict)
+            assert output == expected, "topics, key, value and headers: byte for byte"
+            validate_verdict(orjson.loads(output.value))
+            assert template.review == bool(verdict.get("review"))
+            assert (template.decision, template.codes) == (
+                verdict["decision"],
+                tuple(c["code"] for c in verdict["categories"]),
+            )
+
+
+def test_verdicts_with_blocklist_hits_or_fresh_results_are_not_templated(settings, moderator) -> None:
+    blocked = keyed_of(moderator, settings, event("a forbiddenword here", policy="strict"))
+    plain = keyed_of(moderator, settings, event("hello"))
+    result = GuardResult(score=0.1, unsafe=False, codes=())
+    assert moderator.verdict_template(blocked, Answer(result, cached=True), source=True) is None
+    assert moderator.verdict_template(plain, Answer(result, cached=False), source=True) is None
+    assert moderator.verdict_template(plain, Answer(result, cached=True), source=True) is not None
+
+
+def test_equal_cache_entries_share_one_answer_across_reads(settings, moderator) -> None:
+    keyed = keyed_of(moderator, settings, event("seen before"))
+    cache = DictCache()
+    cache.entries[keyed.key] = {"unsafe": False, "score": 0.1, "codes": [], "dropped": []}
+    first = moderator.answers(cache, [keyed])[0]
+    assert moderator.answers(cache, [keyed])[0] is first, "the same entry: the same answer"
+    cache.entries[keyed.key] = {"unsafe": True, "score": 0.9, "codes": ["S1"], "dropped": []}
+    changed = moderator.answers(cache, [keyed])[0]
+    assert changed is not None and changed.result.unsafe, "a new entry is read afresh"
 
 
 def test_classify_isolates_a_poison_item_and_answers_the_rest(settings) -> None:

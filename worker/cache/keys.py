@@ -28,6 +28,8 @@ KEY_VERSION = 2  # bump when the encoding below changes, so old entries are neve
 # Keys of text-only conversations remembered per process (a wave repeats the same conversation; cleared when full).
 TEXT_KEYS_REMEMBERED = 4096
 _text_keys: dict[tuple[object, ...], str] = {}
+# The same keys by the identity of the model, policy and turns (each kept, so its id is not reused).
+_same_turns: dict[tuple[int, int, int], tuple[object, ModelInfo, Policy, str]] = {}
 
 
 def conversation_fingerprint(event: ChatEvent) -> list[list[object]]:
@@ -41,9 +43,15 @@ def cache_key(model: ModelInfo, policy: Policy, event: ChatEvent, image_hash: st
         raise ValueError("image_hash must be given exactly when the event carries an image")
     remembered = None
     if image_hash is None:  # everything the key reads (the task follows from the turns), hashable
+        # By the turns' identity first (decoding shares the turns of a remembered conversation: hashing and
+        # comparing them costs more than the rest of the lookup), then by their value.
+        same = _same_turns.get((id(model), id(policy), id(event.turns)))
+        if same is not None and same[0] is event.turns and same[1] is model and same[2] is policy:
+            return same[3]
         remembered = (model.id, model.revision, model.name, model.family, policy.hash, event.turns)
         key = _text_keys.get(remembered)
         if key is not None:
+            _remember_same(model, policy, event, key)
             return key
     material = [
         KEY_VERSION,
@@ -61,4 +69,11 @@ def cache_key(model: ModelInfo, policy: Policy, event: ChatEvent, image_hash: st
         if len(_text_keys) >= TEXT_KEYS_REMEMBERED:
             _text_keys.clear()
         _text_keys[remembered] = key
+        _remember_same(model, policy, event, key)
     return key
+
+
+def _remember_same(model: ModelInfo, policy: Policy, event: ChatEvent, key: str) -> None:
+    if len(_same_turns) >= TEXT_KEYS_REMEMBERED:
+        _same_turns.clear()
+    _same_turns[(id(model), id(policy), id(event.turns))] = (event.turns, model, policy, key)

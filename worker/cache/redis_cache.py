@@ -37,6 +37,7 @@ end
 return #KEYS
 """
 SET_MANY_CHUNK = 512  # keys per script call: keeps each call short on the server
+PARSED_MAX = 4096  # distinct entries whose parsed value is kept between reads (cleared when full)
 
 
 class VerdictCache:
@@ -52,6 +53,7 @@ class VerdictCache:
         self._next_attempt = 0.0
         self._outage_logged = False
         self.available = False
+        self._parsed: dict[bytes, dict[str, Any] | None] = {}  # entry bytes -> the shared parsed value
         if self.enabled:
             self._client = redis.Redis.from_url(
                 settings.url,
@@ -105,8 +107,9 @@ class VerdictCache:
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
         """Cached values for ``keys`` (None for a miss) with one MGET; all None when Redis is down.
 
-        Equal entries are parsed once and share one dict (a wave of repeats reads the same entry hundreds of
-        times in one call): callers read the values, never change them.
+        Equal entries are parsed once and share one dict, within a call and across calls (up to ``PARSED_MAX``
+        distinct entries are remembered): a wave of repeats reads the same entry hundreds of times in one call,
+        and in every call after. Callers read the values, never change them.
         """
         if not keys:
             return []
@@ -116,7 +119,9 @@ class VerdictCache:
                 metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
             return [None] * len(keys)
         values: list[dict[str, Any] | None] = []
-        parsed: dict[bytes, dict[str, Any] | None] = {}
+        parsed = self._parsed
+        if len(parsed) >= PARSED_MAX:
+            parsed.clear()
         for blob in raw:
             if blob is None:
                 values.append(None)

@@ -28,7 +28,7 @@ from worker.cache.keys import cache_key
 from worker.contracts.dead_letters import SourceCoordinates
 from worker.contracts.events import ChatEvent, Turn
 from worker.contracts.rejections import Reason, RejectedError, Rejection
-from worker.contracts.verdicts import verdict_for
+from worker.contracts.verdicts import VerdictTemplate, verdict_for, verdict_template
 from worker.engine.isolation import classify_in_batches, run_isolated
 from worker.engine.policy import resolve_event_policy
 from worker.engine.types import EngineError, GuardRequest, GuardResult, halt_result
@@ -111,7 +111,7 @@ class Ready:
     language: dict[str, Any] | None
 
 
-_UNREAD: Any = object()  # a cache entry not turned into an answer yet
+SHARED_ANSWERS_MAX = 4096  # cache entries whose answer is kept between reads (cleared when full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +128,8 @@ class Moderator:
     def __init__(self, models: ModelRegistry, settings: Settings) -> None:
         self.models = models
         self.settings = settings
+        # Per cache entry object: (the entry, its answer); the entry is kept so its id is not reused.
+        self._shared: dict[int, tuple[dict[str, Any], Answer | None]] = {}
         # Routing choices by (tenant, policy, image count): see ``route``.
         self._routes: dict[
             tuple[str | None, str | None, int], tuple[Policy, str] | Rejection | Elsewhere
@@ -216,15 +218,18 @@ class Moderator:
         values = cache.get_many([k.key for k in keyed])
         answers: list[Answer | None] = []
         to_store: list[tuple[str, dict[str, Any]]] = []
-        # One answer per distinct entry object (a cache shares equal entries within a read): a wave of
-        # repeats then builds its verdicts from one result (see ``verdict_for``'s templates).
-        shared: dict[int, Answer | None] = {}
+        # One answer per distinct entry object (a cache shares equal entries, within a read and across reads):
+        # a wave of repeats then builds its verdicts from one result (see ``verdict_template``).
+        shared = self._shared
+        if len(shared) >= SHARED_ANSWERS_MAX:
+            shared.clear()
         for item, value in zip(keyed, values, strict=True):
             if value is not None:
-                answer = shared.get(id(value), _UNREAD)
-                if answer is _UNREAD:
+                entry = shared.get(id(value))
+                if entry is None or entry[0] is not value:
                     hit = from_entry(value)
-                    answer = shared[id(value)] = Answer(hit, cached=True) if hit is not None else None
+                    entry = shared[id(value)] = (value, Answer(hit, cached=True) if hit is not None else None)
+                answer = entry[1]
                 if answer is not None:
                     answers.append(answer)
                     continue
@@ -347,6 +352,27 @@ class Moderator:
         if count:
             count_verdict(routed.hits, answer.result.halted, bool(verdict.get("review")))
         return verdict
+
+    def verdict_template(self, keyed: Keyed, answer: Answer, *, source: bool) -> VerdictTemplate | None:
+        """The compiled verdict of a cached ``answer`` for events shaped like ``keyed``'s (``source``: with
+        source coordinates); None where the verdict is built afresh (a fresh result, or blocklist hits).
+
+        What ``verdict`` would return, as bytes to fill in (``VerdictTemplate.render``): the cache-hit path
+        encodes from it. Counts nothing: a caller counts the review band (``template.review``).
+        """
+        routed = keyed.routed
+        if not answer.cached or routed.hits:
+            return None
+        event = routed.event
+        return verdict_template(
+            answer.result,
+            routed.policy,
+            self.models.info(routed.model),
+            cached=True,
+            created_at=event.created_at is not None,
+            tenant=event.tenant is not None,
+            source=source,
+        )
 
 
 def count_verdict(hits: tuple[BlocklistHit, ...], halted: bool, review: bool) -> None:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import confluent_kafka as ck
@@ -226,6 +226,10 @@ class Record:
 
 class ConfluentConsumer:
     """A confluent-kafka ``Consumer`` presenting the ``KafkaConsumer`` methods the worker calls."""
+
+    # librdkafka drops the records it prefetched for a partition when it is paused, and fetches them again on
+    # the resume (0.5–1 s on a tansu broker): the pipeline holds back before it pauses (``Partitions.regulate``).
+    purges_on_pause = True
 
     def __init__(
         self, properties: dict[str, Any], *topics: str, max_poll_records: int = 500, **_: Any
@@ -644,6 +648,37 @@ class ConfluentProducer:
             except ck.KafkaException as exc:
                 raise _kafka_error(exc, "send") from exc
 
+    def send_unwatched(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        headers: list[tuple[str, bytes]],
+        on_failure: Callable[[ck.KafkaError | None, ck.Message], None],
+    ) -> None:
+        """Queue one record without a future: ``on_failure`` runs (in ``poll``/``flush``) if it is not delivered.
+
+        For a producer made with ``delivery.report.only.error`` (``make_confluent_producer(..., reports="errors")``):
+        librdkafka then reports failures only, and a delivered record costs no Python at all. Waits for room
+        like ``send``.
+        """
+        if self._closed:
+            raise KafkaError("send on a closed producer")
+        deadline = None
+        while True:
+            try:
+                self._producer.produce(topic, value, key, on_delivery=on_failure, headers=headers)
+                return
+            except BufferError:
+                deadline = deadline or time.monotonic() + self._max_block_s
+                if time.monotonic() >= deadline:
+                    raise KafkaTimeoutError(
+                        f"the producer queue stayed full for {self._max_block_s:.0f}s"
+                    ) from None
+                self._producer.poll(0.05)
+            except ck.KafkaException as exc:
+                raise _kafka_error(exc, "send") from exc
+
     def serve_deliveries(self, timeout_s: float = 0.0) -> int:
         """Run the delivery reports that arrived (settling their futures) on this thread; returns how many."""
         return self._producer.poll(timeout_s)
@@ -689,9 +724,20 @@ def make_confluent_consumer(settings: Settings, *topics: str, **overrides: Any) 
     )
 
 
-def make_confluent_producer(settings: Settings, **overrides: Any) -> ConfluentProducer:
-    """A :class:`ConfluentProducer` from :func:`producer_properties`; kafka-python-named ``overrides`` win."""
+def make_confluent_producer(
+    settings: Settings, *, reports: str = "all", **overrides: Any
+) -> ConfluentProducer:
+    """A :class:`ConfluentProducer` from :func:`producer_properties`; kafka-python-named ``overrides`` win.
+
+    ``reports="errors"``: librdkafka reports failed deliveries only (``delivery.report.only.error``), for a
+    producer that sends with ``send_unwatched`` alone and waits with ``flush`` (``send``'s futures would never
+    settle on success).
+    """
     properties, adapter = translate_overrides(overrides)
+    if reports == "errors":
+        properties["delivery.report.only.error"] = True
+    elif reports != "all":
+        raise ValueError(f"reports must be 'all' or 'errors', not {reports!r}")
     return ConfluentProducer(
         {**producer_properties(settings), **properties},
         max_block_ms=adapter.get("max_block_ms", DEFAULT_MAX_BLOCK_MS),

@@ -47,8 +47,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import orjson
+
 from worker.config import Settings
-from worker.contracts.dead_letters import SourceCoordinates
+from worker.contracts.dead_letters import SourceCoordinates, utc_now_rfc3339
 from worker.contracts.decode import decode_event
 from worker.contracts.events import ChatEvent
 from worker.contracts.verdicts import ModelInfo
@@ -163,7 +165,14 @@ def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
 
     registry = ModelRegistry(views, settings)  # type: ignore[arg-type]  # a view has what routing reads
     cache = VerdictCache(settings.redis)
-    producer = make_producer(settings)
+    # On confluent-kafka only failed deliveries are reported: a chunk's records are sent unwatched and waited
+    # for with one flush (``BatchPublisher``).
+    if settings.kafka.client == "confluent-kafka":
+        from worker.stream.confluent_clients import make_confluent_producer
+
+        producer: Any = make_confluent_producer(settings, reports="errors")
+    else:
+        producer = make_producer(settings)
     for topic in output_topics(settings.topics):  # the first sends must not wait for metadata
         producer.partitions_for(topic)
     _CONTEXT = _Context(
@@ -192,12 +201,11 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
     published twice — at least once, never lost). The markers of the acknowledged records are written before
     the answer, so the worker may raise their partitions' high-water marks as soon as it reads it.
     """
-    from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
     from worker.contracts.verdicts import event_lag_seconds
     from worker.moderation.moderator import Routed
-    from worker.stream.publisher import Publisher
+    from worker.stream.publisher import BatchPublisher
 
     context = _CONTEXT
     if context is None:
@@ -217,23 +225,32 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
     decoded = time.perf_counter()
     answers = moderator.answers(context.cache, [k for _, k, _, _ in keyed])
     looked_up = time.perf_counter()
-    publisher = Publisher(context.producer, context.settings.topics, context.encoder)
+    publisher = BatchPublisher(context.producer, context.settings.topics, context.encoder)
     hits = misses = 0
     # Per published index: what is counted once the broker acknowledged it (a verdict that is not is
     # redone, and counted, on the loop thread).
     answered: dict[int, tuple[VerdictFacts, tuple[BlocklistHit, ...], bool, bool]] = {}
+    encoder = publisher.encoder
+    decided_at = orjson.dumps(utc_now_rfc3339())  # one decision time for the chunk's verdicts
     for (index, item, received, source), answer in zip(keyed, answers, strict=True):
         if answer is None:
             continue
         latency_ms = (time.monotonic() - received) * 1000.0
-        verdict = moderator.verdict(item, answer, latency_ms=latency_ms, source=source, count=False)
-        publisher.publish(publisher.encoder.verdict(verdict), index)
-        answered[index] = (
-            verdict_facts(verdict, item.routed.model),
-            item.routed.hits,
-            answer.result.halted,
-            bool(verdict.get("review")),
-        )
+        template = moderator.verdict_template(item, answer, source=True)
+        if template is not None:  # a cache hit: rendered from its compiled verdict
+            event = item.routed.event
+            output = encoder.templated(
+                template, event, latency_ms=latency_ms, decided_at=decided_at, source=source
+            )
+            facts = VerdictFacts(template.decision, template.codes, True, item.routed.model, event.created_at)
+            in_review = template.review
+        else:
+            verdict = moderator.verdict(item, answer, latency_ms=latency_ms, source=source, count=False)
+            output = encoder.verdict(verdict)
+            facts = verdict_facts(verdict, item.routed.model)
+            in_review = bool(verdict.get("review"))
+        publisher.publish(output, index)
+        answered[index] = (facts, item.routed.hits, answer.result.halted, in_review)
         if answer.cached:
             hits += 1
         else:
@@ -245,14 +262,10 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
     end_to_end: list[float] = []
     lags: list[float] = []
     if answered:
-        try:
-            publisher.flush(ACK_TIMEOUT_S)
-        except KafkaError:  # not all acknowledged in time: those are left to the loop thread
-            pass
+        # What is not acknowledged in time is left to the loop thread.
+        acknowledged = publisher.wait(ACK_TIMEOUT_S)
         now = time.time()
-        for index, error in publisher.drain_acks():
-            if error is not None:
-                continue
+        for index in acknowledged:
             published.append(index)
             facts, routed_hits, halted, in_review = answered[index]
             labels = (facts.decision, facts.codes, facts.cached, facts.model)

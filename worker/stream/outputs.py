@@ -15,11 +15,12 @@ import logging
 import time
 from collections import Counter
 
+import orjson
 from kafka.errors import KafkaError
 
 from worker.cache.published import PublishedMarkers
 from worker.config import Settings
-from worker.contracts.dead_letters import build_dead_letter
+from worker.contracts.dead_letters import build_dead_letter, utc_now_rfc3339
 from worker.contracts.decode import salvage_event_id
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
@@ -73,6 +74,23 @@ class Outputs:
             self._counters["dropped_revoked"] += 1
             return
         latency_ms = (time.monotonic() - record.received) * 1000.0
+        template = self._moderator.verdict_template(keyed, answer, source=True)
+        if template is not None:  # a cache hit: rendered from its compiled verdict
+            event = keyed.routed.event
+            output = self.publisher.encoder.templated(
+                template,
+                event,
+                latency_ms=latency_ms,
+                decided_at=orjson.dumps(utc_now_rfc3339()),
+                source=record.source,
+            )
+            if template.review:
+                metrics.REVIEW_BAND.inc()
+            facts = VerdictFacts(
+                template.decision, template.codes, True, keyed.routed.model, event.created_at
+            )
+            self._publish_verdict(record, output, facts)
+            return
         verdict = self._moderator.verdict(keyed, answer, latency_ms=latency_ms, source=record.source)
         self._publish_verdict(
             record, self.publisher.encoder.verdict(verdict), verdict_facts(verdict, keyed.routed.model)

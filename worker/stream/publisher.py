@@ -19,6 +19,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaProducer
+from kafka.errors import KafkaError
 from kafka.future import Future
 
 from worker.config import TopicSettings
@@ -116,3 +117,58 @@ class Publisher:
     def flush(self, timeout_s: float | None = None) -> None:
         """Send everything buffered and wait for the broker's answers (up to ``timeout_s``)."""
         self._producer.flush(timeout=timeout_s)
+
+
+class BatchPublisher:
+    """Publishes a batch of output records and waits for the broker's answers to all of them (intake processes).
+
+    ``publish`` as ``Publisher.publish``; ``wait`` sends what is buffered and returns the tokens whose every
+    record the broker acknowledged within the timeout. On a confluent-kafka producer made with
+    ``reports="errors"`` nothing is watched per record: librdkafka reports failures only (each names its
+    token), and once ``flush`` returns with nothing left every other record is acknowledged — a delivered
+    record costs no Python at all. When records are left at the timeout, which of them were delivered is not
+    known: none of the batch counts as acknowledged (the caller publishes it again: at least once, never
+    lost). Any other producer goes through ``Publisher``'s futures.
+    """
+
+    def __init__(
+        self, producer: KafkaProducer | ConfluentProducer, topics: TopicSettings, encoder: Encoder
+    ) -> None:
+        self.encoder = encoder
+        self._producer = producer
+        self._unwatched = getattr(producer, "send_unwatched", None)
+        self._watched = Publisher(producer, topics, encoder) if self._unwatched is None else None
+        self._tokens: list[Any] = []
+        self._failed: set[Any] = set()
+
+    def publish(self, output: OutputRecord, token: Any) -> None:
+        """Send ``output`` to each of its topics (see ``Publisher.publish``)."""
+        if self._watched is not None:
+            self._watched.publish(output, token)
+            return
+        self._tokens.append(token)
+
+        def failed(error: Any, message: Any) -> None:
+            if error is not None:
+                self._failed.add(token)
+
+        try:
+            for topic in output.topics:
+                self._unwatched(topic, output.value, output.key, output.headers, failed)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 — buffer full / producer closing: not published (redone by the caller)
+            self._failed.add(token)
+
+    def wait(self, timeout_s: float) -> list[Any]:
+        """Send what is buffered and wait up to ``timeout_s``: the tokens acknowledged in full, in publish order."""
+        if self._watched is not None:
+            try:
+                self._watched.flush(timeout_s)
+            except KafkaError:
+                pass  # what is not acknowledged in time is not reported as acknowledged
+            return [token for token, error in self._watched.drain_acks() if error is None]
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError:  # records left: which were delivered is not known
+            return []
+        tokens, failed, self._tokens, self._failed = self._tokens, self._failed, [], set()
+        return [token for token in tokens if token not in failed] if failed else tokens

@@ -12,16 +12,22 @@ intake processes (``worker.stream.intake_pool``) encode and publish the cache hi
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from worker.config import TopicSettings
 
+if TYPE_CHECKING:
+    from worker.contracts.dead_letters import SourceCoordinates
+    from worker.contracts.events import ChatEvent
+    from worker.contracts.verdicts import VerdictTemplate
+
 VERDICT_SCHEMA = b"verdict.v1"
 DEAD_LETTER_SCHEMA = b"dead_letter.v1"
 
 Header = tuple[str, bytes]
+FIXED_MAX = 1024  # verdict templates whose topics and headers an encoder keeps (cleared when full)
 
 
 class OutputRecord(NamedTuple):
@@ -63,6 +69,8 @@ class Encoder:
     def __init__(self, topics: TopicSettings) -> None:
         self._topics = topics
         self._header_bytes: dict[tuple[str, str, str | None], bytes] = {}
+        # Per verdict template: (the template, its topics, its policy and model header values).
+        self._fixed: dict[int, tuple[VerdictTemplate, tuple[str, ...], bytes, bytes]] = {}
 
     def _header(self, template: str, name: str, version: str | None) -> bytes:
         """``template`` filled with ``name`` and ``version``, encoded once per distinct value."""
@@ -87,6 +95,46 @@ class Encoder:
             verdict["conversation_id"].encode(),
             orjson.dumps(verdict),
             headers,
+            event_id,
+        )
+
+    def templated(
+        self,
+        template: VerdictTemplate,
+        event: ChatEvent,
+        *,
+        latency_ms: float,
+        decided_at: bytes,
+        source: SourceCoordinates | None,
+    ) -> OutputRecord:
+        """The output record of ``template`` rendered for ``event``: what ``verdict`` gives for the same verdict.
+
+        ``decided_at`` is the encoded decision time (``orjson.dumps(utc_now_rfc3339())``): a caller that
+        renders many verdicts at once encodes it once.
+        """
+        fixed = self._fixed.get(id(template))
+        if fixed is None or fixed[0] is not template:
+            record = template.record
+            policy, model = record["policy"], record["model"]
+            if len(self._fixed) >= FIXED_MAX:
+                self._fixed.clear()
+            fixed = self._fixed[id(template)] = (
+                template,
+                verdict_topics(record, self._topics),
+                self._header("{}:{}", policy["id"], policy["hash"]),
+                self._header("{}@{}", model["id"], model["revision"] or ""),
+            )
+        event_id = event.event_id
+        return OutputRecord(
+            fixed[1],
+            event.conversation_id.encode(),
+            template.render(event, latency_ms, decided_at, source),
+            [
+                ("event_id", event_id.encode()),
+                ("schema", VERDICT_SCHEMA),
+                ("policy", fixed[2]),
+                ("model", fixed[3]),
+            ],
             event_id,
         )
 
