@@ -7,6 +7,7 @@ import random
 import time
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,15 +15,19 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.partitioner import DefaultPartitioner
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from tests.support import kafka_io
 from worker.config import load_settings
 from worker.stream.confluent_clients import (
     ConfluentConsumer,
     ConfluentProducer,
     consumer_properties,
+    make_confluent_producer,
     producer_properties,
     translate_overrides,
 )
 from worker.stream.kafka_clients import CachedKeyPartitioner, ensure_topics, make_consumer, make_producer
+from worker.stream.publisher import BatchPublisher
+from worker.stream.records import Encoder, OutputRecord
 
 # -- configuration mapping (pure) -------------------------------------------------------------------
 
@@ -302,3 +307,59 @@ def test_a_confluent_consumer_reads_what_kafka_python_committed(make_settings) -
         assert consumer.partitions_for_topic(topic) == {0}
     finally:
         consumer.close()
+
+
+# -- batches published with failure reports only -----------------------------------------------------------
+
+
+def _outputs(settings, n: int) -> list[OutputRecord]:
+    topics = settings.topics
+    return [
+        OutputRecord(
+            (topics.verdicts, topics.flagged) if i % 3 == 0 else (topics.verdicts,),
+            f"c-{i}".encode(),
+            orjson.dumps({"event_id": f"e-{i}"}),
+            [("event_id", f"e-{i}".encode())],
+            f"e-{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def test_a_batch_published_with_failure_reports_only_is_acknowledged_in_full(make_settings) -> None:
+    settings = make_settings(kafka__client="confluent-kafka")
+    ensure_topics(settings, [settings.topics.verdicts, settings.topics.flagged], partitions=2)
+    producer = make_confluent_producer(settings, reports="errors")
+    try:
+        batch = BatchPublisher(producer, settings.topics, Encoder(settings.topics))
+        outputs = _outputs(settings, 30)
+        too_large = outputs[7]._replace(value=b"x" * 2_000_000)  # librdkafka refuses it at once
+        for i, output in enumerate(outputs):
+            batch.publish(too_large if i == 7 else output, i)
+        assert batch.wait(30) == [i for i in range(30) if i != 7], "every other token, in order"
+        assert batch.wait(30) == [], "a batch is reported once"
+    finally:
+        producer.close(timeout=10)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
+    assert sorted(v["event_id"] for v in verdicts) == sorted(f"e-{i}" for i in range(30) if i != 7)
+    flagged = kafka_io.read_json(settings, settings.topics.flagged)
+    assert sorted(v["event_id"] for v in flagged) == sorted(f"e-{i}" for i in range(0, 30, 3) if i != 7)
+
+
+def test_a_batch_whose_deliveries_fail_is_not_acknowledged(make_settings) -> None:
+    from worker.dev.services import free_port
+
+    settings = make_settings(
+        kafka__client="confluent-kafka",
+        kafka__bootstrap_servers=[f"127.0.0.1:{free_port()}"],  # nothing listens there
+        kafka__delivery_timeout_ms=1000,
+        kafka__request_timeout_ms=1000,
+    )
+    producer = make_confluent_producer(settings, reports="errors")
+    try:
+        batch = BatchPublisher(producer, settings.topics, Encoder(settings.topics))
+        for i, output in enumerate(_outputs(settings, 5)):
+            batch.publish(output, i)
+        assert batch.wait(30) == [], "failures reported by librdkafka: none acknowledged"
+    finally:
+        producer.close(timeout=1)
