@@ -244,6 +244,80 @@ def test_a_stream_of_repeats_is_answered_by_the_intake_process_once_each(
     assert metrics.INTAKE_PROCESS_ANSWERS._value.get() - answered_before >= 300  # most repeats went there
 
 
+def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_would(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    """The process is stopped with two chunks out: the next polls of cache hits are answered on the loop thread
+    by the same code (published, acknowledged, marked), and nothing is answered twice once the process resumes."""
+    settings = make_settings(**engine_settings_overrides, kafka__max_poll_records=40)
+    stopped: list[int] = []
+
+    def stop(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    try:
+        worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
+        kafka_io.wait_for(
+            lambda: worker.pipeline.counters["intake_loop_answers"] >= 200,
+            timeout_s=120,
+            what="polls answered on the loop thread while the process is stopped",
+            workers=[worker],
+        )
+        assert worker.pipeline.counters["intake_process_answers"] == 0, "the stopped process answered nothing"
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert_every_event_answered_once(settings, worker, events)
+    assert worker.pipeline.counters["intake_process_answers"] > 0, "its two chunks, once it resumed"
+
+
+def test_chunks_sent_back_to_back_are_answered_in_order_each_with_its_own_records(
+    make_settings, engine_settings_overrides, guard_engine
+):
+    """A process publishes a waiting chunk before it waits for the acks of the one before: each answer still
+    names its own chunk's records."""
+    settings = make_settings(**engine_settings_overrides)
+    ensure_topics(settings, output_topics(settings.topics))
+    registry = ModelRegistry.of(guard_engine, settings)
+    moderator = Moderator(registry, settings)
+    cache = VerdictCache(settings.redis)
+    events = text_events(10, "order")
+    keyed = [moderator.key(moderator.route(decode_event(orjson.dumps(e), settings))) for e in events[:6]]
+    results = guard_engine.classify([moderator.ready(k).request for k in keyed])
+    moderator.store(cache, list(zip(keyed, results, strict=True)))
+    cache.close()
+    hits, misses = [orjson.dumps(e) for e in events[:6]], [orjson.dumps(e) for e in events[6:]]
+
+    def chunk(values: list[bytes], first: int) -> list:
+        return [
+            (v, time.monotonic(), "chat.events", 0, first + i, 0, record_digest(v))
+            for i, v in enumerate(values)
+        ]
+
+    chunks = [
+        chunk([hits[0], hits[1], misses[0], hits[2]], 0),
+        chunk([misses[1], hits[3]], 4),
+        chunk([b"{not json", misses[2], hits[4], hits[5]], 6),
+    ]
+    pool = ready_pool(settings, registry)
+    try:
+        (pid,) = pool.pids
+        os.kill(pid, signal.SIGSTOP)  # all three wait in the pipe: the process finds the next one waiting
+        futures = [pool.submit(c) for c in chunks]
+        os.kill(pid, signal.SIGCONT)
+        answers = [f.result(timeout=60) for f in futures]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        pool.close()
+    assert [a.published for a in answers] == [[0, 1, 3], [1], [2, 3]]
+    assert [a.cache_hits for a in answers] == [3, 1, 2]
+    published = Counter(
+        dict(r.headers)["event_id"].decode() for r in kafka_io.read_all(settings, settings.topics.verdicts)
+    )
+    assert published == Counter(e["event_id"] for e in events[:6]), "each hit once"
+
+
 def test_a_process_killed_mid_stream_loses_nothing(
     make_settings, engine_settings_overrides, guard_engine, monkeypatch
 ):

@@ -186,7 +186,7 @@ IN_FLIGHT_EVENTS = Gauge(
 )
 PAUSED_PARTITIONS = Gauge(
     "paused_partitions",
-    "Assigned partitions currently paused by backpressure.",
+    "Assigned partitions currently paused (or held back, confluent-kafka) by backpressure.",
     namespace=NAMESPACE,
     registry=REGISTRY,
 )

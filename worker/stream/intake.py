@@ -30,16 +30,22 @@ from worker.config import Settings
 from worker.contracts.decode import decode_event
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
-from worker.moderation.moderator import Elsewhere, Moderator, count_verdict
+from worker.moderation.moderator import Cache, Elsewhere, Moderator, count_verdict
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
 from worker.stream.intake_pool import (
     CHUNK_TIMEOUT_S,
+    LOOP_ACK_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    AnswerContext,
     ChunkAnswers,
     IntakePool,
     IntakeProcessError,
+    answer_chunk,
+    answer_producer,
 )
 from worker.stream.items import Consumed, RoutedRecord
+from worker.stream.records import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +78,14 @@ class Intake:
         markers: PublishedMarkers,
         counters: Counter[str],
         pool: IntakePool | None = None,
+        cache: Cache | None = None,
     ) -> None:
         self._settings = settings
         self._pool = pool
+        # The loop thread answers polls the busy processes cannot take as they would (``_answer_here``), with
+        # the verdict cache and a producer of its own (made on the first such poll).
+        self._cache = cache
+        self._here: AnswerContext | None = None
         # Chunks out in intake processes: (their records, the answers' future, when to give up waiting).
         self._chunks: list[tuple[list[Consumed], cf.Future[ChunkAnswers], float]] = []
         self._settled = Accepted()  # what chunks settled by a revoke or drain left to the loop thread's path
@@ -96,11 +107,18 @@ class Intake:
             # Timed per poll, not per record: the timer costs as much as decoding.
             with metrics.observe_stage("decode"):
                 fresh = self._register(records)
+                here = False
                 if fresh and self._pool is not None and self._pool.wants(len(fresh)):
                     self._send(fresh)
+                elif (
+                    fresh and self._cache is not None and self._pool is not None and self._pool.answers_here()
+                ):
+                    here = True
                 else:
                     for consumed in fresh:
                         self._route(consumed, accepted)
+            if here:
+                self._answer_here(fresh, accepted)
         if self._chunks:
             self._collect(accepted)
         return accepted
@@ -136,6 +154,50 @@ class Intake:
             (c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms, c.digest) for c in fresh
         ]
         self._chunks.append((fresh, self._pool.submit(items), time.monotonic() + CHUNK_TIMEOUT_S))
+
+    def _answer_here(self, fresh: list[Consumed], accepted: Accepted) -> None:
+        """The processes are busy: answer this poll's records as a process would, on this thread.
+
+        ``answer_chunk`` with a context of the loop thread's own (this worker's core, cache and markers, and a
+        producer of its own): it publishes the verdicts it can answer, waits for the broker's acks (this turn
+        waits with it, a few milliseconds) and writes their markers; those records are completed here, the
+        rest take the staged path. Leaner per record than the staged path, which a cache hit does not need.
+        """
+        context = self._context_here()
+        items = [
+            (c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms, c.digest) for c in fresh
+        ]
+        try:
+            result = answer_chunk(items, context, LOOP_ACK_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 — a bug here must not stop the stream: the staged path answers them
+            log.exception("answering a poll on the loop thread failed", extra={"stage": "decode"})
+            result = None
+        if result is not None:
+            self._published(fresh, result, here=True)
+        with metrics.observe_stage("decode"):
+            published = set(result.published) if result is not None else set()
+            for index, consumed in enumerate(fresh):
+                if index not in published:
+                    self._route(consumed, accepted)
+
+    def _context_here(self) -> AnswerContext:
+        if self._here is None:
+            assert self._cache is not None
+            self._here = AnswerContext(
+                self._settings,
+                self._moderator,
+                self._cache,
+                self._markers,
+                Encoder(self._settings.topics),
+                answer_producer(self._settings),
+            )
+        return self._here
+
+    def close(self) -> None:
+        """Close the loop thread's own answer producer (flushing what it holds), if it was made."""
+        if self._here is not None:
+            self._here.producer.close(timeout=STOP_TIMEOUT_S)
+            self._here = None
 
     def settle(self, timeout_s: float) -> None:
         """Wait for the chunks out (up to ``timeout_s``) and complete what they published.
@@ -177,8 +239,9 @@ class Intake:
                         self._route(consumed, accepted)
         self._chunks = waiting
 
-    def _published(self, chunk: list[Consumed], result: ChunkAnswers) -> None:
-        """Complete the records a process published (their markers are written), and count what it did."""
+    def _published(self, chunk: list[Consumed], result: ChunkAnswers, *, here: bool = False) -> None:
+        """Complete the records a process (or ``_answer_here``) published (their markers are written), and
+        count what it did."""
         assert self._pool is not None
         metrics.STAGE_SECONDS.labels(stage="decode").observe(result.decode_s)
         metrics.STAGE_SECONDS.labels(stage="cache").observe(result.cache_s)
@@ -196,9 +259,12 @@ class Intake:
         if not result.published:
             return
         metrics.STAGE_SECONDS.labels(stage="publish").observe(result.publish_s)
-        metrics.INTAKE_PROCESS_ANSWERS.inc(len(result.published))
         counters = self._counters
-        counters["intake_process_answers"] += len(result.published)
+        if here:
+            counters["intake_loop_answers"] += len(result.published)
+        else:
+            metrics.INTAKE_PROCESS_ANSWERS.inc(len(result.published))
+            counters["intake_process_answers"] += len(result.published)
         complete = self._checkpoint.complete
         marked = []
         for index in result.published:

@@ -60,10 +60,9 @@ from worker.stream.records import Encoder, VerdictFacts, verdict_facts
 
 if TYPE_CHECKING:
     from worker.cache.published import PublishedMarkers
-    from worker.cache.redis_cache import VerdictCache
     from worker.engine.blocklist import BlocklistHit
     from worker.engine.registry import ModelRegistry
-    from worker.moderation.moderator import Moderator
+    from worker.moderation.moderator import Cache, Moderator
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +79,9 @@ STOP_TIMEOUT_S = 5.0
 # A process waits this long for the broker's acks of a chunk's verdicts (below CHUNK_TIMEOUT_S): what is not
 # acknowledged by then is left to the loop thread's path.
 ACK_TIMEOUT_S = 20.0
+# The same wait on the loop thread (``Intake``), which stops the loop meanwhile: a broker that slow is degraded, and
+# the records take the staged path (published again: at least once).
+LOOP_ACK_TIMEOUT_S = 5.0
 
 # One record sent to a process: (value, time.monotonic() when consumed, topic, partition, offset, the record's
 # timestamp in ms, its published-marker digest). CLOCK_MONOTONIC is one clock for every process on the host,
@@ -140,16 +142,35 @@ def model_views(models: ModelRegistry) -> dict[str, ModelView]:
 
 
 @dataclass(slots=True)
-class _Context:
+class AnswerContext:
+    """What ``answer_chunk`` answers and publishes with: the core, the cache, the markers and a producer."""
+
     settings: Settings
     moderator: Moderator
-    cache: VerdictCache
+    cache: Cache
     markers: PublishedMarkers
     encoder: Encoder
     producer: Any
 
 
-_CONTEXT: _Context | None = None
+_CONTEXT: AnswerContext | None = None
+
+
+def answer_producer(settings: Settings) -> Any:
+    """The producer ``answer_chunk`` publishes on: on confluent-kafka it reports failed deliveries only (a
+    chunk's records are sent unwatched and waited for with one flush: ``BatchPublisher``)."""
+    from worker.stream.kafka_clients import make_producer
+    from worker.stream.publisher import output_topics
+
+    if settings.kafka.client == "confluent-kafka":
+        from worker.stream.confluent_clients import make_confluent_producer
+
+        producer: Any = make_confluent_producer(settings, reports="errors")
+    else:
+        producer = make_producer(settings)
+    for topic in output_topics(settings.topics):  # the first sends must not wait for metadata
+        producer.partitions_for(topic)
+    return producer
 
 
 def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
@@ -160,28 +181,16 @@ def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
     from worker.engine.registry import ModelRegistry
     from worker.moderation.moderator import Moderator
     from worker.ops.heap import settle_after_load
-    from worker.stream.kafka_clients import make_producer
-    from worker.stream.publisher import output_topics
 
     registry = ModelRegistry(views, settings)  # type: ignore[arg-type]  # a view has what routing reads
     cache = VerdictCache(settings.redis)
-    # On confluent-kafka only failed deliveries are reported: a chunk's records are sent unwatched and waited
-    # for with one flush (``BatchPublisher``).
-    if settings.kafka.client == "confluent-kafka":
-        from worker.stream.confluent_clients import make_confluent_producer
-
-        producer: Any = make_confluent_producer(settings, reports="errors")
-    else:
-        producer = make_producer(settings)
-    for topic in output_topics(settings.topics):  # the first sends must not wait for metadata
-        producer.partitions_for(topic)
-    _CONTEXT = _Context(
+    _CONTEXT = AnswerContext(
         settings,
         Moderator(registry, settings),
         cache,
         PublishedMarkers(cache, settings),
         Encoder(settings.topics),
-        producer,
+        answer_producer(settings),
     )
     settle_after_load()
 
@@ -190,26 +199,98 @@ def _close() -> None:
     """Process shutdown: flush and close the producer (what is not acknowledged by then is redone)."""
     if _CONTEXT is not None:
         _CONTEXT.producer.close(timeout=STOP_TIMEOUT_S)
-        _CONTEXT.cache.close()
+        _CONTEXT.cache.close()  # type: ignore[attr-defined]  # the process's own VerdictCache
 
 
-def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
-    """Answer and publish what can be answered of ``items`` (see the module docstring); runs in an intake process.
+def answer_chunk(
+    items: Sequence[Item], context: AnswerContext | None = None, ack_timeout_s: float = ACK_TIMEOUT_S
+) -> ChunkAnswers:
+    """Answer and publish what can be answered of ``items`` (see the module docstring); runs in an intake process,
+    or on the loop thread with a ``context`` of its own (``Intake``: a poll it takes while the processes are busy).
 
-    The verdicts go out on the process's own producer; the chunk is answered once the broker acknowledged
-    them (or ``ACK_TIMEOUT_S`` passed: what is not acknowledged then is left to the loop thread, and may be
+    The verdicts go out on the context's own producer; the chunk is answered once the broker acknowledged
+    them (or ``ack_timeout_s`` passed: what is not acknowledged then is left to the loop thread, and may be
     published twice — at least once, never lost). The markers of the acknowledged records are written before
     the answer, so the worker may raise their partitions' high-water marks as soon as it reads it.
     """
-    from kafka.structs import TopicPartition
+    return publish_chunk(items, context).finish(ack_timeout_s)
 
-    from worker.contracts.verdicts import event_lag_seconds
+
+@dataclass(slots=True)
+class PublishedChunk:
+    """A chunk whose verdicts are sent (``publish_chunk``), waiting for the broker's acks (``finish``)."""
+
+    items: Sequence[Item]
+    context: AnswerContext
+    publisher: Any  # BatchPublisher
+    # Per published index: what is counted once the broker acknowledged it (a verdict that is not is
+    # redone, and counted, on the loop thread).
+    answered: dict[int, tuple[VerdictFacts, tuple[BlocklistHit, ...], bool, bool]]
+    decode_s: float
+    cache_s: float
+    published_at: float
+    hits: int
+    misses: int
+
+    def finish(self, ack_timeout_s: float = ACK_TIMEOUT_S) -> ChunkAnswers:
+        """Wait for the acks (up to ``ack_timeout_s``), write the acknowledged records' markers: the answers."""
+        from kafka.structs import TopicPartition
+
+        from worker.contracts.verdicts import event_lag_seconds
+
+        items, answered = self.items, self.answered
+        published: list[int] = []
+        tally: Tally = {}
+        review = 0
+        blocklist_hits = []
+        end_to_end: list[float] = []
+        lags: list[float] = []
+        if answered:
+            # What is not acknowledged in time is left to the loop thread.
+            acknowledged = self.publisher.wait(ack_timeout_s)
+            now = time.time()
+            for index in acknowledged:
+                published.append(index)
+                facts, routed_hits, halted, in_review = answered[index]
+                labels = (facts.decision, facts.codes, facts.cached, facts.model)
+                tally[labels] = tally.get(labels, 0) + 1
+                review += in_review
+                if routed_hits:
+                    blocklist_hits.append((routed_hits, halted))
+                age = record_age_seconds(items[index][5], now)
+                if age is not None:
+                    end_to_end.append(age)
+                lag = event_lag_seconds(facts.created_at, now)
+                if lag is not None:
+                    lags.append(lag)
+            published.sort()
+            self.context.markers.write_offsets(
+                [(TopicPartition(items[i][2], items[i][3]), items[i][4], items[i][6]) for i in published]
+            )
+        return ChunkAnswers(
+            published,
+            tally,
+            review,
+            blocklist_hits,
+            end_to_end,
+            lags,
+            self.decode_s,
+            self.cache_s,
+            time.perf_counter() - self.published_at,
+            self.hits,
+            self.misses,
+            len(answered) - len(published),  # failed, or still unacknowledged at the timeout
+        )
+
+
+def publish_chunk(items: Sequence[Item], context: AnswerContext | None = None) -> PublishedChunk:
+    """``answer_chunk``'s first half: decode, route, key, read the cache, and send the verdicts it can answer."""
     from worker.moderation.moderator import Routed
     from worker.stream.publisher import BatchPublisher
 
-    context = _CONTEXT
+    context = context or _CONTEXT
     if context is None:
-        raise RuntimeError("answer_chunk runs in an intake process, after its initializer")
+        raise RuntimeError("answer_chunk runs in an intake process, after its initializer, or with a context")
     moderator = context.moderator
     started = time.perf_counter()
     keyed = []
@@ -227,8 +308,6 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
     looked_up = time.perf_counter()
     publisher = BatchPublisher(context.producer, context.settings.topics, context.encoder)
     hits = misses = 0
-    # Per published index: what is counted once the broker acknowledged it (a verdict that is not is
-    # redone, and counted, on the loop thread).
     answered: dict[int, tuple[VerdictFacts, tuple[BlocklistHit, ...], bool, bool]] = {}
     encoder = publisher.encoder
     decided_at = orjson.dumps(utc_now_rfc3339())  # one decision time for the chunk's verdicts
@@ -255,47 +334,8 @@ def answer_chunk(items: Sequence[Item]) -> ChunkAnswers:
             hits += 1
         else:
             misses += 1
-    published: list[int] = []
-    tally: Tally = {}
-    review = 0
-    blocklist_hits = []
-    end_to_end: list[float] = []
-    lags: list[float] = []
-    if answered:
-        # What is not acknowledged in time is left to the loop thread.
-        acknowledged = publisher.wait(ACK_TIMEOUT_S)
-        now = time.time()
-        for index in acknowledged:
-            published.append(index)
-            facts, routed_hits, halted, in_review = answered[index]
-            labels = (facts.decision, facts.codes, facts.cached, facts.model)
-            tally[labels] = tally.get(labels, 0) + 1
-            review += in_review
-            if routed_hits:
-                blocklist_hits.append((routed_hits, halted))
-            age = record_age_seconds(items[index][5], now)
-            if age is not None:
-                end_to_end.append(age)
-            lag = event_lag_seconds(facts.created_at, now)
-            if lag is not None:
-                lags.append(lag)
-        published.sort()
-        context.markers.write_offsets(
-            [(TopicPartition(items[i][2], items[i][3]), items[i][4], items[i][6]) for i in published]
-        )
-    return ChunkAnswers(
-        published,
-        tally,
-        review,
-        blocklist_hits,
-        end_to_end,
-        lags,
-        decoded - started,
-        looked_up - decoded,
-        time.perf_counter() - looked_up,
-        hits,
-        misses,
-        len(answered) - len(published),  # failed, or still unacknowledged at the timeout
+    return PublishedChunk(
+        items, context, publisher, answered, decoded - started, looked_up - decoded, looked_up, hits, misses
     )
 
 
@@ -370,32 +410,61 @@ class _Process:
         return self._sent_records - self._done_records
 
     def _courier(self, settings: Settings, views: dict[str, ModelView]) -> None:
-        current: cf.Future[ChunkAnswers] | None = None
+        """Sends the chunks as they come (a process works on the next one while it waits for acks); a reader
+        thread settles their futures from the answers, which come back in order."""
+        sent: queue.SimpleQueue[cf.Future[ChunkAnswers] | None] = queue.SimpleQueue()
+        reader: threading.Thread | None = None
         try:
             self._conn.send((settings, views))
             self._receive()
+            reader = threading.Thread(
+                target=self._read_answers, args=(sent,), name=f"{self._thread.name}-answers", daemon=True
+            )
+            reader.start()
             self.ready.set()
-            while (job := self._queue.get()) is not None:
-                items, current = job
-                if not current.set_running_or_notify_cancel():
+            while (job := self._queue.get()) is not None and self.dead is None:
+                items, future = job
+                if not future.set_running_or_notify_cancel():
                     continue
+                sent.put(future)
                 self._conn.send(items)
-                current.set_result(self._receive())
-                current = None
         except BaseException as exc:  # noqa: BLE001 — the process died or failed: every waiting chunk fails
+            self._fail(exc)
+        finally:
+            sent.put(None)
+            self._conn.close()  # the process reads EOF and exits; the reader's recv ends
+            if reader is not None:
+                reader.join(STOP_TIMEOUT_S)
+            self._fail(IntakeProcessError("the intake process was stopped"))
+            while not sent.empty():  # chunks sent that the reader will not settle any more
+                left = sent.get_nowait()
+                if left is not None and not left.done():
+                    left.set_exception(self.dead)
+
+    def _read_answers(self, sent: queue.SimpleQueue[cf.Future[ChunkAnswers] | None]) -> None:
+        future: cf.Future[ChunkAnswers] | None = None
+        try:
+            while (future := sent.get()) is not None:
+                answers = self._receive()
+                if not future.done():
+                    future.set_result(answers)
+        except BaseException as exc:  # noqa: BLE001 — the process died or failed
+            self._fail(exc)
+            if future is not None and not future.done():
+                future.set_exception(self.dead or exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Mark the process dead (once) and fail every chunk still queued for it."""
+        if self.dead is None:
             self.dead = (
                 exc
                 if isinstance(exc, IntakeProcessError)
                 else IntakeProcessError(f"{type(exc).__name__}: {exc}")
             )
-            if current is not None and not current.done():
-                current.set_exception(self.dead)
-            while not self._queue.empty():
-                job = self._queue.get_nowait()
-                if job is not None and job[1].set_running_or_notify_cancel():
-                    job[1].set_exception(self.dead)
-        finally:
-            self._conn.close()  # the process reads EOF and exits
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if job is not None and job[1].set_running_or_notify_cancel():
+                job[1].set_exception(self.dead)
 
     def _receive(self) -> Any:
         status, value = self._conn.recv()
@@ -485,6 +554,11 @@ class IntakePool:
         except OSError as exc:
             self._broken(f"{type(exc).__name__}: {exc}")
 
+    def answers_here(self) -> bool:
+        """Whether a poll ``wants`` kept from the processes (they are busy) pays to answer the same way here, on
+        the loop thread (``answer_chunk``: leaner than the staged path when most records are cache hits)."""
+        return self.enabled and self._ready and self._recent >= PAYS_ABOVE
+
     def submit(self, items: list[Item]) -> cf.Future[ChunkAnswers]:
         """Send ``items`` to the least busy process (after ``wants`` said yes)."""
         return min(self._workers, key=lambda w: w.queued).submit(items)
@@ -526,14 +600,27 @@ def _serve(fd: int) -> None:
         settings, views = conn.recv()
         _initialize(settings, views)
         conn.send(("ok", True))
+        # Chunks sent and not answered yet, in order (an exception: that chunk failed). A chunk already waiting
+        # is published before the acks of the ones before it are waited for: their wait overlaps its work.
+        pending: list[PublishedChunk | Exception] = []
         while True:
-            items = conn.recv()
-            try:
-                answers = answer_chunk(items)
-            except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
-                conn.send(("error", f"{type(exc).__name__}: {exc}"))
-            else:
-                conn.send(("ok", answers))
+            if not pending or conn.poll(0):
+                items = conn.recv()
+                try:
+                    pending.append(publish_chunk(items))
+                except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
+                    pending.append(exc)
+                continue
+            for chunk in pending:
+                try:
+                    if isinstance(chunk, Exception):
+                        raise chunk
+                    answers = chunk.finish()
+                except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
+                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                else:
+                    conn.send(("ok", answers))
+            pending = []
     except (EOFError, OSError):
         return  # the worker closed its end (stopped, or died)
     finally:

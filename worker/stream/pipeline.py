@@ -85,6 +85,7 @@ COUNTERS = (
     "outages",
     "routed_elsewhere",  # completed without output: another pool's model judges them
     "intake_process_answers",  # records an intake process answered (mw_intake_process_answers_total)
+    "intake_loop_answers",  # records the loop thread answered as a process does, while the processes were busy
 )
 
 
@@ -391,7 +392,7 @@ class StreamPipeline:
         processes = self.settings.batching.intake_processes if cache.enabled and clients.in_processes else 0
         self._intake_pool = IntakePool(self.settings, models, processes)
         self.intake = Intake(
-            self.settings, moderator, self.checkpoint, markers, self.counters, self._intake_pool
+            self.settings, moderator, self.checkpoint, markers, self.counters, self._intake_pool, cache
         )
         self.lookup = Lookup(moderator, cache, self._pool.submit)
         self.classify = Classify(
@@ -443,6 +444,7 @@ class StreamPipeline:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._model_thread.shutdown(wait=True, cancel_futures=True)
         self._intake_pool.close()
+        self.intake.close()
         try:
             self.consumer.close(autocommit=False)
         finally:
