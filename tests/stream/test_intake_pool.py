@@ -272,6 +272,39 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
     assert worker.pipeline.counters["intake_process_answers"] > 0, "its two chunks, once it resumed"
 
 
+def test_when_answering_on_the_loop_thread_fails_the_staged_path_answers_everything(
+    make_settings, engine_settings_overrides, guard_engine, monkeypatch
+):
+    settings = make_settings(**engine_settings_overrides, kafka__max_poll_records=40)
+    calls: list[int] = []
+
+    def broken(items, context, ack_timeout_s):
+        calls.append(len(items))
+        raise RuntimeError("a bug in the loop thread's answer path")
+
+    monkeypatch.setattr(intake, "answer_chunk", broken)
+    stopped: list[int] = []
+
+    def stop(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    try:
+        worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
+        kafka_io.wait_for(
+            lambda: worker.pipeline.counters["completed"] >= 500,
+            timeout_s=120,
+            what="repeats answered while the process is stopped",
+            workers=[worker],
+        )
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert_every_event_answered_once(settings, worker, events)
+    assert len(calls) == 1, "tried once, then the staged path for good"
+    assert worker.pipeline.counters["intake_loop_answers"] == 0
+
+
 def test_chunks_sent_back_to_back_are_answered_in_order_each_with_its_own_records(
     make_settings, engine_settings_overrides, guard_engine
 ):

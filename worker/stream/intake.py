@@ -163,14 +163,18 @@ class Intake:
         waits with it, a few milliseconds) and writes their markers; those records are completed here, the
         rest take the staged path. Leaner per record than the staged path, which a cache hit does not need.
         """
-        context = self._context_here()
         items = [
             (c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms, c.digest) for c in fresh
         ]
         try:
-            result = answer_chunk(items, context, LOOP_ACK_TIMEOUT_S)
+            result = answer_chunk(items, self._context_here(), LOOP_ACK_TIMEOUT_S)
         except Exception:  # noqa: BLE001 — a bug here must not stop the stream: the staged path answers them
-            log.exception("answering a poll on the loop thread failed", extra={"stage": "decode"})
+            log.exception(
+                "answering a poll on the loop thread failed; the staged path answers the busy processes' "
+                "overflow from now on",
+                extra={"stage": "decode"},
+            )
+            self._cache = None  # no second try: the staged path is always correct
             result = None
         if result is not None:
             self._published(fresh, result, here=True)
