@@ -436,8 +436,11 @@ class _Process:
             if reader is not None:
                 reader.join(STOP_TIMEOUT_S)
             self._fail(IntakeProcessError("the intake process was stopped"))
-            while not sent.empty():  # chunks sent that the reader will not settle any more
-                left = sent.get_nowait()
+            while True:  # chunks sent that the reader will not settle any more
+                try:
+                    left = sent.get_nowait()
+                except queue.Empty:
+                    break
                 if left is not None and not left.done():
                     left.set_exception(self.dead)
 
@@ -461,8 +464,11 @@ class _Process:
                 if isinstance(exc, IntakeProcessError)
                 else IntakeProcessError(f"{type(exc).__name__}: {exc}")
             )
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
+        while True:  # both threads may drain it: empty() then get_nowait() would race
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
             if job is not None and job[1].set_running_or_notify_cancel():
                 job[1].set_exception(self.dead)
 
