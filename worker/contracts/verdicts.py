@@ -341,9 +341,8 @@ def verdict_template(
     ]
     pieces: list[bytes] = []
     start = 0
-    for (
-        name
-    ) in present:  # in SLOTS order: verdict_for's key order (checked: a placeholder out of order fails)
+    # In SLOTS order: verdict_for's key order (checked: a placeholder out of order fails the compile).
+    for name in present:
         marker = orjson.dumps(_PLACEHOLDER.format(name))
         at = encoded.find(marker, start)
         if at < 0 or encoded.count(marker) != 1:

@@ -56,7 +56,7 @@ from worker.contracts.events import ChatEvent
 from worker.contracts.verdicts import ModelInfo
 from worker.engine.policy import Policy, resolve_policy
 from worker.stream.items import record_age_seconds
-from worker.stream.records import Encoder, VerdictFacts, verdict_facts
+from worker.stream.records import Encoder, VerdictFacts, answer_output
 
 if TYPE_CHECKING:
     from worker.cache.published import PublishedMarkers
@@ -315,19 +315,9 @@ def publish_chunk(items: Sequence[Item], context: AnswerContext | None = None) -
         if answer is None:
             continue
         latency_ms = (time.monotonic() - received) * 1000.0
-        template = moderator.verdict_template(item, answer, source=True)
-        if template is not None:  # a cache hit: rendered from its compiled verdict
-            event = item.routed.event
-            output = encoder.templated(
-                template, event, latency_ms=latency_ms, decided_at=decided_at, source=source
-            )
-            facts = VerdictFacts(template.decision, template.codes, True, item.routed.model, event.created_at)
-            in_review = template.review
-        else:
-            verdict = moderator.verdict(item, answer, latency_ms=latency_ms, source=source, count=False)
-            output = encoder.verdict(verdict)
-            facts = verdict_facts(verdict, item.routed.model)
-            in_review = bool(verdict.get("review"))
+        output, facts, in_review = answer_output(
+            moderator, encoder, item, answer, latency_ms=latency_ms, source=source, decided_at=decided_at
+        )
         publisher.publish(output, index)
         answered[index] = (facts, item.routed.hits, answer.result.halted, in_review)
         if answer.cached:

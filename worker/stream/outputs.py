@@ -15,23 +15,22 @@ import logging
 import time
 from collections import Counter
 
-import orjson
 from kafka.errors import KafkaError
 
 from worker.cache.published import PublishedMarkers
 from worker.config import Settings
-from worker.contracts.dead_letters import build_dead_letter, utc_now_rfc3339
+from worker.contracts.dead_letters import build_dead_letter
 from worker.contracts.decode import salvage_event_id
 from worker.contracts.events import ChatEvent
 from worker.contracts.rejections import Rejection
 from worker.contracts.verdicts import event_lag_seconds
-from worker.moderation.moderator import Answer, Moderator
+from worker.moderation.moderator import Answer, Moderator, count_verdict
 from worker.ops import metrics
 from worker.stream.checkpoint import Checkpoint
 from worker.stream.items import Consumed, KeyedRecord, Outcome, record_age_seconds
 from worker.stream.outage import FailureGuard
 from worker.stream.publisher import Publisher
-from worker.stream.records import OutputRecord, VerdictFacts, verdict_facts
+from worker.stream.records import OutputRecord, VerdictFacts, answer_output
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +73,16 @@ class Outputs:
             self._counters["dropped_revoked"] += 1
             return
         latency_ms = (time.monotonic() - record.received) * 1000.0
-        template = self._moderator.verdict_template(keyed, answer, source=True)
-        if template is not None:  # a cache hit: rendered from its compiled verdict
-            event = keyed.routed.event
-            output = self.publisher.encoder.templated(
-                template,
-                event,
-                latency_ms=latency_ms,
-                decided_at=orjson.dumps(utc_now_rfc3339()),
-                source=record.source,
-            )
-            if template.review:
-                metrics.REVIEW_BAND.inc()
-            facts = VerdictFacts(
-                template.decision, template.codes, True, keyed.routed.model, event.created_at
-            )
-            self._publish_verdict(record, output, facts)
-            return
-        verdict = self._moderator.verdict(keyed, answer, latency_ms=latency_ms, source=record.source)
-        self._publish_verdict(
-            record, self.publisher.encoder.verdict(verdict), verdict_facts(verdict, keyed.routed.model)
+        output, facts, review = answer_output(
+            self._moderator,
+            self.publisher.encoder,
+            keyed,
+            answer,
+            latency_ms=latency_ms,
+            source=record.source,
         )
+        count_verdict(keyed.routed.hits, answer.result.halted, review)
+        self._publish_verdict(record, output, facts)
 
     def _publish_verdict(self, record: Consumed, output: OutputRecord, facts: VerdictFacts) -> None:
         self._tally[(facts.decision, facts.codes, facts.cached, facts.model)] += 1

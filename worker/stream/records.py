@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from worker.config import TopicSettings
+from worker.contracts.dead_letters import utc_now_rfc3339
 
 if TYPE_CHECKING:
     from worker.contracts.dead_letters import SourceCoordinates
     from worker.contracts.events import ChatEvent
     from worker.contracts.verdicts import VerdictTemplate
+    from worker.moderation.moderator import Answer, Keyed, Moderator
 
 VERDICT_SCHEMA = b"verdict.v1"
 DEAD_LETTER_SCHEMA = b"dead_letter.v1"
@@ -80,21 +82,22 @@ class Encoder:
             value = self._header_bytes[key] = template.format(name, version).encode()
         return value
 
+    def _policy_and_model(self, verdict: dict[str, Any]) -> tuple[bytes, bytes]:
+        """The ``policy`` and ``model`` header values of ``verdict`` (or of a template's record)."""
+        policy, model = verdict["policy"], verdict["model"]
+        return (
+            self._header("{}:{}", policy["id"], policy["hash"]),
+            self._header("{}@{}", model["id"], model["revision"] or ""),
+        )
+
     def verdict(self, verdict: dict[str, Any]) -> OutputRecord:
         """The output record of ``verdict`` (``schemas/verdict.v1.json``)."""
-        policy, model = verdict["policy"], verdict["model"]
         event_id = verdict["event_id"]
-        headers = [
-            ("event_id", event_id.encode()),
-            ("schema", VERDICT_SCHEMA),
-            ("policy", self._header("{}:{}", policy["id"], policy["hash"])),
-            ("model", self._header("{}@{}", model["id"], model["revision"] or "")),
-        ]
         return OutputRecord(
             verdict_topics(verdict, self._topics),
             verdict["conversation_id"].encode(),
             orjson.dumps(verdict),
-            headers,
+            _verdict_headers(event_id, *self._policy_and_model(verdict)),
             event_id,
         )
 
@@ -114,27 +117,19 @@ class Encoder:
         """
         fixed = self._fixed.get(id(template))
         if fixed is None or fixed[0] is not template:
-            record = template.record
-            policy, model = record["policy"], record["model"]
             if len(self._fixed) >= FIXED_MAX:
                 self._fixed.clear()
             fixed = self._fixed[id(template)] = (
                 template,
-                verdict_topics(record, self._topics),
-                self._header("{}:{}", policy["id"], policy["hash"]),
-                self._header("{}@{}", model["id"], model["revision"] or ""),
+                verdict_topics(template.record, self._topics),
+                *self._policy_and_model(template.record),
             )
         event_id = event.event_id
         return OutputRecord(
             fixed[1],
             event.conversation_id.encode(),
             template.render(event, latency_ms, decided_at, source),
-            [
-                ("event_id", event_id.encode()),
-                ("schema", VERDICT_SCHEMA),
-                ("policy", fixed[2]),
-                ("model", fixed[3]),
-            ],
+            _verdict_headers(event_id, fixed[2], fixed[3]),
             event_id,
         )
 
@@ -145,6 +140,43 @@ class Encoder:
         if event_id is not None:
             headers.insert(0, ("event_id", event_id.encode()))
         return OutputRecord((self._topics.dlq,), key, orjson.dumps(dead_letter), headers, event_id)
+
+
+def _verdict_headers(event_id: str, policy: bytes, model: bytes) -> list[Header]:
+    return [("event_id", event_id.encode()), ("schema", VERDICT_SCHEMA), ("policy", policy), ("model", model)]
+
+
+def answer_output(
+    moderator: Moderator,
+    encoder: Encoder,
+    keyed: Keyed,
+    answer: Answer,
+    *,
+    latency_ms: float,
+    source: SourceCoordinates | None,
+    decided_at: bytes | None = None,
+) -> tuple[OutputRecord, VerdictFacts, bool]:
+    """The output record of ``keyed``'s verdict, what is counted about it, and whether it is in the review band.
+
+    A cache hit is rendered from its compiled verdict (``Moderator.verdict_template``; ``decided_at``: the
+    encoded decision time, for a caller that renders many at once); any other answer is built and encoded.
+    Counts nothing: the caller counts the verdict, its blocklist hits and the review band (``count_verdict``).
+    """
+    model = keyed.routed.model
+    template = moderator.verdict_template(keyed, answer, source=source is not None)
+    if template is not None:
+        event = keyed.routed.event
+        output = encoder.templated(
+            template,
+            event,
+            latency_ms=latency_ms,
+            decided_at=decided_at if decided_at is not None else orjson.dumps(utc_now_rfc3339()),
+            source=source,
+        )
+        facts = VerdictFacts(template.decision, template.codes, template.cached, model, event.created_at)
+        return output, facts, template.review
+    verdict = moderator.verdict(keyed, answer, latency_ms=latency_ms, source=source, count=False)
+    return encoder.verdict(verdict), verdict_facts(verdict, model), bool(verdict.get("review"))
 
 
 def verdict_facts(verdict: dict[str, Any], model: str) -> VerdictFacts:
