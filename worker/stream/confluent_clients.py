@@ -622,31 +622,19 @@ class ConfluentProducer:
         if self._closed:
             raise KafkaError("send on a closed producer")
         future = DeliveryFuture(self)
-        deadline = None
-        while True:
-            try:
-                if partition is None and not timestamp_ms:  # the publisher's case: librdkafka partitions
-                    self._producer.produce(topic, value, key, on_delivery=future.delivered, headers=headers)
-                else:
-                    self._producer.produce(
-                        topic,
-                        value,
-                        key,
-                        -1 if partition is None else partition,
-                        on_delivery=future.delivered,
-                        timestamp=timestamp_ms or 0,
-                        headers=headers,
-                    )
-                return future
-            except BufferError:
-                deadline = deadline or time.monotonic() + self._max_block_s
-                if time.monotonic() >= deadline:
-                    raise KafkaTimeoutError(
-                        f"the producer queue stayed full for {self._max_block_s:.0f}s"
-                    ) from None
-                self._producer.poll(0.05)  # serve delivery reports: that is what frees room
-            except ck.KafkaException as exc:
-                raise _kafka_error(exc, "send") from exc
+        if partition is None and not timestamp_ms:  # the publisher's case: librdkafka partitions
+            self._produce(topic, value, key, on_delivery=future.delivered, headers=headers)
+        else:
+            self._produce(
+                topic,
+                value,
+                key,
+                -1 if partition is None else partition,
+                on_delivery=future.delivered,
+                timestamp=timestamp_ms or 0,
+                headers=headers,
+            )
+        return future
 
     def send_unwatched(
         self,
@@ -664,10 +652,15 @@ class ConfluentProducer:
         """
         if self._closed:
             raise KafkaError("send on a closed producer")
+        self._produce(topic, value, key, on_delivery=on_failure, headers=headers)
+
+    def _produce(self, *args: Any, **kwargs: Any) -> None:
+        """librdkafka's ``produce``, waiting up to ``max_block_ms`` for room when its queue is full (kafka-python
+        blocks the same way), then ``KafkaTimeoutError``."""
         deadline = None
         while True:
             try:
-                self._producer.produce(topic, value, key, on_delivery=on_failure, headers=headers)
+                self._producer.produce(*args, **kwargs)
                 return
             except BufferError:
                 deadline = deadline or time.monotonic() + self._max_block_s
@@ -675,7 +668,7 @@ class ConfluentProducer:
                     raise KafkaTimeoutError(
                         f"the producer queue stayed full for {self._max_block_s:.0f}s"
                     ) from None
-                self._producer.poll(0.05)
+                self._producer.poll(0.05)  # serve delivery reports: that is what frees room
             except ck.KafkaException as exc:
                 raise _kafka_error(exc, "send") from exc
 
