@@ -8,11 +8,13 @@ pipeline; a revoke completes the chunks out before it commits, so a graceful han
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
@@ -186,6 +188,22 @@ def warm_then_stream(settings, engine, monkeypatch, disturb) -> tuple[kafka_io.W
     return worker, originals + repeats
 
 
+@contextlib.contextmanager
+def stopping_the_process() -> Iterator[Callable[[int], None]]:
+    """A ``disturb`` for ``warm_then_stream`` that SIGSTOPs the intake process; continued when the block ends."""
+    stopped: list[int] = []
+
+    def stop(pid: int) -> None:
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+
+    try:
+        yield stop
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+
+
 def assert_every_event_answered_once(settings, worker, events) -> None:
     total = len(events) + len(kafka_io.MALFORMED)
     kafka_io.wait_for(
@@ -250,13 +268,7 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
     """The process is stopped with two chunks out: the next polls of cache hits are answered on the loop thread
     by the same code (published, acknowledged, marked), and nothing is answered twice once the process resumes."""
     settings = make_settings(**engine_settings_overrides, kafka__max_poll_records=40)
-    stopped: list[int] = []
-
-    def stop(pid: int) -> None:
-        os.kill(pid, signal.SIGSTOP)
-        stopped.append(pid)
-
-    try:
+    with stopping_the_process() as stop:
         worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
         kafka_io.wait_for(
             lambda: worker.pipeline.counters["intake_loop_answers"] >= 200,
@@ -265,9 +277,6 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
             workers=[worker],
         )
         assert worker.pipeline.counters["intake_process_answers"] == 0, "the stopped process answered nothing"
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
     assert_every_event_answered_once(settings, worker, events)
     assert worker.pipeline.counters["intake_process_answers"] > 0, "its two chunks, once it resumed"
 
@@ -283,13 +292,7 @@ def test_when_answering_on_the_loop_thread_fails_the_staged_path_answers_everyth
         raise RuntimeError("a bug in the loop thread's answer path")
 
     monkeypatch.setattr(intake, "answer_chunk", broken)
-    stopped: list[int] = []
-
-    def stop(pid: int) -> None:
-        os.kill(pid, signal.SIGSTOP)
-        stopped.append(pid)
-
-    try:
+    with stopping_the_process() as stop:
         worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
         kafka_io.wait_for(
             lambda: worker.pipeline.counters["completed"] >= 500,
@@ -297,9 +300,6 @@ def test_when_answering_on_the_loop_thread_fails_the_staged_path_answers_everyth
             what="repeats answered while the process is stopped",
             workers=[worker],
         )
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
     assert_every_event_answered_once(settings, worker, events)
     assert len(calls) == 1, "tried once, then the staged path for good"
     assert worker.pipeline.counters["intake_loop_answers"] == 0
