@@ -14,7 +14,7 @@ from typing import Any
 from worker.contracts.rejections import Rejection
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (built per record on the hit path), never changed: see ChatEvent
 class SourceCoordinates:
     """Where a record came from in Kafka."""
 

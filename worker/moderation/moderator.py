@@ -74,7 +74,7 @@ class Elsewhere:
 ELSEWHERE = Elsewhere()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (built per record on the hit path), never changed: see ChatEvent
 class Routed:
     """An event with the policy it is judged under, the model that judges it and the blocklists it hits."""
 
@@ -89,7 +89,7 @@ class Routed:
         return bool(self.hits) and self.hits[0].action == "halt"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (built per record on the hit path), never changed: see ChatEvent
 class Keyed:
     """A routed event with its images' encoded bytes (in event order) and its verdict cache key."""
 
