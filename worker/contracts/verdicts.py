@@ -220,6 +220,7 @@ _PLACEHOLDER = "\x1fmw-verdict-slot:{}\x1f"  # no event value can equal it: one 
 _TASK_BYTES = {task: orjson.dumps(task.value) for task in Task}
 _DROPPED_BYTES: dict[tuple[int, int, int], bytes] = {}
 _COMPILED: dict[tuple[Any, ...], VerdictTemplate] = {}
+_SOURCE_PREFIXES: dict[tuple[str, int], bytes] = {}
 
 
 class _Placeholders:
@@ -255,7 +256,7 @@ class VerdictTemplate:
         "cached",
         "review",
         "_pinned",
-        "_pieces",
+        "_format",
         "_created_at",
         "_tenant",
     )
@@ -268,7 +269,8 @@ class VerdictTemplate:
         self.codes: tuple[str, ...] = tuple(c["code"] for c in record["categories"])
         self.cached: bool = record["cached"]
         self.review = bool(record.get("review"))
-        self._pieces = pieces
+        # The constant pieces joined by ``%b`` slots (a literal ``%`` doubled): rendering is one C-level format.
+        self._format = b"%b".join(piece.replace(b"%", b"%%") for piece in pieces[::2])
         self._created_at, self._tenant = shape
         self._pinned = pinned  # the result, policy and model whose ids key this template
 
@@ -283,25 +285,32 @@ class VerdictTemplate:
             dropped_bytes = _DROPPED_BYTES[dropped] = dumps(
                 {"messages": dropped[0], "images": dropped[1], "merged_messages": dropped[2]}
             )
-        values = [
+        values: tuple[bytes, ...] = (
             dumps(event.event_id),
             dumps(event.conversation_id),
             _TASK_BYTES[event.task],
             dumps(round(float(latency_ms), 3)),
             decided_at,
             dropped_bytes,
-        ]
+        )
         if self._created_at:
-            values.append(dumps(event.created_at))
+            values += (dumps(event.created_at),)
         if self._tenant:
-            values.append(dumps(event.tenant))
+            values += (dumps(event.tenant),)
         if source is not None:
-            values.append(
-                dumps({"topic": source.topic, "partition": source.partition, "offset": source.offset})
-            )
-        parts = self._pieces.copy()
-        parts[1::2] = values
-        return b"".join(parts)
+            values += (_source_bytes(source),)
+        return self._format % values
+
+
+def _source_bytes(source: SourceCoordinates) -> bytes:
+    """``orjson.dumps`` of the verdict's ``source`` object: a constant prefix per partition, then the offset."""
+    prefix = _SOURCE_PREFIXES.get((source.topic, source.partition))
+    if prefix is None:
+        if len(_SOURCE_PREFIXES) >= TEMPLATES_MAX:
+            _SOURCE_PREFIXES.clear()
+        encoded = orjson.dumps({"topic": source.topic, "partition": source.partition, "offset": 0})
+        prefix = _SOURCE_PREFIXES[(source.topic, source.partition)] = encoded[: -len(b"0}")]
+    return b"%b%d}" % (prefix, source.offset)
 
 
 def verdict_template(
