@@ -194,6 +194,7 @@ class Intake:
                 self._markers,
                 Encoder(self._settings.topics),
                 answer_producer(self._settings),
+                marks_async=True,
             )
         return self._here
 

@@ -151,6 +151,9 @@ class AnswerContext:
     markers: PublishedMarkers
     encoder: Encoder
     producer: Any
+    # The loop thread's own context: markers go to the markers' writer thread (with the high-water marks),
+    # so the loop never waits for that round trip; a process writes them itself before it reports.
+    marks_async: bool = False
 
 
 _CONTEXT: AnswerContext | None = None
@@ -264,9 +267,11 @@ class PublishedChunk:
                 if lag is not None:
                     lags.append(lag)
             published.sort()
-            self.context.markers.write_offsets(
-                [(TopicPartition(items[i][2], items[i][3]), items[i][4], items[i][6]) for i in published]
-            )
+            marked = [(TopicPartition(items[i][2], items[i][3]), items[i][4], items[i][6]) for i in published]
+            if self.context.marks_async:
+                self.context.markers.mark(marked)
+            else:
+                self.context.markers.write_offsets(marked)
         return ChunkAnswers(
             published,
             tally,
