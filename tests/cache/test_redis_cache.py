@@ -48,6 +48,32 @@ def test_equal_entries_are_parsed_once_and_shared_across_reads(services, make_se
         cache.close()
 
 
+def test_a_key_repeated_in_one_read_is_fetched_once_and_counted_per_request(services, make_settings):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-repeats:"
+    cache = VerdictCache(settings.redis)
+    fetched: list[list[str]] = []
+    real_mget = cache._client.mget
+
+    def mget(keys):
+        fetched.append(list(keys))
+        return real_mget(keys)
+
+    cache._client.mget = mget
+    hits, misses = (metrics.CACHE_REQUESTS.labels(result=r)._value.get() for r in ("hit", "miss"))
+    try:
+        a_entry, b_entry = ({"unsafe": u, "score": 0.5, "codes": [], "dropped": []} for u in (True, False))
+        cache.set_many([("a", a_entry), ("b", b_entry)])
+        values = cache.get_many(["a", "b", "a", "missing", "a"])
+        assert values == [a_entry, b_entry, a_entry, None, a_entry]
+        assert values[0] is values[2] is values[4]
+        assert fetched == [["mw:test-repeats:a", "mw:test-repeats:b", "mw:test-repeats:missing"]]
+        assert metrics.CACHE_REQUESTS.labels(result="hit")._value.get() - hits == 4
+        assert metrics.CACHE_REQUESTS.labels(result="miss")._value.get() - misses == 1
+    finally:
+        cache.close()
+
+
 def test_set_raw_stores_more_keys_than_one_script_call_takes_each_with_its_ttl(services, make_settings):
     settings = make_settings()
     cache = VerdictCache(settings.redis)

@@ -105,7 +105,7 @@ class VerdictCache:
         return self.enabled and (self.available or self._try_reconnect())
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Cached values for ``keys`` (None for a miss) with one MGET; all None when Redis is down.
+        """Cached values for ``keys`` (None for a miss) with one MGET of the distinct keys; all None when Redis is down.
 
         Equal entries are parsed once and share one dict, within a call and across calls (up to ``PARSED_MAX``
         distinct entries are remembered): a wave of repeats reads the same entry hundreds of times in one call,
@@ -113,7 +113,9 @@ class VerdictCache:
         """
         if not keys:
             return []
-        raw = self.get_raw([self._prefix + k for k in keys])
+        # Each distinct key is read once: a wave repeats a few keys hundreds of times in one call.
+        distinct = list(dict.fromkeys(keys))
+        raw = self.get_raw([self._prefix + k for k in distinct])
         if raw is None:
             if self.enabled:
                 metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
@@ -137,6 +139,9 @@ class VerdictCache:
                 value = None  # a corrupt entry is a miss; the fresh verdict overwrites it
             value = parsed[blob] = value if isinstance(value, dict) else None
             values.append(value)
+        if len(distinct) < len(keys):
+            by_key = dict(zip(distinct, values, strict=True))
+            values = [by_key[k] for k in keys]
         hits = sum(v is not None for v in values)
         if hits:
             metrics.CACHE_REQUESTS.labels(result="hit").inc(hits)
