@@ -266,7 +266,8 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
     make_settings, engine_settings_overrides, guard_engine, monkeypatch
 ):
     """The process is stopped with two chunks out: the next polls of cache hits are answered on the loop thread
-    by the same code (published, acknowledged, marked), and nothing is answered twice once the process resumes."""
+    by the same code (published, acknowledged, marked — its markers on the markers' thread), and nothing is
+    answered twice once the process resumes."""
     settings = make_settings(**engine_settings_overrides, kafka__max_poll_records=40)
     with stopping_the_process() as stop:
         worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
@@ -279,6 +280,14 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
         assert worker.pipeline.counters["intake_process_answers"] == 0, "the stopped process answered nothing"
     assert_every_event_answered_once(settings, worker, events)
     assert worker.pipeline.counters["intake_process_answers"] > 0, "its two chunks, once it resumed"
+    cache = VerdictCache(settings.redis)
+    markers = PublishedMarkers(cache, settings)
+    consumed = kafka_io.read_all(settings, settings.topics.events)
+    coordinates = [(TopicPartition(r.topic, r.partition), r.offset, record_digest(r.value)) for r in consumed]
+    assert len(coordinates) == len(events) + len(kafka_io.MALFORMED)
+    assert all(markers.acknowledged(coordinates)), "every answered record is marked, the loop thread's too"
+    markers.close()
+    cache.close()
 
 
 def test_when_answering_on_the_loop_thread_fails_the_staged_path_answers_everything(
