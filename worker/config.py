@@ -515,8 +515,8 @@ class RedisSettings(Section):
     published_marker_ttl_s: int = Field(
         900,
         ge=1,
-        description="how long a published marker lives; must exceed the time an answered record can wait "
-        "uncommitted behind a slow one, plus a restart",
+        description="how long a published marker lives at least (its block's TTL, renewed by each write into the "
+        "block); must exceed the time an answered record can wait uncommitted behind a slow one, plus a restart",
     )
 
 

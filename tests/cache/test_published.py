@@ -2,7 +2,8 @@
 
 from kafka.structs import TopicPartition
 
-from worker.cache.published import PublishedMarkers, record_digest
+from worker.cache import published
+from worker.cache.published import BLOCK_OFFSETS, DIGEST_BYTES, PublishedMarkers, record_digest
 from worker.cache.redis_cache import VerdictCache
 
 TP = TopicPartition("chat.events", 2)
@@ -63,8 +64,15 @@ class CountingCache:
         self.reads.append(list(keys))
         return self.cache.get_raw(keys)
 
+    def get_ranges(self, items):
+        self.reads.append(list(items))
+        return self.cache.get_ranges(items)
+
     def set_raw(self, items, ttl_s):
         return self.cache.set_raw(items, ttl_s)
+
+    def set_ranges(self, items, ttl_s):
+        return self.cache.set_ranges(items, ttl_s)
 
 
 def test_offsets_above_a_partitions_high_water_mark_are_not_looked_up(services, make_settings):
@@ -83,7 +91,8 @@ def test_offsets_above_a_partitions_high_water_mark_are_not_looked_up(services, 
         assert markers.acknowledged(replayed) == [True, True, True, False, False]
         high, lookups = counting.reads
         assert high == [markers._high_key(TP)]
-        assert len(lookups) == 3  # offsets 5-7 (at or below 7); 8 and 9 were never answered
+        # One range: the slots of offsets 5-7 (at or below 7); 8 and 9 were never answered.
+        assert lookups == [(markers._block_key(TP, 0), 5 * DIGEST_BYTES, 8 * DIGEST_BYTES - 1)]
         counting.reads.clear()
         assert markers.acknowledged([(TP, 10, digest), (TP, 11, digest)]) == [False, False]
         assert counting.reads == []  # steady state: no Redis round trip at all
@@ -98,3 +107,51 @@ def test_offsets_above_a_partitions_high_water_mark_are_not_looked_up(services, 
         assert PublishedMarkers(cache, settings).acknowledged([(TP, 10, digest)]) == [True]
     finally:
         cache.close()
+
+
+def test_markers_of_runs_across_blocks_partitions_and_gaps_are_found_and_only_theirs(services, make_settings):
+    """Markers are slots in per-partition blocks, written one run of consecutive offsets at a time: runs that
+    cross a block boundary, interleave partitions, arrive out of order or leave gaps read back exactly."""
+    settings = make_settings()
+    cache = VerdictCache(settings.redis)
+    other = TopicPartition("chat.events", 3)
+    try:
+        writer = PublishedMarkers(cache, settings)
+        edge = BLOCK_OFFSETS - 2
+        marked = [(TP, o, record_digest(b"%d" % o)) for o in (*range(edge, edge + 5), 1, 3, 2)]
+        marked += [(other, o, record_digest(b"other %d" % o)) for o in (edge + 1, 7)]
+        writer.write_offsets(marked[:4])  # as an intake process does (now, on this thread)
+        writer.mark(marked[4:])  # as the loop does (on the markers' thread)
+        writer.close()
+
+        markers = PublishedMarkers(cache, settings)
+        markers.raise_high([(TP, edge + 4), (other, edge + 1)])
+        markers.settle()
+        markers.forget(TP)
+        markers.forget(other)
+        wanted = marked + [
+            (TP, 0, record_digest(b"0")),
+            (TP, 4, record_digest(b"4")),
+            (other, 8, record_digest(b"x")),
+        ]
+        wanted += [(TP, edge, record_digest(b"not the record marked there"))]
+        assert markers.acknowledged(wanted) == [True] * len(marked) + [False] * 4
+        markers.close()
+    finally:
+        cache.close()
+
+
+def test_a_digest_is_never_the_unwritten_slots_zero_bytes(monkeypatch):
+    """A record whose digest came out as zero bytes would read as marked in every unwritten slot."""
+
+    class ZeroHash:
+        def __init__(self, data, digest_size):
+            self.size = digest_size
+
+        def digest(self):
+            return bytes(self.size)
+
+    assert record_digest(b"a") != record_digest(b"b")
+    monkeypatch.setattr(published.hashlib, "blake2b", ZeroHash)
+    digest = record_digest(b"a record whose digest is zero")
+    assert len(digest) == DIGEST_BYTES and digest != bytes(DIGEST_BYTES)

@@ -106,7 +106,7 @@ class DictCache:
     """The verdict cache's interface over dicts (``VerdictCache`` is the Redis edge).
 
     Verdict entries (``get_many``/``set_many``) and the raw values other stores share the connection for
-    (``get_raw``/``set_raw``: the stream's published markers). ``down = True`` behaves like an unreachable
+    (``get_raw``/``set_raw``/``get_ranges``/``set_ranges``: the stream's published markers). ``down = True`` behaves like an unreachable
     Redis: every read misses, every write is dropped, nothing raises. TTLs are recorded, not enforced.
     """
 
@@ -143,6 +143,21 @@ class DictCache:
             for key, value in items:
                 self.raw[key] = value
                 self.ttls[key] = ttl_s
+
+    def set_ranges(self, items: list[tuple[str, int, bytes]], ttl_s: int) -> None:
+        """SETRANGE: ``data`` written at byte ``at`` of the key's string (a gap is zero bytes)."""
+        if self.available:
+            for key, at, data in items:
+                value = self.raw.get(key, b"")
+                value = value.ljust(at, b"\0")
+                self.raw[key] = value[:at] + data + value[at + len(data) :]
+                self.ttls[key] = ttl_s
+
+    def get_ranges(self, items: list[tuple[str, int, int]]) -> list[bytes] | None:
+        """GETRANGE: bytes ``first`` to ``last`` (inclusive) of each key's string."""
+        if not items or not self.available:
+            return None
+        return [self.raw.get(key, b"")[first : last + 1] for key, first, last in items]
 
     def close(self) -> None:
         self.closed = True

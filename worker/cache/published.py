@@ -3,15 +3,20 @@
 After a crash the uncommitted tail of each partition is consumed again. Most of it was already answered —
 answered offsets wait, uncommitted, behind the slowest item of their partition — and re-publishing them
 doubles the output. So once the broker has acknowledged every output of a record, the pipeline writes a
-marker ``<prefix>pub:<group>:<topic>:<partition>:<offset>`` (all of a loop turn in one call, with a TTL);
-on intake, one MGET per poll finds the replayed records that are marked, and they are completed without
-being published again.
+marker for it to Redis (all of a loop turn in one call, with a TTL); on intake, one read per poll finds the
+replayed records that are marked, and they are completed without being published again.
+
+A marker is the record's digest (``DIGEST_BYTES``) in the slot of its offset in a block of ``BLOCK_OFFSETS``
+consecutive offsets of its partition: the string key ``<prefix>pub:<group>:<topic>:<partition>:b<block>``,
+written with SETRANGE — one command per contiguous run of answered offsets, not one key per record (a wave of
+cache hits marks thousands of records a second). A slot never written reads as zero bytes, which no digest
+equals; a block's TTL starts again at each write into it, so a marker lives at least
+``redis.published_marker_ttl_s``. The digest makes a marker left by another record at the same coordinates
+(a topic deleted and re-created) not match, and the key holds the consumer group, since another group reading
+the same topic publishes its own answers.
 
 Per partition, a high-water mark key (``...:<partition>:high``, the highest offset marked there) spares the
 lookups in the steady state: an offset above it was never answered, so only a replayed tail is looked up.
-The marker's value is a digest of the record's bytes: a marker left by another record at the same
-coordinates (a topic deleted and re-created) does not match and is ignored. The key holds the consumer
-group, since another group reading the same topic publishes its own answers.
 
 What still duplicates: a record whose outputs were acknowledged but whose marker was not written yet when
 the worker died (the loop applies acks every few milliseconds, also during a forward pass), outputs sent but
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kafka.structs import TopicPartition
 
@@ -37,11 +42,15 @@ from worker.config import Settings
 from worker.moderation.routing import consumer_group_id
 
 DIGEST_BYTES = 8  # a record's identity at its coordinates, not a security boundary
+BLOCK_OFFSETS = 1024  # offsets per marker key: a block is at most 8 KiB
+_UNMARKED = bytes(DIGEST_BYTES)  # what a slot never written holds
+_NOT_UNMARKED = (1).to_bytes(DIGEST_BYTES, "big")
 
 
 def record_digest(value: bytes | None) -> bytes:
-    """A short digest of a record's value (what a marker stores)."""
-    return hashlib.blake2b(value or b"", digest_size=DIGEST_BYTES).digest()
+    """A short digest of a record's value (what a marker stores); never all zero bytes (an unwritten slot)."""
+    digest = hashlib.blake2b(value or b"", digest_size=DIGEST_BYTES).digest()
+    return digest if digest != _UNMARKED else _NOT_UNMARKED
 
 
 class PublishedMarkers:
@@ -58,10 +67,27 @@ class PublishedMarkers:
         self._high: dict[TopicPartition, int] = {}
         # Writes go to Redis on a thread of their own, in order: the loop thread never waits for a round trip.
         self._writer: cf.ThreadPoolExecutor | None = None
-        self._last_write: cf.Future[None] | None = None
+        self._last_write: cf.Future[object] | None = None
 
-    def _key(self, tp: TopicPartition, offset: int) -> str:
-        return f"{self._prefix}{tp.topic}:{tp.partition}:{offset}"
+    def _block_key(self, tp: TopicPartition, block: int) -> str:
+        return f"{self._prefix}{tp.topic}:{tp.partition}:b{block}"
+
+    def _runs(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, int, list[int]]]:
+        """Indices of ``records`` grouped into runs of consecutive offsets within one block of one partition:
+        ``(block key, first offset, indices in offset order)``."""
+        order = sorted(range(len(records)), key=lambda i: (records[i][0], records[i][1]))
+        runs: list[tuple[str, int, list[int]]] = []
+        last: tuple[TopicPartition, int] | None = None
+        for i in order:
+            tp, offset, _ = records[i]
+            if last is not None and last[0] == tp and offset == last[1] + 1 and offset % BLOCK_OFFSETS:
+                runs[-1][2].append(i)
+            elif last is not None and last[0] == tp and offset == last[1]:
+                continue  # the same offset twice: one slot
+            else:
+                runs.append((self._block_key(tp, offset // BLOCK_OFFSETS), offset, [i]))
+            last = (tp, offset)
+        return runs
 
     def _high_key(self, tp: TopicPartition) -> str:
         return f"{self._prefix}{tp.topic}:{tp.partition}:high"
@@ -89,35 +115,56 @@ class PublishedMarkers:
         if not candidates:
             return answered
         self.settle()  # this worker's own marks first (a seek back within an assignment)
-        stored = self._cache.get_raw([self._key(records[i][0], records[i][1]) for i in candidates])
+        runs = self._runs([records[i] for i in candidates])
+        stored = self._cache.get_ranges(
+            [
+                (
+                    key,
+                    (first % BLOCK_OFFSETS) * DIGEST_BYTES,
+                    ((first % BLOCK_OFFSETS) + len(run)) * DIGEST_BYTES - 1,
+                )
+                for key, first, run in runs
+            ]
+        )
         if stored is not None:
-            for i, value in zip(candidates, stored, strict=True):
-                answered[i] = value == records[i][2]
+            for (_, _, run), data in zip(runs, stored, strict=True):
+                for slot, j in enumerate(run):
+                    i = candidates[j]
+                    answered[i] = data[slot * DIGEST_BYTES : (slot + 1) * DIGEST_BYTES] == records[i][2]
         return answered
 
     def mark(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
-        """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one round trip per 512).
+        """Record that the answers of ``(tp, offset, digest)`` are acknowledged (one round trip).
 
-        A partition's high-water mark is written with them when it rises (never lowered by this worker). The
-        write happens on the markers' own thread; ``acknowledged`` and ``close`` wait for it when they need to.
+        A partition's high-water mark is written after them when it rises (never lowered by this worker). The
+        writes happen on the markers' own thread; ``acknowledged`` and ``close`` wait for them when they need to.
         """
         if not self.enabled or not records:
             return
-        self._write(self._offset_items(records) + self._risen_items(records))
+        ranges = self._ranges(records)
+        risen = self._risen_items(records)
+        self._submit(
+            lambda: (self._cache.set_ranges(ranges, self._ttl), self._cache.set_raw(risen, self._ttl))
+        )
 
-    def _offset_items(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, bytes]]:
-        """The marker keys and values of ``(tp, offset, digest)``, without the high-water marks."""
-        return [(self._key(tp, offset), digest) for tp, offset, digest in records]
+    def _ranges(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, int, bytes]]:
+        """The block writes of ``(tp, offset, digest)``: one ``(key, byte offset, digests)`` per run."""
+        return [
+            (key, (first % BLOCK_OFFSETS) * DIGEST_BYTES, b"".join(records[i][2] for i in run))
+            for key, first, run in self._runs(records)
+        ]
 
     def write_offsets(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
         """Write the markers of ``records`` now, on this thread, without high-water marks (intake processes)."""
         if self.enabled and records:
-            self._cache.set_raw(self._offset_items(records), self._ttl)
+            self._cache.set_ranges(self._ranges(records), self._ttl)
 
     def raise_high(self, records: Sequence[tuple[TopicPartition, int]]) -> None:
         """Raise the high-water marks to cover ``(tp, offset)``, whose markers are written already."""
         if self.enabled and records:
-            self._write(self._risen_items(records))
+            risen = self._risen_items(records)
+            if risen:
+                self._submit(lambda: self._cache.set_raw(risen, self._ttl))
 
     def _risen_items(
         self, records: Sequence[tuple[TopicPartition, int] | tuple[TopicPartition, int, bytes]]
@@ -131,12 +178,10 @@ class PublishedMarkers:
             self._high[tp] = offset
         return [(self._high_key(tp), str(offset).encode()) for tp, offset in risen.items()]
 
-    def _write(self, items: list[tuple[str, bytes]]) -> None:
-        if not items:
-            return
+    def _submit(self, write: Callable[[], object]) -> None:
         if self._writer is None:
             self._writer = cf.ThreadPoolExecutor(1, thread_name_prefix="published-markers")
-        self._last_write = self._writer.submit(self._cache.set_raw, items, self._ttl)
+        self._last_write = self._writer.submit(write)  # in order: one writer thread
 
     def settle(self) -> None:
         """Wait until every mark made so far is written (or given up: an outage drops marks, never raises)."""

@@ -36,6 +36,23 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+# Byte ranges written into string keys, each key's TTL set with its write: published markers keep a partition's
+# markers as blocks of fixed-size slots (``worker.cache.published``), one SETRANGE per contiguous run.
+_SET_RANGES_WITH_TTL = """
+for i = 1, #KEYS do
+  redis.call('SETRANGE', KEYS[i], ARGV[2 * i], ARGV[2 * i + 1])
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return #KEYS
+"""
+# Byte ranges read from string keys (an absent key reads as no bytes).
+_GET_RANGES = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('GETRANGE', KEYS[i], ARGV[2 * i - 1], ARGV[2 * i])
+end
+return out
+"""
 SET_MANY_CHUNK = 512  # keys per script call: keeps each call short on the server
 PARSED_MAX = 4096  # distinct entries whose parsed value is kept between reads (cleared when full)
 
@@ -65,6 +82,8 @@ class VerdictCache:
                 retry_on_timeout=False,
             )
             self._set_many = self._client.register_script(_SET_MANY_WITH_TTL)
+            self._set_ranges = self._client.register_script(_SET_RANGES_WITH_TTL)
+            self._get_ranges = self._client.register_script(_GET_RANGES)
             self._try_reconnect(force=True)
         metrics.REDIS_UP.set(1 if self.available else 0)
 
@@ -174,6 +193,37 @@ class VerdictCache:
                 self._set_many(keys=[key for key, _ in chunk], args=[ttl_s, *(value for _, value in chunk)])
         except (redis.RedisError, OSError) as exc:
             self._mark_down(exc)
+
+    def set_ranges(self, items: Sequence[tuple[str, int, bytes]], ttl_s: int) -> None:
+        """Write each ``(full_key, byte_offset, data)`` into its key (SETRANGE: the bytes around it are kept, a gap
+        is zero bytes) and give the key ``ttl_s``; one script call per 512 ranges, nothing when Redis is down."""
+        if not items or not self._usable():
+            return
+        assert self._client is not None
+        try:
+            for start in range(0, len(items), SET_MANY_CHUNK):
+                chunk = items[start : start + SET_MANY_CHUNK]
+                args: list[Any] = [ttl_s]
+                for _, at, data in chunk:
+                    args += (at, data)
+                self._set_ranges(keys=[key for key, _, _ in chunk], args=args)
+        except (redis.RedisError, OSError) as exc:
+            self._mark_down(exc)
+
+    def get_ranges(self, items: Sequence[tuple[str, int, int]]) -> list[bytes] | None:
+        """The bytes of each ``(full_key, first_byte, last_byte)`` (inclusive; fewer or none where the key is
+        shorter or absent) in one script call; None when Redis is down or disabled."""
+        if not items or not self._usable():
+            return None
+        assert self._client is not None
+        args: list[int] = []
+        for _, first, last in items:
+            args += (first, last)
+        try:
+            return list(self._get_ranges(keys=[key for key, _, _ in items], args=args))
+        except (redis.RedisError, OSError) as exc:
+            self._mark_down(exc)
+            return None
 
     def set_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Store ``(key, value)`` pairs with the configured TTL (one round trip per 512 keys)."""
