@@ -73,20 +73,19 @@ class PublishedMarkers:
         return f"{self._prefix}{tp.topic}:{tp.partition}:b{block}"
 
     def _runs(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, int, list[int]]]:
-        """Indices of ``records`` grouped into runs of consecutive offsets within one block of one partition:
-        ``(block key, first offset, indices in offset order)``."""
-        order = sorted(range(len(records)), key=lambda i: (records[i][0], records[i][1]))
+        """Indices of ``records`` in runs of consecutive offsets within one block of one partition, in the order
+        given: ``(block key, first offset, indices)``. A poll's records come grouped by partition in offset
+        order, so a chunk of them is a few runs; any other order only makes more, shorter runs."""
         runs: list[tuple[str, int, list[int]]] = []
-        last: tuple[TopicPartition, int] | None = None
-        for i in order:
-            tp, offset, _ = records[i]
-            if last is not None and last[0] == tp and offset == last[1] + 1 and offset % BLOCK_OFFSETS:
+        last_tp: TopicPartition | None = None
+        last_offset = -2
+        for i, (tp, offset, _) in enumerate(records):
+            if offset == last_offset + 1 and offset % BLOCK_OFFSETS and tp == last_tp:
                 runs[-1][2].append(i)
-            elif last is not None and last[0] == tp and offset == last[1]:
-                continue  # the same offset twice: one slot
             else:
                 runs.append((self._block_key(tp, offset // BLOCK_OFFSETS), offset, [i]))
-            last = (tp, offset)
+                last_tp = tp
+            last_offset = offset
         return runs
 
     def _high_key(self, tp: TopicPartition) -> str:
