@@ -275,15 +275,21 @@ class _Pairs(list):  # type: ignore[type-arg]
     """An object written as its (key, value) pairs, duplicates allowed."""
 
 
-def _encode(node: Any, escape_colons: bool) -> str:
+def _encode(node: Any, escape_colons: bool, compact: bool = False) -> str:
+    """``compact``: no spaces and raw UTF-8, as orjson writes (a record without duplicates then equals the
+    encoding of its parse)."""
+
     def string(s: str) -> str:
-        text = json.dumps(s)
+        text = json.dumps(s, ensure_ascii=not compact)
         return text.replace(":", "\\u003a") if escape_colons else text
 
+    colon = ":" if compact else " : "
     if isinstance(node, _Pairs):
-        return "{" + ",".join(f"{string(k)} : {_encode(v, escape_colons)}" for k, v in node) + "}"
+        return (
+            "{" + ",".join(f"{string(k)}{colon}{_encode(v, escape_colons, compact)}" for k, v in node) + "}"
+        )
     if isinstance(node, list):
-        return "[" + ",".join(_encode(v, escape_colons) for v in node) + "]"
+        return "[" + ",".join(_encode(v, escape_colons, compact) for v in node) + "]"
     return string(node) if isinstance(node, str) else json.dumps(node)
 
 
@@ -297,9 +303,9 @@ def _has_duplicates(node: Any) -> bool:
 
 
 @hyp_settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(tree=_json_trees(), escape_colons=st.booleans())
-def test_duplicate_key_detection_is_exact(tree: Any, escape_colons: bool) -> None:
-    record = _encode(tree, escape_colons).encode()
+@given(tree=_json_trees(), escape_colons=st.booleans(), compact=st.booleans())
+def test_duplicate_key_detection_is_exact(tree: Any, escape_colons: bool, compact: bool) -> None:
+    record = _encode(tree, escape_colons, compact).encode()
     found = _duplicate_key(record, orjson.loads(record))
     assert (found is not None) == _has_duplicates(tree), record
     if found is not None:
@@ -319,6 +325,15 @@ def _depth(node: Any) -> int:
 def test_nesting_depth_check_is_exact_despite_brackets_in_strings(tree: Any, limit: int) -> None:
     record = _encode(tree, escape_colons=False).encode()
     assert _too_deep(record, limit) == (_depth(tree) > limit), record
+
+
+def test_a_compact_record_repeating_a_key_with_the_same_value_is_still_a_duplicate() -> None:
+    """Its parse encodes to the record without the repeat: the byte-for-byte shortcut must not accept it."""
+    record = b'{"a":1,"a":1}'
+    assert orjson.dumps(orjson.loads(record)) != record
+    found = _duplicate_key(record, orjson.loads(record))
+    assert found is not None and found.reason == Reason.DUPLICATE_KEY
+    assert _duplicate_key(b'{"a":1,"b":[{"c":"d:e"}]}', orjson.loads(b'{"a":1,"b":[{"c":"d:e"}]}')) is None
 
 
 @hyp_settings(max_examples=300, deadline=None)

@@ -9,7 +9,8 @@ Duplicate keys: orjson (fast) keeps the last value silently. Every object member
 outside strings, and orjson never escapes ``:``. So when the raw record has no ``\\u003x`` escape, it has
 duplicate keys exactly when it holds more ``:`` bytes than ``orjson.dumps`` of the parsed value does (the
 lost members, and the strings inside them, carry the missing colons). That costs one C-level dump and two
-byte counts; the slow, exact path (stdlib ``json`` with ``object_pairs_hook``) runs only for records with
+byte counts — or only the dump and one comparison when the record is byte for byte that dump (a compact
+producer's record, escapes included: nothing was lost); the slow, exact path (stdlib ``json`` with ``object_pairs_hook``) runs only for records with
 such escapes, records too deep for ``orjson.dumps``, and to name the duplicate key of a rejected record.
 ``benchmarks/bench_decode.py`` measures the alternatives.
 """
@@ -187,13 +188,17 @@ def _pairs_hook(pairs: list[tuple[str, Any]]) -> _PairsDict:
 
 def _duplicate_key(raw: bytes, obj: Any) -> Rejection | None:
     """A ``duplicate_key`` rejection if any object in ``raw`` repeats a key (see the module docstring)."""
-    # memchr for a backslash first: most records have no escapes at all.
-    if b"\\" not in raw or b"\\u003" not in raw:
-        try:
-            if raw.count(b":") == orjson.dumps(obj).count(b":"):
-                return None
-        except orjson.JSONEncodeError:
-            pass  # nested deeper than orjson.dumps allows: use the exact path
+    try:
+        encoded = orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        encoded = None  # nested deeper than orjson.dumps allows: use the exact path
+    if encoded is not None:
+        # A compact record is often byte for byte the encoding of what it parsed to: then no member was lost.
+        if encoded == raw:
+            return None
+        # memchr for a backslash first: most records have no escapes at all.
+        if (b"\\" not in raw or b"\\u003" not in raw) and raw.count(b":") == encoded.count(b":"):
+            return None
     try:
         tree = json.loads(raw, object_pairs_hook=_pairs_hook)
     except RecursionError:
