@@ -296,11 +296,11 @@ def test_when_answering_on_the_loop_thread_fails_the_staged_path_answers_everyth
     settings = make_settings(**engine_settings_overrides, kafka__max_poll_records=40)
     calls: list[int] = []
 
-    def broken(items, context, ack_timeout_s):
+    def broken(items, context):
         calls.append(len(items))
         raise RuntimeError("a bug in the loop thread's answer path")
 
-    monkeypatch.setattr(intake, "answer_chunk", broken)
+    monkeypatch.setattr(intake, "publish_chunk", broken)
     with stopping_the_process() as stop:
         worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
         kafka_io.wait_for(

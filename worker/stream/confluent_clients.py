@@ -676,6 +676,12 @@ class ConfluentProducer:
         """Run the delivery reports that arrived (settling their futures) on this thread; returns how many."""
         return self._producer.poll(timeout_s)
 
+    def idle(self) -> bool:
+        """Whether every record sent so far has its answer from the broker, without waiting (the delivery
+        reports that arrived are served first)."""
+        self._producer.poll(0)
+        return len(self._producer) == 0
+
     def flush(self, timeout: float | None = None) -> None:
         """Send everything queued and wait for its delivery reports; ``KafkaTimeoutError`` if some are left."""
         left = self._producer.flush(-1 if timeout is None else timeout)

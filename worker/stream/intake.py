@@ -41,8 +41,9 @@ from worker.stream.intake_pool import (
     ChunkAnswers,
     IntakePool,
     IntakeProcessError,
-    answer_chunk,
+    PublishedChunk,
     answer_producer,
+    publish_chunk,
 )
 from worker.stream.items import Consumed, RoutedRecord
 from worker.stream.records import Encoder
@@ -86,6 +87,9 @@ class Intake:
         # the verdict cache and a producer of its own (made on the first such poll).
         self._cache = cache
         self._here: AnswerContext | None = None
+        # The last poll answered here, its verdicts sent and their acks not read yet (at most one: the acks of
+        # one poll are awaited while the loop takes the next, and read before another poll is sent).
+        self._here_chunk: tuple[list[Consumed], PublishedChunk] | None = None
         # Chunks out in intake processes: (their records, the answers' future, when to give up waiting).
         self._chunks: list[tuple[list[Consumed], cf.Future[ChunkAnswers], float]] = []
         self._settled = Accepted()  # what chunks settled by a revoke or drain left to the loop thread's path
@@ -97,12 +101,14 @@ class Intake:
 
     @property
     def pending(self) -> bool:
-        """Whether a chunk of records is out in an intake process."""
-        return bool(self._chunks)
+        """Whether a chunk of records is out in an intake process, or answered here and waiting for its acks."""
+        return bool(self._chunks) or self._here_chunk is not None
 
     def accept(self, records: dict[TopicPartition, list[Any]]) -> Accepted:
         """Take one poll's records (see the module docstring), and the chunks that came back from processes."""
         accepted, self._settled = self._settled, Accepted()
+        if self._here_chunk is not None:  # a turn that polled nothing has nothing else to do than wait for it
+            self._collect_here(accepted, wait_s=None if records else LOOP_ACK_TIMEOUT_S)
         if records:
             # Timed per poll, not per record: the timer costs as much as decoding.
             with metrics.observe_stage("decode"):
@@ -158,31 +164,60 @@ class Intake:
     def _answer_here(self, fresh: list[Consumed], accepted: Accepted) -> None:
         """The processes are busy: answer this poll's records as a process would, on this thread.
 
-        ``answer_chunk`` with a context of the loop thread's own (this worker's core, cache and markers, and a
-        producer of its own): it publishes the verdicts it can answer, waits for the broker's acks (this turn
-        waits with it, a few milliseconds) and writes their markers; those records are completed here, the
-        rest take the staged path. Leaner per record than the staged path, which a cache hit does not need.
+        ``publish_chunk`` with a context of the loop thread's own (this worker's core, cache and markers, and a
+        producer of its own) sends the verdicts it can answer; the rest take the staged path now. The broker's
+        acks of the sent ones are read on a later turn (``_collect_here``), so the loop takes the next poll
+        meanwhile; then their markers are written, on the markers' thread, and the records completed. The acks
+        of the poll before are read first: one flush then waits for that poll's verdicts alone. Leaner per
+        record than the staged path, which a cache hit does not need.
         """
+        if self._here_chunk is not None:
+            self._collect_here(accepted, wait_s=LOOP_ACK_TIMEOUT_S)
         items = [
             (c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms, c.digest) for c in fresh
         ]
         try:
-            result = answer_chunk(items, self._context_here(), LOOP_ACK_TIMEOUT_S)
+            chunk: PublishedChunk | None = publish_chunk(items, self._context_here())
         except Exception:  # noqa: BLE001 — a bug here must not stop the stream: the staged path answers them
-            log.exception(
-                "answering a poll on the loop thread failed; the staged path answers the busy processes' "
-                "overflow from now on",
-                extra={"stage": "decode"},
-            )
-            self._cache = None  # no second try: the staged path is always correct
+            self._answering_here_failed()
+            chunk = None
+        with metrics.observe_stage("decode"):
+            answered = chunk.answered if chunk is not None else {}
+            for index, consumed in enumerate(fresh):
+                if index not in answered:
+                    self._route(consumed, accepted)
+        if chunk is not None:
+            self._here_chunk = (fresh, chunk)
+
+    def _collect_here(self, accepted: Accepted, *, wait_s: float | None) -> None:
+        """Complete the poll answered here once the broker answered its verdicts (``wait_s``: wait up to that;
+        None: only if they are answered already); a verdict not acknowledged takes the staged path (published
+        again: at least once)."""
+        assert self._here_chunk is not None
+        fresh, chunk = self._here_chunk
+        if wait_s is None and not chunk.settled():
+            return
+        self._here_chunk = None
+        try:
+            result: ChunkAnswers | None = chunk.finish(wait_s or 0.0)
+        except Exception:  # noqa: BLE001 — as in _answer_here
+            self._answering_here_failed()
             result = None
         if result is not None:
             self._published(fresh, result, here=True)
         with metrics.observe_stage("decode"):
             published = set(result.published) if result is not None else set()
-            for index, consumed in enumerate(fresh):
+            for index in chunk.answered:
                 if index not in published:
-                    self._route(consumed, accepted)
+                    self._route(fresh[index], accepted)
+
+    def _answering_here_failed(self) -> None:
+        log.exception(
+            "answering a poll on the loop thread failed; the staged path answers the busy processes' "
+            "overflow from now on",
+            extra={"stage": "decode"},
+        )
+        self._cache = None  # no second try: the staged path is always correct
 
     def _context_here(self) -> AnswerContext:
         if self._here is None:
@@ -211,9 +246,12 @@ class Intake:
         when the partitions move would be published by this worker and again by their next owner. What the
         chunks leave to the loop thread's path is taken by the next ``accept``.
         """
+        deadline = time.monotonic() + timeout_s
+        if self._here_chunk is not None:
+            self._collect_here(self._settled, wait_s=max(0.0, min(timeout_s, LOOP_ACK_TIMEOUT_S)))
         if not self._chunks:
             return
-        cf.wait([future for _, future, _ in self._chunks], timeout=max(0.0, timeout_s))
+        cf.wait([future for _, future, _ in self._chunks], timeout=max(0.0, deadline - time.monotonic()))
         self._collect(self._settled)
 
     def _collect(self, accepted: Accepted) -> None:

@@ -235,6 +235,10 @@ class PublishedChunk:
     hits: int
     misses: int
 
+    def settled(self) -> bool:
+        """Whether the broker has answered every verdict sent (``finish`` would not wait), without waiting."""
+        return not self.answered or self.publisher.settled()
+
     def finish(self, ack_timeout_s: float = ACK_TIMEOUT_S) -> ChunkAnswers:
         """Wait for the acks (up to ``ack_timeout_s``), write the acknowledged records' markers: the answers."""
         from kafka.structs import TopicPartition

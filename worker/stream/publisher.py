@@ -140,6 +140,7 @@ class BatchPublisher:
         self._watched = Publisher(producer, topics, encoder) if self._unwatched is None else None
         self._tokens: list[Any] = []
         self._failed: set[Any] = set()
+        self._drained: list[tuple[Any, BaseException | None]] = []  # watched deliveries read by ``settled``
 
     def publish(self, output: OutputRecord, token: Any) -> None:
         """Send ``output`` to each of its topics (see ``Publisher.publish``)."""
@@ -158,14 +159,23 @@ class BatchPublisher:
         except Exception:  # noqa: BLE001 — buffer full / producer closing: not published (redone by the caller)
             self._failed.add(token)
 
+    def settled(self) -> bool:
+        """Whether the broker has answered every record published so far, without waiting (on an unwatched
+        producer: every record that producer has sent, this batch's and any other's)."""
+        if self._watched is not None:
+            self._drained += self._watched.drain_acks()
+            return not self._watched.awaiting_acks
+        return bool(self._producer.idle())  # type: ignore[union-attr]  # unwatched: a ConfluentProducer
+
     def wait(self, timeout_s: float) -> list[Any]:
-        """Send what is buffered and wait up to ``timeout_s``: the tokens acknowledged in full, in publish order."""
+        """Send what is buffered and wait up to ``timeout_s``: the tokens acknowledged in full."""
         if self._watched is not None:
             try:
                 self._watched.flush(timeout_s)
             except KafkaError:
                 pass  # what is not acknowledged in time is not reported as acknowledged
-            return [token for token, error in self._watched.drain_acks() if error is None]
+            drained, self._drained = self._drained + self._watched.drain_acks(), []
+            return [token for token, error in drained if error is None]
         try:
             self._producer.flush(timeout=timeout_s)
         except KafkaError:  # records left: which were delivered is not known
