@@ -256,10 +256,11 @@ class PublishedChunk:
             # What is not acknowledged in time is left to the loop thread.
             acknowledged = self.publisher.wait(ack_timeout_s)
             now = time.time()
+            created: dict[str | None, float | None] = {}  # lag per created_at (a burst shares its stamps)
             for index in acknowledged:
                 published.append(index)
                 facts, routed_hits, halted, in_review = answered[index]
-                labels = (facts.decision, facts.codes, facts.cached, facts.model)
+                labels = facts[:4]  # decision, codes, cached, model
                 tally[labels] = tally.get(labels, 0) + 1
                 review += in_review
                 if routed_hits:
@@ -267,11 +268,23 @@ class PublishedChunk:
                 age = record_age_seconds(items[index][5], now)
                 if age is not None:
                     end_to_end.append(age)
-                lag = event_lag_seconds(facts.created_at, now)
+                stamp = facts.created_at
+                lag = (
+                    created[stamp]
+                    if stamp in created
+                    else created.setdefault(stamp, event_lag_seconds(stamp, now))
+                )
                 if lag is not None:
                     lags.append(lag)
             published.sort()
-            marked = [(TopicPartition(items[i][2], items[i][3]), items[i][4], items[i][6]) for i in published]
+            partitions: dict[tuple[str, int], TopicPartition] = {}
+            marked = []
+            for i in published:
+                topic, partition, offset, digest = items[i][2], items[i][3], items[i][4], items[i][6]
+                tp = partitions.get((topic, partition)) or partitions.setdefault(
+                    (topic, partition), TopicPartition(topic, partition)
+                )
+                marked.append((tp, offset, digest))
             if self.context.marks_async:
                 self.context.markers.mark(marked)
             else:
