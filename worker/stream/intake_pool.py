@@ -143,7 +143,7 @@ def model_views(models: ModelRegistry) -> dict[str, ModelView]:
 
 @dataclass(slots=True)
 class AnswerContext:
-    """What ``answer_chunk`` answers and publishes with: the core, the cache, the markers and a producer."""
+    """What ``publish_chunk`` answers and publishes with: the core, the cache, the markers and a producer."""
 
     settings: Settings
     moderator: Moderator
@@ -160,7 +160,7 @@ _CONTEXT: AnswerContext | None = None
 
 
 def answer_producer(settings: Settings) -> Any:
-    """The producer ``answer_chunk`` publishes on: on confluent-kafka it reports failed deliveries only (a
+    """The producer ``publish_chunk`` publishes on: on confluent-kafka it reports failed deliveries only (a
     chunk's records are sent unwatched and waited for with one flush: ``BatchPublisher``)."""
     from worker.stream.kafka_clients import make_producer
     from worker.stream.publisher import output_topics
@@ -205,23 +205,16 @@ def _close() -> None:
         _CONTEXT.cache.close()  # type: ignore[attr-defined]  # the process's own VerdictCache
 
 
-def answer_chunk(
-    items: Sequence[Item], context: AnswerContext | None = None, ack_timeout_s: float = ACK_TIMEOUT_S
-) -> ChunkAnswers:
-    """Answer and publish what can be answered of ``items`` (see the module docstring); runs in an intake process,
-    or on the loop thread with a ``context`` of its own (``Intake``: a poll it takes while the processes are busy).
-
-    The verdicts go out on the context's own producer; the chunk is answered once the broker acknowledged
-    them (or ``ack_timeout_s`` passed: what is not acknowledged then is left to the loop thread, and may be
-    published twice — at least once, never lost). The markers of the acknowledged records are written before
-    the answer, so the worker may raise their partitions' high-water marks as soon as it reads it.
-    """
-    return publish_chunk(items, context).finish(ack_timeout_s)
-
-
 @dataclass(slots=True)
 class PublishedChunk:
-    """A chunk whose verdicts are sent (``publish_chunk``), waiting for the broker's acks (``finish``)."""
+    """A chunk whose verdicts are sent (``publish_chunk``), waiting for the broker's acks (``finish``).
+
+    In an intake process, or on the loop thread with a context of its own (``Intake``: a poll it takes while the
+    processes are busy). The chunk is answered once the broker acknowledged its verdicts (or the ack timeout
+    passed: what is not acknowledged then is left to the loop thread's staged path, and may be published twice
+    — at least once, never lost). The markers of the acknowledged records are written before the answer, so
+    the worker may raise their partitions' high-water marks as soon as it reads it.
+    """
 
     items: Sequence[Item]
     context: AnswerContext
@@ -306,13 +299,16 @@ class PublishedChunk:
 
 
 def publish_chunk(items: Sequence[Item], context: AnswerContext | None = None) -> PublishedChunk:
-    """``answer_chunk``'s first half: decode, route, key, read the cache, and send the verdicts it can answer."""
+    """Decode, route, key, read the cache, and send the verdicts that can be answered of ``items`` (see the module
+    docstring); ``PublishedChunk.finish`` waits for their acks."""
     from worker.moderation.moderator import Routed
     from worker.stream.publisher import BatchPublisher
 
     context = context or _CONTEXT
     if context is None:
-        raise RuntimeError("answer_chunk runs in an intake process, after its initializer, or with a context")
+        raise RuntimeError(
+            "publish_chunk runs in an intake process, after its initializer, or with a context"
+        )
     moderator = context.moderator
     started = time.perf_counter()
     keyed = []
@@ -574,7 +570,7 @@ class IntakePool:
 
     def answers_here(self) -> bool:
         """Whether a poll ``wants`` kept from the processes (they are busy) pays to answer the same way here, on
-        the loop thread (``answer_chunk``: leaner than the staged path when most records are cache hits)."""
+        the loop thread (``publish_chunk``: leaner than the staged path when most records are cache hits)."""
         return self.enabled and self._ready and self._recent >= PAYS_ABOVE
 
     def submit(self, items: list[Item]) -> cf.Future[ChunkAnswers]:
