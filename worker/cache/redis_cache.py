@@ -67,6 +67,9 @@ class VerdictCache:
         self._ttl = settings.ttl_seconds
         self.enabled = settings.enabled
         self._client: redis.Redis | None = None
+        self._set_many: Any = None  # the write scripts, registered when enabled (only called while usable)
+        self._set_ranges: Any = None
+        self._get_ranges: Any = None
         self._next_attempt = 0.0
         self._outage_logged = False
         self.available = False
@@ -184,29 +187,29 @@ class VerdictCache:
 
     def set_raw(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
         """Store ``(full_key, bytes)`` pairs with ``ttl_s`` (one script call per 512 keys); nothing when Redis is down."""
-        if not items or not self._usable():
-            return
-        assert self._client is not None
-        try:
-            for start in range(0, len(items), SET_MANY_CHUNK):
-                chunk = items[start : start + SET_MANY_CHUNK]
-                self._set_many(keys=[key for key, _ in chunk], args=[ttl_s, *(value for _, value in chunk)])
-        except (redis.RedisError, OSError) as exc:
-            self._mark_down(exc)
+        self._write_in_chunks(
+            self._set_many, [key for key, _ in items], [value for _, value in items], 1, ttl_s
+        )
 
     def set_ranges(self, items: Sequence[tuple[str, int, bytes]], ttl_s: int) -> None:
         """Write each ``(full_key, byte_offset, data)`` into its key (SETRANGE: the bytes around it are kept, a gap
         is zero bytes) and give the key ``ttl_s``; one script call per 512 ranges, nothing when Redis is down."""
-        if not items or not self._usable():
+        args: list[Any] = []
+        for _, at, data in items:
+            args += (at, data)
+        self._write_in_chunks(self._set_ranges, [key for key, _, _ in items], args, 2, ttl_s)
+
+    def _write_in_chunks(
+        self, script: Any, keys: list[str], args: list[Any], per_key: int, ttl_s: int
+    ) -> None:
+        """Run a write ``script`` over ``keys`` (``per_key`` arguments each, in ``args``) with ``ttl_s`` first, one
+        call per ``SET_MANY_CHUNK`` keys; an outage drops the writes, never raises."""
+        if not keys or not self._usable():
             return
-        assert self._client is not None
         try:
-            for start in range(0, len(items), SET_MANY_CHUNK):
-                chunk = items[start : start + SET_MANY_CHUNK]
-                args: list[Any] = [ttl_s]
-                for _, at, data in chunk:
-                    args += (at, data)
-                self._set_ranges(keys=[key for key, _, _ in chunk], args=args)
+            for start in range(0, len(keys), SET_MANY_CHUNK):
+                end = start + SET_MANY_CHUNK
+                script(keys=keys[start:end], args=[ttl_s, *args[start * per_key : end * per_key]])
         except (redis.RedisError, OSError) as exc:
             self._mark_down(exc)
 
