@@ -74,8 +74,9 @@ class PublishedMarkers:
 
     def _runs(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, int, list[int]]]:
         """Indices of ``records`` in runs of consecutive offsets within one block of one partition, in the order
-        given: ``(block key, first offset, indices)``. A poll's records come grouped by partition in offset
-        order, so a chunk of them is a few runs; any other order only makes more, shorter runs."""
+        given: ``(block key, byte offset of the first one's slot, indices)``. A poll's records come grouped by
+        partition in offset order, so a chunk of them is a few runs; any other order only makes more, shorter
+        runs."""
         runs: list[tuple[str, int, list[int]]] = []
         last_tp: TopicPartition | None = None
         last_offset = -2
@@ -83,7 +84,8 @@ class PublishedMarkers:
             if offset == last_offset + 1 and offset % BLOCK_OFFSETS and tp == last_tp:
                 runs[-1][2].append(i)
             else:
-                runs.append((self._block_key(tp, offset // BLOCK_OFFSETS), offset, [i]))
+                block, slot = divmod(offset, BLOCK_OFFSETS)
+                runs.append((self._block_key(tp, block), slot * DIGEST_BYTES, [i]))
                 last_tp = tp
             last_offset = offset
         return runs
@@ -116,14 +118,7 @@ class PublishedMarkers:
         self.settle()  # this worker's own marks first (a seek back within an assignment)
         runs = self._runs([records[i] for i in candidates])
         stored = self._cache.get_ranges(
-            [
-                (
-                    key,
-                    (first % BLOCK_OFFSETS) * DIGEST_BYTES,
-                    ((first % BLOCK_OFFSETS) + len(run)) * DIGEST_BYTES - 1,
-                )
-                for key, first, run in runs
-            ]
+            [(key, at, at + len(run) * DIGEST_BYTES - 1) for key, at, run in runs]
         )
         if stored is not None:
             for (_, _, run), data in zip(runs, stored, strict=True):
@@ -148,10 +143,7 @@ class PublishedMarkers:
 
     def _ranges(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[tuple[str, int, bytes]]:
         """The block writes of ``(tp, offset, digest)``: one ``(key, byte offset, digests)`` per run."""
-        return [
-            (key, (first % BLOCK_OFFSETS) * DIGEST_BYTES, b"".join(records[i][2] for i in run))
-            for key, first, run in self._runs(records)
-        ]
+        return [(key, at, b"".join(records[i][2] for i in run)) for key, at, run in self._runs(records)]
 
     def write_offsets(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> None:
         """Write the markers of ``records`` now, on this thread, without high-water marks (intake processes)."""
