@@ -315,7 +315,10 @@ class Intake:
             if complete(consumed):  # not if its partition left meanwhile (published all the same)
                 marked.append((consumed.tp, consumed.offset))
         counters["completed"] += len(marked)
-        self._markers.raise_high(marked)
+        if (
+            not here
+        ):  # a poll answered here was marked with its high-water marks (``AnswerContext.marks_async``)
+            self._markers.raise_high(marked)
         metrics.record_verdicts(result.tally)
         for (_, _, cached, _), count in result.tally.items():
             counters["cached" if cached else "verdicts"] += count
