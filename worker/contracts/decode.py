@@ -10,8 +10,9 @@ outside strings, and orjson never escapes ``:``. So when the raw record has no `
 duplicate keys exactly when it holds more ``:`` bytes than ``orjson.dumps`` of the parsed value does (the
 lost members, and the strings inside them, carry the missing colons). That costs one C-level dump and two
 byte counts — or only the dump and one comparison when the record is byte for byte that dump (a compact
-producer's record, escapes included: nothing was lost); the slow, exact path (stdlib ``json`` with ``object_pairs_hook``) runs only for records with
-such escapes, records too deep for ``orjson.dumps``, and to name the duplicate key of a rejected record.
+producer's record, escapes included: nothing was lost); the slow, exact path (stdlib ``json`` with
+``object_pairs_hook``) runs only for records with such escapes, records too deep for ``orjson.dumps``, and to
+name the duplicate key of a rejected record.
 ``benchmarks/bench_decode.py`` measures the alternatives.
 """
 
