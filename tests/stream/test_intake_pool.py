@@ -88,10 +88,7 @@ def test_a_process_publishes_exactly_the_cache_hits_as_the_loop_thread_would_and
     image_value = next(v for _, v in image.records if b"image_url" in v)
     values = [orjson.dumps(e) for e in cached + missed] + [b"{not json", image_value]
     sent_ms = int(time.time() * 1000)
-    items = [
-        (v, time.monotonic(), "chat.events", 1, offset, sent_ms, record_digest(v))
-        for offset, v in enumerate(values)
-    ]
+    items = [(v, time.monotonic(), "chat.events", 1, offset, sent_ms) for offset, v in enumerate(values)]
 
     pool = ready_pool(settings, registry)
     try:
@@ -134,7 +131,7 @@ def test_a_process_publishes_exactly_the_cache_hits_as_the_loop_thread_would_and
     markers.raise_high([(tp, 7)])  # what the worker does when it reads the answer
     markers.settle()
     markers.forget(tp)  # read the high-water mark back from Redis
-    coordinates = [(tp, offset, digest) for _, _, _, _, offset, _, digest in items]
+    coordinates = [(tp, offset, record_digest(value)) for value, _, _, _, offset, _ in items]
     assert markers.acknowledged(coordinates) == [True] * 8 + [False] * 6
     markers.close()
     cache.close()
@@ -149,7 +146,7 @@ def test_a_killed_process_fails_its_chunk_and_the_pool_starts_again(
     try:
         (pid,) = pool.pids
         os.kill(pid, signal.SIGKILL)
-        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0, b"")])
+        future = pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0)])
         with pytest.raises(IntakeProcessError):
             future.result(timeout=30)
         pool.failed(future.exception())
@@ -160,7 +157,7 @@ def test_a_killed_process_fails_its_chunk_and_the_pool_starts_again(
             time.sleep(0.05)
         (new_pid,) = pool.pids
         assert new_pid != pid
-        assert pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0, b"")]).result(timeout=30).published == []
+        assert pool.submit([(b"{}", time.monotonic(), "t", 0, 0, 0)]).result(timeout=30).published == []
     finally:
         pool.close()
 
@@ -228,7 +225,7 @@ def test_while_every_process_is_busy_the_loop_thread_takes_the_next_poll(
     and chunks are never queued past the in-flight bound (that paused the partitions)."""
     settings = make_settings(**engine_settings_overrides, **{"batching.max_in_flight": 300})
     pool = ready_pool(settings, ModelRegistry.of(guard_engine, settings))
-    item = (b"{}", time.monotonic(), "t", 0, 0, 0, b"")
+    item = (b"{}", time.monotonic(), "t", 0, 0, 0)
     try:
         (pid,) = pool.pids
         os.kill(pid, signal.SIGSTOP)  # the process holds its chunks until it is continued
@@ -332,10 +329,7 @@ def test_chunks_sent_back_to_back_are_answered_in_order_each_with_its_own_record
     hits, misses = [orjson.dumps(e) for e in events[:6]], [orjson.dumps(e) for e in events[6:]]
 
     def chunk(values: list[bytes], first: int) -> list:
-        return [
-            (v, time.monotonic(), "chat.events", 0, first + i, 0, record_digest(v))
-            for i, v in enumerate(values)
-        ]
+        return [(v, time.monotonic(), "chat.events", 0, first + i, 0) for i, v in enumerate(values)]
 
     chunks = [
         chunk([hits[0], hits[1], misses[0], hits[2]], 0),

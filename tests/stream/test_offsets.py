@@ -1,5 +1,7 @@
 """OffsetTracker: commit only the highest contiguous completed offset per partition."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kafka.structs import TopicPartition
 
 from worker.stream.offsets import OffsetTracker
@@ -153,3 +155,49 @@ def test_committable_can_be_restricted_to_some_partitions():
         t.register(tp, 0)
         t.complete(tp, 0)
     assert offsets_of(t.committable([TP1])) == {TP1: 1}
+
+
+def _state(t: OffsetTracker, tp: TopicPartition):
+    return t.in_flight(tp), offsets_of(t.committable([tp])), t.generation(tp)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["register", "complete"]),
+            st.lists(st.integers(min_value=0, max_value=40), max_size=12),
+            st.booleans(),  # a batch in ascending order, as a fetch gives it (else as drawn)
+            st.booleans(),  # complete with the current generation (else a stale one)
+        ),
+        max_size=25,
+    )
+)
+def test_batch_registration_and_completion_match_one_offset_at_a_time(steps) -> None:
+    """register_many / complete_many give the same answers and leave the same state as per-offset calls,
+    whether the batch is the oldest pending run (the fast path) or anything else."""
+    one, many = OffsetTracker(), OffsetTracker()
+    for kind, offsets, ascending, current in steps:
+        if ascending:
+            offsets = sorted(set(offsets))
+        if kind == "register":
+            expected = [i for i, o in enumerate(offsets) if one.register(TP0, o)]
+            assert many.register_many(TP0, offsets) == expected
+        else:
+            generation = one.generation(TP0)
+            if generation is not None and not current:
+                generation -= 1
+            expected = [i for i, o in enumerate(offsets) if one.complete(TP0, o, generation)]
+            assert many.complete_many(TP0, offsets, generation) == expected
+        assert _state(one, TP0) == _state(many, TP0)
+
+
+def test_a_chunk_of_oldest_pending_offsets_completes_in_one_step() -> None:
+    t = OffsetTracker()
+    assert t.register_many(TP0, list(range(100, 110))) == list(range(10))
+    assert t.register_many(TP0, list(range(105, 115))) == list(range(5, 10))  # re-fetched head ignored
+    assert t.complete_many(TP0, list(range(100, 106))) == list(range(6))
+    assert offsets_of(t.committable()) == {TP0: 106}
+    assert t.complete_many(TP0, [106, 108]) == [0, 1]
+    assert offsets_of(t.committable()) == {TP0: 107}
+    assert t.in_flight(TP0) == 8

@@ -93,6 +93,21 @@ class PublishedMarkers:
     def _high_key(self, tp: TopicPartition) -> str:
         return f"{self._prefix}{tp.topic}:{tp.partition}:high"
 
+    def high_water_marks(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The highest offset marked per partition (-1: none): only offsets at or below it can be marked.
+
+        Read from Redis once per partition (one MGET for those not known yet) until ``forget``; a partition missing
+        from the answer is unknown for now (Redis is down: nothing is looked up, and it is read again next time).
+        """
+        unknown = [tp for tp in partitions if tp not in self._high]
+        if unknown and self.enabled:
+            self.settle()
+            stored = self._cache.get_raw([self._high_key(tp) for tp in unknown])
+            if stored is not None:
+                for tp, value in zip(unknown, stored, strict=True):
+                    self._high[tp] = int(value) if value is not None and value.isdigit() else -1
+        return self._high
+
     def acknowledged(self, records: Sequence[tuple[TopicPartition, int, bytes]]) -> list[bool]:
         """For each ``(tp, offset, digest)``: whether its answer was already acknowledged.
 
@@ -103,16 +118,8 @@ class PublishedMarkers:
         answered = [False] * len(records)
         if not self.enabled or not records:
             return answered
-        unknown = list({tp for tp, _, _ in records if tp not in self._high})
-        if unknown:
-            self.settle()
-            stored = self._cache.get_raw([self._high_key(tp) for tp in unknown])
-            if stored is None:
-                return answered  # Redis is down: nothing is known (learnt again on the next poll)
-            for tp, value in zip(unknown, stored, strict=True):
-                self._high[tp] = int(value) if value is not None and value.isdigit() else -1
-        high = self._high
-        candidates = [i for i, (tp, offset, _) in enumerate(records) if offset <= high[tp]]
+        high = self.high_water_marks(list({tp for tp, _, _ in records}))
+        candidates = [i for i, (tp, offset, _) in enumerate(records) if offset <= high.get(tp, -1)]
         if not candidates:
             return answered
         self.settle()  # this worker's own marks first (a seek back within an assignment)

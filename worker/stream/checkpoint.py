@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from kafka.errors import KafkaError
@@ -55,6 +55,13 @@ class Checkpoint:
             return None
         return self.tracker.generation(tp)
 
+    def register_many(self, tp: TopicPartition, offsets: Sequence[int]) -> tuple[int, list[int]]:
+        """Record consumed offsets of one partition: its generation, and the indices of those not re-fetched."""
+        registered = self.tracker.register_many(tp, offsets)
+        generation = self.tracker.generation(tp)
+        assert generation is not None  # registering tracks the partition
+        return generation, registered
+
     def is_stale(self, record: Consumed) -> bool:
         """Whether ``record``'s partition left since it was consumed (its next owner redoes it).
 
@@ -65,6 +72,22 @@ class Checkpoint:
     def complete(self, record: Consumed) -> bool:
         """Mark ``record`` answered (its outputs acknowledged, or nothing to publish); False if stale."""
         return self.tracker.complete(record.tp, record.offset, record.generation)
+
+    def complete_many(self, records: Sequence[Consumed]) -> list[Consumed]:
+        """``complete`` of each of ``records`` (in consumption order, as a poll gave them): those completed."""
+        done: list[Consumed] = []
+        complete_many = self.tracker.complete_many
+        start, end = 0, len(records)
+        while start < end:
+            tp, generation = records[start].tp, records[start].generation
+            stop = start + 1
+            while stop < end and records[stop].generation == generation and records[stop].tp == tp:
+                stop += 1
+            run = records[start:stop]
+            completed = complete_many(tp, [record.offset for record in run], generation)
+            done.extend(run if len(completed) == len(run) else (run[i] for i in completed))
+            start = stop
+        return done
 
     # -- the commit routine -----------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from kafka.structs import TopicPartition
 
-from worker.cache.published import PublishedMarkers, record_digest
+from worker.cache.published import PublishedMarkers
 from worker.config import Settings
 from worker.contracts.decode import decode_event
 from worker.contracts.events import ChatEvent
@@ -130,35 +130,51 @@ class Intake:
         return accepted
 
     def _register(self, records: dict[TopicPartition, list[Any]]) -> list[Consumed]:
-        """Register every polled record; the ones to decode (not re-fetched, not answered before a crash)."""
-        polled = [(tp, record) for tp, batch in records.items() for record in batch]
-        digests = (
-            [record_digest(r.value) for _, r in polled] if self._markers.enabled else [b""] * len(polled)
-        )
-        answered = self._markers.acknowledged(
-            [(tp, r.offset, d) for (tp, r), d in zip(polled, digests, strict=True)]
-        )
-        fresh = []
-        for (tp, record), digest, done in zip(polled, digests, answered, strict=True):
-            generation = self._checkpoint.register(tp, record.offset)
-            if generation is None:
+        """Register every polled record; the ones to decode (not re-fetched, not answered before a crash).
+
+        Per partition, not per record: the checkpoint registers a partition's records in one step, and only a
+        replayed head (offsets at or below the partition's published high-water mark) is looked up in Redis,
+        which is the only place a record's digest is needed before it is answered.
+        """
+        markers = self._markers
+        highs = markers.high_water_marks(list(records)) if markers.enabled else None
+        received = time.monotonic()  # one poll: its records were consumed together
+        register_many = self._checkpoint.register_many
+        fresh: list[Consumed] = []
+        consumed = 0
+        for tp, batch in records.items():
+            offsets = [record.offset for record in batch]
+            generation, registered = register_many(tp, offsets)
+            if not registered:
                 continue  # re-fetched after a seek: already in flight
-            self.positions[tp] = record.offset + 1
-            self._counters["consumed"] += 1
-            consumed = Consumed.of(tp, record, generation, digest)
-            if done:  # answered and acknowledged by an earlier run
+            if len(registered) < len(batch):
+                batch = [batch[i] for i in registered]
+                offsets = [offsets[i] for i in registered]
+            self.positions[tp] = offsets[-1] + 1
+            consumed += len(batch)
+            made = [Consumed(tp, r.offset, generation, r.value, r.key, r.timestamp, received) for r in batch]
+            if highs is not None and min(offsets) <= highs.get(tp, -1):
+                made = self._without_replays(tp, made)
+            fresh.extend(made)
+        self._counters["consumed"] += consumed
+        return fresh
+
+    def _without_replays(self, tp: TopicPartition, made: list[Consumed]) -> list[Consumed]:
+        """Complete the records of ``made`` answered and acknowledged by an earlier run; the others."""
+        answered = self._markers.acknowledged([(tp, c.offset, c.digest) for c in made])
+        fresh = []
+        for consumed, done in zip(made, answered, strict=True):
+            if done:
                 self._complete_without_output(consumed)
                 self._counters["replays_skipped"] += 1
                 metrics.REPLAYS_SKIPPED.inc()
-                continue
-            fresh.append(consumed)
+            else:
+                fresh.append(consumed)
         return fresh
 
     def _send(self, fresh: list[Consumed]) -> None:
         assert self._pool is not None
-        items = [
-            (c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms, c.digest) for c in fresh
-        ]
+        items = [(c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms) for c in fresh]
         self._chunks.append((fresh, self._pool.submit(items), time.monotonic() + CHUNK_TIMEOUT_S))
 
     def _answer_here(self, fresh: list[Consumed], accepted: Accepted) -> None:
@@ -173,9 +189,7 @@ class Intake:
         """
         if self._here_chunk is not None:
             self._collect_here(accepted, wait_s=LOOP_ACK_TIMEOUT_S)
-        items = [
-            (c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms, c.digest) for c in fresh
-        ]
+        items = [(c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms) for c in fresh]
         try:
             chunk: PublishedChunk | None = publish_chunk(items, self._context_here())
         except Exception:  # noqa: BLE001 — a bug here must not stop the stream: the staged path answers them
@@ -308,17 +322,13 @@ class Intake:
         else:
             metrics.INTAKE_PROCESS_ANSWERS.inc(len(result.published))
             counters["intake_process_answers"] += len(result.published)
-        complete = self._checkpoint.complete
-        marked = []
-        for index in result.published:
-            consumed = chunk[index]
-            if complete(consumed):  # not if its partition left meanwhile (published all the same)
-                marked.append((consumed.tp, consumed.offset))
-        counters["completed"] += len(marked)
+        # Not the ones whose partition left meanwhile (published all the same).
+        completed = self._checkpoint.complete_many([chunk[index] for index in result.published])
+        counters["completed"] += len(completed)
         if (
             not here
         ):  # a poll answered here was marked with its high-water marks (``AnswerContext.marks_async``)
-            self._markers.raise_high(marked)
+            self._markers.raise_high([(c.tp, c.offset) for c in completed])
         metrics.record_verdicts(result.tally)
         for (_, _, cached, _), count in result.tally.items():
             counters["cached" if cached else "verdicts"] += count

@@ -84,9 +84,9 @@ ACK_TIMEOUT_S = 20.0
 LOOP_ACK_TIMEOUT_S = 5.0
 
 # One record sent to a process: (value, time.monotonic() when consumed, topic, partition, offset, the record's
-# timestamp in ms, its published-marker digest). CLOCK_MONOTONIC is one clock for every process on the host,
-# so latency_ms is measured as in the worker.
-Item = tuple[bytes | None, float, str, int, int, int, bytes]
+# timestamp in ms). CLOCK_MONOTONIC is one clock for every process on the host, so latency_ms is measured as in
+# the worker.
+Item = tuple[bytes | None, float, str, int, int, int]
 # Verdicts counted by label set, as ``metrics.record_verdicts`` takes them: (decision, codes, cached, model).
 Tally = dict[tuple[str, tuple[str, ...], bool, str], int]
 
@@ -236,6 +236,7 @@ class PublishedChunk:
         """Wait for the acks (up to ``ack_timeout_s``), write the acknowledged records' markers: the answers."""
         from kafka.structs import TopicPartition
 
+        from worker.cache.published import record_digest
         from worker.contracts.verdicts import event_lag_seconds
 
         items, answered = self.items, self.answered
@@ -273,11 +274,11 @@ class PublishedChunk:
             partitions: dict[tuple[str, int], TopicPartition] = {}
             marked = []
             for i in published:
-                topic, partition, offset, digest = items[i][2], items[i][3], items[i][4], items[i][6]
+                raw, _, topic, partition, offset, _ = items[i]
                 tp = partitions.get((topic, partition)) or partitions.setdefault(
                     (topic, partition), TopicPartition(topic, partition)
                 )
-                marked.append((tp, offset, digest))
+                marked.append((tp, offset, record_digest(raw)))
             if self.context.marks_async:
                 self.context.markers.mark(marked)
             else:
@@ -312,7 +313,7 @@ def publish_chunk(items: Sequence[Item], context: AnswerContext | None = None) -
     moderator = context.moderator
     started = time.perf_counter()
     keyed = []
-    for index, (raw, received, topic, partition, offset, _, _) in enumerate(items):
+    for index, (raw, received, topic, partition, offset, _) in enumerate(items):
         event = decode_event(raw, context.settings)
         if not isinstance(event, ChatEvent) or event.images:
             continue  # a rejection or images: the loop thread's path

@@ -10,12 +10,12 @@ not frozen ones, because a frozen dataclass costs twice as much to build and the
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 from kafka.structs import TopicPartition
 
+from worker.cache.published import record_digest
 from worker.contracts.dead_letters import SourceCoordinates
 
 if TYPE_CHECKING:
@@ -43,22 +43,16 @@ class Consumed:
     raw: bytes | None
     key: bytes | None
     timestamp_ms: int
-    digest: bytes = b""  # record_digest(raw): what its published marker stores
     received: float = 0.0  # time.monotonic() when consumed
+    # record_digest(raw), computed when first asked for: only a replayed or published record's marker needs it.
+    _digest: bytes | None = field(default=None, repr=False)
 
-    @classmethod
-    def of(cls, tp: TopicPartition, record: Any, generation: int, digest: bytes) -> Consumed:
-        """The stage of a kafka-python ``ConsumerRecord`` just registered under ``generation``."""
-        return cls(
-            tp,
-            record.offset,
-            generation,
-            record.value,
-            record.key,
-            record.timestamp,
-            digest,
-            time.monotonic(),
-        )
+    @property
+    def digest(self) -> bytes:
+        """``record_digest(raw)``: what the record's published marker stores."""
+        if self._digest is None:
+            self._digest = record_digest(self.raw)
+        return self._digest
 
     @property
     def source(self) -> SourceCoordinates:

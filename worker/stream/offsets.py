@@ -44,9 +44,11 @@ Pure bookkeeping: no Kafka calls. The pipeline registers, completes, commits and
 
 from __future__ import annotations
 
+import operator
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -165,6 +167,28 @@ class OffsetTracker:
         state.pending.append(offset)
         return True
 
+    def register_many(self, tp: TopicPartition, offsets: Sequence[int]) -> list[int]:
+        """``register`` of each of ``offsets`` in turn: the indices of those registered (the others are ignored).
+
+        A partition's records from one fetch come in ascending offset order: then this is a few C-level steps
+        for the whole batch, not a Python step per offset (a wave of cache hits registers thousands a second).
+        """
+        if not offsets:
+            return []
+        state = self._partitions.get(tp)
+        if state is None:
+            state = self._fresh(tp)
+        if not _ascending(offsets):
+            return [i for i, offset in enumerate(offsets) if self.register(tp, offset)]
+        skip = 0
+        if offsets[0] <= state.highest_registered:  # re-fetched after a seek: the head is in flight already
+            skip = next((i for i, o in enumerate(offsets) if o > state.highest_registered), len(offsets))
+            if skip == len(offsets):
+                return []
+        state.pending.extend(islice(offsets, skip, None))
+        state.highest_registered = offsets[-1]
+        return list(range(skip, len(offsets)))
+
     def complete(self, tp: TopicPartition, offset: int, generation: int | None = None) -> bool:
         """Mark ``offset`` as done. Returns False (ignored) if it is not pending in this generation of ``tp``.
 
@@ -185,6 +209,27 @@ class OffsetTracker:
             state.completed.discard(done)
             state.next_offset = done + 1
         return True
+
+    def complete_many(
+        self, tp: TopicPartition, offsets: Sequence[int], generation: int | None = None
+    ) -> list[int]:
+        """``complete`` of each of ``offsets`` in turn: the indices of those completed (the others are ignored).
+
+        The common case — ``offsets`` are exactly the oldest pending offsets of ``tp``, in order, as when a chunk
+        of a poll's records is answered at once — pops them in one step instead of testing each in a set.
+        """
+        state = self._partitions.get(tp)
+        if state is None or (generation is not None and generation != state.generation) or not offsets:
+            return []
+        pending = state.pending
+        count = len(offsets)
+        if not state.completed and len(pending) >= count and list(islice(pending, count)) == list(offsets):
+            popleft = pending.popleft
+            for _ in range(count):
+                popleft()
+            state.next_offset = offsets[-1] + 1
+            return list(range(count))
+        return [i for i, offset in enumerate(offsets) if self.complete(tp, offset, generation)]
 
     def committable(
         self, partitions: Iterable[TopicPartition] | None = None
@@ -226,3 +271,8 @@ class OffsetTracker:
             not s.pending and (s.next_offset is None or s.committed == s.next_offset)
             for s in self._partitions.values()
         )
+
+
+def _ascending(offsets: Sequence[int]) -> bool:
+    """Whether ``offsets`` strictly increase (one C-level pass)."""
+    return all(map(operator.lt, offsets, islice(offsets, 1, None)))
