@@ -8,7 +8,10 @@ Kafka client's own per-record work, on the same GIL. This module moves that work
 arroyo's ``RunTaskWithMultiprocessing`` moves a transform: the loop thread keeps the consumer, the offsets,
 the commits and the delivery rule; a process gets a chunk of records, publishes the verdicts it can answer on
 a producer of its own (made from the same settings), waits for the broker's acks, writes their published
-markers, and returns the indices of the records it published. The worker completes exactly those offsets.
+markers, and returns the indices of the records it published. The worker completes exactly those offsets. A
+process has two producers and uses them in turn: a chunk waiting when one is published goes out on the other,
+before the first is answered, so the first's acks arrive while the second is worked on, and waiting for them
+(a flush of that chunk's producer alone) waits for nothing else.
 
 A process answers only what it can answer completely: a text event whose verdict is in the cache, or which
 a halting blocklist decides. Everything else — bad input, events with images, cache misses, events another
@@ -43,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -73,6 +77,8 @@ RECENT_WEIGHT = 0.3  # weight of the newest chunk in the recent answered fractio
 # Chunks out at a process (one it works on, one waiting, so it never idles between chunks) above which the loop
 # thread takes the next poll itself (work sharing).
 BUSY_CHUNKS = 2
+# Producers per intake process, used in turn: a chunk's acks arrive while the next chunk is published.
+PRODUCERS = 2
 MAX_RESTARTS = 5  # pools started again after a process died; past it the loop thread does all the work
 CHUNK_TIMEOUT_S = 30.0  # a chunk not answered by then is redone on the loop thread (its process is stopped)
 STOP_TIMEOUT_S = 5.0
@@ -156,7 +162,8 @@ class AnswerContext:
     marks_async: bool = False
 
 
-_CONTEXT: AnswerContext | None = None
+# A process's answer contexts, one per producer, used in turn (``_serve``); the first is publish_chunk's default.
+_CONTEXTS: list[AnswerContext] = []
 
 
 def answer_producer(settings: Settings) -> Any:
@@ -177,8 +184,8 @@ def answer_producer(settings: Settings) -> Any:
 
 
 def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
-    """Process initializer: the core over model views, and a cache connection and a producer of its own."""
-    global _CONTEXT
+    """Process initializer: the core over model views, a cache connection, and ``PRODUCERS`` producers of its
+    own."""
     from worker.cache.published import PublishedMarkers
     from worker.cache.redis_cache import VerdictCache
     from worker.engine.registry import ModelRegistry
@@ -187,22 +194,24 @@ def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
 
     registry = ModelRegistry(views, settings)  # type: ignore[arg-type]  # a view has what routing reads
     cache = VerdictCache(settings.redis)
-    _CONTEXT = AnswerContext(
-        settings,
+    moderator, markers, encoder = (
         Moderator(registry, settings),
-        cache,
         PublishedMarkers(cache, settings),
         Encoder(settings.topics),
-        answer_producer(settings),
     )
+    _CONTEXTS[:] = [
+        AnswerContext(settings, moderator, cache, markers, encoder, answer_producer(settings))
+        for _ in range(PRODUCERS)
+    ]
     settle_after_load()
 
 
 def _close() -> None:
-    """Process shutdown: flush and close the producer (what is not acknowledged by then is redone)."""
-    if _CONTEXT is not None:
-        _CONTEXT.producer.close(timeout=STOP_TIMEOUT_S)
-        _CONTEXT.cache.close()  # type: ignore[attr-defined]  # the process's own VerdictCache
+    """Process shutdown: flush and close the producers (what is not acknowledged by then is redone)."""
+    for context in _CONTEXTS:
+        context.producer.close(timeout=STOP_TIMEOUT_S)
+    if _CONTEXTS:
+        _CONTEXTS[0].cache.close()  # type: ignore[attr-defined]  # the process's own VerdictCache
 
 
 @dataclass(slots=True)
@@ -305,7 +314,7 @@ def publish_chunk(items: Sequence[Item], context: AnswerContext | None = None) -
     from worker.moderation.moderator import Routed
     from worker.stream.publisher import BatchPublisher
 
-    context = context or _CONTEXT
+    context = context or (_CONTEXTS[0] if _CONTEXTS else None)
     if context is None:
         raise RuntimeError(
             "publish_chunk runs in an intake process, after its initializer, or with a context"
@@ -615,27 +624,29 @@ def _serve(fd: int) -> None:
         settings, views = conn.recv()
         _initialize(settings, views)
         conn.send(("ok", True))
-        # Chunks sent and not answered yet, in order (an exception: that chunk failed). A chunk already waiting
-        # is published before the acks of the ones before it are waited for: their wait overlaps its work.
-        pending: list[PublishedChunk | Exception] = []
+        # Chunks published and not answered yet, in order, with the index of the context (the producer) each was
+        # published on (an exception: that chunk failed). A chunk already waiting is published, on the other
+        # producer, before the oldest is answered: its acks arrive meanwhile, and waiting for them (a flush of its
+        # own producer) waits for nothing else.
+        pending: deque[tuple[PublishedChunk | Exception, int]] = deque()
         while True:
-            if not pending or conn.poll(0):
+            if len(pending) < len(_CONTEXTS) and (not pending or conn.poll(0)):
                 items = conn.recv()
+                free = next(i for i in range(len(_CONTEXTS)) if all(i != used for _, used in pending))
                 try:
-                    pending.append(publish_chunk(items))
+                    pending.append((publish_chunk(items, _CONTEXTS[free]), free))
                 except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
-                    pending.append(exc)
+                    pending.append((exc, free))
                 continue
-            for chunk in pending:
-                try:
-                    if isinstance(chunk, Exception):
-                        raise chunk
-                    answers = chunk.finish()
-                except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
-                    conn.send(("error", f"{type(exc).__name__}: {exc}"))
-                else:
-                    conn.send(("ok", answers))
-            pending = []
+            chunk, _ = pending.popleft()
+            try:
+                if isinstance(chunk, Exception):
+                    raise chunk
+                answers = chunk.finish()
+            except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            else:
+                conn.send(("ok", answers))
     except (EOFError, OSError):
         return  # the worker closed its end (stopped, or died)
     finally:
