@@ -230,15 +230,17 @@ def test_while_every_process_is_busy_the_loop_thread_takes_the_next_poll(
         (pid,) = pool.pids
         os.kill(pid, signal.SIGSTOP)  # the process holds its chunks until it is continued
         futures = [pool.submit([item])]
-        assert pool.wants(1) is True  # one waiting beside the one it works on
+        assert pool.wants(1) is True and not pool.busy  # one waiting beside the one it works on
         futures.append(pool.submit([item]))
         assert intake_pool.BUSY_CHUNKS == 2 and pool.wants(1) is False  # busy: the loop thread's turn
+        assert pool.busy
         os.kill(pid, signal.SIGCONT)
         assert [f.result(timeout=30).published for f in futures] == [[], []]
         deadline = time.monotonic() + 10
         while not pool.wants(1):  # the courier counts the answer just after it lands
             assert time.monotonic() < deadline, "the process stayed busy after answering"
             time.sleep(0.01)
+        assert not pool.busy
         os.kill(pid, signal.SIGSTOP)
         futures = [pool.submit([item] * 200)]
         assert pool.wants(100) is True and pool.wants(101) is False  # 200 out + 101 > 300 in flight
@@ -263,9 +265,18 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
     make_settings, engine_settings_overrides, guard_engine, monkeypatch
 ):
     """The process is stopped with two chunks out: the next polls of cache hits are answered on the loop thread
-    by the same code (published, acknowledged, marked — its markers on the markers' thread), and nothing is
-    answered twice once the process resumes."""
+    by the same code (published, acknowledged, marked — its markers on the markers' thread), polled in smaller
+    bites (the loop thread comes back sooner to feed the process), and nothing is answered twice once the
+    process resumes."""
     settings = make_settings(**engine_settings_overrides, kafka__max_poll_records=40)
+    sizes: list[int] = []
+    answer_here = intake.publish_chunk
+
+    def recorded(items, context=None):
+        sizes.append(len(items))
+        return answer_here(items, context)
+
+    monkeypatch.setattr(intake, "publish_chunk", recorded)
     with stopping_the_process() as stop:
         worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
         kafka_io.wait_for(
@@ -275,6 +286,7 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
             workers=[worker],
         )
         assert worker.pipeline.counters["intake_process_answers"] == 0, "the stopped process answered nothing"
+        assert sizes and max(sizes) <= 40 // intake.HERE_POLL_DIVISOR < 40, "polls answered here are smaller"
     assert_every_event_answered_once(settings, worker, events)
     assert worker.pipeline.counters["intake_process_answers"] > 0, "its two chunks, once it resumed"
     cache = VerdictCache(settings.redis)

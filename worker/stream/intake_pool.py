@@ -578,6 +578,11 @@ class IntakePool:
         except OSError as exc:
             self._broken(f"{type(exc).__name__}: {exc}")
 
+    @property
+    def busy(self) -> bool:
+        """Whether every process has ``BUSY_CHUNKS`` out (the next poll is the loop thread's), without side effects."""
+        return self._ready and all(w.queued >= BUSY_CHUNKS for w in self._workers)
+
     def answers_here(self) -> bool:
         """Whether a poll ``wants`` kept from the processes (they are busy) pays to answer the same way here, on
         the loop thread (``publish_chunk``: leaner than the staged path when most records are cache hits)."""

@@ -263,7 +263,10 @@ class StreamPipeline:
             if timeout_ms:
                 time.sleep(timeout_ms / 1000.0)  # what poll would have waited, taking nothing
             return {}
-        return self.consumer.poll(timeout_ms=timeout_ms)
+        limit = self.intake.poll_limit(self.settings.kafka.max_poll_records)
+        if limit is None:
+            return self.consumer.poll(timeout_ms=timeout_ms)
+        return self.consumer.poll(timeout_ms=timeout_ms, max_records=limit)
 
     def _poll_timeout_ms(self, draining: bool) -> int:
         if self.checkpoint.tracker.rejoining:  # nothing runs until the assignment: let poll wait for it
