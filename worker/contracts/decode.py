@@ -385,19 +385,20 @@ def _normalize(obj: dict[str, Any], settings: Settings, *, remember: bool) -> Ch
             f"policy {_short(policy)} is not one of the configured policies ({', '.join(sorted(settings.policies))})",
             "policy",
         )
+    # Positional, in ChatEvent's field order: keywords cost about 1 µs more per event, and this runs for every one.
     return ChatEvent(
-        event_id=obj["event_id"],
-        conversation_id=obj["conversation_id"],
-        turns=turns,
-        image=refs[-1] if refs else None,
-        created_at=obj.get("created_at"),
-        tenant=obj.get("tenant"),
-        policy=policy,
-        dropped_messages=dropped,
-        merged_messages=merged,
-        dropped_images=dropped_images,
-        extra=obj.get("metadata") or {},
-        images=refs,
+        obj["event_id"],
+        obj["conversation_id"],
+        turns,
+        refs[-1] if refs else None,  # image
+        obj.get("created_at"),
+        obj.get("tenant"),
+        policy,
+        dropped,  # dropped_messages
+        merged,  # merged_messages
+        dropped_images,
+        obj.get("metadata") or {},  # extra
+        refs,  # images
     )
 
 
