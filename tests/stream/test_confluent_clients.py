@@ -346,6 +346,35 @@ def test_a_batch_published_with_failure_reports_only_is_acknowledged_in_full(mak
     assert sorted(v["event_id"] for v in flagged) == sorted(f"e-{i}" for i in range(0, 30, 3) if i != 7)
 
 
+def test_a_batch_larger_than_the_producer_queue_waits_for_room_and_is_acknowledged_in_full(
+    make_settings,
+) -> None:
+    """The batch sends with librdkafka's own produce; when its queue is full that raises BufferError, and the
+    record goes through send_unwatched, which waits for room: nothing is dropped or reported failed."""
+    settings = make_settings(kafka__client="confluent-kafka")
+    ensure_topics(settings, [settings.topics.verdicts, settings.topics.flagged], partitions=2)
+    producer = make_confluent_producer(settings, reports="errors", **{"queue.buffering.max.messages": 4})
+    waited = 0
+    send_unwatched = producer.send_unwatched
+
+    def counted(*args):
+        nonlocal waited
+        waited += 1
+        send_unwatched(*args)
+
+    producer.send_unwatched = counted  # type: ignore[method-assign]
+    try:
+        batch = BatchPublisher(producer, settings.topics, Encoder(settings.topics))
+        for i, output in enumerate(_outputs(settings, 40)):
+            batch.publish(output, i)
+        assert waited > 0, "the queue of 4 filled up: some records waited for room"
+        assert batch.wait(30) == list(range(40))
+    finally:
+        producer.close(timeout=10)
+    verdicts = kafka_io.read_json(settings, settings.topics.verdicts)
+    assert sorted(v["event_id"] for v in verdicts) == sorted(f"e-{i}" for i in range(40))
+
+
 def test_a_batch_whose_deliveries_fail_is_not_acknowledged(make_settings) -> None:
     from worker.dev.services import free_port
 

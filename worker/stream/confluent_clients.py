@@ -605,6 +605,18 @@ class ConfluentProducer:
         self._max_block_s = max_block_ms / 1000.0
         self._closed = False
 
+    def unwatched_sender(self) -> Callable[..., None]:
+        """librdkafka's own ``produce(topic, value, key, on_delivery=..., headers=...)``, for a loop that sends
+        many records unwatched: two Python calls fewer per record than ``send_unwatched`` (about 1 µs of a 4.7 µs
+        send, measured). It raises ``BufferError`` when librdkafka's queue is full (``send_unwatched`` then waits
+        for room) and ``KafkaException`` for a record it refuses; check ``closed`` before using it."""
+        return self._producer.produce  # type: ignore[no-any-return]
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called (sends are refused)."""
+        return self._closed
+
     def send(
         self,
         topic: str,

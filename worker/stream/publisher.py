@@ -137,6 +137,8 @@ class BatchPublisher:
         self.encoder = encoder
         self._producer = producer
         self._unwatched = getattr(producer, "send_unwatched", None)
+        sender = getattr(producer, "unwatched_sender", None)
+        self._send_fast = sender() if sender is not None else None
         self._watched = Publisher(producer, topics, encoder) if self._unwatched is None else None
         self._tokens: list[Any] = []
         self._failed: set[Any] = set()
@@ -153,10 +155,17 @@ class BatchPublisher:
             if error is not None:
                 self._failed.add(token)
 
+        send = self._send_fast if not self._producer.closed else None  # type: ignore[union-attr]
         try:
             for topic in output.topics:
+                if send is not None:
+                    try:
+                        send(topic, output.value, output.key, on_delivery=failed, headers=output.headers)
+                        continue
+                    except BufferError:
+                        pass  # librdkafka's queue is full: send_unwatched waits for room
                 self._unwatched(topic, output.value, output.key, output.headers, failed)  # type: ignore[misc]
-        except Exception:  # noqa: BLE001 — buffer full / producer closing: not published (redone by the caller)
+        except Exception:  # noqa: BLE001 — buffer full / producer closing / a record refused: not published (redone by the caller)
             self._failed.add(token)
 
     def settled(self) -> bool:
