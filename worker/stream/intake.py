@@ -337,9 +337,8 @@ class Intake:
         # Not the ones whose partition left meanwhile (published all the same).
         completed = self._checkpoint.complete_many([chunk[index] for index in result.published])
         counters["completed"] += len(completed)
-        if (
-            not here
-        ):  # a poll answered here was marked with its high-water marks (``AnswerContext.marks_async``)
+        # A poll answered here was marked with its high-water marks already (``AnswerContext.marks_async``).
+        if not here:
             self._markers.raise_high([(c.tp, c.offset) for c in completed])
         metrics.record_verdicts(result.tally)
         for (_, _, cached, _), count in result.tally.items():

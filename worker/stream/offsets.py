@@ -215,20 +215,34 @@ class OffsetTracker:
     ) -> list[int]:
         """``complete`` of each of ``offsets`` in turn: the indices of those completed (the others are ignored).
 
-        The common case — ``offsets`` are exactly the oldest pending offsets of ``tp``, in order, as when a chunk
-        of a poll's records is answered at once — pops them in one step instead of testing each in a set.
+        A chunk of a poll's records answered at once (ascending, none completed before) takes a few C-level steps
+        instead of a Python step per offset: when it is the oldest pending run its offsets are popped (and the
+        completed ones right behind it with them), and when it waits behind older ones it joins the completed set.
         """
         state = self._partitions.get(tp)
         if state is None or (generation is not None and generation != state.generation) or not offsets:
             return []
-        pending = state.pending
+        pending, completed = state.pending, state.completed
         count = len(offsets)
-        if not state.completed and len(pending) >= count and list(islice(pending, count)) == list(offsets):
-            popleft = pending.popleft
-            for _ in range(count):
-                popleft()
-            state.next_offset = offsets[-1] + 1
-            return list(range(count))
+        if (
+            pending
+            and offsets[-1] <= state.highest_registered
+            and _ascending(offsets)
+            and (not completed or completed.isdisjoint(offsets))
+        ):
+            if offsets[0] > pending[0]:  # behind older offsets still pending: completed, not committable yet
+                completed.update(offsets)
+                return list(range(count))
+            if len(pending) >= count and list(islice(pending, count)) == list(offsets):  # the oldest run
+                popleft = pending.popleft
+                for _ in range(count):
+                    popleft()
+                state.next_offset = offsets[-1] + 1
+                while pending and pending[0] in completed:
+                    done = popleft()
+                    completed.discard(done)
+                    state.next_offset = done + 1
+                return list(range(count))
         return [i for i, offset in enumerate(offsets) if self.complete(tp, offset, generation)]
 
     def committable(
