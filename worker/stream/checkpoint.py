@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import groupby
+from operator import attrgetter
 from typing import Any, Literal
 
 from kafka.errors import KafkaError
@@ -49,12 +51,6 @@ class Checkpoint:
 
     # -- offsets ----------------------------------------------------------------------------------
 
-    def register(self, tp: TopicPartition, offset: int) -> int | None:
-        """Record a consumed offset; returns its partition's generation, None for a re-fetched one."""
-        if not self.tracker.register(tp, offset):
-            return None
-        return self.tracker.generation(tp)
-
     def register_many(self, tp: TopicPartition, offsets: Sequence[int]) -> tuple[int, list[int]]:
         """Record consumed offsets of one partition: its generation, and the indices of those not re-fetched."""
         registered = self.tracker.register_many(tp, offsets)
@@ -76,17 +72,10 @@ class Checkpoint:
     def complete_many(self, records: Sequence[Consumed]) -> list[Consumed]:
         """``complete`` of each of ``records`` (in consumption order, as a poll gave them): those completed."""
         done: list[Consumed] = []
-        complete_many = self.tracker.complete_many
-        start, end = 0, len(records)
-        while start < end:
-            tp, generation = records[start].tp, records[start].generation
-            stop = start + 1
-            while stop < end and records[stop].generation == generation and records[stop].tp == tp:
-                stop += 1
-            run = records[start:stop]
-            completed = complete_many(tp, [record.offset for record in run], generation)
+        for (tp, generation), group in groupby(records, key=attrgetter("tp", "generation")):
+            run = list(group)
+            completed = self.tracker.complete_many(tp, [record.offset for record in run], generation)
             done.extend(run if len(completed) == len(run) else (run[i] for i in completed))
-            start = stop
         return done
 
     # -- the commit routine -----------------------------------------------------------------------

@@ -41,6 +41,7 @@ from worker.stream.intake_pool import (
     ChunkAnswers,
     IntakePool,
     IntakeProcessError,
+    Item,
     PublishedChunk,
     answer_producer,
     publish_chunk,
@@ -109,11 +110,12 @@ class Intake:
         """Whether a chunk of records is out in an intake process, or answered here and waiting for its acks."""
         return bool(self._chunks) or self._here_chunk is not None
 
-    def poll_limit(self, max_poll_records: int) -> int | None:
-        """How many records the next poll should take: fewer while the loop thread would answer them itself."""
+    def poll_limit(self) -> int | None:
+        """How many records the next poll should take (None: ``kafka.max_poll_records``); fewer while the loop
+        thread would answer them itself."""
         pool = self._pool
         if pool is not None and self._cache is not None and pool.busy and pool.answers_here():
-            return max(1, max_poll_records // HERE_POLL_DIVISOR)
+            return max(1, self._settings.kafka.max_poll_records // HERE_POLL_DIVISOR)
         return None
 
     def accept(self, records: dict[TopicPartition, list[Any]]) -> Accepted:
@@ -186,8 +188,7 @@ class Intake:
 
     def _send(self, fresh: list[Consumed]) -> None:
         assert self._pool is not None
-        items = [(c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms) for c in fresh]
-        self._chunks.append((fresh, self._pool.submit(items), time.monotonic() + CHUNK_TIMEOUT_S))
+        self._chunks.append((fresh, self._pool.submit(_items(fresh)), time.monotonic() + CHUNK_TIMEOUT_S))
 
     def _answer_here(self, fresh: list[Consumed], accepted: Accepted) -> None:
         """The processes are busy: answer this poll's records as a process would, on this thread.
@@ -201,9 +202,8 @@ class Intake:
         """
         if self._here_chunk is not None:
             self._collect_here(accepted, wait_s=LOOP_ACK_TIMEOUT_S)
-        items = [(c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms) for c in fresh]
         try:
-            chunk: PublishedChunk | None = publish_chunk(items, self._context_here())
+            chunk: PublishedChunk | None = publish_chunk(_items(fresh), self._context_here())
         except Exception:  # noqa: BLE001 — a bug here must not stop the stream: the staged path answers them
             self._answering_here_failed()
             chunk = None
@@ -380,3 +380,8 @@ class Intake:
         """``tp`` left this consumer: its position is unknown until it is consumed again."""
         self.positions.pop(tp, None)
         self._markers.forget(tp)
+
+
+def _items(records: list[Consumed]) -> list[Item]:
+    """``records`` as ``publish_chunk`` takes them (and an intake process receives them)."""
+    return [(c.raw, c.received, c.tp.topic, c.tp.partition, c.offset, c.timestamp_ms) for c in records]

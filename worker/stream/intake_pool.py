@@ -38,6 +38,7 @@ thread's path, the processes are stopped, and started again on the next burst.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import logging
 import multiprocessing
 import os
@@ -629,21 +630,22 @@ def _serve(fd: int) -> None:
         settings, views = conn.recv()
         _initialize(settings, views)
         conn.send(("ok", True))
-        # Chunks published and not answered yet, in order, with the index of the context (the producer) each was
-        # published on (an exception: that chunk failed). A chunk already waiting is published, on the other
-        # producer, before the oldest is answered: its acks arrive meanwhile, and waiting for them (a flush of its
-        # own producer) waits for nothing else.
-        pending: deque[tuple[PublishedChunk | Exception, int]] = deque()
+        # Chunks published and not answered yet, in order (an exception: that chunk failed). A chunk already
+        # waiting is published, on the next producer, before the oldest is answered: its acks arrive meanwhile, and
+        # waiting for them (a flush of its own producer) waits for nothing else. Chunks are answered in the order
+        # they came, at most one per producer is out, so taking the producers in turn always finds a free one.
+        pending: deque[PublishedChunk | Exception] = deque()
+        contexts = itertools.cycle(_CONTEXTS)
         while True:
             if len(pending) < len(_CONTEXTS) and (not pending or conn.poll(0)):
                 items = conn.recv()
-                free = next(i for i in range(len(_CONTEXTS)) if all(i != used for _, used in pending))
+                context = next(contexts)
                 try:
-                    pending.append((publish_chunk(items, _CONTEXTS[free]), free))
+                    pending.append(publish_chunk(items, context))
                 except Exception as exc:  # noqa: BLE001 — the worker redoes the chunk on its loop thread
-                    pending.append((exc, free))
+                    pending.append(exc)
                 continue
-            chunk, _ = pending.popleft()
+            chunk = pending.popleft()
             try:
                 if isinstance(chunk, Exception):
                     raise chunk

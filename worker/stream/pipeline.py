@@ -263,10 +263,7 @@ class StreamPipeline:
             if timeout_ms:
                 time.sleep(timeout_ms / 1000.0)  # what poll would have waited, taking nothing
             return {}
-        limit = self.intake.poll_limit(self.settings.kafka.max_poll_records)
-        if limit is None:
-            return self.consumer.poll(timeout_ms=timeout_ms)
-        return self.consumer.poll(timeout_ms=timeout_ms, max_records=limit)
+        return self.consumer.poll(timeout_ms=timeout_ms, max_records=self.intake.poll_limit())
 
     def _poll_timeout_ms(self, draining: bool) -> int:
         if self.checkpoint.tracker.rejoining:  # nothing runs until the assignment: let poll wait for it
