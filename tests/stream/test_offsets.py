@@ -1,5 +1,6 @@
 """OffsetTracker: commit only the highest contiguous completed offset per partition."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka.structs import TopicPartition
@@ -201,3 +202,63 @@ def test_a_chunk_of_oldest_pending_offsets_completes_in_one_step() -> None:
     assert t.complete_many(TP0, [106, 108]) == [0, 1]
     assert offsets_of(t.committable()) == {TP0: 107}
     assert t.in_flight(TP0) == 8
+
+
+def test_caught_up_means_nothing_in_flight_and_something_to_commit():
+    t = OffsetTracker()
+    assert not t.caught_up()  # nothing consumed yet
+    t.register(TP0, 0)
+    t.register(TP1, 0)
+    t.complete(TP0, 0)
+    assert not t.caught_up()  # TP1's record is still in flight
+    t.complete(TP1, 0)
+    assert t.caught_up()
+    t.mark_committed(t.committable())
+    assert not t.caught_up()  # everything committed already
+    t.register(TP0, 1)
+    t.complete(TP0, 1)
+    # Held mid-rebalance: not committed by the loop, so not a reason to commit.
+    t.revoke([TP0], client_assignment=[TP0, TP1])
+    assert not t.caught_up()
+
+
+def test_a_checkpoint_commits_at_once_when_nothing_is_left_in_flight(monkeypatch):
+    import worker.stream.checkpoint as checkpoint_module
+    from worker.stream.checkpoint import CAUGHT_UP_COMMIT_S, COMMIT_INTERVAL_S, Checkpoint
+
+    class Consumer:  # records the commits a real consumer would send
+        def __init__(self):
+            self.commits = []
+
+        def commit(self, offsets):
+            self.commits.append({tp: om.offset for tp, om in offsets.items()})
+
+    now = [100.0]
+    monkeypatch.setattr(checkpoint_module.time, "monotonic", lambda: now[0])
+    consumer = Consumer()
+    checkpoint = Checkpoint(consumer, settle=lambda _: None)
+    checkpoint.commit_if_due()  # first turn: the interval's commit, nothing to commit yet
+    checkpoint.tracker.register(TP0, 0)
+    checkpoint.tracker.register(TP0, 1)
+    checkpoint.tracker.complete(TP0, 0)
+    now[0] += CAUGHT_UP_COMMIT_S + 1e-6
+    checkpoint.commit_if_due()
+    assert consumer.commits == []  # offset 1 is in flight: only the interval commits
+    checkpoint.tracker.complete(TP0, 1)
+    checkpoint.commit_if_due()
+    assert consumer.commits == [{TP0: 2}]  # caught up: committed before the interval
+    checkpoint.tracker.register(TP0, 2)
+    checkpoint.tracker.complete(TP0, 2)
+    assert checkpoint.seconds_until_due() == pytest.approx(CAUGHT_UP_COMMIT_S)  # what poll may wait
+    checkpoint.commit_if_due()
+    assert consumer.commits == [{TP0: 2}]  # at most every CAUGHT_UP_COMMIT_S
+    now[0] += CAUGHT_UP_COMMIT_S + 1e-6
+    checkpoint.commit_if_due()
+    assert consumer.commits == [{TP0: 2}, {TP0: 3}]
+    assert checkpoint.seconds_until_due() is None  # nothing left to commit
+    checkpoint.tracker.register(TP0, 3)
+    checkpoint.tracker.register(TP0, 4)
+    checkpoint.tracker.complete(TP0, 3)
+    now[0] += COMMIT_INTERVAL_S + 1e-6
+    checkpoint.commit_if_due()
+    assert consumer.commits[-1] == {TP0: 4}  # the interval commits with records in flight

@@ -5,8 +5,8 @@ this one: ``commit(cause)`` settles the outputs (flush the producer and apply th
 the interval, which only takes what has been acknowledged already), asks the ``OffsetTracker`` for the
 committable offsets, and commits them. The cause decides only *how*:
 
-- ``interval`` (every ``COMMIT_INTERVAL_S`` from the loop) and ``drain`` (shutdown): a synchronous commit; the
-  offsets are recorded as committed only once the coordinator accepted them;
+- ``interval`` (every ``COMMIT_INTERVAL_S`` from the loop, sooner once nothing is in flight) and ``drain``
+  (shutdown): a synchronous commit; the offsets are recorded as committed only once the coordinator accepted them;
 - ``revoke`` (inside the rebalance callback): an asynchronous commit of the revoked partitions — kafka-python 3
   raises on a blocking commit there — not recorded as committed, so a kept partition's next interval commit
   repeats it and a lost async commit leaves no false record.
@@ -35,6 +35,9 @@ from worker.stream.offsets import OffsetTracker
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL_S = 0.2  # commit completed offsets at most this often (and always at revoke/drain)
+# ... and sooner, once nothing is in flight (a burst ended, or the worker keeps up with a trickle): the completed
+# offsets are committed without waiting for the interval, but at most this often (a sync commit is a round trip).
+CAUGHT_UP_COMMIT_S = 0.05
 REVOKE_FLUSH_S = 5.0  # how long a revoke waits for unacknowledged outputs before committing what is complete
 
 CommitCause = Literal["interval", "revoke", "drain"]
@@ -81,9 +84,20 @@ class Checkpoint:
     # -- the commit routine -----------------------------------------------------------------------
 
     def commit_if_due(self) -> None:
-        """The interval's commit, at most every ``COMMIT_INTERVAL_S``."""
-        if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+        """The interval's commit, every ``COMMIT_INTERVAL_S``; or sooner (``CAUGHT_UP_COMMIT_S``) when nothing is
+        in flight and a completed offset is not committed yet: the end of a burst is committed at once, not up to
+        an interval later (less to replay after a crash, consumer lag at zero sooner). A loaded worker always has
+        records in flight, so it commits on the interval alone."""
+        since = time.monotonic() - self._last_commit
+        if since >= COMMIT_INTERVAL_S or (since >= CAUGHT_UP_COMMIT_S and self.tracker.caught_up()):
             self.commit("interval")
+
+    def seconds_until_due(self) -> float | None:
+        """How long until ``commit_if_due`` commits what is completed now (None: nothing is waiting for it), so
+        a turn that would otherwise wait in poll comes back for a caught-up commit in time."""
+        if not self.tracker.caught_up():
+            return None
+        return max(0.0, self._last_commit + CAUGHT_UP_COMMIT_S - time.monotonic())
 
     def commit(
         self,

@@ -279,6 +279,16 @@ class OffsetTracker:
         )
         return sum(len(s.pending) for s in states)
 
+    def caught_up(self) -> bool:
+        """True when nothing is pending and some partition's commit point (not held) is past its last commit."""
+        states = self._partitions.values()
+        if any(s.pending for s in states):
+            return False
+        return any(
+            not s.held and s.next_offset is not None and (s.committed is None or s.next_offset > s.committed)
+            for s in states
+        )
+
     def all_committed(self) -> bool:
         """True when nothing is pending and every commit point has been committed."""
         return all(

@@ -277,6 +277,7 @@ class StreamPipeline:
             self.classify.batcher.seconds_until_due(),
             self._guard.seconds_until_retry(),
             self.outputs.seconds_until_republish(),
+            self.checkpoint.seconds_until_due(),
         ):
             if wait_s is not None:
                 timeout = min(timeout, int(wait_s * 1000))
