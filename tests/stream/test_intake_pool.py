@@ -277,6 +277,14 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
         return answer_here(items, context)
 
     monkeypatch.setattr(intake, "publish_chunk", recorded)
+    made_on: list[str] = []
+    make_producer = intake.answer_producer
+
+    def made(settings):
+        made_on.append(threading.current_thread().name)
+        return make_producer(settings)
+
+    monkeypatch.setattr(intake, "answer_producer", made)
     with stopping_the_process() as stop:
         worker, events = warm_then_stream(settings, guard_engine, monkeypatch, stop)
         kafka_io.wait_for(
@@ -287,6 +295,8 @@ def test_while_the_process_is_busy_the_loop_thread_answers_polls_of_hits_as_it_w
         )
         assert worker.pipeline.counters["intake_process_answers"] == 0, "the stopped process answered nothing"
         assert sizes and max(sizes) <= 40 // intake.HERE_POLL_DIVISOR < 40, "polls answered here are smaller"
+        # Made once, in the background as the processes started: not on the loop thread, when it first needs it.
+        assert made_on == ["intake-answer-producer"]
     assert_every_event_answered_once(settings, worker, events)
     assert worker.pipeline.counters["intake_process_answers"] > 0, "its two chunks, once it resumed"
     cache = VerdictCache(settings.redis)
