@@ -10,8 +10,10 @@ import base64
 import io
 import itertools
 
+import hypothesis
 import orjson
 import pytest
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.support.contracts import validate_verdict
@@ -361,3 +363,14 @@ def test_verdicts_validate_against_the_schema_and_say_where_the_answer_came_from
         validate_verdict(verdict)
         assert verdict["decision"] == "unsafe" and [c["code"] for c in verdict["categories"]] == ["S1"]
     assert (fresh["cached"], cached["cached"]) == (False, True)
+
+
+@hypothesis.given(
+    st.one_of(
+        st.floats(min_value=0.0, max_value=1e17, allow_nan=False),
+        st.integers(min_value=0, max_value=10**9).map(lambda n: n / 2000),  # exact ties at the third decimal
+        st.sampled_from([0.0, -0.0, 0.0005, 0.0015, 2.675, 1e15, 1e16 - 1, 123456789.0125]),
+    )
+)
+def test_latency_is_written_as_orjson_writes_it_rounded(latency_ms) -> None:
+    assert verdicts.latency_bytes(latency_ms) == orjson.dumps(round(float(latency_ms), 3))

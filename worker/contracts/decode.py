@@ -31,7 +31,7 @@ import orjson
 from worker.config import LimitsSettings, Settings
 from worker.contracts.events import ChatEvent, ImageRef, Turn
 from worker.contracts.rejections import Reason, RejectedError, Rejection
-from worker.contracts.schemas import CHAT_EVENT, field_path, validator
+from worker.contracts.schemas import CHAT_EVENT, field_path, validator, validator_beside
 
 logger = logging.getLogger(__name__)
 
@@ -150,10 +150,25 @@ def _decode(raw: bytes | bytearray | memoryview | str | None, settings: Settings
             Reason.TOO_DEEPLY_NESTED,
             f"the record nests objects/arrays deeper than limits.max_json_depth ({limits.max_json_depth})",
         )
-    schema = validator(CHAT_EVENT)
+    # A wave repeats the same messages: when they are a remembered conversation's (checked against the whole
+    # schema, under the same limits, when it was remembered), only the rest of the event is validated.
+    seen = _messages_json(obj) if len(raw) <= REMEMBER_MAX_BYTES else None
+    remembered = _conversations.get(seen) if seen is not None else None
+    if remembered is not None and remembered[0] is limits:
+        schema = validator_beside(CHAT_EVENT, "messages")
+    else:
+        schema, remembered = validator(CHAT_EVENT), None
     if not schema.is_valid(obj):
         return _schema_rejection(schema.iter_errors(obj))
-    return _normalize(obj, settings, remember=len(raw) <= REMEMBER_MAX_BYTES)
+    return _normalize(obj, settings, seen, remembered[1] if remembered is not None else None)
+
+
+def _messages_json(obj: dict[str, Any]) -> bytes | None:
+    """The event's messages as JSON, the key of a remembered conversation (None: too deep to encode)."""
+    try:
+        return orjson.dumps(obj.get("messages"))
+    except orjson.JSONEncodeError:  # nested deeper than orjson.dumps allows: normalized every time
+        return None
 
 
 def _json_error(raw: bytes, exc: orjson.JSONDecodeError) -> Rejection:
@@ -353,21 +368,17 @@ _Conversation = tuple[tuple[Turn, ...], int, int]  # turns, dropped messages, me
 _conversations: dict[bytes, tuple[LimitsSettings, _Conversation]] = {}
 
 
-def _normalize(obj: dict[str, Any], settings: Settings, *, remember: bool) -> ChatEvent | Rejection:
-    """Apply the conversation rules of schemas/README.md to a schema-valid event (``remember``: look the
-    conversation up among the remembered ones, and remember it)."""
+def _normalize(
+    obj: dict[str, Any], settings: Settings, seen: bytes | None, remembered: _Conversation | None
+) -> ChatEvent | Rejection:
+    """Apply the conversation rules of schemas/README.md to a schema-valid event: ``remembered`` is its
+    conversation when it was remembered (under these limits), else ``seen`` (its messages' JSON, when they may
+    be remembered) is the key it is remembered by."""
     messages: list[dict[str, Any]] = obj["messages"]
     policy = obj.get("policy")
     limits = settings.limits
-    seen: bytes | None = None
-    if remember:
-        try:
-            seen = orjson.dumps(messages)
-        except orjson.JSONEncodeError:  # nested deeper than orjson.dumps allows: normalized every time
-            seen = None
-    remembered = _conversations.get(seen) if seen is not None else None
-    if remembered is not None and remembered[0] is limits:
-        turns, dropped, merged = remembered[1]
+    if remembered is not None:
+        turns, dropped, merged = remembered
         refs: tuple[ImageRef, ...] = ()
         dropped_images = 0
     else:

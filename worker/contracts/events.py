@@ -82,4 +82,7 @@ class ChatEvent:
     @property
     def task(self) -> Task:
         """The last turn decides: user -> prompt classification, assistant -> response classification."""
-        return Task.PROMPT if self.turns[-1].role == "user" else Task.RESPONSE
+        return _PROMPT if self.turns[-1].role == "user" else _RESPONSE
+
+
+_PROMPT, _RESPONSE = Task.PROMPT, Task.RESPONSE  # read per event: a member lookup on the enum costs ~0.4 µs

@@ -62,6 +62,15 @@ def validator(name: str) -> jsonschema_rs.Validator:
     return jsonschema_rs.validator_for(load_schema(name), validate_formats=True)
 
 
+@cache
+def validator_beside(name: str, accepted: str) -> jsonschema_rs.Validator:
+    """``validator(name)`` with top-level property ``accepted`` taken as it is (any value): the rest of a document
+    whose ``accepted`` part is known to be valid already (the schema has no rule across its properties)."""
+    schema = {**load_schema(name)}
+    schema["properties"] = {**schema["properties"], accepted: True}
+    return jsonschema_rs.validator_for(schema, validate_formats=True)
+
+
 def field_path(instance_path: Iterable[str | int]) -> str:
     """A JSON instance path as producers read it: ``["messages", 2, "content"]`` -> ``messages[2].content``.
 

@@ -217,7 +217,26 @@ SLOTS = (
     "source",
 )
 _PLACEHOLDER = "\x1fmw-verdict-slot:{}\x1f"  # no event value can equal it: one control character each side
-_TASK_BYTES = {task: orjson.dumps(task.value) for task in Task}
+# The task's JSON by the last turn's role (what ``ChatEvent.task`` decides on), without building the Task.
+_TASK_BYTES_BY_ROLE = {
+    "user": orjson.dumps(Task.PROMPT.value),
+    "assistant": orjson.dumps(Task.RESPONSE.value),
+}
+# Latencies below this are written with ``%.3f`` (the same bytes as ``orjson.dumps(round(ms, 3))``, see
+# ``latency_bytes``); larger ones, which orjson writes with an exponent, take orjson's path.
+_FIXED_LATENCY_BELOW = 1e15
+
+
+def latency_bytes(latency_ms: float) -> bytes:
+    """``orjson.dumps(round(latency_ms, 3))``, in half the time: ``round`` converts to decimal once, and orjson
+    again. ``%.3f`` rounds the same binary value to the same three decimals (both are correctly rounded); dropping
+    the trailing zeros (keeping one after the point) gives the shortest form, which is what orjson writes."""
+    if 0.0 <= latency_ms < _FIXED_LATENCY_BELOW:
+        text = (b"%.3f" % latency_ms).rstrip(b"0")
+        return text + b"0" if text[-1:] == b"." else text
+    return orjson.dumps(round(float(latency_ms), 3))
+
+
 _DROPPED_BYTES: dict[tuple[int, int, int], bytes] = {}
 _COMPILED: dict[tuple[Any, ...], VerdictTemplate] = {}
 _SOURCE_PREFIXES: dict[tuple[str, int], bytes] = {}
@@ -288,8 +307,8 @@ class VerdictTemplate:
         values: tuple[bytes, ...] = (
             dumps(event.event_id),
             dumps(event.conversation_id),
-            _TASK_BYTES[event.task],
-            dumps(round(float(latency_ms), 3)),
+            _TASK_BYTES_BY_ROLE[event.turns[-1].role],
+            latency_bytes(latency_ms),
             decided_at,
             dropped_bytes,
         )
