@@ -53,6 +53,41 @@ def test_malformed_event_is_rejected_with_a_specific_reason_naming_the_field(cas
     assert result.message and "\n" not in result.message and "internal" not in result.message
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_a_malformed_event_whose_messages_were_seen_before_is_rejected_the_same_way(case: Case) -> None:
+    """Messages of a remembered conversation are not validated again, the rest of the event is: each malformed
+    record, after a valid event with the same messages was decoded, is rejected exactly as before."""
+    settings = load_settings(None, **case.settings) if case.settings else DEFAULTS
+    try:
+        parsed = orjson.loads(case.record) if case.record else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and "messages" in parsed:
+        seen = decode_event(
+            orjson.dumps({"event_id": "e", "conversation_id": "c", "messages": parsed["messages"]}), settings
+        )
+        remembered = isinstance(seen, ChatEvent) and not seen.images
+    else:
+        remembered = False
+    result = decode_event(case.record, settings)
+    assert isinstance(result, Rejection), f"accepted: {result}"
+    assert (result.reason, result.field) == (Reason(case.reason), case.field), result
+    if case.name in REMEMBERED_MESSAGES_CASES:
+        assert remembered, "this case's messages are a valid conversation: the shortcut was taken"
+
+
+# Cases whose messages form a valid, remembered conversation: the rest of the event is what is wrong.
+REMEMBERED_MESSAGES_CASES = {
+    "unknown_top_level_field",
+    "event_id_empty",
+    "event_id_too_long",
+    "tenant_number",
+    "created_at_not_rfc3339",
+    "created_at_impossible_date",
+    "schema_version_2",
+}
+
+
 def test_rejection_messages_never_quote_message_text() -> None:
     secret = "my card number is 4111 1111 1111 1111"
     records = [
