@@ -65,6 +65,11 @@ class _PartitionState:
     committed: int | None = None  # what was last committed (acknowledged by the group coordinator)
     held: bool = False  # revoked while the client still holds it (eager): kept or dropped at the next assign
 
+    @property
+    def uncommitted(self) -> bool:
+        """Whether the commit point moved past the last commit (there is something to commit)."""
+        return self.next_offset is not None and (self.committed is None or self.next_offset > self.committed)
+
 
 class OffsetTracker:
     """Per-partition record of consumed and completed offsets; yields what may be committed."""
@@ -257,9 +262,10 @@ class OffsetTracker:
         explicit = partitions is not None
         for tp in list(partitions) if partitions is not None else list(self._partitions):
             state = self._partitions.get(tp)
-            if state is None or state.next_offset is None or (state.held and not explicit):
+            if state is None or (state.held and not explicit):
                 continue
-            if state.committed is None or state.next_offset > state.committed:
+            if state.uncommitted:
+                assert state.next_offset is not None  # uncommitted implies a commit point
                 result[tp] = OffsetAndMetadata(state.next_offset, "", -1)
         return result
 
@@ -284,10 +290,7 @@ class OffsetTracker:
         states = self._partitions.values()
         if any(s.pending for s in states):
             return False
-        return any(
-            not s.held and s.next_offset is not None and (s.committed is None or s.next_offset > s.committed)
-            for s in states
-        )
+        return any(not s.held and s.uncommitted for s in states)
 
     def all_committed(self) -> bool:
         """True when nothing is pending and every commit point has been committed."""
