@@ -507,6 +507,12 @@ class RedisSettings(Section):
     key_prefix: str = "mw:v1:"
     socket_timeout_s: float = Field(0.5, gt=0)
     reconnect_interval_s: float = Field(2.0, gt=0)
+    near_cache_s: float = Field(
+        1.0,
+        ge=0,
+        description="how long a process keeps a verdict it read from Redis and answers repeats of its key without "
+        "a round trip (a near cache); 0: every lookup reads Redis. An entry deleted in Redis may answer this long",
+    )
     published_markers: bool = Field(
         True,
         description="after the broker acknowledges an event's outputs, mark its source offset in Redis; a "

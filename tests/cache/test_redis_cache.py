@@ -139,3 +139,93 @@ def test_outage_is_counted_logged_once_and_recovers(services, make_settings, cap
         if services.redis_pid is None:
             services.start_redis()
         cache.close()
+
+
+def test_near_cache_answers_repeats_without_a_round_trip_until_it_expires(services, make_settings):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-near:"
+    settings.redis.near_cache_s = 1.0
+    now = [100.0]
+    cache = VerdictCache(settings.redis, clock=lambda: now[0])
+    fetched: list[list[str]] = []
+    real_mget = cache._client.mget
+    cache._client.mget = lambda keys: fetched.append(list(keys)) or real_mget(keys)
+    other = redis.Redis.from_url(services.redis_url)
+    hits = metrics.CACHE_REQUESTS.labels(result="hit")._value.get()
+    try:
+        entry = {"unsafe": True, "score": 0.9, "codes": ["S1"], "dropped": []}
+        cache.set_many([("a", entry)])
+        assert cache.get_many(["a", "missing"]) == [entry, None]
+        assert fetched == [["mw:test-near:a", "mw:test-near:missing"]]
+        # Another writer changes the entry and stores the missing one: the hit is answered from the near copy,
+        # the miss is read again (misses are never kept).
+        other.set("mw:test-near:a", b'{"unsafe": false, "score": 0.1, "codes": [], "dropped": []}')
+        other.set("mw:test-near:missing", b'{"unsafe": false, "score": 0.2, "codes": [], "dropped": []}')
+        now[0] += 0.9
+        assert cache.get_many(["a", "missing", "a"]) == [
+            entry,
+            {"unsafe": False, "score": 0.2, "codes": [], "dropped": []},
+            entry,
+        ]
+        assert fetched[1:] == [["mw:test-near:missing"]]
+        assert cache.get_many(["a"]) == [entry] and len(fetched) == 2, "all held near: no round trip"
+        assert metrics.CACHE_REQUESTS.labels(result="hit")._value.get() - hits == 5
+        now[0] += 0.2  # past near_cache_s since the read: Redis is asked again, and the change is seen
+        assert cache.get_many(["a"]) == [{"unsafe": False, "score": 0.1, "codes": [], "dropped": []}]
+        assert fetched[2:] == [["mw:test-near:a"]]
+    finally:
+        cache.close()
+        other.close()
+
+
+def test_a_verdict_stored_here_replaces_its_near_copy(services, make_settings):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-near-store:"
+    cache = VerdictCache(settings.redis, clock=lambda: 0.0)
+    try:
+        cache.set_many([("a", {"unsafe": False, "score": 0.1, "codes": [], "dropped": []})])
+        assert cache.get_many(["a"])[0]["score"] == 0.1
+        cache.set_many([("a", {"unsafe": True, "score": 0.8, "codes": ["S2"], "dropped": []})])
+        assert cache.get_many(["a"])[0]["score"] == 0.8
+    finally:
+        cache.close()
+
+
+def test_near_cache_off_reads_redis_every_time(services, make_settings):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-near-off:"
+    settings.redis.near_cache_s = 0.0
+    cache = VerdictCache(settings.redis, clock=lambda: 0.0)
+    calls = []
+    real_mget = cache._client.mget
+    cache._client.mget = lambda keys: calls.append(keys) or real_mget(keys)
+    try:
+        cache.set_many([("a", {"unsafe": False, "score": 0.1, "codes": [], "dropped": []})])
+        for _ in range(3):
+            assert cache.get_many(["a"])[0] is not None
+        assert len(calls) == 3
+    finally:
+        cache.close()
+
+
+def test_near_copies_answer_through_an_outage_and_the_rest_count_as_errors(services, make_settings):
+    settings = make_settings()
+    settings.redis.key_prefix = "mw:test-near-outage:"
+    settings.redis.reconnect_interval_s = 60.0
+    now = [0.0]
+    cache = VerdictCache(settings.redis, clock=lambda: now[0])
+    try:
+        entry = {"unsafe": False, "score": 0.1, "codes": [], "dropped": []}
+        cache.set_many([("a", entry)])
+        assert cache.get_many(["a"]) == [entry]
+        services.stop_redis()
+        errors = cache_errors()
+        now[0] += 0.5
+        assert cache.get_many(["a", "b", "b"]) == [entry, None, None]
+        assert cache_errors() - errors == 2, "the two lookups Redis could not answer"
+        now[0] += 1.0  # the near copy expired: a miss while Redis is down
+        assert cache.get_many(["a"]) == [None]
+    finally:
+        if services.redis_pid is None:
+            services.start_redis()
+        cache.close()

@@ -55,6 +55,8 @@ return out
 """
 SET_MANY_CHUNK = 512  # keys per script call: keeps each call short on the server
 PARSED_MAX = 4096  # distinct entries whose parsed value is kept between reads (cleared when full)
+NEAR_MAX = 4096  # keys whose hit is kept in the near cache (``redis.near_cache_s``; cleared when full)
+_UNPARSED: Any = object()
 
 
 class VerdictCache:
@@ -74,6 +76,7 @@ class VerdictCache:
         self._outage_logged = False
         self.available = False
         self._parsed: dict[bytes, dict[str, Any] | None] = {}  # entry bytes -> the shared parsed value
+        self._near: dict[str, tuple[float, dict[str, Any]]] = {}  # key -> (kept until, value): recent hits
         if self.enabled:
             self._client = redis.Redis.from_url(
                 settings.url,
@@ -127,49 +130,79 @@ class VerdictCache:
         return self.enabled and (self.available or self._try_reconnect())
 
     def get_many(self, keys: Sequence[str]) -> list[dict[str, Any] | None]:
-        """Cached values for ``keys`` (None for a miss) with one MGET of the distinct keys; all None when Redis is down.
+        """Cached values for ``keys`` (None for a miss) with one MGET of the distinct keys not in the near cache;
+        a miss for each of those when Redis is down.
 
         Equal entries are parsed once and share one dict, within a call and across calls (up to ``PARSED_MAX``
         distinct entries are remembered): a wave of repeats reads the same entry hundreds of times in one call,
-        and in every call after. Callers read the values, never change them.
+        and in every call after. A hit is kept ``redis.near_cache_s`` (the near cache): a wave's repeats within
+        that time cost no round trip at all. Misses are never kept: a verdict stored meanwhile, by this process
+        or another, is read at the next lookup. Callers read the values, never change them.
         """
         if not keys:
             return []
         # Each distinct key is read once: a wave repeats a few keys hundreds of times in one call.
         distinct = list(dict.fromkeys(keys))
-        raw = self.get_raw([self._prefix + k for k in distinct])
-        if raw is None:
-            if self.enabled:
-                metrics.CACHE_REQUESTS.labels(result="error").inc(len(keys))
-            return [None] * len(keys)
-        values: list[dict[str, Any] | None] = []
-        parsed = self._parsed
-        if len(parsed) >= PARSED_MAX:
-            parsed.clear()
-        for blob in raw:
-            if blob is None:
-                values.append(None)
-                continue
-            try:
-                values.append(parsed[blob])
-                continue
-            except KeyError:
-                pass
-            try:
-                value = orjson.loads(blob)
-            except orjson.JSONDecodeError:
-                value = None  # a corrupt entry is a miss; the fresh verdict overwrites it
-            value = parsed[blob] = value if isinstance(value, dict) else None
-            values.append(value)
-        if len(distinct) < len(keys):
-            by_key = dict(zip(distinct, values, strict=True))
-            values = [by_key[k] for k in keys]
+        by_key: dict[str, dict[str, Any] | None] = {}
+        ask = self._from_near(distinct, by_key) if self._near else distinct
+        errors = 0
+        if ask:
+            raw = self.get_raw([self._prefix + k for k in ask])
+            if (
+                raw is None
+            ):  # Redis is down (or the cache disabled): what the near cache does not hold is a miss
+                by_key.update(dict.fromkeys(ask))
+                if self.enabled:
+                    asked = set(ask)
+                    errors = sum(k in asked for k in keys)
+                    metrics.CACHE_REQUESTS.labels(result="error").inc(errors)
+            else:
+                self._read(ask, raw, by_key)
+        values = [by_key[k] for k in keys]
         hits = sum(v is not None for v in values)
         if hits:
             metrics.CACHE_REQUESTS.labels(result="hit").inc(hits)
-        if len(values) - hits:
-            metrics.CACHE_REQUESTS.labels(result="miss").inc(len(values) - hits)
+        if len(values) - hits - errors:
+            metrics.CACHE_REQUESTS.labels(result="miss").inc(len(values) - hits - errors)
         return values
+
+    def _from_near(self, keys: list[str], into: dict[str, dict[str, Any] | None]) -> list[str]:
+        """Put the near cache's live hits of ``keys`` into ``into``; the keys it does not hold."""
+        near = self._near
+        now = self._clock()
+        ask = []
+        for key in keys:
+            kept = near.get(key)
+            if kept is not None and kept[0] > now:
+                into[key] = kept[1]
+            else:
+                ask.append(key)
+        return ask
+
+    def _read(self, keys: list[str], raw: list[bytes | None], into: dict[str, dict[str, Any] | None]) -> None:
+        """Parse the entries ``raw`` read for ``keys`` into ``into`` (shared per equal entry), keeping hits near."""
+        parsed = self._parsed
+        if len(parsed) >= PARSED_MAX:
+            parsed.clear()
+        near_s = self._settings.near_cache_s
+        near = self._near
+        if near_s and len(near) + len(keys) > NEAR_MAX:
+            near.clear()
+        expires = self._clock() + near_s
+        for key, blob in zip(keys, raw, strict=True):
+            if blob is None:
+                into[key] = None
+                continue
+            value = parsed.get(blob, _UNPARSED)
+            if value is _UNPARSED:
+                try:
+                    loaded = orjson.loads(blob)
+                except orjson.JSONDecodeError:
+                    loaded = None  # a corrupt entry is a miss; the fresh verdict overwrites it
+                value = parsed[blob] = loaded if isinstance(loaded, dict) else None
+            into[key] = value
+            if value is not None and near_s:
+                near[key] = (expires, value)
 
     def get_raw(self, full_keys: Sequence[str]) -> list[bytes | None] | None:
         """Stored bytes of ``full_keys`` (prefix included) with one MGET; None when Redis is down or disabled.
@@ -229,7 +262,10 @@ class VerdictCache:
             return None
 
     def set_many(self, items: Sequence[tuple[str, dict[str, Any]]]) -> None:
-        """Store ``(key, value)`` pairs with the configured TTL (one round trip per 512 keys)."""
+        """Store ``(key, value)`` pairs with the configured TTL (one round trip per 512 keys); this process's near
+        copies of those keys are dropped (the next lookup reads what was stored)."""
+        for key, _ in items:
+            self._near.pop(key, None)
         self.set_raw([(self._prefix + key, orjson.dumps(value)) for key, value in items], self._ttl)
 
     def close(self) -> None:
