@@ -52,11 +52,6 @@ from worker.stream.records import Encoder
 
 log = logging.getLogger(__name__)
 
-# While the processes are busy, the loop thread polls ``kafka.max_poll_records`` divided by this, and answers the
-# poll itself: a shorter turn, so it comes back sooner to hand a process its next chunk (a process that waits
-# for one idles: measured 26% of its time with whole polls, 18% with halves).
-HERE_POLL_DIVISOR = 2
-
 
 @dataclass(slots=True)
 class Rejected:
@@ -111,14 +106,6 @@ class Intake:
     def pending(self) -> bool:
         """Whether a chunk of records is out in an intake process, or answered here and waiting for its acks."""
         return bool(self._chunks) or self._here_chunk is not None
-
-    def poll_limit(self) -> int | None:
-        """How many records the next poll should take (None: ``kafka.max_poll_records``); fewer while the loop
-        thread would answer them itself."""
-        pool = self._pool
-        if pool is not None and self._cache is not None and pool.busy and pool.answers_here():
-            return max(1, self._settings.kafka.max_poll_records // HERE_POLL_DIVISOR)
-        return None
 
     def accept(self, records: dict[TopicPartition, list[Any]]) -> Accepted:
         """Take one poll's records (see the module docstring), and the chunks that came back from processes."""

@@ -263,7 +263,7 @@ class StreamPipeline:
             if timeout_ms:
                 time.sleep(timeout_ms / 1000.0)  # what poll would have waited, taking nothing
             return {}
-        return self.consumer.poll(timeout_ms=timeout_ms, max_records=self.intake.poll_limit())
+        return self.consumer.poll(timeout_ms=timeout_ms)
 
     def _poll_timeout_ms(self, draining: bool) -> int:
         if self.checkpoint.tracker.rejoining:  # nothing runs until the assignment: let poll wait for it
