@@ -148,9 +148,8 @@ class VerdictCache:
         errors = 0
         if ask:
             raw = self.get_raw([self._prefix + k for k in ask])
-            if (
-                raw is None
-            ):  # Redis is down (or the cache disabled): what the near cache does not hold is a miss
+            if raw is None:
+                # Redis is down (or the cache disabled): what the near cache does not hold is a miss.
                 by_key.update(dict.fromkeys(ask))
                 if self.enabled:
                     asked = set(ask)

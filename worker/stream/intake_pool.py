@@ -161,7 +161,7 @@ class AnswerContext:
 
 
 # A process's answer context (``_initialize``): publish_chunk's default.
-_CONTEXT: list[AnswerContext] = []
+_CONTEXT: AnswerContext | None = None
 
 
 def answer_producer(settings: Settings) -> Any:
@@ -196,15 +196,16 @@ def _initialize(settings: Settings, views: dict[str, ModelView]) -> None:
         PublishedMarkers(cache, settings),
         Encoder(settings.topics),
     )
-    _CONTEXT[:] = [AnswerContext(settings, moderator, cache, markers, encoder, answer_producer(settings))]
+    global _CONTEXT
+    _CONTEXT = AnswerContext(settings, moderator, cache, markers, encoder, answer_producer(settings))
     settle_after_load()
 
 
 def _close() -> None:
     """Process shutdown: flush and close the producer (what is not acknowledged by then is redone)."""
-    for context in _CONTEXT:
-        context.producer.close(timeout=STOP_TIMEOUT_S)
-        context.cache.close()  # type: ignore[attr-defined]  # the process's own VerdictCache
+    if _CONTEXT is not None:
+        _CONTEXT.producer.close(timeout=STOP_TIMEOUT_S)
+        _CONTEXT.cache.close()  # type: ignore[attr-defined]  # the process's own VerdictCache
 
 
 @dataclass(slots=True)
@@ -307,7 +308,7 @@ def publish_chunk(items: Sequence[Item], context: AnswerContext | None = None) -
     from worker.moderation.moderator import Routed
     from worker.stream.publisher import BatchPublisher
 
-    context = context or (_CONTEXT[0] if _CONTEXT else None)
+    context = context or _CONTEXT
     if context is None:
         raise RuntimeError(
             "publish_chunk runs in an intake process, after its initializer, or with a context"
@@ -535,7 +536,7 @@ class IntakePool:
         """Whether a chunk of ``records`` should go to a process now (starts the pool on a burst)."""
         if not self.enabled or not self._is_ready(records):
             return False
-        if all(w.queued >= BUSY_CHUNKS for w in self._workers):
+        if self.busy:
             return False  # the processes are behind: this poll is faster on the loop thread than queued
         if sum(w.records_out for w in self._workers) + records > self._max_in_flight:
             return False  # queued records alone would pause the partitions (a re-fetch on confluent-kafka)
