@@ -10,6 +10,19 @@ def cache_errors() -> float:
     return metrics.CACHE_REQUESTS.labels(result="error")._value.get()
 
 
+def recorded_mgets(cache: VerdictCache) -> list[list[str]]:
+    """The keys of every MGET ``cache`` sends from now on, one list per call (the call still goes to Redis)."""
+    fetched: list[list[str]] = []
+    real_mget = cache._client.mget
+
+    def mget(keys):
+        fetched.append(list(keys))
+        return real_mget(keys)
+
+    cache._client.mget = mget
+    return fetched
+
+
 def test_set_many_then_get_many_round_trips_with_ttl(services, make_settings):
     settings = make_settings()
     settings.redis.ttl_seconds = 120
@@ -52,14 +65,7 @@ def test_a_key_repeated_in_one_read_is_fetched_once_and_counted_per_request(serv
     settings = make_settings()
     settings.redis.key_prefix = "mw:test-repeats:"
     cache = VerdictCache(settings.redis)
-    fetched: list[list[str]] = []
-    real_mget = cache._client.mget
-
-    def mget(keys):
-        fetched.append(list(keys))
-        return real_mget(keys)
-
-    cache._client.mget = mget
+    fetched = recorded_mgets(cache)
     hits, misses = (metrics.CACHE_REQUESTS.labels(result=r)._value.get() for r in ("hit", "miss"))
     try:
         a_entry, b_entry = ({"unsafe": u, "score": 0.5, "codes": [], "dropped": []} for u in (True, False))
@@ -147,9 +153,7 @@ def test_near_cache_answers_repeats_without_a_round_trip_until_it_expires(servic
     settings.redis.near_cache_s = 1.0
     now = [100.0]
     cache = VerdictCache(settings.redis, clock=lambda: now[0])
-    fetched: list[list[str]] = []
-    real_mget = cache._client.mget
-    cache._client.mget = lambda keys: fetched.append(list(keys)) or real_mget(keys)
+    fetched = recorded_mgets(cache)
     other = redis.Redis.from_url(services.redis_url)
     hits = metrics.CACHE_REQUESTS.labels(result="hit")._value.get()
     try:
@@ -196,9 +200,7 @@ def test_near_cache_off_reads_redis_every_time(services, make_settings):
     settings.redis.key_prefix = "mw:test-near-off:"
     settings.redis.near_cache_s = 0.0
     cache = VerdictCache(settings.redis, clock=lambda: 0.0)
-    calls = []
-    real_mget = cache._client.mget
-    cache._client.mget = lambda keys: calls.append(keys) or real_mget(keys)
+    calls = recorded_mgets(cache)
     try:
         cache.set_many([("a", {"unsafe": False, "score": 0.1, "codes": [], "dropped": []})])
         for _ in range(3):
